@@ -1,0 +1,312 @@
+#pragma once
+// Pre-norm decoder block (LlamaDecoderLayer / Qwen2DecoderLayer), specialised by recipe.
+//
+//   forward   h1 = rmsnorm(x; w_attn_norm),  x2 = x + attention(h1)
+//             h2 = rmsnorm(x2; w_mlp_norm),  y  = x2 + mlp(h2)
+//   backward  dx2 = dy + rmsnorm'(mlp'(dy))         (only if anything at or below attention trains)
+//             dx  = dx2 + rmsnorm'(attention'(dx2)) (only if something below this block trains)
+//
+// The recipe and `NeedsInputGrad` (does anything below this block train?) decide
+// at compile time which sub-layers run backward, which weight gradients exist
+// (`grads_t`) and which activations forward keeps (`saved_t`).
+#include <cstddef>
+#include <string>
+#include <type_traits>
+
+#include "skillgraft/backend/cpu/backend.hpp"
+#include "skillgraft/nn/attention.hpp"
+#include "skillgraft/nn/config.hpp"
+#include "skillgraft/nn/optional_member.hpp"
+#include "skillgraft/nn/rmsnorm.hpp"
+#include "skillgraft/nn/swiglu.hpp"
+#include "skillgraft/policy/trainable.hpp"
+
+namespace skillgraft::nn {
+
+template <class T>
+struct block_weights {
+  tensor<T> attn_norm;            // input_layernorm.weight [hidden]
+  attention_weights<T> self_attn; // self_attn.{q,k,v,o}_proj
+  tensor<T> mlp_norm;             // post_attention_layernorm.weight [hidden]
+  mlp_weights<T> mlp;             // mlp.{gate,up,down}_proj
+
+  block_weights() = default;
+  block_weights(const decoder_config& c, memory_use use = memory_use::weights)
+      : attn_norm({std::size_t(c.hidden)}, use),
+        self_attn(c, use),
+        mlp_norm({std::size_t(c.hidden)}, use),
+        mlp(c, use) {}
+  std::size_t elements() const { return attn_norm.size() + self_attn.elements() + mlp_norm.size() + mlp.elements(); }
+  // The same count from the config alone (for memory planning).
+  static std::size_t elements_for(const decoder_config& c) {
+    const std::size_t d = std::size_t(c.hidden), qd = std::size_t(c.q_dim()), kvd = std::size_t(c.kv_dim()),
+                      I = std::size_t(c.intermediate), bias = c.attention_bias ? qd + 2 * kvd : 0;
+    return 2 * d + d * qd + 2 * d * kvd + bias + qd * d + 3 * d * I;
+  }
+};
+
+// Throws, naming the tensor, when a weight's shape does not match the config.
+template <class T>
+void check_block_weights(const block_weights<T>& w, const decoder_config& c, const std::string& prefix = "") {
+  const auto d = std::size_t(c.hidden), qd = std::size_t(c.q_dim()), kvd = std::size_t(c.kv_dim()),
+             I = std::size_t(c.intermediate);
+  auto lin = [&](const linear_weights<T>& l, std::size_t out, std::size_t in, bool bias, const char* name) {
+    cpu::expect_shape(l.weight, {out, in}, prefix + name + ".weight");
+    if (bias) cpu::expect_shape(l.bias, {out}, prefix + name + ".bias");
+    else if (l.has_bias()) throw std::invalid_argument("skillgraft: " + prefix + name + ".bias present but the config has no bias");
+  };
+  cpu::expect_shape(w.attn_norm, {d}, prefix + "input_layernorm.weight");
+  cpu::expect_shape(w.mlp_norm, {d}, prefix + "post_attention_layernorm.weight");
+  lin(w.self_attn.q_proj, qd, d, c.attention_bias, "self_attn.q_proj");
+  lin(w.self_attn.k_proj, kvd, d, c.attention_bias, "self_attn.k_proj");
+  lin(w.self_attn.v_proj, kvd, d, c.attention_bias, "self_attn.v_proj");
+  lin(w.self_attn.o_proj, d, qd, false, "self_attn.o_proj");
+  lin(w.mlp.gate_proj, I, d, false, "mlp.gate_proj");
+  lin(w.mlp.up_proj, I, d, false, "mlp.up_proj");
+  lin(w.mlp.down_proj, d, I, false, "mlp.down_proj");
+}
+
+// A recipe naming a tag the language model does not have stops here, naming the tag.
+template <class Tag, class Recipe>
+struct recipe_tag_outside_language_model {
+  static constexpr bool ok = decltype(hana::contains(language_model_tags, hana::type_c<Tag>))::value;
+  static_assert(ok, "skillgraft: the recipe names a tag (first template argument) that a decoder block does not have");
+};
+template <class Recipe>
+constexpr bool check_language_model_recipe() {
+  hana::for_each(Recipe::set, [](auto t) {
+    (void)recipe_tag_outside_language_model<typename decltype(t)::type, Recipe>::ok;
+  });
+  return true;
+}
+
+// Asking for the gradient of a frozen tensor stops here, naming the tag and the recipe.
+template <class Tag, class Recipe>
+struct gradient_of_frozen_tensor {
+  static constexpr bool ok = trains_v<Tag, Recipe>;
+  static_assert(ok, "skillgraft: gradient requested for a tag (first template argument) that the recipe (second) does not train");
+};
+
+// Gradients of a block: members only for the recipe's trainable tensors
+// (`q_proj`, ..., `down_proj`, `attn_norm`, `mlp_norm`), so naming a frozen one does not compile.
+template <class T, class Recipe>
+struct block_grads : attention_grads<T, Recipe>,
+                     mlp_grads<T, Recipe>,
+                     members::optional_attn_norm<trains_v<group::attn_norm, Recipe>, tensor<T>>,
+                     members::optional_mlp_norm<trains_v<group::mlp_norm, Recipe>, tensor<T>> {};
+
+template <class T, class Recipe, bool NeedsInputGrad, class Backend = backend::cpu>
+struct decoder_block {
+  static_assert(std::is_same_v<Backend, backend::cpu>, "skillgraft: this decoder_block is the CPU implementation");
+  static_assert(check_language_model_recipe<Recipe>());
+  using value_type = T;
+  using recipe_type = restrict_t<Recipe, decltype(block_tags)>;
+  using weights_t = block_weights<T>;
+  static constexpr bool needs_input_grad = NeedsInputGrad;
+
+  // The flow of gradients through the block, decided by the recipe.
+  static constexpr bool train_attn_norm = trains_v<group::attn_norm, recipe_type>;
+  static constexpr bool train_mlp_norm = trains_v<group::mlp_norm, recipe_type>;
+  static constexpr bool attention_needs_dh = train_attn_norm || NeedsInputGrad;
+  using attn_norm_t = rmsnorm<T, train_attn_norm, NeedsInputGrad>;
+  using attention_t = causal_attention<T, recipe_type, attention_needs_dh>;
+  static constexpr bool attention_active = attention_t::plan::active;
+  static constexpr bool need_dx2 = attention_active;  // gradient of the residual stream between the halves
+  using mlp_norm_t = rmsnorm<T, train_mlp_norm, need_dx2>;
+  using mlp_t = swiglu_mlp<T, recipe_type, train_mlp_norm || need_dx2>;
+  static constexpr bool mlp_active = mlp_t::plan::active;
+  static constexpr bool any_backward = mlp_active;  // nothing trains at or below: no backward at all
+
+  struct saved_t : members::optional_attn_norm<attn_norm_t::keeps_input, typename attn_norm_t::saved_t>,
+                   members::optional_attention<attention_active, typename attention_t::saved_t>,
+                   members::optional_mlp_norm<mlp_norm_t::keeps_input, typename mlp_norm_t::saved_t>,
+                   members::optional_mlp<mlp_active, typename mlp_t::saved_t> {};
+  using grads_t = block_grads<T, recipe_type>;
+  static constexpr bool keeps_nothing = std::is_empty_v<saved_t>;
+
+  decoder_config config;
+  const rope_table<T>* table = nullptr;
+  int first_pos = 0;
+
+  decoder_block() = default;
+  decoder_block(const decoder_config& c, const rope_table<T>& t) : config(c), table(&t) {}
+
+  grads_t make_grads(const weights_t& w) const {
+    grads_t g;
+    static_cast<typename attention_t::grads_t&>(g) = attention().make_grads(w.self_attn);
+    static_cast<typename mlp_t::grads_t&>(g) = mlp().make_grads(w.mlp);
+    if constexpr (train_attn_norm) g.attn_norm = tensor<T>(w.attn_norm.shape(), memory_use::gradients);
+    if constexpr (train_mlp_norm) g.mlp_norm = tensor<T>(w.mlp_norm.shape(), memory_use::gradients);
+    return g;
+  }
+
+  tensor<T> forward(const weights_t& w, const tensor<T>& x, saved_t& s) const {
+    if (x.rank() != 3 || x.dim(2) != std::size_t(config.hidden))
+      throw std::invalid_argument("skillgraft: decoder block input has shape " + x.shape().str() +
+                                  ", expected [batch, seq, " + std::to_string(config.hidden) + "]");
+    tensor<T> h1 = attn_norm().forward(w.attn_norm, x, part<attn_norm_t::keeps_input, typename attn_norm_t::saved_t>(
+                                                          s, [](auto& ss) -> auto& { return ss.attn_norm; }));
+    tensor<T> x2 = attention().forward(w.self_attn, h1, part<attention_active, typename attention_t::saved_t>(
+                                                            s, [](auto& ss) -> auto& { return ss.attention; }));
+    x2.vec() += x.vec();
+    tensor<T> h2 = mlp_norm().forward(w.mlp_norm, x2, part<mlp_norm_t::keeps_input, typename mlp_norm_t::saved_t>(
+                                                          s, [](auto& ss) -> auto& { return ss.mlp_norm; }));
+    tensor<T> y = mlp().forward(w.mlp, h2, part<mlp_active, typename mlp_t::saved_t>(
+                                               s, [](auto& ss) -> auto& { return ss.mlp; }));
+    y.vec() += x2.vec();
+    return y;
+  }
+
+  // Adds weight gradients into g; returns dx when NeedsInputGrad, else an empty tensor.
+  tensor<T> backward(const weights_t& w, const saved_t& s, const tensor<T>& dy, grads_t& g) const {
+    if (dy.rank() != 3 || dy.dim(2) != std::size_t(config.hidden))
+      throw std::invalid_argument("skillgraft: decoder block output gradient has shape " + dy.shape().str() +
+                                  ", expected [batch, seq, " + std::to_string(config.hidden) + "]");
+    if constexpr (!any_backward) {
+      return {};
+    } else {
+      tensor<T> dh2 = mlp().backward(w.mlp, s.mlp, dy, g);
+      tensor<T> dx2;
+      if constexpr (mlp_norm_t::keeps_input) {
+        tensor<T>* dw2 = nullptr;
+        if constexpr (train_mlp_norm) dw2 = &g.mlp_norm;
+        dx2 = mlp_norm_t::backward_into(w.mlp_norm, s.mlp_norm, dh2, dw2);
+      }
+      if constexpr (!attention_active) {
+        return {};
+      } else {
+        dx2.vec() += dy.vec();
+        tensor<T> dh1 = attention().backward(w.self_attn, s.attention, dx2, g);
+        if constexpr (attention_needs_dh) {
+          tensor<T>* dw1 = nullptr;
+          if constexpr (train_attn_norm) dw1 = &g.attn_norm;
+          tensor<T> dx = attn_norm_t::backward_into(w.attn_norm, s.attn_norm, dh1, dw1);
+          if constexpr (NeedsInputGrad) dx.vec() += dx2.vec();
+          return dx;
+        } else {
+          return {};
+        }
+      }
+    }
+  }
+
+  // Visits (name, weight, gradient) of every trainable tensor, with Hugging Face names
+  // relative to the layer ("self_attn.q_proj.weight").
+  template <class F>
+  static void for_each_trainable(weights_t& w, grads_t& g, F&& f) {
+    if constexpr (train_attn_norm) f(std::string("input_layernorm.weight"), w.attn_norm, g.attn_norm);
+    attention_t::for_each_trainable(w.self_attn, g, [&](const std::string& n, tensor<T>& p, tensor<T>& dp) {
+      f("self_attn." + n, p, dp);
+    });
+    if constexpr (train_mlp_norm) f(std::string("post_attention_layernorm.weight"), w.mlp_norm, g.mlp_norm);
+    mlp_t::for_each_trainable(w.mlp, g, [&](const std::string& n, tensor<T>& p, tensor<T>& dp) { f("mlp." + n, p, dp); });
+  }
+
+  // Bytes forward keeps for backward, from the plan (not from running it).
+  static std::size_t saved_elements(const decoder_config& c, seq_shape sh) {
+    const std::size_t N = sh.tokens(), d = std::size_t(c.hidden), qd = std::size_t(c.q_dim()),
+                      kvd = std::size_t(c.kv_dim()), I = std::size_t(c.intermediate),
+                      probs = std::size_t(sh.batch) * std::size_t(c.n_heads) * std::size_t(sh.seq) * std::size_t(sh.seq);
+    using ap = typename attention_t::plan;
+    using mp = typename mlp_t::plan;
+    std::size_t n = 0;
+    if (attn_norm_t::keeps_input) n += N * d + N;
+    if (ap::save_h) n += N * d;
+    if (ap::save_q) n += N * qd;
+    if (ap::save_k) n += N * kvd;
+    if (ap::save_v) n += N * kvd;
+    if (ap::save_probs) n += probs;
+    if (ap::save_a) n += N * qd;
+    if (mlp_norm_t::keeps_input) n += N * d + N;
+    if (mp::save_h) n += N * d;
+    if (mp::save_g) n += N * I;
+    if (mp::save_u) n += N * I;
+    if (mp::save_m) n += N * I;
+    return n;
+  }
+
+  // Trainable elements of one block (= gradient elements).
+  static std::size_t trainable_elements(const decoder_config& c) {
+    const std::size_t d = std::size_t(c.hidden), qd = std::size_t(c.q_dim()), kvd = std::size_t(c.kv_dim()),
+                      I = std::size_t(c.intermediate), bias = c.attention_bias ? 1 : 0;
+    using ap = typename attention_t::plan;
+    using mp = typename mlp_t::plan;
+    std::size_t n = 0;
+    if (train_attn_norm) n += d;
+    if (train_mlp_norm) n += d;
+    if (ap::train_q) n += qd * d + bias * qd;
+    if (ap::train_k) n += kvd * d + bias * kvd;
+    if (ap::train_v) n += kvd * d + bias * kvd;
+    if (ap::train_o) n += d * qd;
+    if (mp::train_gate) n += I * d;
+    if (mp::train_up) n += I * d;
+    if (mp::train_down) n += d * I;
+    return n;
+  }
+
+  // Multiply-add FLOPs (2 per MAC) of the GEMMs forward and backward really run.
+  struct flop_count {
+    double forward = 0, backward = 0;
+  };
+  static flop_count flops(const decoder_config& c, seq_shape sh) {
+    const double N = double(sh.tokens()), d = c.hidden, qd = c.q_dim(), kvd = c.kv_dim(), I = c.intermediate,
+                 core = 2.0 * sh.batch * c.n_heads * double(sh.seq) * sh.seq * c.head_dim;
+    using ap = typename attention_t::plan;
+    using mp = typename mlp_t::plan;
+    flop_count f;
+    f.forward = 2 * N * d * (qd + 2 * kvd) + 2 * core + 2 * N * qd * d + 3 * 2 * N * d * I;
+    double b = 0;
+    if (mp::train_down) b += 2 * N * d * I;
+    if (mp::need_dm) b += 2 * N * d * I;
+    if (mp::train_gate) b += 2 * N * d * I;
+    if (mp::train_up) b += 2 * N * d * I;
+    if (mlp_t::needs_input_grad) b += 2 * 2 * N * d * I;
+    if (ap::train_o) b += 2 * N * qd * d;
+    if (ap::need_da) b += 2 * N * qd * d;
+    if (ap::need_dv) b += core;
+    if (ap::need_dq || ap::need_dk) b += core;  // dP
+    if (ap::need_dq) b += core;
+    if (ap::need_dk) b += core;
+    if (ap::train_q) b += 2 * N * d * qd;
+    if (ap::train_k) b += 2 * N * d * kvd;
+    if (ap::train_v) b += 2 * N * d * kvd;
+    if (attention_t::needs_input_grad) b += 2 * N * d * (qd + 2 * kvd);
+    f.backward = any_backward ? b : 0;
+    return f;
+  }
+
+ private:
+  attn_norm_t attn_norm() const { return {config.rms_norm_eps}; }
+  mlp_norm_t mlp_norm() const { return {config.rms_norm_eps}; }
+  attention_t attention() const { return {config, table, first_pos}; }
+  mlp_t mlp() const { return {config}; }
+
+  // The saved state of a sub-layer, or a scratch one when the block keeps nothing of it.
+  template <bool Kept, class Part, class Get>
+  static Part& part(saved_t& s, Get get) {
+    if constexpr (Kept) {
+      return get(s);
+    } else {
+      thread_local Part scratch;  // empty struct: the sub-layer keeps nothing
+      static_assert(std::is_empty_v<Part>);
+      return scratch;
+    }
+  }
+};
+
+// grad<proj::q>(grads): the gradient of one tag; a compile error naming the tag for a frozen one.
+template <class Tag, class Block>
+auto& grad(typename Block::grads_t& g) {
+  static_assert(gradient_of_frozen_tensor<Tag, typename Block::recipe_type>::ok);
+  if constexpr (std::is_same_v<Tag, proj::q>) return g.q_proj;
+  else if constexpr (std::is_same_v<Tag, proj::k>) return g.k_proj;
+  else if constexpr (std::is_same_v<Tag, proj::v>) return g.v_proj;
+  else if constexpr (std::is_same_v<Tag, proj::o>) return g.o_proj;
+  else if constexpr (std::is_same_v<Tag, proj::gate>) return g.gate_proj;
+  else if constexpr (std::is_same_v<Tag, proj::up>) return g.up_proj;
+  else if constexpr (std::is_same_v<Tag, proj::down>) return g.down_proj;
+  else if constexpr (std::is_same_v<Tag, group::attn_norm>) return g.attn_norm;
+  else return g.mlp_norm;
+}
+
+}  // namespace skillgraft::nn

@@ -1,0 +1,36 @@
+#pragma once
+// Parameter tags: the vocabulary in which recipes say what trains.
+//
+// A tag is an empty type. Its `name` is the Hugging Face module name the tag
+// stands for inside a decoder layer (or the model), so messages and files use
+// the words users already know.
+#include <string_view>
+
+namespace skillgraft {
+
+namespace proj {
+// The seven projections of a LLaMA/Qwen2 decoder block.
+struct q    { static constexpr std::string_view name = "q_proj"; };
+struct k    { static constexpr std::string_view name = "k_proj"; };
+struct v    { static constexpr std::string_view name = "v_proj"; };
+struct o    { static constexpr std::string_view name = "o_proj"; };
+struct gate { static constexpr std::string_view name = "gate_proj"; };
+struct up   { static constexpr std::string_view name = "up_proj"; };
+struct down { static constexpr std::string_view name = "down_proj"; };
+}  // namespace proj
+
+namespace group {
+// Everything else a recipe can name.
+struct attn_norm  { static constexpr std::string_view name = "input_layernorm"; };
+struct mlp_norm   { static constexpr std::string_view name = "post_attention_layernorm"; };
+struct embed      { static constexpr std::string_view name = "embed_tokens"; };
+struct final_norm { static constexpr std::string_view name = "norm"; };
+struct lm_head    { static constexpr std::string_view name = "lm_head"; };
+struct vision     { static constexpr std::string_view name = "vision_tower"; };
+struct projector  { static constexpr std::string_view name = "multi_modal_projector"; };
+}  // namespace group
+
+template <class Tag>
+inline constexpr std::string_view tag_name = Tag::name;
+
+}  // namespace skillgraft
