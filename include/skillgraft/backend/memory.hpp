@@ -32,22 +32,18 @@ class memory_ledger {
     return ledger;
   }
   void add(memory_use use, std::int64_t bytes) {
-    auto& slot = slots_[static_cast<int>(use)];
-    const std::int64_t now = slot.live.fetch_add(bytes, std::memory_order_relaxed) + bytes;
-    std::int64_t peak = slot.peak.load(std::memory_order_relaxed);
-    while (now > peak && !slot.peak.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {
-    }
+    raise(slots_[static_cast<int>(use)], bytes);
+    raise(total_, bytes);
   }
   std::int64_t live(memory_use use) const { return slots_[static_cast<int>(use)].live.load(); }
   std::int64_t peak(memory_use use) const { return slots_[static_cast<int>(use)].peak.load(); }
-  std::int64_t live_total() const {
-    std::int64_t t = 0;
-    for (const auto& s : slots_) t += s.live.load();
-    return t;
-  }
+  std::int64_t live_total() const { return total_.live.load(); }
+  // Highest sum over all uses at any one time (not the sum of per-use peaks).
+  std::int64_t peak_total() const { return total_.peak.load(); }
   // Peaks restart from the current live bytes (for measuring one phase).
   void reset_peaks() {
     for (auto& s : slots_) s.peak.store(s.live.load());
+    total_.peak.store(total_.live.load());
   }
 
  private:
@@ -55,7 +51,14 @@ class memory_ledger {
     std::atomic<std::int64_t> live{0};
     std::atomic<std::int64_t> peak{0};
   };
+  static void raise(slot& s, std::int64_t bytes) {
+    const std::int64_t now = s.live.fetch_add(bytes, std::memory_order_relaxed) + bytes;
+    std::int64_t peak = s.peak.load(std::memory_order_relaxed);
+    while (now > peak && !s.peak.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {
+    }
+  }
   std::array<slot, static_cast<int>(memory_use::count_)> slots_{};
+  slot total_{};
 };
 
 inline memory_ledger& ledger() { return memory_ledger::instance(); }

@@ -74,11 +74,21 @@ using strided_map =
 template <class T>
 using row_matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
+template <class T>
+using const_strided_map = Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>,
+                                     Eigen::Unaligned, Eigen::OuterStride<>>;
+
 // Rows of one head inside a [batch, seq, heads * hd] tensor.
+inline std::size_t head_offset(int b, int head, int seq, int heads, int hd) {
+  return (static_cast<std::size_t>(b) * seq * heads + static_cast<std::size_t>(head)) * hd;
+}
 template <class T>
 strided_map<T> head_view(T* base, int b, int head, int seq, int heads, int hd) {
-  return {base + (static_cast<std::size_t>(b) * seq * heads + static_cast<std::size_t>(head)) * hd, seq, hd,
-          Eigen::OuterStride<>(heads * hd)};
+  return {base + head_offset(b, head, seq, heads, hd), seq, hd, Eigen::OuterStride<>(heads * hd)};
+}
+template <class T>
+const_strided_map<T> head_view(const T* base, int b, int head, int seq, int heads, int hd) {
+  return {base + head_offset(b, head, seq, heads, hd), seq, hd, Eigen::OuterStride<>(heads * hd)};
 }
 
 // In-place causal softmax of a seq x seq block of scores.
@@ -215,7 +225,7 @@ struct causal_attention {
                 dV.noalias() += P.transpose() * dA;
               }
               if constexpr (plan::need_dq || plan::need_dk) {
-                auto V = detail::head_view(const_cast<T*>(s.v.data()), b, kvh, S, KV, hd);
+                auto V = detail::head_view(s.v.data(), b, kvh, S, KV, hd);
                 dP.noalias() = dA * V.transpose();
                 // dS = P * (dP - rowsum(dP * P)), stored over dP
                 for (int i = 0; i < S; ++i) {
@@ -225,12 +235,12 @@ struct causal_attention {
                   for (int j = i + 1; j < S; ++j) dP(i, j) = T(0);
                 }
                 if constexpr (plan::need_dq) {
-                  auto K = detail::head_view(const_cast<T*>(s.k.data()), b, kvh, S, KV, hd);
+                  auto K = detail::head_view(s.k.data(), b, kvh, S, KV, hd);
                   auto dQ = detail::head_view(dq.data(), b, head, S, H, hd);
                   dQ.noalias() = (dP * K) * scale;
                 }
                 if constexpr (plan::need_dk) {
-                  auto Q = detail::head_view(const_cast<T*>(s.q.data()), b, head, S, H, hd);
+                  auto Q = detail::head_view(s.q.data(), b, head, S, H, hd);
                   auto dK = detail::head_view(dk.data(), b, kvh, S, KV, hd);
                   dK.noalias() += (dP.transpose() * Q) * scale;
                 }

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Builds and runs the whole test suite on a fresh machine: installs the Debian
+# dependencies when missing, configures, builds, runs CTest.
+# Usage: scripts/test.sh [build-dir]     (default: build-test)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+build="${1:-$root/build-test}"
+"$root/scripts/install-deps.sh"
+jobs="$(nproc 2>/dev/null || echo 2)"
+cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release \
+  -DSKILLGRAFT_BUILD_TESTS=ON -DSKILLGRAFT_BUILD_BENCHMARKS=ON -DSKILLGRAFT_BUILD_EXAMPLES=ON
+cmake --build "$build" -j "$jobs"
+cd "$build"
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" ctest --output-on-failure -j "$jobs"
