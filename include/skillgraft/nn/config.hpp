@@ -17,6 +17,8 @@ struct decoder_config {
   double rope_theta = 10000.0; // rope_theta
   double rms_norm_eps = 1e-6;  // rms_norm_eps
   bool attention_bias = false; // Qwen2: bias on q_proj, k_proj, v_proj
+  int vocab_size = 32000;      // vocab_size (language model only)
+  bool tie_word_embeddings = false;  // lm_head shares embed_tokens.weight
 
   int q_dim() const { return n_heads * head_dim; }
   int kv_dim() const { return n_kv_heads * head_dim; }
@@ -32,6 +34,7 @@ struct decoder_config {
     if (head_dim % 2 != 0) fail("head_dim (" + std::to_string(head_dim) + ") must be even for rotary embeddings");
     if (!(rms_norm_eps > 0)) fail("rms_norm_eps must be positive");
     if (!(rope_theta > 0)) fail("rope_theta must be positive");
+    if (vocab_size <= 0) fail("vocab_size must be positive");
   }
 
   // The benchmark's reference configuration (hidden 512, 8 heads, 4 KV heads, MLP 1536, 4 layers).

@@ -1,0 +1,248 @@
+#pragma once
+// Decoder language model: token embeddings, the block stack, final RMSNorm, LM head.
+//
+//   forward   x = [prefix ; E[ids]],  h = rmsnorm(stack(x); w_norm)     (logits = h W_head^T)
+//   backward  dh (from the loss, which also forms dW_head) -> rmsnorm' -> stack'
+//             dE[id] += dx[position of id]   (only if embed_tokens trains)
+//             d prefix = dx[:, :P]           (only if something upstream of the soft tokens trains)
+//
+// The head is applied by the loss (train/cross_entropy.hpp) in chunks of positions,
+// so a training step never holds [tokens, vocab] logits, let alone their gradient twice.
+// With tie_word_embeddings the head *is* embed_tokens: a recipe must then train both
+// tags or neither (checked when the model is built).
+#include <optional>
+#include <string>
+
+#include "skillgraft/model/token_batch.hpp"
+#include "skillgraft/nn/decoder_stack.hpp"
+
+namespace skillgraft::model {
+
+using cpu::shape_t;
+using cpu::tensor;
+
+template <class T>
+struct lm_weights {
+  decoder_config config;
+  tensor<T> embed_tokens;          // model.embed_tokens.weight [vocab, hidden]
+  nn::trunk_weights<T> trunk;      // model.layers.*
+  tensor<T> norm;                  // model.norm.weight [hidden]
+  tensor<T> lm_head;               // lm_head.weight [vocab, hidden]; empty when tied
+
+  lm_weights() = default;
+  explicit lm_weights(const decoder_config& c, memory_use use = memory_use::weights)
+      : config(c),
+        embed_tokens({std::size_t(c.vocab_size), std::size_t(c.hidden)}, use),
+        trunk(c, use),
+        norm({std::size_t(c.hidden)}, use),
+        lm_head(c.tie_word_embeddings ? tensor<T>() : tensor<T>({std::size_t(c.vocab_size), std::size_t(c.hidden)}, use)) {}
+  const tensor<T>& head() const { return config.tie_word_embeddings ? embed_tokens : lm_head; }
+  tensor<T>& head() { return config.tie_word_embeddings ? embed_tokens : lm_head; }
+  static std::size_t elements_for(const decoder_config& c) {
+    const std::size_t vd = std::size_t(c.vocab_size) * std::size_t(c.hidden);
+    return vd * (c.tie_word_embeddings ? 1 : 2) + std::size_t(c.hidden) +
+           std::size_t(c.n_layers) * nn::block_weights<T>::elements_for(c);
+  }
+};
+
+namespace members {
+SKILLGRAFT_OPTIONAL_MEMBER(embed_tokens);
+SKILLGRAFT_OPTIONAL_MEMBER(norm);
+SKILLGRAFT_OPTIONAL_MEMBER(lm_head);
+}  // namespace members
+
+template <class Tag, class Recipe>
+struct recipe_tag_outside_model {
+  static constexpr bool ok = decltype(hana::contains(
+      hana::concat(language_model_tags, hana::make_tuple(hana::type_c<group::vision>, hana::type_c<group::projector>)),
+      hana::type_c<Tag>))::value;
+  static_assert(ok, "skillgraft: the recipe names a tag (first template argument) that this model does not have");
+};
+
+template <class T, class Recipe, class Backend = backend::cpu>
+class decoder_lm {
+ public:
+  using value_type = T;
+  using recipe_type = Recipe;
+  using weights_t = lm_weights<T>;
+  static constexpr bool train_embed = trains_v<group::embed, Recipe>;
+  static constexpr bool train_norm = trains_v<group::final_norm, Recipe>;
+  static constexpr bool train_head = trains_v<group::lm_head, Recipe>;
+  // Soft tokens come from a vision encoder and projector: if those train, d prefix is needed.
+  static constexpr bool upstream_trains = trains_v<group::vision, Recipe> || trains_v<group::projector, Recipe>;
+  static constexpr bool needs_input_grad = train_embed || upstream_trains;
+  using stack_t = nn::decoder_stack<T, Recipe, needs_input_grad, Backend>;
+  static constexpr bool any_below_head = stack_t::any_trainable || needs_input_grad || train_norm;
+  using final_norm_t = nn::rmsnorm<T, train_norm, stack_t::any_trainable || needs_input_grad>;
+
+  struct grads_t : members::optional_embed_tokens<train_embed, tensor<T>>,
+                   members::optional_norm<train_norm, tensor<T>>,
+                   members::optional_lm_head<train_head, tensor<T>> {
+    typename stack_t::grads_t layers;
+  };
+  struct saved_t {
+    typename stack_t::saved_t trunk;
+    typename final_norm_t::saved_t norm;
+    token_ids ids;        // for the embedding gradient
+    int prefix = 0;       // soft tokens before the ids
+    seq_shape shape{};
+    bool valid = false;
+  };
+
+  decoder_lm(const decoder_config& c, layer_range range = {}) : config_(c), stack_(c, range) {
+    static_assert(check_recipe());
+    if (c.tie_word_embeddings && train_embed != train_head)
+      throw std::invalid_argument(
+          "skillgraft: the model ties lm_head to embed_tokens, so a recipe must train both or neither "
+          "(this one trains only " + std::string(train_embed ? "embed_tokens" : "lm_head") + ")");
+  }
+  template <class S>
+  decoder_lm(const decoder_config& c, trainable_set<S> r) : decoder_lm(c, r.layers) {}
+
+  const decoder_config& config() const { return config_; }
+  const stack_t& stack() const { return stack_; }
+
+  grads_t make_grads(const weights_t& w) const {
+    check_weights(w);
+    grads_t g;
+    g.layers = stack_.make_grads(w.trunk);
+    if constexpr (train_embed) g.embed_tokens = tensor<T>(w.embed_tokens.shape(), memory_use::gradients);
+    if constexpr (train_norm) g.norm = tensor<T>(w.norm.shape(), memory_use::gradients);
+    if constexpr (train_head)
+      if (!config_.tie_word_embeddings) g.lm_head = tensor<T>(w.lm_head.shape(), memory_use::gradients);
+    return g;
+  }
+
+  // Where the loss adds dW_head: lm_head's gradient, embed_tokens' when tied, or nowhere.
+  tensor<T>* head_grad(grads_t& g) const {
+    if constexpr (train_head && train_embed) {
+      if (config_.tie_word_embeddings) return &g.embed_tokens;
+    }
+    if constexpr (train_head) return &g.lm_head;  // (untied: the constructor rejected tied + head only)
+    return nullptr;
+  }
+
+  // Embeds [prefix ; ids] -> [batch, prefix + seq, hidden].
+  tensor<T> embed(const weights_t& w, const token_ids& ids, const tensor<T>* prefix) const {
+    check_token_ids(ids, config_.vocab_size, "token id");
+    const std::size_t B = ids.shape(0), S = ids.shape(1), d = std::size_t(config_.hidden);
+    std::size_t P = 0;
+    if (prefix && !prefix->empty()) {
+      if (prefix->rank() != 3 || prefix->dim(0) != B || prefix->dim(2) != d)
+        throw std::invalid_argument("skillgraft: prefix embeddings have shape " + prefix->shape().str() +
+                                    ", expected [" + std::to_string(B) + ", prefix, " + std::to_string(d) + "]");
+      P = prefix->dim(1);
+    }
+    tensor<T> x({B, P + S, d}, memory_use::workspace);
+    for (std::size_t b = 0; b < B; ++b) {
+      if (P) std::copy_n(prefix->data() + b * P * d, P * d, x.data() + b * (P + S) * d);
+      for (std::size_t s = 0; s < S; ++s)
+        std::copy_n(w.embed_tokens.data() + std::size_t(ids(b, s)) * d, d, x.data() + (b * (P + S) + P + s) * d);
+    }
+    return x;
+  }
+
+  // Final hidden states h (after the final norm), [batch, prefix + seq, hidden].
+  tensor<T> forward(const weights_t& w, const token_ids& ids, saved_t& s, const tensor<T>* prefix = nullptr) const {
+    check_weights(w);
+    s = saved_t{};
+    auto x = embed(w, ids, prefix);
+    s.prefix = int(x.dim(1) - ids.shape(1));
+    s.shape = {int(x.dim(0)), int(x.dim(1))};
+    auto hs = stack_.forward(w.trunk, x, s.trunk);
+    auto h = final_norm().forward(w.norm, hs, s.norm);
+    if constexpr (train_embed) s.ids = ids;
+    s.valid = true;
+    return h;
+  }
+
+  // logits = h W_head^T, [batch, positions, vocab] (evaluation; training uses the chunked loss).
+  tensor<T> logits(const weights_t& w, const tensor<T>& h) const {
+    shape_t ls = h.shape();
+    ls.dims[std::size_t(ls.rank - 1)] = std::size_t(config_.vocab_size);
+    tensor<T> z(ls, memory_use::workspace);
+    z.mat().noalias() = h.mat() * w.head().mat().transpose();
+    return z;
+  }
+
+  // dh: gradient of the loss with respect to forward's output. Returns d prefix when
+  // something upstream of the soft tokens trains, else an empty tensor.
+  tensor<T> backward(const weights_t& w, const saved_t& s, const tensor<T>& dh, grads_t& g) const {
+    if (!s.valid) throw std::logic_error("skillgraft: decoder_lm::backward called without a forward");
+    if (!(dh.shape() == shape_t{std::size_t(s.shape.batch), std::size_t(s.shape.seq), std::size_t(config_.hidden)}))
+      throw std::invalid_argument("skillgraft: gradient of the hidden states has shape " + dh.shape().str() +
+                                  ", expected [" + std::to_string(s.shape.batch) + ", " + std::to_string(s.shape.seq) +
+                                  ", " + std::to_string(config_.hidden) + "]");
+    if constexpr (!any_below_head) {
+      return {};
+    } else {
+      tensor<T>* dnorm = nullptr;
+      if constexpr (train_norm) dnorm = &g.norm;
+      auto dhs = final_norm_t::backward_into(w.norm, s.norm, dh, dnorm);
+      if constexpr (!(stack_t::any_trainable || needs_input_grad)) {
+        return {};
+      } else {
+        auto dx = stack_.backward(w.trunk, s.trunk, dhs, g.layers);
+        if constexpr (!needs_input_grad) {
+          return {};
+        } else {
+          const std::size_t B = dx.dim(0), P = std::size_t(s.prefix), Tn = dx.dim(1), d = dx.dim(2);
+          if constexpr (train_embed) {
+            // Serial scatter-add: repeated ids add in a fixed order (deterministic).
+            for (std::size_t b = 0; b < B; ++b)
+              for (std::size_t t = P; t < Tn; ++t) {
+                T* row = g.embed_tokens.data() + std::size_t(s.ids(b, t - P)) * d;
+                const T* src = dx.data() + (b * Tn + t) * d;
+                for (std::size_t j = 0; j < d; ++j) row[j] += src[j];
+              }
+          }
+          tensor<T> dprefix;
+          if (upstream_trains && P) {
+            dprefix = tensor<T>({B, P, d}, memory_use::workspace);
+            for (std::size_t b = 0; b < B; ++b) std::copy_n(dx.data() + b * Tn * d, P * d, dprefix.data() + b * P * d);
+          }
+          return dprefix;
+        }
+      }
+    }
+  }
+
+  // (name, weight, gradient) of every trainable tensor, Hugging Face names. With tied
+  // embeddings the shared tensor is visited once, as model.embed_tokens.weight.
+  template <class F>
+  void for_each_trainable(weights_t& w, grads_t& g, F&& f) const {
+    if constexpr (train_embed) f(std::string("model.embed_tokens.weight"), w.embed_tokens, g.embed_tokens);
+    stack_.for_each_trainable(w.trunk, g.layers, f);
+    if constexpr (train_norm) f(std::string("model.norm.weight"), w.norm, g.norm);
+    if constexpr (train_head)
+      if (!config_.tie_word_embeddings) f(std::string("lm_head.weight"), w.lm_head, g.lm_head);
+  }
+
+  std::size_t trainable_elements() const {
+    const std::size_t vd = std::size_t(config_.vocab_size) * std::size_t(config_.hidden);
+    std::size_t n = stack_.trainable_elements();
+    if (train_embed) n += vd;
+    if (train_norm) n += std::size_t(config_.hidden);
+    if (train_head && !config_.tie_word_embeddings) n += vd;
+    return n;
+  }
+
+  void check_weights(const weights_t& w) const {
+    const std::size_t V = std::size_t(config_.vocab_size), d = std::size_t(config_.hidden);
+    cpu::expect_shape(w.embed_tokens, {V, d}, "model.embed_tokens.weight");
+    cpu::expect_shape(w.norm, {d}, "model.norm.weight");
+    if (!config_.tie_word_embeddings) cpu::expect_shape(w.lm_head, {V, d}, "lm_head.weight");
+  }
+
+ private:
+  static constexpr bool check_recipe() {
+    hana::for_each(Recipe::set, [](auto t) { (void)recipe_tag_outside_model<typename decltype(t)::type, Recipe>::ok; });
+    return true;
+  }
+  final_norm_t final_norm() const { return {config_.rms_norm_eps}; }
+
+  decoder_config config_;
+  stack_t stack_;
+};
+
+}  // namespace skillgraft::model

@@ -1,0 +1,100 @@
+#pragma once
+// Masked next-token cross-entropy fused with the LM head and its softmax.
+//
+//   for each position i with a target y_i (target != ignore_index), n of them:
+//     z_i = h_i W^T,  loss = (1/n) sum_i [ logsumexp(z_i) - z_i[y_i] ]
+//     dz_i = (softmax(z_i) - onehot(y_i)) / n
+//     dh_i = dz_i W,   dW += dz_i^T h_i
+//
+// Positions without a target (prompts, soft tokens, padding) never reach the head.
+// The others are processed `chunk` rows at a time, so the logits and their gradient
+// share one [chunk, vocab] buffer: the full [tokens, vocab] matrix is never held.
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <vector>
+
+#include "skillgraft/backend/cpu/tensor.hpp"
+#include "skillgraft/model/token_batch.hpp"
+
+namespace skillgraft::train {
+
+template <class T>
+struct loss_result {
+  double loss = 0;          // mean over counted positions
+  std::size_t count = 0;    // positions with a target
+  cpu::tensor<T> dh;        // d loss / d h, same shape as h (empty unless requested)
+};
+
+struct cross_entropy_options {
+  std::size_t chunk = 256;  // rows of logits held at once
+  bool want_dh = true;
+  // Divide by this many positions instead of this batch's own count (gradient
+  // accumulation over micro-batches divides by the count of the whole batch).
+  std::size_t normaliser = 0;
+};
+
+// h: [batch, positions, hidden]; head: [vocab, hidden]; targets: [batch, positions].
+template <class T>
+loss_result<T> masked_cross_entropy(const cpu::tensor<T>& h, const cpu::tensor<T>& head, const token_ids& targets,
+                                    cpu::tensor<T>* dhead, cross_entropy_options opt = {}) {
+  if (h.rank() != 3 || targets.shape(0) != h.dim(0) || targets.shape(1) != h.dim(1))
+    throw std::invalid_argument("skillgraft: targets have shape [" + std::to_string(targets.shape(0)) + ", " +
+                                std::to_string(targets.shape(1)) + "], expected [" + std::to_string(h.dim(0)) + ", " +
+                                std::to_string(h.dim(1)) + "] (one per position of the hidden states " +
+                                h.shape().str() + ")");
+  const std::size_t V = head.dim(0), d = head.dim(1);
+  if (h.dim(2) != d)
+    throw std::invalid_argument("skillgraft: hidden states have width " + std::to_string(h.dim(2)) +
+                                ", the LM head expects " + std::to_string(d));
+  std::vector<std::size_t> rows;
+  std::vector<std::int64_t> ys;
+  for (std::size_t b = 0; b < targets.shape(0); ++b)
+    for (std::size_t s = 0; s < targets.shape(1); ++s) {
+      const auto y = targets(b, s);
+      if (y == ignore_index) continue;
+      if (y < 0 || std::size_t(y) >= V)
+        throw std::invalid_argument("skillgraft: target [" + std::to_string(b) + ", " + std::to_string(s) + "] is " +
+                                    std::to_string(y) + ", outside the vocabulary [0, " + std::to_string(V) + ")");
+      rows.push_back(b * targets.shape(1) + s);
+      ys.push_back(y);
+    }
+  loss_result<T> r;
+  r.count = rows.size();
+  if (opt.want_dh) r.dh = cpu::tensor<T>(h.shape(), memory_use::workspace);
+  if (rows.empty()) return r;
+  const double n = double(opt.normaliser ? opt.normaliser : rows.size());
+  const std::size_t chunk = std::max<std::size_t>(1, opt.chunk);
+  using mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  mat hc, z, dhc;
+  double total = 0;
+  for (std::size_t c0 = 0; c0 < rows.size(); c0 += chunk) {
+    const std::size_t m = std::min(chunk, rows.size() - c0);
+    hc.resize(Eigen::Index(m), Eigen::Index(d));
+    for (std::size_t i = 0; i < m; ++i) hc.row(Eigen::Index(i)) = h.mat().row(Eigen::Index(rows[c0 + i]));
+    z.noalias() = hc * head.mat().transpose();
+    // Softmax in place, turning logits into their gradient.
+    for (std::size_t i = 0; i < m; ++i) {
+      auto zi = z.row(Eigen::Index(i));
+      const T mx = zi.maxCoeff();
+      double sum = 0;
+      for (Eigen::Index j = 0; j < Eigen::Index(V); ++j) sum += std::exp(double(zi(j) - mx));
+      const double lse = double(mx) + std::log(sum);
+      const auto y = Eigen::Index(ys[c0 + i]);
+      total += lse - double(zi(y));
+      for (Eigen::Index j = 0; j < Eigen::Index(V); ++j) zi(j) = T(std::exp(double(zi(j)) - lse) / n);
+      zi(y) -= T(1.0 / n);
+    }
+    if (dhead) dhead->mat().noalias() += z.transpose() * hc;
+    if (opt.want_dh) {
+      dhc.noalias() = z * head.mat();
+      for (std::size_t i = 0; i < m; ++i) r.dh.mat().row(Eigen::Index(rows[c0 + i])) = dhc.row(Eigen::Index(i));
+    }
+  }
+  r.loss = total / n;
+  if (!std::isfinite(r.loss))
+    throw std::domain_error("skillgraft: the loss is not finite (" + std::to_string(r.loss) + "); no weight was changed");
+  return r;
+}
+
+}  // namespace skillgraft::train
