@@ -17,13 +17,14 @@ enum class memory_use : int {
   gradients,          // weight gradients (trainable tensors only)
   optimizer_state,    // e.g. AdamW moments (trainable tensors only)
   saved_activations,  // what forward keeps for backward
+  method_state,       // continual-learning state: teacher copies, Fisher, adapters, averages
   constants,          // rotary tables and similar precomputed inputs
   workspace,          // activations in flight, temporaries
   count_
 };
 
 inline constexpr std::array<std::string_view, static_cast<int>(memory_use::count_)> memory_use_names{
-    "weights", "gradients", "optimizer_state", "saved_activations", "constants", "workspace"};
+    "weights", "gradients", "optimizer_state", "saved_activations", "method_state", "constants", "workspace"};
 
 class memory_ledger {
  public:

@@ -7,7 +7,9 @@
 //   learning rate; optimizer step.
 // A non-finite loss or gradient throws before any weight changes. Given the same seed,
 // data and thread count, the step is bit-for-bit repeatable (no atomics, fixed reduction order).
+#include <cmath>
 #include <span>
+#include <string>
 #include <stdexcept>
 
 #include "skillgraft/train/clip.hpp"
@@ -24,7 +26,6 @@ struct micro_batch {
 
 struct step_options {
   double max_grad_norm = 1.0;  // <= 0: no clipping
-  std::size_t loss_chunk = 256;
 };
 
 struct step_stats {
@@ -34,10 +35,25 @@ struct step_stats {
   std::size_t targets = 0;
 };
 
-template <class Model, class Optimizer, class Schedule>
+// The default objective: next-token cross-entropy on the target positions.
+// An objective provides micro(model, w, g, batch, h, normaliser) -> loss_result (it forms
+// d loss / d h and adds the head's gradient), and optionally finish(model, w, g) -> double,
+// called once after all micro-batches to add penalty terms (EWC) to loss and gradients.
+struct masked_ce_objective {
+  std::size_t chunk = 256;
+  template <class Model, class T>
+  loss_result<T> micro(const Model& model, const typename Model::weights_t& w, typename Model::grads_t& g,
+                       const micro_batch<T>&, const cpu::tensor<T>& h, const token_ids& targets,
+                       std::size_t normaliser) const {
+    return masked_cross_entropy(h, w.head(), targets, model.head_grad(g),
+                                {.chunk = chunk, .want_dh = true, .normaliser = normaliser});
+  }
+};
+
+template <class Model, class Optimizer, class Schedule, class Objective = masked_ce_objective>
 step_stats train_step(const Model& model, typename Model::weights_t& w, typename Model::grads_t& g, Optimizer& opt,
                       const Schedule& schedule, std::span<const micro_batch<typename Model::value_type>> batches,
-                      step_options o = {}) {
+                      step_options o = {}, const Objective& objective = {}) {
   if (batches.empty()) throw std::invalid_argument("skillgraft: train_step needs at least one micro-batch");
   step_stats st;
   for (const auto& mb : batches)
@@ -47,11 +63,13 @@ step_stats train_step(const Model& model, typename Model::weights_t& w, typename
   for (const auto& mb : batches) {
     typename Model::saved_t saved;
     auto h = model.forward(w, mb.ids, saved, mb.prefix);
-    auto r = masked_cross_entropy(h, w.head(), mb.targets, model.head_grad(g),
-                                  {.chunk = o.loss_chunk, .want_dh = true, .normaliser = st.targets});
+    auto r = objective.micro(model, w, g, mb, h, mb.targets, st.targets);
     st.loss += r.loss;
     model.backward(w, saved, r.dh, g);
   }
+  if constexpr (requires { objective.finish(model, w, g); }) st.loss += objective.finish(model, w, g);
+  if (!std::isfinite(st.loss))
+    throw std::domain_error("skillgraft: the loss is not finite (" + std::to_string(st.loss) + "); no weight was changed");
   st.grad_norm = clip_grad_norm(model, w, g, o.max_grad_norm);
   st.lr = schedule(opt.steps());
   opt.set_lr(st.lr);

@@ -1,0 +1,149 @@
+// A full training step (decoder LM forward, fused masked loss, backward, clipping, AdamW)
+// per recipe, on the reference configuration with a vocabulary of 8192 and the loss on
+// the second half of each sequence (answer tokens). Reports each recipe's time as a
+// ratio to `llm` measured in the same run, the bytes the ledger saw at the step's peak,
+// and the process's peak resident set during that recipe's iterations (Linux VmHWM,
+// reset per recipe through /proc/self/clear_refs).
+#include <benchmark/benchmark.h>
+
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <random>
+#include <string>
+
+#include "skillgraft/model/decoder_lm.hpp"
+#include "skillgraft/policy/dispatch.hpp"
+#include "skillgraft/train/adamw.hpp"
+#include "skillgraft/train/schedule.hpp"
+#include "skillgraft/train/step.hpp"
+
+namespace sg = skillgraft;
+
+namespace {
+
+constexpr int batch = 4, seq = 256, vocab = 8192;
+
+sg::decoder_config config() {
+  auto c = sg::decoder_config::reference();
+  c.vocab_size = vocab;
+  return c;
+}
+
+void fill(sg::cpu::tensor<float>& t, std::mt19937& rng, float mean, float sd) {
+  std::normal_distribution<float> nd(mean, sd);
+  for (std::size_t i = 0; i < t.size(); ++i) t[i] = nd(rng);
+}
+
+sg::model::lm_weights<float> make_weights() {
+  sg::model::lm_weights<float> w(config());
+  std::mt19937 rng(1);
+  fill(w.embed_tokens, rng, 0.f, 0.02f);
+  fill(w.lm_head, rng, 0.f, 0.02f);
+  w.norm.fill(1.f);
+  for (auto& l : w.trunk.layers) {
+    l.attn_norm.fill(1.f);
+    l.mlp_norm.fill(1.f);
+    for (auto* p : {&l.self_attn.q_proj, &l.self_attn.k_proj, &l.self_attn.v_proj, &l.self_attn.o_proj,
+                    &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj})
+      fill(p->weight, rng, 0.f, 0.02f);
+  }
+  return w;
+}
+
+sg::train::micro_batch<float> make_batch() {
+  sg::train::micro_batch<float> mb;
+  mb.ids = sg::token_ids::from_shape({std::size_t(batch), std::size_t(seq)});
+  mb.targets = xt::full_like(mb.ids, sg::ignore_index);
+  std::mt19937 rng(2);
+  std::uniform_int_distribution<int> tok(0, vocab - 1);
+  for (auto& t : mb.ids) t = tok(rng);
+  for (std::size_t b = 0; b < std::size_t(batch); ++b)
+    for (std::size_t s = seq / 2; s + 1 < std::size_t(seq); ++s) mb.targets(b, s) = mb.ids(b, s + 1);
+  return mb;
+}
+
+long rss_peak_kib() {
+  std::ifstream st("/proc/self/status");
+  std::string key;
+  long v = -1;
+  while (st >> key) {
+    if (key == "VmHWM:") {
+      st >> v;
+      break;
+    }
+    st.ignore(1 << 12, '\n');
+  }
+  return v;
+}
+void reset_rss_peak() { std::ofstream("/proc/self/clear_refs") << "5"; }
+
+struct result {
+  double seconds = 0, ledger_peak = 0, rss_peak = 0, grads = 0, optimizer = 0;
+};
+std::map<std::string, result> results;
+
+template <class R>
+void BM_train_step(benchmark::State& state, R recipe, std::string name) {
+  auto w = make_weights();
+  const auto mb = make_batch();
+  sg::model::decoder_lm<float, R> lm(config(), recipe);
+  auto g = lm.make_grads(w);
+  sg::train::adamw<float> opt(lm, w, g, {.lr = 1e-5});
+  const sg::train::constant_schedule lr{1e-5};
+  sg::ledger().reset_peaks();
+  const auto live = sg::ledger().live_total();
+  reset_rss_peak();
+  for (auto _ : state) {
+    auto st = sg::train::train_step(lm, w, g, opt, lr, std::span(&mb, 1));
+    benchmark::DoNotOptimize(st.loss);
+  }
+  auto& r = results[name];
+  r.ledger_peak = double(sg::ledger().peak_total());
+  r.rss_peak = double(rss_peak_kib()) * 1024.0;
+  r.grads = double(lm.trainable_elements() * sizeof(float));
+  r.optimizer = double(opt.state_bytes());
+  state.counters["ledger_peak_MiB"] = r.ledger_peak / (1 << 20);
+  state.counters["step_extra_MiB"] = double(sg::ledger().peak_total() - live) / (1 << 20);
+  state.counters["rss_peak_MiB"] = r.rss_peak / (1 << 20);
+}
+
+class summary_reporter : public benchmark::ConsoleReporter {
+ public:
+  void ReportRuns(const std::vector<Run>& runs) override {
+    for (const auto& run : runs) {
+      if (run.run_type == Run::RT_Aggregate && run.aggregate_name != "median") continue;
+      const std::string n = run.run_name.function_name;
+      const auto at = n.find("BM_train_step/");
+      if (at != std::string::npos) results[n.substr(at + 14)].seconds = run.GetAdjustedRealTime() / 1e3;
+    }
+    ConsoleReporter::ReportRuns(runs);
+  }
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  sg::hana::for_each(sg::named_recipes, [](const auto& nr) {
+    const std::string name(nr.name);
+    benchmark::RegisterBenchmark(("BM_train_step/" + name).c_str(),
+                                 [v = nr.value, name](benchmark::State& s) { BM_train_step(s, v, name); })
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
+  });
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  summary_reporter reporter;
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+  benchmark::Shutdown();
+  if (!results.count("llm") || results["llm"].seconds == 0) return 0;
+  const double full = results["llm"].seconds;
+  std::printf("\n| recipe | step ms | time vs llm | grads MiB | AdamW MiB | ledger peak MiB | peak RSS MiB |\n");
+  std::printf("|---|---|---|---|---|---|---|\n");
+  for (const auto& n : {"llm", "mlp", "mlp_gate_up", "sa_proj", "mlp_down", "frozen"}) {
+    if (!results.count(n) || results[n].seconds == 0) continue;
+    const auto& r = results[n];
+    std::printf("| %s | %.0f | %.2f | %.1f | %.1f | %.0f | %.0f |\n", n, r.seconds * 1e3, r.seconds / full,
+                r.grads / (1 << 20), r.optimizer / (1 << 20), r.ledger_peak / (1 << 20), r.rss_peak / (1 << 20));
+  }
+}

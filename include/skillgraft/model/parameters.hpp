@@ -1,0 +1,52 @@
+#pragma once
+// Every tensor of a decoder LM under its Hugging Face name, in checkpoint order, with
+// its recipe tag and layer, so callers can ask at compile time whether it trains.
+//
+// This is the one place that knows the LLaMA / Qwen2 naming; loaders, savers,
+// continual-learning state and tests iterate it instead of spelling names out.
+#include <string>
+
+#include "skillgraft/model/decoder_lm.hpp"
+
+namespace skillgraft::model {
+
+// f(name, tensor&, hana::type_c<Tag>, layer) for every parameter (layer = -1 outside the
+// stack). The tied head is not visited separately: Hugging Face checkpoints of tied
+// models omit lm_head.weight too.
+template <class W, class F>
+void for_each_parameter(W& w, F&& f) {
+  f(std::string("model.embed_tokens.weight"), w.embed_tokens, hana::type_c<group::embed>, -1);
+  for (std::size_t i = 0; i < w.trunk.layers.size(); ++i) {
+    auto& l = w.trunk.layers[i];
+    const int li = int(i);
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    auto lin = [&](const std::string& n, auto& lw, auto tag) {
+      f(p + n + ".weight", lw.weight, tag, li);
+      if (lw.has_bias()) f(p + n + ".bias", lw.bias, tag, li);
+    };
+    f(p + "input_layernorm.weight", l.attn_norm, hana::type_c<group::attn_norm>, li);
+    lin("self_attn.q_proj", l.self_attn.q_proj, hana::type_c<proj::q>);
+    lin("self_attn.k_proj", l.self_attn.k_proj, hana::type_c<proj::k>);
+    lin("self_attn.v_proj", l.self_attn.v_proj, hana::type_c<proj::v>);
+    lin("self_attn.o_proj", l.self_attn.o_proj, hana::type_c<proj::o>);
+    f(p + "post_attention_layernorm.weight", l.mlp_norm, hana::type_c<group::mlp_norm>, li);
+    lin("mlp.gate_proj", l.mlp.gate_proj, hana::type_c<proj::gate>);
+    lin("mlp.up_proj", l.mlp.up_proj, hana::type_c<proj::up>);
+    lin("mlp.down_proj", l.mlp.down_proj, hana::type_c<proj::down>);
+  }
+  f(std::string("model.norm.weight"), w.norm, hana::type_c<group::final_norm>, -1);
+  if (!w.config.tie_word_embeddings) f(std::string("lm_head.weight"), w.lm_head, hana::type_c<group::lm_head>, -1);
+}
+
+// f(name, tensor&) for the tensors `model`'s recipe trains (its layer range included),
+// in the same order as model.for_each_trainable, without needing gradient buffers.
+template <class Model, class W, class F>
+void for_each_trainable_weight(const Model& model, W& w, F&& f) {
+  for_each_parameter(w, [&](const std::string& name, auto& t, auto tag, int layer) {
+    using Tag = typename decltype(tag)::type;
+    if constexpr (trains_v<Tag, typename Model::recipe_type>)
+      if (layer < 0 || model.stack().layer_trains(layer)) f(name, t);
+  });
+}
+
+}  // namespace skillgraft::model
