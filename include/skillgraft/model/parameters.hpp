@@ -23,6 +23,11 @@ void for_each_parameter(W& w, F&& f) {
     auto lin = [&](const std::string& n, auto& lw, auto tag) {
       f(p + n + ".weight", lw.weight, tag, li);
       if (lw.has_bias()) f(p + n + ".bias", lw.bias, tag, li);
+      if (lw.has_lora()) {  // PEFT's names, relative to the model
+        using P = typename decltype(tag)::type;
+        f(p + n + ".lora_A.weight", lw.lora.A, hana::type_c<lora<P>>, li);
+        f(p + n + ".lora_B.weight", lw.lora.B, hana::type_c<lora<P>>, li);
+      }
     };
     f(p + "input_layernorm.weight", l.attn_norm, hana::type_c<group::attn_norm>, li);
     lin("self_attn.q_proj", l.self_attn.q_proj, hana::type_c<proj::q>);

@@ -46,18 +46,22 @@ struct attention_plan {
   static constexpr bool train_k = trains_v<proj::k, Recipe>;
   static constexpr bool train_v = trains_v<proj::v, Recipe>;
   static constexpr bool train_o = trains_v<proj::o, Recipe>;
-  static constexpr bool need_dq = train_q || NeedsInputGrad;
-  static constexpr bool need_dk = train_k || NeedsInputGrad;
-  static constexpr bool need_dv = train_v || NeedsInputGrad;
+  static constexpr bool adapt_q = trains_v<lora<proj::q>, Recipe>;
+  static constexpr bool adapt_k = trains_v<lora<proj::k>, Recipe>;
+  static constexpr bool adapt_v = trains_v<lora<proj::v>, Recipe>;
+  static constexpr bool adapt_o = trains_v<lora<proj::o>, Recipe>;
+  static constexpr bool need_dq = train_q || adapt_q || NeedsInputGrad;
+  static constexpr bool need_dk = train_k || adapt_k || NeedsInputGrad;
+  static constexpr bool need_dv = train_v || adapt_v || NeedsInputGrad;
   static constexpr bool need_da = need_dq || need_dk || need_dv;  // gradient of the input of Wo
-  static constexpr bool active = need_da || train_o;               // any backward at all
+  static constexpr bool active = need_da || train_o || adapt_o;    // any backward at all
   // What forward keeps, and why.
-  static constexpr bool save_h = train_q || train_k || train_v;  // dW{q,k,v} = d{q,k,v}^T h
+  static constexpr bool save_h = train_q || train_k || train_v || adapt_q || adapt_k || adapt_v;  // dW = dy^T h, dA
   static constexpr bool save_q = need_dk;                        // dk = dS^T q
   static constexpr bool save_k = need_dq;                        // dq = dS k
   static constexpr bool save_v = need_dq || need_dk;             // dP = da v^T
   static constexpr bool save_probs = need_da;                    // dv = P^T da, dS from P
-  static constexpr bool save_a = train_o;                        // dWo = dout^T a
+  static constexpr bool save_a = train_o || adapt_o;             // dWo = dout^T a, dA_o
 };
 
 // Gradients of the trainable projections only; the same type whether or not dh is wanted.
@@ -65,7 +69,11 @@ template <class T, class Recipe>
 struct attention_grads : members::optional_q_proj<trains_v<proj::q, Recipe>, linear_weights<T>>,
                          members::optional_k_proj<trains_v<proj::k, Recipe>, linear_weights<T>>,
                          members::optional_v_proj<trains_v<proj::v, Recipe>, linear_weights<T>>,
-                         members::optional_o_proj<trains_v<proj::o, Recipe>, linear_weights<T>> {};
+                         members::optional_o_proj<trains_v<proj::o, Recipe>, linear_weights<T>>,
+                         members::optional_q_lora<trains_v<lora<proj::q>, Recipe>, lora_factors<T>>,
+                         members::optional_k_lora<trains_v<lora<proj::k>, Recipe>, lora_factors<T>>,
+                         members::optional_v_lora<trains_v<lora<proj::v>, Recipe>, lora_factors<T>>,
+                         members::optional_o_lora<trains_v<lora<proj::o>, Recipe>, lora_factors<T>> {};
 
 namespace detail {
 template <class T>
@@ -122,7 +130,11 @@ struct causal_attention {
                    members::optional_k<plan::save_k, tensor<T>>,
                    members::optional_v<plan::save_v, tensor<T>>,
                    members::optional_probs<plan::save_probs, tensor<T>>,
-                   members::optional_attn<plan::save_a, tensor<T>> {};
+                   members::optional_attn<plan::save_a, tensor<T>>,
+                   members::optional_u_q<plan::adapt_q, tensor<T>>,
+                   members::optional_u_k<plan::adapt_k, tensor<T>>,
+                   members::optional_u_v<plan::adapt_v, tensor<T>>,
+                   members::optional_u_o<plan::adapt_o, tensor<T>> {};
   using grads_t = attention_grads<T, Recipe>;
 
   decoder_config config;
@@ -135,6 +147,10 @@ struct causal_attention {
     if constexpr (plan::train_k) g.k_proj = w.k_proj.like(memory_use::gradients);
     if constexpr (plan::train_v) g.v_proj = w.v_proj.like(memory_use::gradients);
     if constexpr (plan::train_o) g.o_proj = w.o_proj.like(memory_use::gradients);
+    if constexpr (plan::adapt_q) g.q_lora = (require_lora(w.q_proj, "q_proj"), w.q_proj.lora.like(memory_use::gradients));
+    if constexpr (plan::adapt_k) g.k_lora = (require_lora(w.k_proj, "k_proj"), w.k_proj.lora.like(memory_use::gradients));
+    if constexpr (plan::adapt_v) g.v_lora = (require_lora(w.v_proj, "v_proj"), w.v_proj.lora.like(memory_use::gradients));
+    if constexpr (plan::adapt_o) g.o_lora = (require_lora(w.o_proj, "o_proj"), w.o_proj.lora.like(memory_use::gradients));
     return g;
   }
 
@@ -150,9 +166,16 @@ struct causal_attention {
     tensor<T> q({std::size_t(B), std::size_t(S), std::size_t(c.q_dim())}, kept(plan::save_q));
     tensor<T> k({std::size_t(B), std::size_t(S), std::size_t(c.kv_dim())}, kept(plan::save_k));
     tensor<T> v({std::size_t(B), std::size_t(S), std::size_t(c.kv_dim())}, kept(plan::save_v));
-    linear_forward(w.q_proj, h, q);
-    linear_forward(w.k_proj, h, k);
-    linear_forward(w.v_proj, h, v);
+    auto adapter_input = [&](bool adapt, const linear_weights<T>& p, const char* name) {
+      if (!adapt) return tensor<T>();
+      require_lora(p, name);
+      return tensor<T>({std::size_t(B), std::size_t(S), p.lora.rank()}, memory_use::saved_activations);
+    };
+    tensor<T> uq = adapter_input(plan::adapt_q, w.q_proj, "q_proj"), uk = adapter_input(plan::adapt_k, w.k_proj, "k_proj"),
+              uv = adapter_input(plan::adapt_v, w.v_proj, "v_proj"), uo = adapter_input(plan::adapt_o, w.o_proj, "o_proj");
+    linear_forward(w.q_proj, h, q, plan::adapt_q ? &uq : nullptr);
+    linear_forward(w.k_proj, h, k, plan::adapt_k ? &uk : nullptr);
+    linear_forward(w.v_proj, h, v, plan::adapt_v ? &uv : nullptr);
     rope_apply(*table, q.data(), B, S, H, first_pos, false);
     rope_apply(*table, k.data(), B, S, KV, first_pos, false);
 
@@ -181,8 +204,12 @@ struct causal_attention {
         }
     }
     tensor<T> out({std::size_t(B), std::size_t(S), std::size_t(c.hidden)}, memory_use::workspace);
-    linear_forward(w.o_proj, a, out);
+    linear_forward(w.o_proj, a, out, plan::adapt_o ? &uo : nullptr);
 
+    if constexpr (plan::adapt_q) s.u_q = std::move(uq);
+    if constexpr (plan::adapt_k) s.u_k = std::move(uk);
+    if constexpr (plan::adapt_v) s.u_v = std::move(uv);
+    if constexpr (plan::adapt_o) s.u_o = std::move(uo);
     if constexpr (plan::save_h) s.h = h.clone(memory_use::saved_activations);
     if constexpr (plan::save_q) s.q = std::move(q);
     if constexpr (plan::save_k) s.k = std::move(k);
@@ -197,6 +224,7 @@ struct causal_attention {
     const auto& c = config;
     const int B = int(dout.dim(0)), S = int(dout.dim(1)), H = c.n_heads, KV = c.n_kv_heads, hd = c.head_dim;
     if constexpr (plan::train_o) linear_backward_weight(s.attn, dout, g.o_proj);
+    if constexpr (plan::adapt_o) lora_backward(w.o_proj, s.attn, s.u_o, dout, g.o_lora);
     if constexpr (!plan::need_da) {
       return {};
     } else {
@@ -252,6 +280,9 @@ struct causal_attention {
       if constexpr (plan::train_q) linear_backward_weight(s.h, dq, g.q_proj);
       if constexpr (plan::train_k) linear_backward_weight(s.h, dk, g.k_proj);
       if constexpr (plan::train_v) linear_backward_weight(s.h, dv, g.v_proj);
+      if constexpr (plan::adapt_q) lora_backward(w.q_proj, s.h, s.u_q, dq, g.q_lora);
+      if constexpr (plan::adapt_k) lora_backward(w.k_proj, s.h, s.u_k, dk, g.k_lora);
+      if constexpr (plan::adapt_v) lora_backward(w.v_proj, s.h, s.u_v, dv, g.v_lora);
       if constexpr (NeedsInputGrad) {
         tensor<T> dh({std::size_t(B), std::size_t(S), std::size_t(c.hidden)}, memory_use::workspace);
         linear_backward_input(w.q_proj, dq, dh, false);
@@ -264,17 +295,27 @@ struct causal_attention {
     }
   }
 
+  // Per projection: base weight (and bias), then its adapter, as for_each_parameter orders them.
   template <class F>
   static void for_each_trainable(weights_t& w, grads_t& g, F&& f) {
-    auto both = [&](std::string_view name, linear_weights<T>& p, linear_weights<T>& dp) {
+    auto both = [&](const char* name, linear_weights<T>& p, linear_weights<T>& dp) {
       f(std::string(name) + ".weight", p.weight, dp.weight);
       if (p.has_bias()) f(std::string(name) + ".bias", p.bias, dp.bias);
     };
+    auto factors = [&](const char* name, linear_weights<T>& p, lora_factors<T>& dp) {
+      f(std::string(name) + ".lora_A.weight", p.lora.A, dp.A);
+      f(std::string(name) + ".lora_B.weight", p.lora.B, dp.B);
+    };
     if constexpr (plan::train_q) both("q_proj", w.q_proj, g.q_proj);
+    if constexpr (plan::adapt_q) factors("q_proj", w.q_proj, g.q_lora);
     if constexpr (plan::train_k) both("k_proj", w.k_proj, g.k_proj);
+    if constexpr (plan::adapt_k) factors("k_proj", w.k_proj, g.k_lora);
     if constexpr (plan::train_v) both("v_proj", w.v_proj, g.v_proj);
+    if constexpr (plan::adapt_v) factors("v_proj", w.v_proj, g.v_lora);
     if constexpr (plan::train_o) both("o_proj", w.o_proj, g.o_proj);
+    if constexpr (plan::adapt_o) factors("o_proj", w.o_proj, g.o_lora);
   }
+
 };
 
 }  // namespace skillgraft::nn

@@ -19,6 +19,8 @@ struct decoder_config {
   bool attention_bias = false; // Qwen2: bias on q_proj, k_proj, v_proj
   int vocab_size = 32000;      // vocab_size (language model only)
   bool tie_word_embeddings = false;  // lm_head shares embed_tokens.weight
+  int lora_rank = 0;           // rank r of the adapters a recipe's lora<P> tags train (PEFT "r")
+  double lora_alpha = 16.0;    // PEFT "lora_alpha": adapter scale = alpha / r
 
   int q_dim() const { return n_heads * head_dim; }
   int kv_dim() const { return n_kv_heads * head_dim; }

@@ -52,6 +52,11 @@ void check_block_weights(const block_weights<T>& w, const decoder_config& c, con
              I = std::size_t(c.intermediate);
   auto lin = [&](const linear_weights<T>& l, std::size_t out, std::size_t in, bool bias, const char* name) {
     cpu::expect_shape(l.weight, {out, in}, prefix + name + ".weight");
+    if (l.has_lora()) {
+      const std::size_t r = l.lora.rank();
+      cpu::expect_shape(l.lora.A, {r, in}, prefix + name + ".lora_A.weight");
+      cpu::expect_shape(l.lora.B, {out, r}, prefix + name + ".lora_B.weight");
+    }
     if (bias) cpu::expect_shape(l.bias, {out}, prefix + name + ".bias");
     else if (l.has_bias()) throw std::invalid_argument("skillgraft: " + prefix + name + ".bias present but the config has no bias");
   };
@@ -222,6 +227,8 @@ struct decoder_block {
     if (mp::save_g) n += N * I;
     if (mp::save_u) n += N * I;
     if (mp::save_m) n += N * I;
+    const std::size_t r = std::size_t(c.lora_rank);  // adapter inputs u = x A^T
+    n += N * r * std::size_t(ap::adapt_q + ap::adapt_k + ap::adapt_v + ap::adapt_o + mp::adapt_gate + mp::adapt_up + mp::adapt_down);
     return n;
   }
 
@@ -241,6 +248,14 @@ struct decoder_block {
     if (mp::train_gate) n += I * d;
     if (mp::train_up) n += I * d;
     if (mp::train_down) n += d * I;
+    const std::size_t r = std::size_t(c.lora_rank);  // A [r, in] + B [out, r]
+    if (ap::adapt_q) n += r * (d + qd);
+    if (ap::adapt_k) n += r * (d + kvd);
+    if (ap::adapt_v) n += r * (d + kvd);
+    if (ap::adapt_o) n += r * (qd + d);
+    if (mp::adapt_gate) n += r * (d + I);
+    if (mp::adapt_up) n += r * (d + I);
+    if (mp::adapt_down) n += r * (I + d);
     return n;
   }
 
@@ -271,6 +286,22 @@ struct decoder_block {
     if (ap::train_k) b += 2 * N * d * kvd;
     if (ap::train_v) b += 2 * N * d * kvd;
     if (attention_t::needs_input_grad) b += 2 * N * d * (qd + 2 * kvd);
+    // Adapters named by the recipe: forward s (x A^T) B^T; backward dB, dy B, dA
+    // (the input path through an adapter is folded into the dx GEMMs above only in spirit:
+    // it adds 2 N r in per adapted projection when dx is formed, counted here too).
+    const double r = c.lora_rank;
+    auto adapter = [&](bool on, double in, double out, bool dx) {
+      if (!on) return;
+      f.forward += 2 * N * r * (in + out);
+      b += 2 * N * out * r * 2 + 2 * N * r * in + (dx ? 2 * N * r * in : 0);
+    };
+    adapter(ap::adapt_q, d, qd, attention_t::needs_input_grad);
+    adapter(ap::adapt_k, d, kvd, attention_t::needs_input_grad);
+    adapter(ap::adapt_v, d, kvd, attention_t::needs_input_grad);
+    adapter(ap::adapt_o, qd, d, ap::need_da);
+    adapter(mp::adapt_gate, d, I, mlp_t::needs_input_grad);
+    adapter(mp::adapt_up, d, I, mlp_t::needs_input_grad);
+    adapter(mp::adapt_down, I, d, mp::need_dm);
     f.backward = any_backward ? b : 0;
     return f;
   }

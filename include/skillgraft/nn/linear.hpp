@@ -1,9 +1,11 @@
 #pragma once
-// Linear layer, torch.nn.Linear layout: weight [out, in], optional bias [out].
+// Linear layer, torch.nn.Linear layout: weight [out, in], optional bias [out], optional
+// low-rank adapter (LoRA, Hu et al.) A [r, in], B [out, r] with scale s = alpha / r.
 //
-//   forward   y  = x W^T + b
-//   backward  dx = dy W            (only when something below trains)
-//             dW += dy^T x,  db += 1^T dy   (only when W trains; accumulates for micro-batches)
+//   forward   y  = x W^T + b + s (x A^T) B^T          (u = x A^T is kept when B trains)
+//   backward  dx = dy W + s (dy B) A                  (only when something below trains)
+//             dW += dy^T x,  db += 1^T dy             (only when W trains; adds up over micro-batches)
+//             dB += s dy^T u,  dA += s (dy B)^T x     (only when the adapter trains)
 #include <string_view>
 #include <type_traits>
 
@@ -15,10 +17,24 @@ namespace skillgraft::nn {
 using cpu::tensor;
 using cpu::shape_t;
 
+// The two factors of a low-rank adapter (also the shape of their gradients).
+template <class T>
+struct lora_factors {
+  tensor<T> A;  // lora_A.weight [r, in]
+  tensor<T> B;  // lora_B.weight [out, r]
+  std::size_t rank() const { return A.empty() ? 0 : A.dim(0); }
+  std::size_t elements() const { return A.size() + B.size(); }
+  lora_factors like(memory_use use) const {
+    return {tensor<T>(A.shape(), use), tensor<T>(B.shape(), use)};
+  }
+};
+
 template <class T>
 struct linear_weights {
   tensor<T> weight;  // [out, in]
   tensor<T> bias;    // [out] or empty
+  lora_factors<T> lora;  // empty unless an adapter is attached
+  T lora_scale = T(0);   // alpha / r
 
   linear_weights() = default;
   linear_weights(std::size_t out, std::size_t in, bool with_bias, memory_use use)
@@ -26,26 +42,57 @@ struct linear_weights {
   std::size_t out_features() const { return weight.dim(0); }
   std::size_t in_features() const { return weight.dim(1); }
   bool has_bias() const { return !bias.empty(); }
-  std::size_t elements() const { return weight.size() + bias.size(); }
+  bool has_lora() const { return !lora.A.empty(); }
+  std::size_t elements() const { return weight.size() + bias.size(); }  // base parameters only
   // A buffer of the same shapes for gradients or optimizer moments.
   linear_weights like(memory_use use) const { return {out_features(), in_features(), has_bias(), use}; }
 };
 
 // --- the math, shared by every layer that owns projections ---------------------------
 
+// u (optional, [rows, r]) receives x A^T when the caller keeps it for dB.
 template <class T>
-void linear_forward(const linear_weights<T>& w, const tensor<T>& x, tensor<T>& y) {
+void linear_forward(const linear_weights<T>& w, const tensor<T>& x, tensor<T>& y, tensor<T>* u = nullptr) {
   y.mat().noalias() = x.mat() * w.weight.mat().transpose();
   if (w.has_bias()) y.mat().rowwise() += w.bias.vec().transpose();
+  if (w.has_lora()) {
+    using mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    mat xa = x.mat() * w.lora.A.mat().transpose();
+    y.mat().noalias() += (w.lora_scale * xa) * w.lora.B.mat().transpose();
+    if (u) u->mat() = xa;
+  }
 }
 
-// dx (+)= dy W
+// dx (+)= dy W + s (dy B) A
 template <class T>
 void linear_backward_input(const linear_weights<T>& w, const tensor<T>& dy, tensor<T>& dx, bool accumulate) {
   if (accumulate)
     dx.mat().noalias() += dy.mat() * w.weight.mat();
   else
     dx.mat().noalias() = dy.mat() * w.weight.mat();
+  if (w.has_lora()) {
+    using mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    mat dyb = dy.mat() * w.lora.B.mat();
+    dx.mat().noalias() += (w.lora_scale * dyb) * w.lora.A.mat();
+  }
+}
+
+// dB += s dy^T u,  dA += s (dy B)^T x
+template <class T>
+void lora_backward(const linear_weights<T>& w, const tensor<T>& x, const tensor<T>& u, const tensor<T>& dy,
+                   lora_factors<T>& grad) {
+  using mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  grad.B.mat().noalias() += w.lora_scale * (dy.mat().transpose() * u.mat());
+  mat dyb = dy.mat() * w.lora.B.mat();
+  grad.A.mat().noalias() += w.lora_scale * (dyb.transpose() * x.mat());
+}
+
+// Throws unless the projection carries an adapter (a recipe naming lora<P> needs one on P).
+template <class T>
+void require_lora(const linear_weights<T>& w, std::string_view name) {
+  if (!w.has_lora())
+    throw std::invalid_argument("skillgraft: the recipe trains a LoRA adapter on " + std::string(name) +
+                                ", but it has none (attach adapters first, see cl/lora.hpp)");
 }
 
 // dW += dy^T x,  db += column sums of dy

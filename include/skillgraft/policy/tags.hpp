@@ -30,6 +30,14 @@ struct vision     { static constexpr std::string_view name = "vision_tower"; };
 struct projector  { static constexpr std::string_view name = "multi_modal_projector"; };
 }  // namespace group
 
+// A low-rank adapter (LoRA) on projection P: trains A [r, in] and B [out, r] beside a
+// frozen (or not) W, so "which projections carry adapters" is a recipe choice too.
+template <class P>
+struct lora {
+  using base = P;
+  static constexpr std::string_view name = P::name;  // messages say lora<q_proj>
+};
+
 template <class Tag>
 inline constexpr std::string_view tag_name = Tag::name;
 
