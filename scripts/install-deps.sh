@@ -2,7 +2,9 @@
 # Installs the Debian packages skillgraft builds against, only those missing.
 # Safe to run repeatedly; needs root or sudo on a fresh machine.
 set -euo pipefail
-packages=(build-essential cmake libeigen3-dev xtensor-dev nlohmann-json3-dev libboost-dev catch2 libbenchmark-dev)
+packages=(build-essential cmake libeigen3-dev xtensor-dev nlohmann-json3-dev libboost-dev catch2 libbenchmark-dev
+  # the safetensors header fuzz test (clang's libFuzzer) and the Conan packaging test (Conan from PyPI)
+  clang libclang-rt-14-dev python3-venv python3-pip)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

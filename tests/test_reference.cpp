@@ -27,17 +27,17 @@ golden_case read_case(const std::string& name) {
   REQUIRE(in.good());
   const auto j = nlohmann::json::parse(in);
   auto& c = g.config;
-  c.hidden = j.at("d");
-  c.n_heads = j.at("n_heads");
-  c.n_kv_heads = j.at("n_kv_heads");
+  c.hidden = j.at("hidden_size");
+  c.n_heads = j.at("num_attention_heads");
+  c.n_kv_heads = j.at("num_key_value_heads");
   c.head_dim = j.at("head_dim");
-  c.intermediate = j.at("intermediate");
+  c.intermediate = j.at("intermediate_size");
   c.rope_theta = j.at("rope_theta");
-  c.rms_norm_eps = j.at("eps");
-  c.attention_bias = j.at("bias");
+  c.rms_norm_eps = j.at("rms_norm_eps");
+  c.attention_bias = j.at("qkv_bias");
   c.n_layers = 1;
-  g.batch = j.at("B");
-  g.seq = j.at("S");
+  g.batch = j.at("batch");
+  g.seq = j.at("seq_len");
   c.max_seq = g.seq;
   return g;
 }
