@@ -1,0 +1,365 @@
+#pragma once
+// Hugging Face checkpoints of LlamaForCausalLM and Qwen2ForCausalLM: a directory with
+// config.json and either model.safetensors or model.safetensors.index.json plus the
+// shards it lists (what save_pretrained writes for models above its shard size).
+//
+//   auto w = model::load_hf_checkpoint<float>("Qwen2-0.5B");          // F32/F16/BF16 -> float
+//   model::save_hf_checkpoint("out", w, {.dtype = io::dtype::bf16});   // transformers loads it
+//   model::save_task_checkpoint("task", lm, w);    // only the tensors lm's recipe trains
+//   model::apply_task_checkpoint("task", base);    // those tensors over a base model
+//
+// Loading checks the whole checkpoint -- every tensor present, none unexpected, every
+// shape and dtype -- before it writes a single value, so a bad checkpoint never leaves a
+// model half-loaded. Saving writes each file to a temporary name and renames it over the
+// old one: an interrupted save keeps the previous checkpoint. The weights file comes
+// first and config.json after it, so a failure in the weights leaves both files as
+// they were.
+//
+// Adapters are not part of a model checkpoint: save them with cl::save_lora_adapter,
+// or merge them (cl::lora_merge, then commit()) before saving the model.
+#include <algorithm>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <set>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "skillgraft/io/hf_config.hpp"
+#include "skillgraft/io/safetensors.hpp"
+#include "skillgraft/model/parameters.hpp"
+
+namespace skillgraft::model {
+
+namespace fs = std::filesystem;
+
+// The tensors of a checkpoint: model.safetensors, or the shards of
+// model.safetensors.index.json (model.safetensors wins when both exist, as in
+// transformers). A path to a .safetensors file is read as that one file.
+class hf_tensors {
+ public:
+  explicit hf_tensors(const fs::path& path) {
+    if (fs::is_regular_file(path)) {
+      open_single(path);
+      return;
+    }
+    if (!fs::is_directory(path)) throw std::invalid_argument("skillgraft: no checkpoint at " + path.string());
+    if (fs::exists(path / "model.safetensors")) {
+      open_single(path / "model.safetensors");
+    } else if (fs::exists(path / "model.safetensors.index.json")) {
+      open_sharded(path, path / "model.safetensors.index.json");
+    } else {
+      throw std::invalid_argument("skillgraft: " + path.string() +
+                                  " has neither model.safetensors nor model.safetensors.index.json");
+    }
+  }
+
+  // The file or index the tensors come from, for messages.
+  const fs::path& origin() const { return origin_; }
+  bool contains(std::string_view name) const { return owner_.find(name) != owner_.end(); }
+  const io::safetensors_file& file_of(std::string_view name) const {
+    const auto it = owner_.find(name);
+    if (it == owner_.end()) throw std::invalid_argument("skillgraft: " + origin_.string() + " has no tensor " + std::string(name));
+    return files_[it->second];
+  }
+  const io::tensor_info& info(std::string_view name) const { return file_of(name).info(name); }
+  // Every tensor name, sorted.
+  std::vector<std::string> names() const {
+    std::vector<std::string> n;
+    for (const auto& [name, file] : owner_) n.push_back(name);
+    return n;
+  }
+  // Metadata of the first file (shards carry the same).
+  const std::map<std::string, std::string>& metadata() const { return files_.front().metadata(); }
+
+ private:
+  void open_single(const fs::path& file) {
+    origin_ = file;
+    files_.emplace_back(file);
+    for (const auto& t : files_.back().header().tensors) owner_.emplace(t.name, 0);
+  }
+
+  // The index's weight_map must describe the shards exactly: each listed tensor in the
+  // shard it names, each shard's tensors listed there, so a stale or mixed-up shard set
+  // is caught instead of loading a mixture of two checkpoints.
+  void open_sharded(const fs::path& dir, const fs::path& index) {
+    origin_ = index;
+    const nlohmann::json j = io::read_json_file(index);
+    if (!j.is_object() || !j.contains("weight_map") || !j.at("weight_map").is_object())
+      throw std::invalid_argument("skillgraft: " + index.string() + " has no \"weight_map\" object");
+    std::map<std::string, std::size_t> shard_index;  // shard file name -> files_
+    std::map<std::string, std::string, std::less<>> listed;  // tensor -> shard file name
+    for (const auto& [name, shard] : j.at("weight_map").items()) {
+      if (!shard.is_string())
+        throw std::invalid_argument("skillgraft: " + index.string() + " maps " + name + " to " + shard.dump() +
+                                    ", not to a shard file name");
+      const std::string s = shard.get<std::string>();
+      // Shards live beside the index; a name with a path in it could read any file.
+      if (s.empty() || s == "." || s == ".." || s.find('/') != std::string::npos)
+        throw std::invalid_argument("skillgraft: " + index.string() + " maps " + name + " to \"" + s +
+                                    "\"; shards must be file names in the checkpoint's directory");
+      if (!shard_index.contains(s)) {
+        shard_index.emplace(s, files_.size());
+        files_.emplace_back(dir / s);
+      }
+      listed.emplace(name, s);
+    }
+    if (files_.empty()) throw std::invalid_argument("skillgraft: " + index.string() + " lists no tensors");
+    for (const auto& [s, i] : shard_index)
+      for (const auto& t : files_[i].header().tensors) {
+        const auto it = listed.find(t.name);
+        if (it == listed.end())
+          throw std::invalid_argument("skillgraft: shard " + (dir / s).string() + " holds " + t.name + ", which " +
+                                      index.string() + " does not list");
+        if (it->second != s)
+          throw std::invalid_argument("skillgraft: shard " + (dir / s).string() + " holds " + t.name + ", which " +
+                                      index.string() + " places in " + it->second);
+        owner_.emplace(t.name, i);
+      }
+    for (const auto& [name, s] : listed)
+      if (!owner_.contains(name))
+        throw std::invalid_argument("skillgraft: " + index.string() + " places " + name + " in " + s +
+                                    ", but that shard does not hold it");
+  }
+
+  std::vector<io::safetensors_file> files_;
+  std::map<std::string, std::size_t, std::less<>> owner_;  // tensor -> files_
+  fs::path origin_;
+};
+
+struct hf_load_options {
+  // Skip tensors the model does not have (a vision tower, a value head) instead of
+  // refusing the checkpoint. Rotary `inv_freq` buffers of old checkpoints are always
+  // skipped, as transformers does.
+  bool ignore_unexpected = false;
+};
+
+struct hf_save_options {
+  io::dtype dtype = io::dtype::f32;  // f32, bf16, f16 or f64
+};
+
+// Metadata key that marks a checkpoint holding only the trainable tensors of a recipe.
+inline constexpr const char* task_checkpoint_key = "skillgraft.tensors";
+
+namespace detail {
+
+template <class Tag>
+inline constexpr bool is_adapter_tag = false;
+template <class P>
+inline constexpr bool is_adapter_tag<lora<P>> = true;
+
+inline std::string torch_dtype_name(io::dtype d) {
+  switch (d) {
+    case io::dtype::f32: return "float32";
+    case io::dtype::bf16: return "bfloat16";
+    case io::dtype::f16: return "float16";
+    case io::dtype::f64: return "float64";
+    default:
+      throw std::invalid_argument("skillgraft: checkpoints are saved as F32, BF16, F16 or F64, not " +
+                                  std::string(io::dtype_name(d)));
+  }
+}
+
+inline bool is_float_dtype(io::dtype d) {
+  return d == io::dtype::f32 || d == io::dtype::bf16 || d == io::dtype::f16 || d == io::dtype::f64;
+}
+
+template <class T>
+using target_map = std::map<std::string, cpu::tensor<T>*, std::less<>>;
+
+// name -> tensor for every parameter of w (adapters included when attached).
+template <class T>
+target_map<T> parameter_targets(lm_weights<T>& w) {
+  target_map<T> m;
+  for_each_parameter(w, [&](const std::string& name, cpu::tensor<T>& t, auto, int) { m.emplace(name, &t); });
+  return m;
+}
+
+// "a [2, 3], b [4] and 3 more": the first few of a list, for messages.
+inline std::string name_list(const std::vector<std::string>& items) {
+  constexpr std::size_t shown = 4;
+  std::string s;
+  for (std::size_t i = 0; i < items.size() && i < shown; ++i) s += (i ? ", " : "") + items[i];
+  if (items.size() > shown) s += " and " + std::to_string(items.size() - shown) + " more";
+  return s;
+}
+
+// Checks the checkpoint against `targets` and returns what to load where; throws, naming
+// tensors and shapes, before anything is written. `require_all`: every target must be in
+// the checkpoint. `skip`: names the caller handles itself.
+template <class T>
+std::vector<std::pair<std::string, cpu::tensor<T>*>> plan_load(const hf_tensors& src, const target_map<T>& targets,
+                                                                bool require_all, bool ignore_unexpected,
+                                                                const std::set<std::string>& skip = {}) {
+  std::vector<std::string> missing, unexpected;
+  if (require_all)
+    for (const auto& [name, dst] : targets)
+      if (!src.contains(name)) missing.push_back(name + " (expected " + dst->shape().str() + ")");
+  if (!missing.empty()) {
+    std::string why = "skillgraft: " + src.origin().string() + " is missing " + std::to_string(missing.size()) +
+                      (missing.size() == 1 ? " tensor" : " tensors") + " the model needs: " + name_list(missing);
+    if (targets.contains("lm_head.weight") && !src.contains("lm_head.weight"))
+      why += "; the config does not tie word embeddings, so lm_head.weight must be in the checkpoint";
+    const auto& meta = src.metadata();
+    if (const auto it = meta.find(task_checkpoint_key); it != meta.end() && it->second == "trainable")
+      why += "; this checkpoint holds only the tensors a recipe trains: load it over a base model with "
+             "apply_task_checkpoint";
+    throw std::invalid_argument(why);
+  }
+  std::vector<std::pair<std::string, cpu::tensor<T>*>> plan;
+  for (const std::string& name : src.names()) {
+    if (skip.contains(name)) continue;
+    // Old Llama checkpoints stored the rotary frequencies; they are recomputed.
+    if (name.ends_with("rotary_emb.inv_freq")) continue;
+    const io::tensor_info& t = src.info(name);
+    const auto it = targets.find(name);
+    if (it == targets.end()) {
+      unexpected.push_back(name + " " + io::shape_string(t.shape));
+      continue;
+    }
+    cpu::tensor<T>& dst = *it->second;
+    const bool same = t.shape.size() == std::size_t(dst.rank()) &&
+                      std::equal(t.shape.begin(), t.shape.end(), dst.shape().dims.begin());
+    if (!same)
+      throw std::invalid_argument("skillgraft: " + name + " has shape " + io::shape_string(t.shape) + " in " +
+                                  src.file_of(name).path().string() + ", expected " + dst.shape().str());
+    if (!is_float_dtype(t.type))
+      throw std::invalid_argument("skillgraft: " + name + " in " + src.file_of(name).path().string() + " is " +
+                                  std::string(io::dtype_name(t.type)) + "; weights load from F32, BF16, F16 or F64");
+    plan.emplace_back(name, &dst);
+  }
+  if (!unexpected.empty() && !ignore_unexpected)
+    throw std::invalid_argument("skillgraft: " + src.origin().string() + " has " + std::to_string(unexpected.size()) +
+                                (unexpected.size() == 1 ? " tensor" : " tensors") +
+                                " the model does not have: " + name_list(unexpected) +
+                                " (hf_load_options::ignore_unexpected skips them)");
+  return plan;
+}
+
+template <class T>
+void run_plan(const hf_tensors& src, const std::vector<std::pair<std::string, cpu::tensor<T>*>>& plan) {
+  // F32/F16/BF16/F64 -> T cannot fail half-way, so every tensor is either loaded or untouched.
+  for (const auto& [name, dst] : plan) src.file_of(name).load_into(name, *dst);
+}
+
+// Throws, naming the tensor, when w's tensors do not have the shapes its config gives.
+template <class T>
+void check_lm_weights(const lm_weights<T>& w) {
+  const auto& c = w.config;
+  c.validate();
+  const std::size_t V = std::size_t(c.vocab_size), d = std::size_t(c.hidden);
+  cpu::expect_shape(w.embed_tokens, {V, d}, "model.embed_tokens.weight");
+  cpu::expect_shape(w.norm, {d}, "model.norm.weight");
+  if (c.tie_word_embeddings) {
+    if (!w.lm_head.empty())
+      throw std::invalid_argument("skillgraft: lm_head.weight is set but the config ties it to model.embed_tokens.weight");
+  } else {
+    cpu::expect_shape(w.lm_head, {V, d}, "lm_head.weight");
+  }
+  if (w.trunk.layers.size() != std::size_t(c.n_layers))
+    throw std::invalid_argument("skillgraft: the weights have " + std::to_string(w.trunk.layers.size()) +
+                                " layers, the config " + std::to_string(c.n_layers));
+  for (std::size_t i = 0; i < w.trunk.layers.size(); ++i)
+    nn::check_block_weights(w.trunk.layers[i], c, "model.layers." + std::to_string(i) + ".");
+}
+
+// Throws when the config.json of a checkpoint describes another model than `base`.
+inline void check_same_model(const decoder_config& file, const decoder_config& base, const fs::path& where) {
+  const auto a = io::decoder_config_to_hf(file), b = io::decoder_config_to_hf(base);
+  std::vector<std::string> diff;
+  for (const auto& [key, value] : a.items())
+    if (b.at(key) != value) diff.push_back(key + " " + value.dump() + " (base " + b.at(key).dump() + ")");
+  if (!diff.empty())
+    throw std::invalid_argument("skillgraft: " + where.string() + " describes another model than the base weights: " +
+                                name_list(diff));
+}
+
+// add(name, tensor) for each tensor to save; writes model.safetensors, then config.json.
+template <class T, class Select>
+void write_checkpoint(const fs::path& dir, const lm_weights<T>& w, hf_save_options o, bool task_only, Select&& select) {
+  const std::string dtype = torch_dtype_name(o.dtype);
+  check_lm_weights(w);
+  io::safetensors_writer out;
+  out.set_metadata("format", "pt");  // transformers refuses safetensors files without it
+  if (task_only) out.set_metadata(task_checkpoint_key, "trainable");
+  select([&](const std::string& name, const cpu::tensor<T>& t) { out.add(name, t, o.dtype); });
+  const nlohmann::json config = io::decoder_config_to_hf(w.config, dtype);
+  fs::create_directories(dir);
+  out.write(dir / "model.safetensors");
+  io::write_json_file(dir / "config.json", config);
+}
+
+}  // namespace detail
+
+// Reads config.json and the weights of a Hugging Face checkpoint directory.
+template <class T>
+lm_weights<T> load_hf_checkpoint(const fs::path& dir, hf_load_options o = {}) {
+  const decoder_config c = io::read_hf_config(dir / "config.json");
+  hf_tensors src(dir);
+  lm_weights<T> w(c);
+  const auto targets = detail::parameter_targets(w);
+  // Some exports of tied models still carry lm_head.weight; it must then be the embedding.
+  const bool head_copy = c.tie_word_embeddings && src.contains("lm_head.weight");
+  detail::run_plan(src, detail::plan_load(src, targets, true, o.ignore_unexpected,
+                                          head_copy ? std::set<std::string>{"lm_head.weight"} : std::set<std::string>{}));
+  if (head_copy) {
+    cpu::tensor<T> head(w.embed_tokens.shape(), memory_use::workspace);
+    src.file_of("lm_head.weight").load_into("lm_head.weight", head);
+    for (std::size_t i = 0; i < head.size(); ++i)
+      if (!(head[i] == w.embed_tokens[i]))
+        throw std::invalid_argument("skillgraft: " + src.file_of("lm_head.weight").path().string() +
+                                    " has an lm_head.weight that differs from model.embed_tokens.weight (element " +
+                                    std::to_string(i) + "), but config.json ties them (tie_word_embeddings)");
+  }
+  return w;
+}
+
+// Writes config.json and model.safetensors (Hugging Face names; a tied head is not
+// written, as transformers does) into dir, creating it if needed.
+template <class T>
+void save_hf_checkpoint(const fs::path& dir, const lm_weights<T>& w, hf_save_options o = {}) {
+  for (std::size_t i = 0; i < w.trunk.layers.size(); ++i) {
+    const auto& l = w.trunk.layers[i];
+    for (const auto* p : {&l.self_attn.q_proj, &l.self_attn.k_proj, &l.self_attn.v_proj, &l.self_attn.o_proj,
+                          &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj})
+      if (p->has_lora() && p->lora_scale != T(0))
+        throw std::invalid_argument("skillgraft: layer " + std::to_string(i) +
+                                    " has an active LoRA adapter, which a model checkpoint would lose; save it with "
+                                    "cl::save_lora_adapter, or merge it (cl::lora_merge, then commit()) first");
+  }
+  detail::write_checkpoint(dir, w, o, false, [&](auto&& add) {
+    for_each_parameter(w, [&](const std::string& name, const cpu::tensor<T>& t, auto tag, int) {
+      if constexpr (!detail::is_adapter_tag<typename decltype(tag)::type>) add(name, t);
+    });
+  });
+}
+
+// A small checkpoint of the tensors `model`'s recipe trains (its layer range included,
+// adapters when the recipe trains them), with the config.json of the whole model.
+template <class Model, class T>
+void save_task_checkpoint(const fs::path& dir, const Model& model, const lm_weights<T>& w, hf_save_options o = {}) {
+  std::size_t n = 0;
+  for_each_trainable_weight(model, w, [&](const std::string&, const cpu::tensor<T>&) { ++n; });
+  if (n == 0) throw std::invalid_argument("skillgraft: the recipe trains no tensor, so a task checkpoint would be empty");
+  detail::write_checkpoint(dir, w, o, true, [&](auto&& add) { for_each_trainable_weight(model, w, add); });
+}
+
+// Loads the tensors a checkpoint holds over `base` (a task checkpoint, or a full one);
+// shapes are checked against base and, when the checkpoint has a config.json, the model
+// it describes must be base's. Returns the names loaded. Nothing changes on failure.
+template <class T>
+std::vector<std::string> apply_task_checkpoint(const fs::path& path, lm_weights<T>& base, hf_load_options o = {}) {
+  detail::check_lm_weights(base);
+  hf_tensors src(path);
+  if (fs::is_directory(path) && fs::exists(path / "config.json"))
+    detail::check_same_model(io::read_hf_config(path / "config.json"), base.config, path / "config.json");
+  const auto plan = detail::plan_load(src, detail::parameter_targets(base), false, o.ignore_unexpected);
+  detail::run_plan(src, plan);
+  std::vector<std::string> names;
+  for (const auto& [name, dst] : plan) names.push_back(name);
+  return names;
+}
+
+}  // namespace skillgraft::model
