@@ -1,0 +1,235 @@
+#pragma once
+// The language-model trunk on the CUDA backend: decoder_stack<T, Recipe, Dx, backend::cuda>.
+//
+// The same four kinds of block as on the CPU (nn/decoder_stack.hpp), chosen by the recipe's
+// layer range:
+//   below  [0, first)       frozen, and (unless the embeddings train) no backward: keeps nothing
+//   lowest  first           the recipe, no input gradient: backward stops here
+//   middle (first, last]    the recipe, with input gradient
+//   above  (last, N)        frozen, but passes the gradient down: keeps only what dx needs
+// Weights live in device memory (`cuda::trunk_weights`, uploaded from nn::trunk_weights);
+// plan_memory(stack, shape) is the CPU formula, checked against device_ledger() by the tests.
+#include <algorithm>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "skillgraft/nn/cuda/decoder_block.hpp"
+#include "skillgraft/nn/decoder_stack.hpp"
+
+namespace skillgraft::nn {
+
+namespace cuda {
+
+template <class T>
+struct trunk_weights {
+  decoder_config config;
+  std::vector<block_weights<T>> layers;
+
+  trunk_weights() = default;
+  explicit trunk_weights(const decoder_config& c, memory_use use = memory_use::weights) : config(c) {
+    c.validate();
+    layers.reserve(std::size_t(c.n_layers));
+    for (int i = 0; i < c.n_layers; ++i) layers.emplace_back(c, use);
+  }
+  std::size_t elements() const {
+    std::size_t n = 0;
+    for (const auto& l : layers) n += l.elements();
+    return n;
+  }
+  static trunk_weights upload(const nn::trunk_weights<T>& h, memory_use use = memory_use::weights) {
+    trunk_weights d;
+    d.config = h.config;
+    d.layers.reserve(h.layers.size());
+    for (std::size_t i = 0; i < h.layers.size(); ++i)
+      d.layers.push_back(block_weights<T>::upload(h.layers[i], "model.layers." + std::to_string(i) + ".", use));
+    return d;
+  }
+  void download(nn::trunk_weights<T>& h) const {
+    if (h.layers.size() != layers.size())
+      throw std::invalid_argument("skillgraft: cannot download " + std::to_string(layers.size()) +
+                                  " layers into host weights with " + std::to_string(h.layers.size()));
+    for (std::size_t i = 0; i < layers.size(); ++i) layers[i].download(h.layers[i]);
+  }
+};
+
+}  // namespace cuda
+
+template <class T, class Recipe, bool NeedsInputGrad>
+class decoder_stack<T, Recipe, NeedsInputGrad, backend::cuda> {
+ public:
+  using value_type = T;
+  using recipe_type = restrict_t<Recipe, decltype(block_tags)>;
+  using frozen_type = std::remove_cv_t<decltype(recipe::frozen)>;
+  static constexpr bool any_trainable = !recipe_type::empty;
+  static constexpr bool needs_input_grad = NeedsInputGrad;
+
+  using below_t = decoder_block<T, frozen_type, NeedsInputGrad, backend::cuda>;
+  using lowest_t = decoder_block<T, recipe_type, NeedsInputGrad, backend::cuda>;
+  using middle_t = decoder_block<T, recipe_type, true, backend::cuda>;
+  using above_t = decoder_block<T, frozen_type, true, backend::cuda>;
+  using weights_t = cuda::trunk_weights<T>;
+  using block_grads_t = typename lowest_t::grads_t;
+
+  struct saved_t {
+    std::vector<typename below_t::saved_t> below;
+    std::optional<typename lowest_t::saved_t> lowest;
+    std::vector<typename middle_t::saved_t> middle;
+    std::vector<typename above_t::saved_t> above;
+  };
+
+  // Gradients of the trainable layers [first, last] only.
+  struct grads_t {
+    int first = 0;
+    std::vector<block_grads_t> layers;
+    block_grads_t& layer(int i) {
+      if (i < first || i >= first + int(layers.size()))
+        throw std::out_of_range("skillgraft: layer " + std::to_string(i) + " is frozen under this recipe (trainable: " +
+                                (layers.empty() ? std::string("none")
+                                                : std::to_string(first) + ".." + std::to_string(first + int(layers.size()) - 1)) +
+                                ")");
+      return layers[std::size_t(i - first)];
+    }
+  };
+
+  decoder_stack(const decoder_config& c, layer_range range = {})
+      : config_(c), table_((c.validate(), c.head_dim), c.max_seq, c.rope_theta) {
+    const int n = c.n_layers;
+    if (!any_trainable) {
+      first_ = n;
+      last_ = n - 1;
+      return;
+    }
+    first_ = range.first;
+    last_ = range.last < 0 ? n - 1 : range.last;
+    if (first_ < 0 || first_ > last_ || last_ >= n)
+      throw std::invalid_argument("skillgraft: recipe layer range [" + std::to_string(range.first) + ", " +
+                                  std::to_string(range.last) + "] does not fit a stack of " + std::to_string(n) + " layers");
+  }
+  template <class S>
+  decoder_stack(const decoder_config& c, trainable_set<S> r) : decoder_stack(c, r.layers) {}
+
+  const decoder_config& config() const { return config_; }
+  using mlp_options_t = typename lowest_t::mlp_options_t;
+  const mlp_options_t& mlp_options() const { return mlp_options_; }
+  const cuda::rope_table<T>& rope() const { return table_; }
+  int first_trainable() const { return first_; }
+  int last_trainable() const { return last_; }
+  bool layer_trains(int i) const { return i >= first_ && i <= last_; }
+
+  grads_t make_grads(const weights_t& w) const {
+    check_weights(w);
+    grads_t g;
+    g.first = first_;
+    for (int i = first_; i <= last_; ++i) g.layers.push_back(block<lowest_t>().make_grads(w.layers[std::size_t(i)]));
+    return g;
+  }
+
+  // x: [batch, seq, hidden] in device memory; token s sits at position first_pos + s.
+  cuda::tensor<T> forward(const weights_t& w, const cuda::tensor<T>& x, saved_t& s, int first_pos = 0) const {
+    check_weights(w);
+    s = saved_t{};
+    cuda::tensor<T> h = x.clone(memory_use::workspace);
+    for (int i = 0; i < config_.n_layers; ++i) {
+      const auto& wi = w.layers[std::size_t(i)];
+      if (i < first_) h = block<below_t>(first_pos).forward(wi, h, s.below.emplace_back());
+      else if (i == first_) h = block<lowest_t>(first_pos).forward(wi, h, s.lowest.emplace());
+      else if (i <= last_) h = block<middle_t>(first_pos).forward(wi, h, s.middle.emplace_back());
+      else h = block<above_t>(first_pos).forward(wi, h, s.above.emplace_back());
+    }
+    return h;
+  }
+
+  // Walks down from the top to the lowest trainable layer (to layer 0 when the input
+  // gradient is wanted), adding weight gradients into g.
+  cuda::tensor<T> backward(const weights_t& w, const saved_t& s, const cuda::tensor<T>& dy, grads_t& g,
+                           int first_pos = 0) const {
+    check_weights(w);
+    if (!s.lowest && first_ < config_.n_layers)
+      throw std::logic_error("skillgraft: decoder_stack::backward called without a forward that saved activations");
+    if (g.first != first_ || int(g.layers.size()) != last_ - first_ + 1)
+      throw std::invalid_argument("skillgraft: gradients were made for another recipe or layer range");
+    cuda::tensor<T> d = dy.clone(memory_use::workspace);
+    for (int i = config_.n_layers - 1; i > last_; --i) {
+      typename above_t::grads_t none;
+      d = block<above_t>(first_pos).backward(w.layers[std::size_t(i)], s.above[std::size_t(i - last_ - 1)], d, none);
+    }
+    for (int i = last_; i > first_; --i)
+      d = block<middle_t>(first_pos).backward(w.layers[std::size_t(i)], s.middle[std::size_t(i - first_ - 1)], d,
+                                              g.layers[std::size_t(i - first_)]);
+    if (first_ < config_.n_layers)
+      d = block<lowest_t>(first_pos).backward(w.layers[std::size_t(first_)], *s.lowest, d, g.layers[0]);
+    if constexpr (NeedsInputGrad) {
+      for (int i = first_ - 1; i >= 0; --i) {
+        typename below_t::grads_t none;
+        d = block<below_t>(first_pos).backward(w.layers[std::size_t(i)], s.below[std::size_t(i)], d, none);
+      }
+      return d;
+    } else {
+      return {};
+    }
+  }
+
+  // (name, weight, gradient) for each trainable tensor, with Hugging Face names.
+  template <class F>
+  void for_each_trainable(weights_t& w, grads_t& g, F&& f) const {
+    for (int i = first_; i <= last_; ++i)
+      lowest_t::for_each_trainable(w.layers[std::size_t(i)], g.layers[std::size_t(i - first_)],
+                                   [&](const std::string& n, cuda::tensor<T>& p, cuda::tensor<T>& dp) {
+                                     f("model.layers." + std::to_string(i) + "." + n, p, dp);
+                                   });
+  }
+
+  // Models of what the code allocates: the CPU stack's formulas over the same per-layer
+  // block plans (each block's counts are its CPU twin's).
+  std::size_t saved_elements(seq_shape sh) const {
+    const int n = config_.n_layers;
+    std::size_t e = std::size_t(std::max(0, std::min(first_, n))) * below_t::saved_elements(config_, sh);
+    if (first_ < n) {
+      e += lowest_t::saved_elements(config_, sh);
+      e += std::size_t(last_ - first_) * middle_t::saved_elements(config_, sh);
+      e += std::size_t(n - 1 - last_) * above_t::saved_elements(config_, sh);
+    }
+    return e;
+  }
+  std::size_t weight_elements() const { return std::size_t(config_.n_layers) * lowest_t::weight_elements(config_); }
+  std::size_t trainable_elements() const {
+    return first_ < config_.n_layers ? std::size_t(last_ - first_ + 1) * lowest_t::trainable_elements(config_) : 0;
+  }
+  typename lowest_t::flop_count flops(seq_shape sh) const {
+    typename lowest_t::flop_count f;
+    for (int i = 0; i < config_.n_layers; ++i) {
+      const auto fl = i < first_ ? below_t::flops(config_, sh)
+                      : i == first_ ? lowest_t::flops(config_, sh)
+                      : i <= last_ ? middle_t::flops(config_, sh)
+                                   : above_t::flops(config_, sh);
+      f.forward += fl.forward;
+      f.backward += fl.backward;
+    }
+    return f;
+  }
+
+ private:
+  template <class Block>
+  Block block(int first_pos = 0) const {
+    Block b(config_, table_);
+    b.first_pos = first_pos;
+    return b;
+  }
+  void check_weights(const weights_t& w) const {
+    if (int(w.layers.size()) != config_.n_layers)
+      throw std::invalid_argument("skillgraft: trunk weights have " + std::to_string(w.layers.size()) +
+                                  " layers, the stack expects " + std::to_string(config_.n_layers));
+    for (int i = 0; i < config_.n_layers; ++i)
+      cuda::check_block_weights(w.layers[std::size_t(i)], config_, "model.layers." + std::to_string(i) + ".");
+  }
+
+  decoder_config config_;
+  [[no_unique_address]] mlp_options_t mlp_options_{};
+  cuda::rope_table<T> table_;
+  int first_ = 0;
+  int last_ = -1;
+};
+
+}  // namespace skillgraft::nn
