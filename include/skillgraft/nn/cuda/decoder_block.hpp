@@ -38,6 +38,15 @@ struct block_weights {
   // Host -> device; `prefix` ("model.layers.3.") names the tensors in messages.
   static block_weights upload(const nn::block_weights<T>& h, const std::string& prefix = "",
                               memory_use use = memory_use::weights) {
+    // The dense SiLU MLP only: an activation range or a mixture of experts is CPU-only for now.
+    if constexpr (requires { h.mlp.is_mixture(); })
+      if (h.mlp.is_mixture())
+        throw std::invalid_argument("skillgraft: " + prefix +
+                                    "mlp is a mixture of experts; the CUDA backend runs the dense SiLU MLP only");
+    if constexpr (requires { h.mlp.act_alpha; })
+      if (!h.mlp.act_alpha.empty())
+        throw std::invalid_argument("skillgraft: " + prefix +
+                                    "mlp.act_fn.alpha is present; the CUDA backend runs the dense SiLU MLP only");
     block_weights d;
     d.attn_norm = tensor<T>::from_host(h.attn_norm, use);
     d.self_attn.q_proj = linear_weights<T>::upload(h.self_attn.q_proj, use, prefix + "self_attn.q_proj");

@@ -12,6 +12,7 @@
 // Targets are host data (xtensor); the rows that have one are found on the host and uploaded.
 #include <cstdint>
 #include <stdexcept>
+#include <type_traits>
 #include <string>
 #include <vector>
 
@@ -96,7 +97,8 @@ struct softmax_minus_onehot {  // dz_ij = (exp(z_ij - lse_i) - [j == y_i]) / n, 
 
 // h: [batch, positions, hidden] (device); head: [vocab, hidden] (device); targets: [batch, positions] (host).
 template <class T>
-loss_result<T> masked_cross_entropy(const tensor<T>& h, const tensor<T>& head, const token_ids& targets, tensor<T>* dhead,
+loss_result<T> masked_cross_entropy(const tensor<T>& h, const tensor<T>& head, const token_ids& targets,
+                                    std::type_identity_t<tensor<T>>* dhead,
                                     cross_entropy_options opt = {}) {
   namespace sc = skillgraft::cuda;
   if (h.rank() != 3 || targets.shape(0) != h.dim(0) || targets.shape(1) != h.dim(1))

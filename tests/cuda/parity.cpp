@@ -1,0 +1,476 @@
+// The CUDA backend against the CPU backend: the same weights, inputs and recipe must give
+// the same outputs, losses and gradients within float tolerance, and the device bytes must
+// equal the memory plan.
+//
+// This one source builds twice (tests/cuda/CMakeLists.txt):
+//   test_cuda_host    g++, THRUST_DEVICE_SYSTEM_CPP: the backend's Thrust code and plan run
+//                     on the host, GEMMs through Eigen. Runs everywhere CI has the CUDA headers.
+//   test_cuda_device  nvcc (parity_device.cu): Thrust on the GPU, GEMMs through cuBLAS.
+//                     Skipped (exit code 77) when no CUDA device is present.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "skillgraft/model/cuda/decoder_lm.hpp"
+#include "skillgraft/model/parameters.hpp"
+#include "skillgraft/nn/cuda/decoder_stack.hpp"
+#include "skillgraft/nn/memory_report.hpp"
+#include "skillgraft/policy/dispatch.hpp"
+#include "skillgraft/train/cuda/step.hpp"
+#include "skillgraft/train/schedule.hpp"
+#include "support/random.hpp"
+
+namespace sg = skillgraft;
+using sg::memory_use;
+namespace dev = sg::cuda;
+
+// Callable from a main() compiled without the CUDA headers (main_device.cpp).
+bool skillgraft_test_device_available() { return dev::device_available(); }
+
+namespace {
+
+// Tolerance of every comparison below: |device - cpu| <= rel * max|cpu| over the tensor.
+// Float GEMMs of length <= 1536 summed in another order, through three layers and back.
+constexpr double rel = 1e-4;
+
+template <class T>
+double max_abs(const sg::cpu::tensor<T>& t) {
+  double m = 0;
+  for (std::size_t i = 0; i < t.size(); ++i) m = std::max(m, std::abs(double(t[i])));
+  return m;
+}
+
+// The device tensor, downloaded, against the CPU one; the reference must not be all zeros
+// (a comparison of zeros with zeros would pass whatever the backend computes).
+template <class T>
+void check_close(const std::string& what, const dev::tensor<T>& d, const sg::cpu::tensor<T>& ref, double tol = rel) {
+  INFO(what << ": device " << d.shape().str() << ", cpu " << ref.shape().str());
+  REQUIRE(d.shape() == ref.shape());
+  const auto h = d.to_host();
+  const double scale = max_abs(ref);
+  REQUIRE(scale > 0);
+  double err = 0;
+  std::size_t at = 0;
+  for (std::size_t i = 0; i < h.size(); ++i)
+    if (const double e = std::abs(double(h[i]) - double(ref[i])); e > err) err = e, at = i;
+  INFO("max |device - cpu| = " << err << " at element " << at << ", max |cpu| = " << scale);
+  CHECK(err <= tol * scale);
+}
+
+struct ledger_probe {
+  std::int64_t start;
+  memory_use use;
+  explicit ledger_probe(memory_use u) : start(dev::device_ledger().live(u)), use(u) {}
+  std::int64_t delta() const { return dev::device_ledger().live(use) - start; }
+};
+
+// Recipes the parity tests walk: the paper's, and sets that exercise the other plans.
+const auto recipes = sg::hana::make_tuple(
+    sg::named_recipe{"sa_proj", sg::recipe::sa_proj}, sg::named_recipe{"mlp", sg::recipe::mlp},
+    sg::named_recipe{"mlp_gate_up", sg::recipe::mlp_gate_up}, sg::named_recipe{"mlp_down", sg::recipe::mlp_down},
+    sg::named_recipe{"llm", sg::recipe::llm}, sg::named_recipe{"frozen", sg::recipe::frozen},
+    sg::named_recipe{"v", sg::trainable<sg::proj::v>}, sg::named_recipe{"q, k", sg::trainable<sg::proj::q, sg::proj::k>},
+    sg::named_recipe{"norms, o", sg::trainable<sg::group::attn_norm, sg::group::mlp_norm, sg::proj::o>});
+
+// --- compile time: the device block follows the CPU plan --------------------------------------
+template <class R, bool Dx>
+using cuda_block = sg::nn::decoder_block<float, std::remove_const_t<R>, Dx, sg::backend::cuda>;
+using gate_up_r = decltype(sg::recipe::mlp_gate_up);
+using frozen_r = decltype(sg::recipe::frozen);
+using sa_r = decltype(sg::recipe::sa_proj);
+template <class S>
+concept has_mlp_m = requires(S s) { s.mlp.m; };
+template <class S>
+concept has_mlp_g_u_h = requires(S s) { s.mlp.g; s.mlp.u; s.mlp.h; };
+template <class S>
+concept has_attention = requires(S s) { s.attention; };
+template <class S>
+concept has_down_proj = requires(S g) { g.down_proj; };
+template <class S>
+concept has_gate_up = requires(S g) { g.gate_proj; g.up_proj; };
+static_assert(cuda_block<frozen_r, false>::keeps_nothing && !cuda_block<frozen_r, false>::any_backward);
+static_assert(!has_mlp_m<cuda_block<gate_up_r, false>::saved_t> && has_mlp_g_u_h<cuda_block<gate_up_r, false>::saved_t>);
+static_assert(!has_attention<cuda_block<gate_up_r, false>::saved_t>);
+static_assert(has_gate_up<cuda_block<gate_up_r, false>::grads_t> && !has_down_proj<cuda_block<gate_up_r, false>::grads_t>);
+static_assert(std::is_empty_v<cuda_block<frozen_r, true>::grads_t>);
+static_assert(std::is_same_v<decltype(sg::nn::grad<sg::proj::q, cuda_block<sa_r, false>>(
+                                 std::declval<cuda_block<sa_r, false>::grads_t&>())),
+                             sg::nn::cuda::linear_weights<float>&>);
+
+// Walks the device model's (name, gradient) pairs beside the CPU model's, in the same order.
+template <class CpuModel, class CpuW, class CpuG, class DevModel, class DevW, class DevG>
+std::size_t check_gradients(const CpuModel& cm, CpuW& cw, CpuG& cg, const DevModel& dm, DevW& dw, DevG& dg) {
+  std::vector<std::pair<std::string, const sg::cpu::tensor<float>*>> ref;
+  cm.for_each_trainable(cw, cg, [&](const std::string& n, auto&, auto& g) { ref.emplace_back(n, &g); });
+  std::size_t i = 0;
+  dm.for_each_trainable(dw, dg, [&](const std::string& n, auto&, auto& g) {
+    REQUIRE(i < ref.size());
+    CHECK(n == ref[i].first);
+    check_close("gradient of " + n, g, *ref[i].second);
+    ++i;
+  });
+  CHECK(i == ref.size());
+  return i;
+}
+
+template <class R, bool Dx>
+void block_parity(const sg::decoder_config& c, sg::seq_shape sh) {
+  using cpu_t = sg::nn::decoder_block<float, std::remove_cvref_t<R>, Dx>;
+  using dev_t = sg::nn::decoder_block<float, std::remove_cvref_t<R>, Dx, sg::backend::cuda>;
+  INFO("input gradient " << Dx);
+  auto hw_trunk = sg::test::random_trunk<float>(c, 11);
+  auto& hw = hw_trunk.layers[0];
+  auto dw = sg::nn::cuda::block_weights<float>::upload(hw);
+  const sg::nn::rope_table<float> htable(c.head_dim, c.max_seq, c.rope_theta);
+  const sg::nn::cuda::rope_table<float> dtable(c.head_dim, c.max_seq, c.rope_theta);
+  const cpu_t cb(c, htable);
+  const dev_t db(c, dtable);
+  auto x = sg::test::random_tensor<float>({std::size_t(sh.batch), std::size_t(sh.seq), std::size_t(c.hidden)}, 12);
+  auto dy = sg::test::random_tensor<float>(x.shape(), 13);
+  const auto dx_dev = dev::tensor<float>::from_host(x, memory_use::workspace);
+  const auto dy_dev = dev::tensor<float>::from_host(dy, memory_use::workspace);
+
+  auto cg = cb.make_grads(hw);
+  ledger_probe grads(memory_use::gradients), saved(memory_use::saved_activations);
+  auto dg = db.make_grads(dw);
+  CHECK(grads.delta() == std::int64_t(sg::plan_memory<dev_t>(c, sh).gradients));
+  typename cpu_t::saved_t cs;
+  typename dev_t::saved_t ds;
+  const auto y = cb.forward(hw, x, cs);
+  const auto y_dev = db.forward(dw, dx_dev, ds);
+  CHECK(saved.delta() == std::int64_t(sg::plan_memory<dev_t>(c, sh).saved_activations));
+  check_close("block output", y_dev, y);
+  const auto dx = cb.backward(hw, cs, dy, cg);
+  const auto dx_dev_out = db.backward(dw, ds, dy_dev, dg);
+  if constexpr (Dx) check_close("block input gradient", dx_dev_out, dx);
+  else CHECK(dx_dev_out.empty());
+  std::vector<std::pair<std::string, const sg::cpu::tensor<float>*>> ref;
+  cpu_t::for_each_trainable(hw, cg, [&](const std::string& n, auto&, auto& g) { ref.emplace_back(n, &g); });
+  std::size_t i = 0;
+  dev_t::for_each_trainable(dw, dg, [&](const std::string& n, auto&, auto& g) {
+    REQUIRE(i < ref.size());
+    CHECK(n == ref[i].first);
+    check_close("gradient of " + n, g, *ref[i].second);
+    ++i;
+  });
+  CHECK(i == ref.size());
+}
+
+}  // namespace
+
+TEST_CASE("GEMM interface: both transposes, row strides and strided batches against a naive product") {
+  std::mt19937 rng(1);
+  std::normal_distribution<float> nd;
+  for (int ta = 0; ta < 2; ++ta)
+    for (int tb = 0; tb < 2; ++tb)
+      for (float beta : {0.f, 1.f, 0.5f}) {
+        const int m = 5, n = 7, k = 3, batch = 3;
+        const dev::op oa = ta ? dev::op::t : dev::op::n, ob = tb ? dev::op::t : dev::op::n;
+        // Stored shapes, with row strides wider than the rows.
+        const int a_rows = ta ? k : m, a_cols = ta ? m : k, b_rows = tb ? n : k, b_cols = tb ? k : n;
+        const int lda = a_cols + 2, ldb = b_cols + 1, ldc = n + 3;
+        const long long sa = (long long)a_rows * lda + 4, sb = (long long)b_rows * ldb, sc = (long long)m * ldc + 1;
+        sg::cpu::tensor<float> A({std::size_t(sa * batch)}, memory_use::workspace),
+            B({std::size_t(sb * batch)}, memory_use::workspace), C({std::size_t(sc * batch)}, memory_use::workspace);
+        for (auto* t : {&A, &B, &C})
+          for (std::size_t i = 0; i < t->size(); ++i) (*t)[i] = nd(rng);
+        auto dA = dev::tensor<float>::from_host(A, memory_use::workspace), dB = dev::tensor<float>::from_host(B, memory_use::workspace),
+             dC = dev::tensor<float>::from_host(C, memory_use::workspace);
+        const float alpha = 0.75f;
+        dev::gemm_strided_batched("test", oa, ob, m, n, k, alpha, dA.data(), lda, sa, dB.data(), ldb, sb, beta, dC.data(), ldc,
+                                  sc, batch);
+        auto expect = C.clone();
+        for (int p = 0; p < batch; ++p)
+          for (int i = 0; i < m; ++i)
+            for (int j = 0; j < n; ++j) {
+              double s = 0;
+              for (int l = 0; l < k; ++l) {
+                const double a = ta ? A[p * sa + l * lda + i] : A[p * sa + i * lda + l];
+                const double b = tb ? B[p * sb + j * ldb + l] : B[p * sb + l * ldb + j];
+                s += a * b;
+              }
+              float& c = expect[std::size_t(p * sc + i * ldc + j)];
+              c = float(alpha * s + (beta == 0.f ? 0.0 : double(beta) * double(c)));
+            }
+        INFO("op(A) " << (ta ? "T" : "N") << ", op(B) " << (tb ? "T" : "N") << ", beta " << beta);
+        check_close("C", dC, expect, 1e-6);
+        // Elements between the rows (padding) are never written.
+        const auto got = dC.to_host();
+        CHECK(got[std::size_t(n)] == C[std::size_t(n)]);
+      }
+  dev::tensor<float> a({4, 4}, memory_use::workspace);
+  CHECK_THROWS_WITH(dev::gemm("q_proj: y = x W^T", dev::op::n, dev::op::n, 4, 4, 4, 1.f, a.data(), 3, a.data(), 4, 0.f,
+                              a.data(), 4),
+                    Catch::Contains("q_proj: y = x W^T") && Catch::Contains("lda=3"));
+}
+
+TEST_CASE("device tensors: upload, download, clone, zero initialisation and the device ledger") {
+  const ledger_probe weights(memory_use::weights), work(memory_use::workspace);
+  const auto host_live = sg::ledger().live(memory_use::weights);
+  {
+    auto h = sg::test::random_tensor<float>({3, 5}, 2);
+    auto d = dev::tensor<float>::from_host(h, memory_use::weights);
+    CHECK(weights.delta() == 60);
+    CHECK(sg::ledger().live(memory_use::weights) == host_live);  // device bytes are not host bytes
+    auto c = d.clone(memory_use::workspace);
+    CHECK(work.delta() == 60);
+    check_close("round trip", c, h, 0.0);
+    dev::tensor<float> z({2, 2}, memory_use::workspace);
+    const auto zh = z.to_host();
+    for (std::size_t i = 0; i < zh.size(); ++i) CHECK(zh[i] == 0.f);
+    z.fill(2.5f);
+    CHECK(z.to_host()[3] == 2.5f);
+    sg::cpu::tensor<float> wrong({5, 3}, memory_use::workspace);
+    CHECK_THROWS_WITH(d.copy_from(wrong), Catch::Contains("[5, 3]") && Catch::Contains("[3, 5]"));
+    CHECK_THROWS_WITH(d.copy_to(wrong), Catch::Contains("[5, 3]") && Catch::Contains("[3, 5]"));
+    // The pool hands a freed block of the same size back without asking the device.
+    const auto reserved = dev::device_pool::instance().reserved();
+    { dev::tensor<float> t({1000}, memory_use::workspace); }
+    const auto after_first = dev::device_pool::instance().reserved();
+    { dev::tensor<float> t({1000}, memory_use::workspace); }
+    CHECK(dev::device_pool::instance().reserved() == after_first);
+    CHECK(after_first >= reserved);
+  }
+  CHECK(weights.delta() == 0);
+  CHECK(work.delta() == 0);
+}
+
+TEST_CASE("decoder block: device output, input gradient and weight gradients equal the CPU's, every recipe") {
+  const sg::seq_shape sh{2, 7};
+  for (bool bias : {false, true}) {
+    INFO("attention bias " << bias);
+    const auto c = sg::test::tiny_config(bias, 1);
+    sg::hana::for_each(recipes, [&](const auto& nr) {
+      INFO("recipe " << nr.name);
+      block_parity<decltype(nr.value), false>(c, sh);
+      block_parity<decltype(nr.value), true>(c, sh);
+    });
+  }
+}
+
+TEST_CASE("decoder stack: parity with the CPU and memory plan equal to the device ledger, with layer ranges") {
+  const auto c = sg::test::tiny_config(true, 4);
+  const sg::seq_shape sh{3, 7};
+  auto run = [&](auto recipe) {
+    using R = std::remove_const_t<decltype(recipe)>;
+    ledger_probe weights(memory_use::weights), constants(memory_use::constants), grads(memory_use::gradients),
+        opt(memory_use::optimizer_state), saved(memory_use::saved_activations);
+    auto hw = sg::test::random_trunk<float>(c, 21);
+    auto dw = sg::nn::cuda::trunk_weights<float>::upload(hw);
+    sg::nn::decoder_stack<float, R> cs(c, recipe);
+    sg::nn::decoder_stack<float, R, false, sg::backend::cuda> ds(c, recipe);
+    const auto plan = sg::plan_memory(ds, sh);
+    CHECK(plan.saved_activations == sg::plan_memory(cs, sh).saved_activations);
+    CHECK(weights.delta() == std::int64_t(plan.weights));
+    CHECK(constants.delta() == std::int64_t(plan.constants));
+    auto cg = cs.make_grads(hw);
+    auto dg = ds.make_grads(dw);
+    CHECK(grads.delta() == std::int64_t(plan.gradients));
+    sg::train::cuda::adamw<float> adam(ds, dw, dg);
+    CHECK(opt.delta() == std::int64_t(plan.optimizer_state));
+    CHECK(adam.state_bytes() == plan.optimizer_state);
+    auto x = sg::test::random_tensor<float>({std::size_t(sh.batch), std::size_t(sh.seq), std::size_t(c.hidden)}, 22);
+    const auto xd = dev::tensor<float>::from_host(x, memory_use::workspace);
+    {
+      typename decltype(cs)::saved_t chs;
+      typename decltype(ds)::saved_t dhs;
+      auto y = cs.forward(hw, x, chs);
+      auto yd = ds.forward(dw, xd, dhs);
+      CHECK(saved.delta() == std::int64_t(plan.saved_activations));
+      check_close("stack output", yd, y);
+      cs.backward(hw, chs, y, cg);
+      ds.backward(dw, dhs, yd, dg);
+      CHECK(grads.delta() == std::int64_t(plan.gradients));
+      CHECK(saved.delta() == std::int64_t(plan.saved_activations));
+    }
+    CHECK(saved.delta() == 0);
+    if constexpr (decltype(ds)::any_trainable) CHECK(check_gradients(cs, hw, cg, ds, dw, dg) > 0);
+  };
+  SECTION("sa_proj") { run(sg::recipe::sa_proj); }
+  SECTION("mlp_gate_up on layers 1..2") { run(sg::recipe::mlp_gate_up.on_layers(1, 2)); }
+  SECTION("llm") { run(sg::recipe::llm); }
+  SECTION("mlp_down on the top layer") { run(sg::recipe::mlp_down.on_layers(3, 3)); }
+  SECTION("frozen") { run(sg::recipe::frozen); }
+}
+
+namespace {
+
+sg::model::lm_weights<float> random_lm(const sg::decoder_config& c, unsigned seed) {
+  sg::model::lm_weights<float> w(c);
+  std::mt19937 rng(seed);
+  sg::test::fill_normal(w.embed_tokens, rng, 0.0, 0.5);
+  if (!c.tie_word_embeddings) sg::test::fill_normal(w.lm_head, rng, 0.0, 0.5);
+  sg::test::fill_normal(w.norm, rng, 1.0, 0.1);
+  for (auto& l : w.trunk.layers) sg::test::fill_block(l, rng);
+  return w;
+}
+
+// Every tensor's bytes, by Hugging Face name.
+std::map<std::string, std::vector<unsigned char>> snapshot(sg::model::lm_weights<float>& w) {
+  std::map<std::string, std::vector<unsigned char>> out;
+  sg::model::for_each_parameter(w, [&](const std::string& n, const sg::cpu::tensor<float>& t, auto, int) {
+    std::vector<unsigned char> b(t.bytes());
+    if (t.bytes()) std::memcpy(b.data(), t.data(), t.bytes());
+    out[n] = std::move(b);
+  });
+  return out;
+}
+
+template <class R>
+void lm_step_parity(R recipe, sg::decoder_config c) {
+  c.vocab_size = 61;
+  auto hw = random_lm(c, 31);
+  auto dw = sg::model::cuda::lm_weights<float>::upload(hw);
+  sg::model::decoder_lm<float, R> cm(c, recipe);
+  sg::model::decoder_lm<float, R, sg::backend::cuda> dm(c, recipe);
+  auto cg = cm.make_grads(hw);
+  auto dg = dm.make_grads(dw);
+  const sg::train::adamw_options o{.lr = 1e-2, .weight_decay = 0.1};
+  sg::train::adamw<float> copt(cm, hw, cg, o);
+  sg::train::cuda::adamw<float> dopt(dm, dw, dg, o);
+
+  // Two micro-batches; repeated token ids (the embedding gradient adds them); a prompt without targets.
+  std::mt19937 rng(32);
+  std::vector<sg::train::micro_batch<float>> cb(2);
+  std::vector<sg::train::cuda::micro_batch<float>> db(2);
+  for (std::size_t k = 0; k < 2; ++k) {
+    cb[k].ids = sg::token_ids::from_shape({2, 6});
+    for (auto& t : cb[k].ids) t = std::int64_t(rng() % 61);
+    cb[k].ids(1, 4) = cb[k].ids(0, 1);
+    cb[k].targets = sg::shift_labels(cb[k].ids);
+    cb[k].targets(0, 0) = sg::ignore_index;
+    db[k].ids = cb[k].ids;
+    db[k].targets = cb[k].targets;
+  }
+  const sg::train::constant_schedule lr{1e-2};
+  const sg::train::step_options so{.max_grad_norm = 0.5};
+  const auto before = snapshot(hw);
+  const auto cst = sg::train::train_step(cm, hw, cg, copt, lr, std::span<const sg::train::micro_batch<float>>(cb), so);
+  const auto dst = sg::train::cuda::train_step(dm, dw, dg, dopt, lr, std::span<const sg::train::cuda::micro_batch<float>>(db), so);
+  CHECK(dst.targets == cst.targets);
+  CHECK(std::abs(dst.loss - cst.loss) <= 1e-5 * std::abs(cst.loss));
+  CHECK(std::abs(dst.grad_norm - cst.grad_norm) <= rel * cst.grad_norm);
+  CHECK(dst.lr == cst.lr);
+  // Gradients after clipping (the step keeps them), tensor by tensor.
+  const std::size_t n = check_gradients(cm, hw, cg, dm, dw, dg);
+  CHECK(n > 0);
+  // After the step: trainable tensors moved, frozen ones are bit-identical, on the device too.
+  std::set<std::string> trainable;
+  dm.for_each_trainable(dw, dg, [&](const std::string& name, auto&, auto&) { trainable.insert(name); });
+  auto back = random_lm(c, 99);
+  dw.download(back);
+  const auto after = snapshot(back);
+  for (const auto& [name, bytes] : before) {
+    INFO(name);
+    if (trainable.count(name)) CHECK(after.at(name) != bytes);
+    else CHECK(after.at(name) == bytes);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("language model: one training step gives the CPU's loss, gradient norm and clipped gradients") {
+  SECTION("Llama-style, untied, every parameter") { lm_step_parity(sg::recipe::llm, sg::test::tiny_config(false, 3)); }
+  SECTION("Qwen2-style, tied and biased, every parameter") {
+    auto c = sg::test::tiny_config(true, 3);
+    c.tie_word_embeddings = true;
+    lm_step_parity(sg::recipe::llm, c);
+  }
+  SECTION("attention projections on layers 1..2") { lm_step_parity(sg::recipe::sa_proj.on_layers(1, 2), sg::test::tiny_config(true, 3)); }
+  SECTION("MLP gate and up") { lm_step_parity(sg::recipe::mlp_gate_up, sg::test::tiny_config(false, 3)); }
+}
+
+TEST_CASE("language model: logits, soft-token prefix and its gradient equal the CPU's") {
+  auto c = sg::test::tiny_config(false, 2);
+  c.vocab_size = 29;
+  auto hw = random_lm(c, 41);
+  auto dw = sg::model::cuda::lm_weights<float>::upload(hw);
+  constexpr auto r = sg::trainable<sg::group::projector, sg::proj::v>;
+  sg::model::decoder_lm<float, std::remove_const_t<decltype(r)>> cm(c, r);
+  sg::model::decoder_lm<float, std::remove_const_t<decltype(r)>, sg::backend::cuda> dm(c, r);
+  auto ids = sg::token_ids::from_shape({2, 5});
+  std::mt19937 rng(42);
+  for (auto& t : ids) t = std::int64_t(rng() % 29);
+  auto prefix = sg::test::random_tensor<float>({2, 3, std::size_t(c.hidden)}, 43);
+  const auto dprefix_in = dev::tensor<float>::from_host(prefix, memory_use::workspace);
+  typename decltype(cm)::saved_t cs;
+  typename decltype(dm)::saved_t ds;
+  auto h = cm.forward(hw, ids, cs, &prefix);
+  auto hd = dm.forward(dw, ids, ds, &dprefix_in);
+  check_close("hidden states", hd, h);
+  check_close("logits", dm.logits(dw, hd), cm.logits(hw, h));
+  auto cg = cm.make_grads(hw);
+  auto dg = dm.make_grads(dw);
+  auto dh = sg::test::random_tensor<float>(h.shape(), 44);
+  const auto dh_dev = dev::tensor<float>::from_host(dh, memory_use::workspace);
+  auto dp = cm.backward(hw, cs, dh, cg);
+  auto dp_dev = dm.backward(dw, ds, dh_dev, dg);
+  check_close("prefix gradient", dp_dev, dp);
+  CHECK(check_gradients(cm, hw, cg, dm, dw, dg) > 0);
+}
+
+TEST_CASE("AdamW on the device: the CPU update on the same gradients; non-finite gradients change nothing") {
+  const auto c = sg::test::tiny_config(false, 1);
+  auto hw = sg::test::random_trunk<float>(c, 51);
+  auto dw = sg::nn::cuda::trunk_weights<float>::upload(hw);
+  constexpr auto r = sg::recipe::mlp_down;
+  sg::nn::decoder_stack<float, std::remove_const_t<decltype(r)>> cs(c, r);
+  sg::nn::decoder_stack<float, std::remove_const_t<decltype(r)>, false, sg::backend::cuda> ds(c, r);
+  auto cg = cs.make_grads(hw);
+  auto dg = ds.make_grads(dw);
+  auto& g = cg.layer(0).down_proj.weight;
+  for (std::size_t i = 0; i < g.size(); ++i) g[i] = float(std::sin(0.37 * double(i)));
+  dg.layer(0).down_proj.weight.copy_from(g);
+  const sg::train::adamw_options o{.lr = 0.01, .beta1 = 0.9, .beta2 = 0.99, .eps = 1e-8, .weight_decay = 0.05};
+  sg::train::adamw<float> ca(cs, hw, cg, o);
+  sg::train::cuda::adamw<float> da(ds, dw, dg, o);
+  for (int t = 0; t < 3; ++t) {
+    ca.step(cs, hw, cg);
+    da.step(ds, dw, dg);
+  }
+  check_close("down_proj after three steps", dw.layers[0].mlp.down_proj.weight, hw.layers[0].mlp.down_proj.weight, 1e-6);
+
+  g[17] = std::numeric_limits<float>::quiet_NaN();
+  dg.layer(0).down_proj.weight.copy_from(g);
+  const auto before = dw.layers[0].mlp.down_proj.weight.to_host();
+  CHECK_THROWS_WITH(da.step(ds, dw, dg), Catch::Contains("model.layers.0.mlp.down_proj.weight") &&
+                                             Catch::Contains("element 17") && Catch::Contains("no weight was changed"));
+  check_close("down_proj after the refused step", dw.layers[0].mlp.down_proj.weight, before, 0.0);
+  CHECK(da.steps() == 3);
+}
+
+TEST_CASE("bad input on the device names the tensor and the shapes") {
+  const auto c = sg::test::tiny_config(false, 2);
+  auto hw = sg::test::random_trunk<float>(c, 61);
+  auto dw = sg::nn::cuda::trunk_weights<float>::upload(hw);
+  sg::nn::decoder_stack<float, std::remove_const_t<decltype(sg::recipe::sa_proj)>, false, sg::backend::cuda> ds(
+      c, sg::recipe::sa_proj);
+  typename decltype(ds)::saved_t s;
+  dev::tensor<float> x({2, 3, std::size_t(c.hidden + 1)}, memory_use::workspace);
+  CHECK_THROWS_WITH(ds.forward(dw, x, s), Catch::Contains("[2, 3, 17]") && Catch::Contains("16"));
+  dev::tensor<float> too_long({1, std::size_t(c.max_seq + 1), std::size_t(c.hidden)}, memory_use::workspace);
+  CHECK_THROWS_WITH(ds.forward(dw, too_long, s), Catch::Contains("rotary table"));
+  dw.layers[1].self_attn.v_proj.weight = dev::tensor<float>({3, 16}, memory_use::weights);
+  CHECK_THROWS_WITH(ds.forward(dw, x, s), Catch::Contains("model.layers.1.self_attn.v_proj.weight") &&
+                                              Catch::Contains("[3, 16]") && Catch::Contains("[8, 16]"));
+  // Adapters are CPU-only for now: uploading one is refused, naming the projection.
+  auto lw = hw.layers[0].self_attn.q_proj.like(memory_use::weights);
+  lw.lora.A = sg::cpu::tensor<float>({2, 16}, memory_use::weights);
+  lw.lora.B = sg::cpu::tensor<float>({16, 2}, memory_use::weights);
+  CHECK_THROWS_WITH(sg::nn::cuda::linear_weights<float>::upload(lw, memory_use::weights, "model.layers.0.self_attn.q_proj"),
+                    Catch::Contains("model.layers.0.self_attn.q_proj") && Catch::Contains("LoRA"));
+  // The loss checks targets on the host, before any device work.
+  dev::tensor<float> h({1, 2, 16}, memory_use::workspace), head({5, 16}, memory_use::weights);
+  auto targets = sg::token_ids::from_shape({1, 2});
+  targets(0, 0) = 1;
+  targets(0, 1) = 5;
+  CHECK_THROWS_WITH(sg::train::cuda::masked_cross_entropy(h, head, targets, nullptr),
+                    Catch::Contains("target [0, 1] is 5") && Catch::Contains("[0, 5)"));
+}
