@@ -1,5 +1,7 @@
 #pragma once
 // Causal grouped-query self-attention with rotary embeddings (LLaMA / Qwen2).
+// With config.causal = false every position sees every other (no mask), and with
+// config.rotary = false q and k are not rotated: the vision encoder's (ViT) attention.
 //
 //   forward   q = h Wq^T (+bq), k = h Wk^T (+bk), v = h Wv^T (+bv); q, k rotated
 //             per head: P = softmax(q k^T / sqrt(hd) + causal mask), a = P v
@@ -116,6 +118,23 @@ void causal_softmax(M& p) {
     for (Eigen::Index j = i + 1; j < n; ++j) p(i, j) = T(0);
   }
 }
+
+// In-place softmax of every row (bidirectional attention).
+template <class T, class M>
+void full_softmax(M& p) {
+  const Eigen::Index n = p.rows(), m = p.cols();
+  for (Eigen::Index i = 0; i < n; ++i) {
+    T mx = p(i, 0);
+    for (Eigen::Index j = 1; j < m; ++j) mx = std::max(mx, p(i, j));
+    T sum = 0;
+    for (Eigen::Index j = 0; j < m; ++j) {
+      p(i, j) = std::exp(p(i, j) - mx);
+      sum += p(i, j);
+    }
+    const T inv = T(1) / sum;
+    for (Eigen::Index j = 0; j < m; ++j) p(i, j) *= inv;
+  }
+}
 }  // namespace detail
 
 template <class T, class Recipe, bool NeedsInputGrad>
@@ -160,7 +179,7 @@ struct causal_attention {
       throw std::invalid_argument("skillgraft: attention input has shape " + h.shape().str() +
                                   ", expected [batch, seq, " + std::to_string(c.hidden) + "]");
     const int B = int(h.dim(0)), S = int(h.dim(1)), H = c.n_heads, KV = c.n_kv_heads, hd = c.head_dim;
-    table->check_positions(first_pos, S);
+    if (c.rotary) table->check_positions(first_pos, S);
     auto kept = [](bool keep) { return keep ? memory_use::saved_activations : memory_use::workspace; };
 
     tensor<T> q({std::size_t(B), std::size_t(S), std::size_t(c.q_dim())}, kept(plan::save_q));
@@ -176,8 +195,10 @@ struct causal_attention {
     linear_forward(w.q_proj, h, q, plan::adapt_q ? &uq : nullptr);
     linear_forward(w.k_proj, h, k, plan::adapt_k ? &uk : nullptr);
     linear_forward(w.v_proj, h, v, plan::adapt_v ? &uv : nullptr);
-    rope_apply(*table, q.data(), B, S, H, first_pos, false);
-    rope_apply(*table, k.data(), B, S, KV, first_pos, false);
+    if (c.rotary) {
+      rope_apply(*table, q.data(), B, S, H, first_pos, false);
+      rope_apply(*table, k.data(), B, S, KV, first_pos, false);
+    }
 
     tensor<T> a({std::size_t(B), std::size_t(S), std::size_t(c.q_dim())}, kept(plan::save_a));
     tensor<T> probs;
@@ -199,7 +220,8 @@ struct causal_attention {
           T* pp = plan::save_probs ? probs.data() + (std::size_t(b) * H + std::size_t(head)) * S * S : scratch.data();
           Eigen::Map<detail::row_matrix<T>> P(pp, S, S);
           P.noalias() = (Q * K.transpose()) * scale;
-          detail::causal_softmax<T>(P);
+          if (c.causal) detail::causal_softmax<T>(P);
+          else detail::full_softmax<T>(P);
           A.noalias() = P * V;
         }
     }
@@ -255,12 +277,13 @@ struct causal_attention {
               if constexpr (plan::need_dq || plan::need_dk) {
                 auto V = detail::head_view(s.v.data(), b, kvh, S, KV, hd);
                 dP.noalias() = dA * V.transpose();
-                // dS = P * (dP - rowsum(dP * P)), stored over dP
+                // dS = P * (dP - rowsum(dP * P)), stored over dP (row i sees keys 0..i, or all when not causal)
                 for (int i = 0; i < S; ++i) {
+                  const int seen = c.causal ? i + 1 : S;
                   T dot = 0;
-                  for (int j = 0; j <= i; ++j) dot += dP(i, j) * P(i, j);
-                  for (int j = 0; j <= i; ++j) dP(i, j) = P(i, j) * (dP(i, j) - dot);
-                  for (int j = i + 1; j < S; ++j) dP(i, j) = T(0);
+                  for (int j = 0; j < seen; ++j) dot += dP(i, j) * P(i, j);
+                  for (int j = 0; j < seen; ++j) dP(i, j) = P(i, j) * (dP(i, j) - dot);
+                  for (int j = seen; j < S; ++j) dP(i, j) = T(0);
                 }
                 if constexpr (plan::need_dq) {
                   auto K = detail::head_view(s.k.data(), b, kvh, S, KV, hd);
@@ -275,8 +298,10 @@ struct causal_attention {
               }
             }
       }
-      if constexpr (plan::need_dq) rope_apply(*table, dq.data(), B, S, H, first_pos, true);
-      if constexpr (plan::need_dk) rope_apply(*table, dk.data(), B, S, KV, first_pos, true);
+      if constexpr (plan::need_dq)
+        if (c.rotary) rope_apply(*table, dq.data(), B, S, H, first_pos, true);
+      if constexpr (plan::need_dk)
+        if (c.rotary) rope_apply(*table, dk.data(), B, S, KV, first_pos, true);
       if constexpr (plan::train_q) linear_backward_weight(s.h, dq, g.q_proj);
       if constexpr (plan::train_k) linear_backward_weight(s.h, dk, g.k_proj);
       if constexpr (plan::train_v) linear_backward_weight(s.h, dv, g.v_proj);

@@ -21,6 +21,10 @@ struct decoder_config {
   bool tie_word_embeddings = false;  // lm_head shares embed_tokens.weight
   int lora_rank = 0;           // rank r of the adapters a recipe's lora<P> tags train (PEFT "r")
   double lora_alpha = 16.0;    // PEFT "lora_alpha": adapter scale = alpha / r
+  // Vision-encoder (ViT) blocks: every position attends to every other, and positions
+  // come from a learned table instead of rotary embeddings. The defaults are the decoder's.
+  bool causal = true;          // false: bidirectional attention (no causal mask)
+  bool rotary = true;          // false: no rotary embeddings (the rotary table is not used)
 
   int q_dim() const { return n_heads * head_dim; }
   int kv_dim() const { return n_kv_heads * head_dim; }
@@ -33,7 +37,7 @@ struct decoder_config {
     if (n_heads % n_kv_heads != 0)
       fail("num_attention_heads (" + std::to_string(n_heads) + ") is not a multiple of num_key_value_heads (" +
            std::to_string(n_kv_heads) + ")");
-    if (head_dim % 2 != 0) fail("head_dim (" + std::to_string(head_dim) + ") must be even for rotary embeddings");
+    if (rotary && head_dim % 2 != 0) fail("head_dim (" + std::to_string(head_dim) + ") must be even for rotary embeddings");
     if (!(rms_norm_eps > 0)) fail("rms_norm_eps must be positive");
     if (!(rope_theta > 0)) fail("rope_theta must be positive");
     if (vocab_size <= 0) fail("vocab_size must be positive");

@@ -15,6 +15,10 @@ inline constexpr auto mlp_down = trainable<proj::down>;
 inline constexpr auto llm =
     trainable<proj::q, proj::k, proj::v, proj::o, proj::gate, proj::up, proj::down, group::attn_norm,
               group::mlp_norm, group::embed, group::final_norm, group::lm_head>;
+// Multimodal models: the vision encoder and the projector, the language model frozen.
+inline constexpr auto vision_projector = trainable<group::vision, group::projector>;
+// Everything a multimodal model has: vision encoder, projector and the whole language model.
+inline constexpr auto full = llm | vision_projector;
 // Nothing: evaluation, probing, a teacher.
 inline constexpr auto frozen = trainable<>;
 }  // namespace skillgraft::recipe

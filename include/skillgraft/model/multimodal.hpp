@@ -1,0 +1,218 @@
+#pragma once
+// A LLaVA-style multimodal model: vision encoder -> projector -> soft tokens that prefix
+// the decoder LM's token embeddings.
+//
+//   forward   v = vision(image),  s = projector(v),  h = lm([s ; E[ids]])
+//   backward  lm' gives d s only when the projector or the vision encoder trains;
+//             projector' gives d v only when the vision encoder trains.
+//
+// One recipe covers all three parts: `group::vision` and `group::projector` choose the
+// upstream halves, every other tag the language model (recipe::vision_projector trains
+// the first two only, recipe::full everything). A frozen upstream keeps nothing and runs
+// no backward, exactly like a frozen decoder block.
+//
+// The model has the interface of decoder_lm, so train::train_step drives it unchanged:
+// forward(w, ids, saved, images) takes the image batch [batch, size, size, channels]
+// where decoder_lm takes soft tokens (a micro-batch's `prefix` is the image batch), or
+// nullptr for text-only rows. weights_t::head() is the LM head, head_grad(g) its gradient.
+#include <cmath>
+#include <random>
+#include <stdexcept>
+#include <string>
+
+#include "skillgraft/model/decoder_lm.hpp"
+#include "skillgraft/model/parameters.hpp"
+#include "skillgraft/model/projector.hpp"
+#include "skillgraft/model/vision_encoder.hpp"
+
+namespace skillgraft::model {
+
+struct multimodal_config {
+  vision_config vision;
+  projector_config projector;
+  decoder_config text;
+
+  void validate() const {
+    vision.validate();
+    text.validate();
+    if (projector.in != vision.hidden())
+      throw std::invalid_argument("skillgraft: multimodal_config: the projector takes " + std::to_string(projector.in) +
+                                  " features, the vision encoder gives " + std::to_string(vision.hidden()));
+    if (projector.out != text.hidden)
+      throw std::invalid_argument("skillgraft: multimodal_config: the projector gives " + std::to_string(projector.out) +
+                                  " features, the language model's hidden size is " + std::to_string(text.hidden));
+    if (projector.intermediate <= 0) throw std::invalid_argument("skillgraft: multimodal_config: projector width must be positive");
+    if (vision.patches() >= text.max_seq)
+      throw std::invalid_argument("skillgraft: multimodal_config: " + std::to_string(vision.patches()) +
+                                  " image tokens leave no room in the LM's " + std::to_string(text.max_seq) + " positions");
+  }
+};
+
+template <class T>
+struct multimodal_weights {
+  multimodal_config config;
+  vision_weights<T> vision;
+  projector_weights<T> projector;
+  lm_weights<T> lm;
+
+  multimodal_weights() = default;
+  explicit multimodal_weights(const multimodal_config& c, memory_use use = memory_use::weights)
+      : config((c.validate(), c)), vision(c.vision, use), projector(c.projector, use), lm(c.text, use) {}
+  const tensor<T>& head() const { return lm.head(); }
+  tensor<T>& head() { return lm.head(); }
+  std::size_t elements() const {
+    std::size_t n = vision.elements() + projector.elements() + lm.embed_tokens.size() + lm.trunk.elements() +
+                    lm.norm.size() + lm.lm_head.size();
+    return n;
+  }
+};
+
+// f(name, tensor&) for every tensor of the model, in checkpoint order: vision tower,
+// projector, then the language model under "language_model." (LLaVA's names).
+template <class W, class F>
+void for_each_multimodal_parameter(W& w, F&& f) {
+  for_each_vision_parameter(w.vision, f);
+  for_each_projector_parameter(w.projector, f);
+  for_each_parameter(w.lm, [&](const std::string& name, auto& t, auto, int) { f("language_model." + name, t); });
+}
+
+// A fresh model: linear weights and embeddings ~ N(0, stddev^2), the output projections
+// of each block (o_proj, down_proj) scaled by 1/sqrt(2 layers) as in GPT-2, biases 0,
+// norm weights 1. Deterministic for a seed.
+template <class T>
+void init_weights(multimodal_weights<T>& w, std::uint64_t seed, double stddev = 0.02) {
+  std::mt19937_64 rng(seed);
+  auto normal = [&](tensor<T>& t, double sd) {
+    std::normal_distribution<double> nd(0.0, sd);
+    for (std::size_t i = 0; i < t.size(); ++i) t[i] = T(nd(rng));
+  };
+  auto blocks = [&](std::vector<nn::block_weights<T>>& layers) {
+    const double out_sd = stddev / std::sqrt(2.0 * double(std::max<std::size_t>(1, layers.size())));
+    for (auto& l : layers) {
+      l.attn_norm.fill(T(1));
+      l.mlp_norm.fill(T(1));
+      for (auto* p : {&l.self_attn.q_proj, &l.self_attn.k_proj, &l.self_attn.v_proj, &l.mlp.gate_proj, &l.mlp.up_proj}) {
+        normal(p->weight, stddev);
+        p->bias.set_zero();
+      }
+      normal(l.self_attn.o_proj.weight, out_sd);
+      normal(l.mlp.down_proj.weight, out_sd);
+    }
+  };
+  normal(w.vision.patch_embed.weight, stddev);
+  w.vision.patch_embed.bias.set_zero();
+  normal(w.vision.position_embedding, stddev);
+  blocks(w.vision.layers);
+  w.vision.post_norm.fill(T(1));
+  normal(w.projector.linear_1.weight, stddev);
+  w.projector.linear_1.bias.set_zero();
+  normal(w.projector.linear_2.weight, stddev);
+  w.projector.linear_2.bias.set_zero();
+  normal(w.lm.embed_tokens, stddev);
+  blocks(w.lm.trunk.layers);
+  w.lm.norm.fill(T(1));
+  if (!w.config.text.tie_word_embeddings) normal(w.lm.lm_head, stddev);
+}
+
+template <class T, class Recipe, class Backend = backend::cpu>
+class multimodal_lm {
+ public:
+  using value_type = T;
+  using recipe_type = Recipe;
+  using weights_t = multimodal_weights<T>;
+  static constexpr bool train_vision = trains_v<group::vision, Recipe>;
+  static constexpr bool train_projector = trains_v<group::projector, Recipe>;
+  using vision_t = vision_encoder<T, train_vision, Backend>;
+  using projector_t = projector<T, train_projector, train_vision>;
+  using lm_t = decoder_lm<T, Recipe, Backend>;
+  static_assert(lm_t::upstream_trains == projector_t::active);
+
+  struct grads_t {
+    typename vision_t::grads_t vision;
+    typename projector_t::grads_t projector;
+    typename lm_t::grads_t lm;
+  };
+  struct saved_t {
+    typename vision_t::saved_t vision;
+    typename projector_t::saved_t projector;
+    typename lm_t::saved_t lm;
+    bool image = false;
+  };
+
+  multimodal_lm(const multimodal_config& c, layer_range range = {})
+      : config_((c.validate(), c)), vision_(c.vision), lm_(c.text, range) {}
+  template <class S>
+  multimodal_lm(const multimodal_config& c, trainable_set<S> r) : multimodal_lm(c, r.layers) {}
+
+  const multimodal_config& config() const { return config_; }
+  const lm_t& lm() const { return lm_; }
+  const vision_t& vision() const { return vision_; }
+  const typename lm_t::stack_t& stack() const { return lm_.stack(); }
+  int image_tokens() const { return config_.vision.patches(); }
+
+  grads_t make_grads(const weights_t& w) const {
+    grads_t g;
+    g.vision = vision_.make_grads(w.vision);
+    g.projector = projector_t{}.make_grads(w.projector);
+    g.lm = lm_.make_grads(w.lm);
+    return g;
+  }
+  tensor<T>* head_grad(grads_t& g) const { return lm_.head_grad(g.lm); }
+
+  // Soft tokens of an image batch, [batch, patches, text hidden] (nothing kept for backward).
+  tensor<T> soft_tokens(const weights_t& w, const tensor<T>& images) const {
+    using frozen_vision = vision_encoder<T, false, Backend>;
+    using frozen_projector = projector<T, false, false>;
+    typename frozen_vision::saved_t vs;
+    typename frozen_projector::saved_t ps;
+    auto v = frozen_vision(config_.vision).forward(w.vision, images, vs);
+    return frozen_projector{}.forward(w.projector, v, ps);
+  }
+
+  // Final hidden states [batch, patches + seq, hidden] (patches = 0 without images).
+  tensor<T> forward(const weights_t& w, const token_ids& ids, saved_t& s, const tensor<T>* images = nullptr) const {
+    s = saved_t{};
+    s.image = images && !images->empty();
+    if (!s.image) return lm_.forward(w.lm, ids, s.lm, nullptr);
+    if (images->dim(0) != ids.shape(0))
+      throw std::invalid_argument("skillgraft: " + std::to_string(images->dim(0)) + " images for a batch of " +
+                                  std::to_string(ids.shape(0)) + " token rows");
+    auto v = vision_.forward(w.vision, *images, s.vision);
+    auto soft = projector_t{}.forward(w.projector, v, s.projector);
+    return lm_.forward(w.lm, ids, s.lm, &soft);
+  }
+
+  // Adds every trainable tensor's gradient into g; the image gets none.
+  void backward(const weights_t& w, const saved_t& s, const tensor<T>& dh, grads_t& g) const {
+    auto dsoft = lm_.backward(w.lm, s.lm, dh, g.lm);
+    if constexpr (projector_t::active) {
+      if (!s.image) return;
+      auto dv = projector_t{}.backward(w.projector, s.projector, dsoft, g.projector);
+      if constexpr (train_vision) vision_.backward(w.vision, s.vision, dv, g.vision);
+    }
+  }
+
+  // (name, weight, gradient) of every trainable tensor, checkpoint names.
+  template <class F>
+  void for_each_trainable(weights_t& w, grads_t& g, F&& f) const {
+    vision_t::for_each_trainable(w.vision, g.vision, f);
+    projector_t::for_each_trainable(w.projector, g.projector, f);
+    lm_.for_each_trainable(w.lm, g.lm, [&](const std::string& n, tensor<T>& p, tensor<T>& dp) {
+      f("language_model." + n, p, dp);
+    });
+  }
+
+  std::size_t trainable_elements(const weights_t& w) const {
+    std::size_t n = lm_.trainable_elements();
+    if (train_vision) n += w.vision.elements();
+    if (train_projector) n += w.projector.elements();
+    return n;
+  }
+
+ private:
+  multimodal_config config_;
+  vision_t vision_;
+  lm_t lm_;
+};
+
+}  // namespace skillgraft::model

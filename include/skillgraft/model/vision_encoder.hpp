@@ -1,0 +1,254 @@
+#pragma once
+// A small vision transformer (ViT) built from the library's own blocks: the image is cut
+// into patches, each patch is embedded linearly and given a learned position, and a few
+// bidirectional, rotary-free decoder blocks mix them. The whole encoder is one recipe
+// tag, `group::vision`: it trains entirely or not at all.
+//
+//   forward   p = patches(image)              [batch, P, patch * patch * channels]
+//             x = p We^T + be + E_pos          [batch, P, hidden]
+//             y = rmsnorm(blocks(x); w_post)
+//   backward  (only when the vision group trains)
+//             dx = blocks'(rmsnorm'(dy));  dE_pos += sum_batch dx
+//             dWe += dx^T p,  dbe += 1^T dx   (no gradient for the image itself)
+//
+// When the encoder is frozen it keeps nothing for backward and runs no backward: the
+// soft tokens it makes are inputs of the projector, not functions of any trainable tensor.
+#include <cmath>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "skillgraft/nn/decoder_block.hpp"
+#include "skillgraft/policy/recipes.hpp"
+
+namespace skillgraft::model {
+
+using cpu::shape_t;
+using cpu::tensor;
+
+struct vision_config {
+  int image_size = 32;  // square images, image_size x image_size pixels
+  int patch_size = 8;   // square patches; image_size must be a multiple
+  int channels = 3;     // RGB
+  // The blocks: hidden size, heads, MLP width and depth. causal and rotary are forced off.
+  decoder_config blocks = [] {
+    decoder_config c;
+    c.hidden = 64;
+    c.n_heads = 4;
+    c.n_kv_heads = 4;
+    c.head_dim = 16;
+    c.intermediate = 128;
+    c.n_layers = 2;
+    c.max_seq = 16;
+    c.causal = false;
+    c.rotary = false;
+    return c;
+  }();
+
+  int grid() const { return image_size / patch_size; }
+  int patches() const { return grid() * grid(); }
+  int patch_dim() const { return patch_size * patch_size * channels; }
+  int hidden() const { return blocks.hidden; }
+
+  void validate() const {
+    auto fail = [](const std::string& m) { throw std::invalid_argument("skillgraft: vision_config: " + m); };
+    if (image_size <= 0 || patch_size <= 0 || channels <= 0) fail("sizes must be positive");
+    if (image_size % patch_size != 0)
+      fail("image_size (" + std::to_string(image_size) + ") is not a multiple of patch_size (" +
+           std::to_string(patch_size) + ")");
+    if (blocks.causal || blocks.rotary) fail("vision blocks must be bidirectional and rotary-free (causal = rotary = false)");
+    blocks.validate();
+  }
+};
+
+template <class T>
+struct vision_weights {
+  vision_config config;
+  nn::linear_weights<T> patch_embed;          // vision_tower.patch_embed.{weight [hidden, patch_dim], bias}
+  tensor<T> position_embedding;               // vision_tower.position_embedding [patches, hidden]
+  std::vector<nn::block_weights<T>> layers;   // vision_tower.layers.<i>.*
+  tensor<T> post_norm;                        // vision_tower.post_layernorm.weight [hidden]
+
+  vision_weights() = default;
+  explicit vision_weights(const vision_config& c, memory_use use = memory_use::weights)
+      : config((c.validate(), c)),
+        patch_embed(std::size_t(c.hidden()), std::size_t(c.patch_dim()), true, use),
+        position_embedding({std::size_t(c.patches()), std::size_t(c.hidden())}, use),
+        post_norm({std::size_t(c.hidden())}, use) {
+    layers.reserve(std::size_t(c.blocks.n_layers));
+    for (int i = 0; i < c.blocks.n_layers; ++i) layers.emplace_back(c.blocks, use);
+  }
+  std::size_t elements() const {
+    std::size_t n = patch_embed.elements() + position_embedding.size() + post_norm.size();
+    for (const auto& l : layers) n += l.elements();
+    return n;
+  }
+};
+
+// f(name, tensor&) for every tensor of the encoder, in checkpoint order.
+template <class W, class F>
+void for_each_vision_parameter(W& w, F&& f) {
+  f(std::string("vision_tower.patch_embed.weight"), w.patch_embed.weight);
+  f(std::string("vision_tower.patch_embed.bias"), w.patch_embed.bias);
+  f(std::string("vision_tower.position_embedding"), w.position_embedding);
+  for (std::size_t i = 0; i < w.layers.size(); ++i) {
+    auto& l = w.layers[i];
+    const std::string p = "vision_tower.layers." + std::to_string(i) + ".";
+    f(p + "input_layernorm.weight", l.attn_norm);
+    f(p + "self_attn.q_proj.weight", l.self_attn.q_proj.weight);
+    f(p + "self_attn.k_proj.weight", l.self_attn.k_proj.weight);
+    f(p + "self_attn.v_proj.weight", l.self_attn.v_proj.weight);
+    f(p + "self_attn.o_proj.weight", l.self_attn.o_proj.weight);
+    f(p + "post_attention_layernorm.weight", l.mlp_norm);
+    f(p + "mlp.gate_proj.weight", l.mlp.gate_proj.weight);
+    f(p + "mlp.up_proj.weight", l.mlp.up_proj.weight);
+    f(p + "mlp.down_proj.weight", l.mlp.down_proj.weight);
+  }
+  f(std::string("vision_tower.post_layernorm.weight"), w.post_norm);
+}
+
+// Cuts images [batch, size, size, channels] (row-major pixels, channels last) into
+// [batch, patches, patch * patch * channels]: patches in row-major grid order, each
+// patch's pixels row-major with channels innermost.
+template <class T>
+tensor<T> patchify(const tensor<T>& images, const vision_config& c, memory_use use = memory_use::workspace) {
+  const std::size_t S = std::size_t(c.image_size), C = std::size_t(c.channels);
+  if (images.rank() != 4 || images.dim(1) != S || images.dim(2) != S || images.dim(3) != C)
+    throw std::invalid_argument("skillgraft: images have shape " + images.shape().str() + ", expected [batch, " +
+                                std::to_string(S) + ", " + std::to_string(S) + ", " + std::to_string(C) + "]");
+  const std::size_t B = images.dim(0), ps = std::size_t(c.patch_size), G = std::size_t(c.grid()),
+                    P = std::size_t(c.patches()), pd = std::size_t(c.patch_dim());
+  tensor<T> out({B, P, pd}, use);
+  for (std::size_t b = 0; b < B; ++b)
+    for (std::size_t gy = 0; gy < G; ++gy)
+      for (std::size_t gx = 0; gx < G; ++gx) {
+        T* dst = out.data() + (b * P + gy * G + gx) * pd;
+        for (std::size_t dy = 0; dy < ps; ++dy) {
+          const T* src = images.data() + ((b * S + gy * ps + dy) * S + gx * ps) * C;
+          std::copy_n(src, ps * C, dst + dy * ps * C);
+        }
+      }
+  return out;
+}
+
+// The recipe of the encoder's blocks: every block tensor when the vision group trains.
+inline constexpr auto vision_block_recipe = trainable<proj::q, proj::k, proj::v, proj::o, proj::gate, proj::up,
+                                                      proj::down, group::attn_norm, group::mlp_norm>;
+
+template <class T>
+struct vision_grads {
+  nn::linear_weights<T> patch_embed;
+  tensor<T> position_embedding;
+  std::vector<typename nn::decoder_block<T, std::remove_cv_t<decltype(vision_block_recipe)>, true>::grads_t> layers;
+  tensor<T> post_norm;
+};
+struct no_grads {};
+
+template <class T, bool Train, class Backend = backend::cpu>
+class vision_encoder {
+ public:
+  using value_type = T;
+  using weights_t = vision_weights<T>;
+  static constexpr bool trains = Train;
+  static constexpr bool needs_input_grad = false;  // images are data, never trained
+  using block_recipe_t = std::conditional_t<Train, std::remove_cv_t<decltype(vision_block_recipe)>,
+                                            std::remove_cv_t<decltype(recipe::frozen)>>;
+  // With the encoder training, every block passes its input gradient down to the patch embedding.
+  using block_t = nn::decoder_block<T, block_recipe_t, Train, Backend>;
+  using norm_t = nn::rmsnorm<T, Train, Train>;
+  using grads_t = std::conditional_t<Train, vision_grads<T>, no_grads>;
+  struct saved_t : nn::members::optional_x<Train, tensor<T>> {  // the patches, for dWe
+    std::vector<typename block_t::saved_t> blocks;
+    typename norm_t::saved_t norm;
+  };
+
+  explicit vision_encoder(const vision_config& c) : config_((c.validate(), c)) {}
+  const vision_config& config() const { return config_; }
+
+  grads_t make_grads(const weights_t& w) const {
+    check_weights(w);
+    grads_t g;
+    if constexpr (Train) {
+      g.patch_embed = w.patch_embed.like(memory_use::gradients);
+      g.position_embedding = tensor<T>(w.position_embedding.shape(), memory_use::gradients);
+      for (const auto& l : w.layers) g.layers.push_back(block().make_grads(l));
+      g.post_norm = tensor<T>(w.post_norm.shape(), memory_use::gradients);
+    }
+    return g;
+  }
+
+  // images [batch, size, size, channels] -> [batch, patches, hidden]
+  tensor<T> forward(const weights_t& w, const tensor<T>& images, saved_t& s) const {
+    check_weights(w);
+    s = saved_t{};
+    auto p = patchify(images, config_, Train ? memory_use::saved_activations : memory_use::workspace);
+    const std::size_t B = p.dim(0), P = p.dim(1), d = std::size_t(config_.hidden());
+    tensor<T> x({B, P, d}, memory_use::workspace);
+    nn::linear_forward(w.patch_embed, p, x);
+    for (std::size_t b = 0; b < B; ++b)
+      for (std::size_t i = 0; i < P * d; ++i) x.data()[b * P * d + i] += w.position_embedding.data()[i];
+    for (std::size_t l = 0; l < w.layers.size(); ++l) x = block().forward(w.layers[l], x, s.blocks.emplace_back());
+    auto y = norm().forward(w.post_norm, x, s.norm);
+    if constexpr (Train) s.x = std::move(p);
+    return y;
+  }
+
+  // Adds the encoder's weight gradients into g (when it trains); returns an empty tensor.
+  tensor<T> backward(const weights_t& w, const saved_t& s, const tensor<T>& dy, grads_t& g) const {
+    if constexpr (Train) {
+      auto d = norm_t::backward_into(w.post_norm, s.norm, dy, &g.post_norm);
+      for (std::size_t l = w.layers.size(); l-- > 0;) d = block().backward(w.layers[l], s.blocks[l], d, g.layers[l]);
+      const std::size_t B = d.dim(0), Pd = d.dim(1) * d.dim(2);
+      for (std::size_t b = 0; b < B; ++b)  // serial over the batch: a fixed summation order
+        for (std::size_t i = 0; i < Pd; ++i) g.position_embedding.data()[i] += d.data()[b * Pd + i];
+      nn::linear_backward_weight(s.x, d, g.patch_embed);
+    } else {
+      (void)w, (void)s, (void)dy, (void)g;
+    }
+    return {};
+  }
+
+  // (name, weight, gradient) of every trainable tensor: all of them or none.
+  template <class F>
+  static void for_each_trainable(weights_t& w, grads_t& g, F&& f) {
+    if constexpr (Train) {
+      f(std::string("vision_tower.patch_embed.weight"), w.patch_embed.weight, g.patch_embed.weight);
+      f(std::string("vision_tower.patch_embed.bias"), w.patch_embed.bias, g.patch_embed.bias);
+      f(std::string("vision_tower.position_embedding"), w.position_embedding, g.position_embedding);
+      for (std::size_t i = 0; i < w.layers.size(); ++i)
+        block_t::for_each_trainable(w.layers[i], g.layers[i], [&](const std::string& n, tensor<T>& p, tensor<T>& dp) {
+          f("vision_tower.layers." + std::to_string(i) + "." + n, p, dp);
+        });
+      f(std::string("vision_tower.post_layernorm.weight"), w.post_norm, g.post_norm);
+    } else {
+      (void)w, (void)g, (void)f;
+    }
+  }
+
+  void check_weights(const weights_t& w) const {
+    const auto d = std::size_t(config_.hidden());
+    cpu::expect_shape(w.patch_embed.weight, {d, std::size_t(config_.patch_dim())}, "vision_tower.patch_embed.weight");
+    cpu::expect_shape(w.patch_embed.bias, {d}, "vision_tower.patch_embed.bias");
+    cpu::expect_shape(w.position_embedding, {std::size_t(config_.patches()), d}, "vision_tower.position_embedding");
+    cpu::expect_shape(w.post_norm, {d}, "vision_tower.post_layernorm.weight");
+    if (int(w.layers.size()) != config_.blocks.n_layers)
+      throw std::invalid_argument("skillgraft: the vision tower has " + std::to_string(w.layers.size()) +
+                                  " layers, the config says " + std::to_string(config_.blocks.n_layers));
+    for (std::size_t i = 0; i < w.layers.size(); ++i)
+      nn::check_block_weights(w.layers[i], config_.blocks, "vision_tower.layers." + std::to_string(i) + ".");
+  }
+
+ private:
+  block_t block() const {
+    block_t b;
+    b.config = config_.blocks;
+    return b;
+  }
+  norm_t norm() const { return {config_.blocks.rms_norm_eps}; }
+
+  vision_config config_;
+};
+
+}  // namespace skillgraft::model

@@ -1,0 +1,314 @@
+// The multimodal model: bidirectional, rotary-free attention for the vision blocks,
+// the vision encoder, the projector and the whole image -> soft tokens -> LM chain,
+// checked against finite differences in double precision under the multimodal recipes;
+// the recipes' names; train_step driving the multimodal model with frozen parts untouched.
+#include "support/gradcheck.hpp"
+
+#include "skillgraft/model/generate.hpp"
+#include "skillgraft/model/multimodal.hpp"
+#include "skillgraft/policy/dispatch.hpp"
+#include "skillgraft/train/adamw.hpp"
+#include "skillgraft/train/schedule.hpp"
+#include "skillgraft/train/step.hpp"
+
+namespace sg = skillgraft;
+using sg::token_ids;
+using sg::test::gradcheck;
+using sg::test::random_tensor;
+using D = double;
+
+namespace {
+
+sg::decoder_config vit_blocks() {
+  auto c = sg::test::tiny_config(false, 2);
+  c.hidden = 8;
+  c.n_heads = 2;
+  c.n_kv_heads = 1;  // grouped heads in the encoder too
+  c.head_dim = 4;
+  c.intermediate = 12;
+  c.causal = false;
+  c.rotary = false;
+  return c;
+}
+
+sg::model::multimodal_config tiny_multimodal() {
+  sg::model::multimodal_config c;
+  c.vision.image_size = 8;
+  c.vision.patch_size = 4;
+  c.vision.channels = 3;
+  c.vision.blocks = vit_blocks();
+  c.projector = {.in = 8, .intermediate = 10, .out = 16};
+  c.text = sg::test::tiny_config(false, 2);
+  c.text.vocab_size = 13;
+  c.text.max_seq = 16;
+  return c;
+}
+
+template <class T>
+sg::model::multimodal_weights<T> random_multimodal(const sg::model::multimodal_config& c, unsigned seed) {
+  sg::model::multimodal_weights<T> w(c);
+  std::mt19937 rng(seed);
+  // Larger than a training init so that every path carries a visible gradient.
+  sg::model::for_each_multimodal_parameter(w, [&](const std::string& name, sg::cpu::tensor<T>& t) {
+    const bool norm = name.find("norm") != std::string::npos;
+    sg::test::fill_normal(t, rng, norm ? 1.0 : 0.0, norm ? 0.1 : 1.0 / std::sqrt(double(t.shape().last())));
+  });
+  return w;
+}
+
+const token_ids ids = {{1, 5, 7, 2, 11}, {3, 3, 12, 0, 4}};
+
+}  // namespace
+
+TEST_CASE("attention without causal mask and rotary embeddings: gradients") {
+  auto c = vit_blocks();
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.hidden = 16;
+  sg::nn::attention_weights<D> w(c, sg::memory_use::weights);
+  std::mt19937 rng(3);
+  for (auto* l : {&w.q_proj, &w.k_proj, &w.v_proj, &w.o_proj}) sg::test::fill_linear(*l, rng);
+  auto x = random_tensor<D>({2, 5, 16}, 8);
+  auto check = [&](auto recipe, auto dx) {
+    using R = decltype(recipe);
+    sg::nn::causal_attention<D, R, decltype(dx)::value> attn{c, nullptr, 0};
+    gradcheck(attn, w, x);
+  };
+  check(sg::recipe::sa_proj, std::true_type{});
+  check(sg::recipe::sa_proj, std::false_type{});
+  check(sg::trainable<sg::proj::q>, std::false_type{});
+  check(sg::trainable<sg::proj::k>, std::false_type{});
+  check(sg::recipe::frozen, std::true_type{});
+}
+
+TEST_CASE("attention without mask or rotation sees every position and is permutation-equivariant") {
+  auto c = vit_blocks();
+  sg::nn::attention_weights<D> w(c, sg::memory_use::weights);
+  std::mt19937 rng(4);
+  for (auto* l : {&w.q_proj, &w.k_proj, &w.v_proj, &w.o_proj}) sg::test::fill_linear(*l, rng);
+  using frozen = std::remove_cv_t<decltype(sg::recipe::frozen)>;
+  sg::nn::causal_attention<D, frozen, false> attn{c, nullptr, 0};
+  decltype(attn)::saved_t s;
+  auto x = random_tensor<D>({1, 4, 8}, 9);
+  auto y = attn.forward(w, x, s);
+  // Changing the last position changes the first one's output (no causal mask).
+  auto x2 = x.clone();
+  for (int j = 0; j < 8; ++j) x2[std::size_t(3 * 8 + j)] += 0.5;
+  auto y2 = attn.forward(w, x2, s);
+  double moved = 0;
+  for (int j = 0; j < 8; ++j) moved += std::abs(y2[std::size_t(j)] - y[std::size_t(j)]);
+  CHECK(moved > 1e-6);
+  // Reversing the positions reverses the outputs (no position information at all).
+  auto xr = x.clone();
+  for (int p = 0; p < 4; ++p)
+    for (int j = 0; j < 8; ++j) xr[std::size_t(p * 8 + j)] = x[std::size_t((3 - p) * 8 + j)];
+  auto yr = attn.forward(w, xr, s);
+  for (int p = 0; p < 4; ++p)
+    for (int j = 0; j < 8; ++j) CHECK(yr[std::size_t(p * 8 + j)] == Approx(y[std::size_t((3 - p) * 8 + j)]).margin(1e-13));
+}
+
+TEST_CASE("vision encoder: gradients of every tensor when it trains, nothing when frozen") {
+  const auto c = tiny_multimodal();
+  auto w = random_multimodal<D>(c, 5);
+  auto images = random_tensor<D>({2, 8, 8, 3}, 6, 0.5);
+  auto names = gradcheck(sg::model::vision_encoder<D, true>(c.vision), w.vision, images);
+  std::set<std::string> expected{"vision_tower.patch_embed.weight", "vision_tower.patch_embed.bias",
+                                 "vision_tower.position_embedding", "vision_tower.post_layernorm.weight"};
+  for (int l = 0; l < 2; ++l)
+    for (const char* n : {"input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                          "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
+                          "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"})
+      expected.insert("vision_tower.layers." + std::to_string(l) + "." + n);
+  CHECK(names == expected);
+  CHECK(gradcheck(sg::model::vision_encoder<D, false>(c.vision), w.vision, images).empty());
+  // A frozen encoder keeps nothing for backward.
+  const auto before = sg::ledger().live(sg::memory_use::saved_activations);
+  sg::model::vision_encoder<D, false>::saved_t s;
+  auto y = sg::model::vision_encoder<D, false>(c.vision).forward(w.vision, images, s);
+  CHECK(sg::ledger().live(sg::memory_use::saved_activations) == before);
+  CHECK(y.shape() == sg::cpu::shape_t{2, 4, 8});
+}
+
+TEST_CASE("vision encoder: patches are cut in row-major grid order") {
+  sg::model::vision_config c;
+  c.image_size = 4;
+  c.patch_size = 2;
+  c.channels = 1;
+  sg::cpu::tensor<D> img({1, 4, 4, 1}, sg::memory_use::workspace);
+  for (std::size_t i = 0; i < 16; ++i) img[i] = double(i);  // pixel (y, x) = 4y + x
+  auto p = sg::model::patchify(img, c);
+  REQUIRE(p.shape() == sg::cpu::shape_t{1, 4, 4});
+  const double expect[4][4] = {{0, 1, 4, 5}, {2, 3, 6, 7}, {8, 9, 12, 13}, {10, 11, 14, 15}};
+  for (int q = 0; q < 4; ++q)
+    for (int j = 0; j < 4; ++j) CHECK(p[std::size_t(q * 4 + j)] == expect[q][j]);
+  sg::cpu::tensor<D> bad({1, 4, 5, 1}, sg::memory_use::workspace);
+  CHECK_THROWS_WITH(sg::model::patchify(bad, c), Catch::Contains("images have shape [1, 4, 5, 1], expected [batch, 4, 4, 1]"));
+}
+
+TEST_CASE("projector: gradients for every combination of training and input gradient") {
+  const auto c = tiny_multimodal();
+  auto w = random_multimodal<D>(c, 7);
+  auto x = random_tensor<D>({2, 3, 8}, 8);
+  CHECK(gradcheck(sg::model::projector<D, true, true>{}, w.projector, x).size() == 4);
+  CHECK(gradcheck(sg::model::projector<D, true, false>{}, w.projector, x).size() == 4);
+  CHECK(gradcheck(sg::model::projector<D, false, true>{}, w.projector, x).empty());
+  CHECK(gradcheck(sg::model::projector<D, false, false>{}, w.projector, x).empty());
+  CHECK(sg::model::gelu(0.0) == 0.0);
+  CHECK(sg::model::gelu(1.0) == Approx(0.8413447460685429));
+}
+
+namespace {
+
+// Loss through the whole chain: image -> encoder -> projector -> LM, masked CE on the text.
+template <class R>
+std::set<std::string> check_multimodal(R recipe) {
+  const auto c = tiny_multimodal();
+  auto w = random_multimodal<D>(c, 11);
+  auto images = random_tensor<D>({2, 8, 8, 3}, 12, 0.5);
+  sg::model::multimodal_lm<D, R> mm(c, recipe);
+  const std::size_t P = std::size_t(mm.image_tokens());
+  token_ids tg = xt::full_like(token_ids::from_shape({2, P + 5}), sg::ignore_index);
+  for (std::size_t b = 0; b < 2; ++b)
+    for (std::size_t s = 1; s + 1 < 5; ++s) tg(b, P + s) = ids(b, s + 1);
+  auto loss = [&] {
+    typename decltype(mm)::saved_t s;
+    auto h = mm.forward(w, ids, s, &images);
+    return sg::train::masked_cross_entropy<D>(h, w.head(), tg, nullptr, {.want_dh = false}).loss;
+  };
+  typename decltype(mm)::saved_t s;
+  auto g = mm.make_grads(w);
+  auto h = mm.forward(w, ids, s, &images);
+  auto r = sg::train::masked_cross_entropy<D>(h, w.head(), tg, mm.head_grad(g));
+  mm.backward(w, s, r.dh, g);
+  std::set<std::string> seen;
+  mm.for_each_trainable(w, g, [&](const std::string& n, sg::cpu::tensor<D>& p, sg::cpu::tensor<D>& dp) {
+    sg::test::check_tensor(n, p, dp, loss, {.max_elements = 24});
+    seen.insert(n);
+  });
+  return seen;
+}
+
+std::size_t count_prefix(const std::set<std::string>& names, const std::string& prefix) {
+  std::size_t n = 0;
+  for (const auto& s : names) n += s.rfind(prefix, 0) == 0;
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("multimodal: finite differences through image, projector and LM under each recipe") {
+  auto vp = check_multimodal(sg::recipe::vision_projector);
+  CHECK(count_prefix(vp, "vision_tower.") == 4 + 2 * 9);
+  CHECK(count_prefix(vp, "multi_modal_projector.") == 4);
+  CHECK(count_prefix(vp, "language_model.") == 0);
+  auto full = check_multimodal(sg::recipe::full);
+  CHECK(count_prefix(full, "vision_tower.") == 4 + 2 * 9);
+  CHECK(count_prefix(full, "multi_modal_projector.") == 4);
+  CHECK(count_prefix(full, "language_model.") == 3 + 2 * 9);
+  auto proj = check_multimodal(sg::trainable<sg::group::projector>);
+  CHECK(proj.size() == 4);
+  auto vis = check_multimodal(sg::trainable<sg::group::vision>);
+  CHECK(vis.size() == 4 + 2 * 9);
+  auto sa = check_multimodal(sg::recipe::sa_proj);
+  CHECK(sa.size() == 2 * 4);
+  CHECK(count_prefix(sa, "language_model.model.layers.") == 8);
+  CHECK(check_multimodal(sg::recipe::mlp_gate_up.on_layers(1, 1)).size() == 2);
+  CHECK(check_multimodal(sg::recipe::frozen).empty());
+}
+
+TEST_CASE("multimodal: text-only rows, soft tokens, and generation from an image") {
+  const auto c = tiny_multimodal();
+  auto w = random_multimodal<float>(c, 13);
+  auto images = random_tensor<float>({2, 8, 8, 3}, 14, 0.5);
+  using R = std::remove_cv_t<decltype(sg::recipe::full)>;
+  sg::model::multimodal_lm<float, R> mm(c, sg::recipe::full);
+  typename decltype(mm)::saved_t s;
+  auto h_text = mm.forward(w, ids, s, nullptr);
+  CHECK(h_text.shape() == sg::cpu::shape_t{2, 5, 16});
+  auto g = mm.make_grads(w);
+  mm.backward(w, s, h_text, g);  // no image: nothing reaches the projector or the encoder
+  CHECK(g.projector.linear_1.weight.vec().cwiseAbs().maxCoeff() == 0.0f);
+  CHECK(g.vision.patch_embed.weight.vec().cwiseAbs().maxCoeff() == 0.0f);
+  // The soft tokens are what forward prefixes: the LM on them gives the same states.
+  auto soft = mm.soft_tokens(w, images);
+  auto h = mm.forward(w, ids, s, &images);
+  sg::model::decoder_lm<float, std::remove_cv_t<decltype(sg::recipe::frozen)>> lm(c.text, sg::recipe::frozen);
+  decltype(lm)::saved_t ls;
+  auto h2 = lm.forward(w.lm, ids, ls, &soft);
+  REQUIRE(h.shape() == h2.shape());
+  CHECK((h.vec() - h2.vec()).cwiseAbs().maxCoeff() == 0.0f);
+  auto out = sg::model::generate(mm.lm(), w.lm, ids, sg::model::sampling{.max_new_tokens = 3, .allowed = {}}, &soft);
+  CHECK(out.shape(1) == 3);
+  sg::cpu::tensor<float> three({3, 8, 8, 3}, sg::memory_use::workspace);
+  CHECK_THROWS_WITH(mm.forward(w, ids, s, &three), Catch::Contains("3 images for a batch of 2 token rows"));
+}
+
+namespace {
+template <class R>
+void check_train_step(R recipe) {
+  const auto c = tiny_multimodal();
+  auto w = random_multimodal<float>(c, 15);
+  auto images = random_tensor<float>({2, 8, 8, 3}, 16, 0.5);
+  sg::model::multimodal_lm<float, R> mm(c, recipe);
+  std::map<std::string, std::vector<float>> before;
+  sg::model::for_each_multimodal_parameter(w, [&](const std::string& n, sg::cpu::tensor<float>& t) {
+    before[n].assign(t.data(), t.data() + t.size());
+  });
+  std::set<std::string> trained;
+  auto g = mm.make_grads(w);
+  mm.for_each_trainable(w, g, [&](const std::string& n, auto&, auto&) { trained.insert(n); });
+  sg::train::adamw<float> opt(mm, w, g, {.lr = 1e-2});
+  const std::size_t P = std::size_t(mm.image_tokens());
+  sg::train::micro_batch<float> mb{ids, xt::full_like(token_ids::from_shape({2, P + 5}), sg::ignore_index), &images};
+  for (std::size_t b = 0; b < 2; ++b)
+    for (std::size_t s = 0; s + 1 < 5; ++s) mb.targets(b, P + s) = ids(b, s + 1);
+  double first = 0, last = 0;
+  for (int step = 0; step < 20; ++step) {
+    auto st = sg::train::train_step(mm, w, g, opt, sg::train::constant_schedule{1e-2}, std::span(&mb, 1));
+    if (step == 0) first = st.loss;
+    last = st.loss;
+  }
+  INFO("loss " << first << " -> " << last);
+  CHECK(last < first);
+  sg::model::for_each_multimodal_parameter(w, [&](const std::string& n, sg::cpu::tensor<float>& t) {
+    const bool same = std::equal(t.data(), t.data() + t.size(), before[n].data());
+    INFO(n);
+    CHECK(same == !trained.count(n));
+  });
+}
+}  // namespace
+
+TEST_CASE("multimodal: train_step drives the model; frozen tensors stay bit-identical") {
+  check_train_step(sg::recipe::vision_projector);
+  check_train_step(sg::recipe::sa_proj);
+  check_train_step(sg::recipe::full);
+}
+
+TEST_CASE("multimodal recipes by name") {
+  CHECK(sg::recipe::full == (sg::recipe::llm | sg::recipe::vision_projector));
+  CHECK(sg::recipe::vision_projector.trains<sg::group::vision>);
+  CHECK_FALSE(sg::recipe::vision_projector.trains<sg::proj::q>);
+  CHECK(sg::multimodal_recipe_names() == "sa_proj, mlp, mlp_gate_up, mlp_down, llm, frozen, vision_projector, full");
+  auto count = [](auto r) { return int(decltype(sg::hana::length(r.set))::value); };
+  CHECK(sg::with_multimodal_recipe("full", count) == 14);
+  CHECK(sg::with_multimodal_recipe("vision_projector", count) == 2);
+  CHECK(sg::with_multimodal_recipe("sa_proj", count) == 4);
+  CHECK(sg::is_multimodal_recipe_name("full"));
+  CHECK_FALSE(sg::is_recipe_name("full"));
+  CHECK_THROWS_WITH(sg::with_recipe("full", count), Catch::Contains("use with_multimodal_recipe"));
+  CHECK_THROWS_WITH(sg::with_multimodal_recipe("vision", count),
+                    "skillgraft: unknown recipe 'vision'; valid names: sa_proj, mlp, mlp_gate_up, mlp_down, llm, frozen, "
+                    "vision_projector, full");
+}
+
+TEST_CASE("multimodal: configuration errors name the mismatch") {
+  auto c = tiny_multimodal();
+  c.projector.out = 12;
+  CHECK_THROWS_WITH(sg::model::multimodal_weights<float>(c), Catch::Contains("the projector gives 12 features, the language model's hidden size is 16"));
+  c = tiny_multimodal();
+  c.vision.blocks.causal = true;
+  CHECK_THROWS_WITH(c.validate(), Catch::Contains("bidirectional and rotary-free"));
+  c = tiny_multimodal();
+  c.vision.patch_size = 3;
+  CHECK_THROWS_WITH(c.validate(), Catch::Contains("image_size (8) is not a multiple of patch_size (3)"));
+}
