@@ -57,10 +57,6 @@ std::string read_text(const fs::path& file) {
   std::ifstream in(file, std::ios::binary);
   return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
-void write_text(const fs::path& file, const std::string& text) {
-  std::ofstream out(file, std::ios::binary);
-  out << text;
-}
 std::vector<std::string> dir_names(const fs::path& dir) {
   std::vector<std::string> out;
   for (const auto& e : fs::directory_iterator(dir)) out.push_back(e.path().filename().string());
@@ -224,4 +220,711 @@ TEST_CASE("golden: loss and gradients match transformers under several recipes")
   // Untied Llama: the head alone.
   CHECK(check_golden_grads<float>(llama_dir, sg::trainable<sg::group::lm_head>) ==
         std::set<std::string>{"lm_head.weight"});
+}
+
+// ---- helpers for checkpoints written by the tests ------------------------------------------
+
+namespace {
+
+using tensor_map = std::map<std::string, sg::cpu::tensor<float>>;
+
+tensor_map tensors_in(const fs::path& file) {
+  io::safetensors_file f(file);
+  tensor_map m;
+  for (const auto& t : f.header().tensors) m.emplace(t.name, f.load<float>(t.name));
+  return m;
+}
+
+sg::cpu::tensor<float> filled(sg::cpu::shape_t s, float v) {
+  sg::cpu::tensor<float> t(s, sg::memory_use::workspace);
+  t.fill(v);
+  return t;
+}
+
+// A checkpoint directory: `config` copied from a golden model, `tensors` as one file.
+void write_dir(const fs::path& dir, const fs::path& config_from, const tensor_map& tensors,
+               io::dtype as = io::dtype::f32) {
+  fs::create_directories(dir);
+  fs::copy_file(config_from / "config.json", dir / "config.json", fs::copy_options::overwrite_existing);
+  io::safetensors_writer out;
+  out.set_metadata("format", "pt");
+  for (const auto& [name, t] : tensors) out.add(name, t, as);
+  out.write(dir / "model.safetensors");
+}
+
+// The same tensors as two shards and an index, the way save_pretrained shards.
+void write_sharded(const fs::path& dir, const fs::path& config_from, const tensor_map& tensors,
+                   const std::function<void(nlohmann::json&)>& edit_index = {}) {
+  fs::create_directories(dir);
+  fs::copy_file(config_from / "config.json", dir / "config.json", fs::copy_options::overwrite_existing);
+  io::safetensors_writer a, b;
+  nlohmann::json index = {{"metadata", {{"total_size", 0}}}, {"weight_map", nlohmann::json::object()}};
+  std::size_t i = 0, bytes = 0;
+  for (const auto& [name, t] : tensors) {
+    const bool first = i++ < tensors.size() / 2;
+    (first ? a : b).add(name, t);
+    index["weight_map"][name] = first ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors";
+    bytes += t.bytes();
+  }
+  index["metadata"]["total_size"] = bytes;
+  a.set_metadata("format", "pt");
+  b.set_metadata("format", "pt");
+  a.write(dir / "model-00001-of-00002.safetensors");
+  b.write(dir / "model-00002-of-00002.safetensors");
+  if (edit_index) edit_index(index);
+  io::write_json_file(dir / "model.safetensors.index.json", index);
+}
+
+std::string load_error(const fs::path& dir, sg::model::hf_load_options o = {}) {
+  try {
+    sg::model::load_hf_checkpoint<float>(dir, o);
+  } catch (const std::invalid_argument& e) {
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
+// ---- round trips ---------------------------------------------------------------------------
+
+TEST_CASE("save: F32 checkpoints are byte-identical to transformers' and load back bit for bit") {
+  for (const auto& dir : {llama_dir, qwen2_dir}) {
+    INFO(dir.filename().string());
+    temp_dir tmp;
+    auto w = sg::model::load_hf_checkpoint<float>(dir);
+    sg::model::save_hf_checkpoint(tmp.path, w);
+    CHECK(read_text(tmp / "model.safetensors") == read_text(dir / "model.safetensors"));
+    CHECK(dir_names(tmp.path) == std::vector<std::string>{"config.json", "model.safetensors"});
+    auto back = sg::model::load_hf_checkpoint<float>(tmp.path);
+    check_same_weights(w, back);
+    // The config says the same model to us, and to transformers 4.x and 5.x.
+    const auto j = io::read_json_file(tmp / "config.json");
+    CHECK(j.at("rope_theta") == j.at("rope_parameters").at("rope_theta"));
+    CHECK(j.at("dtype") == "float32");
+    CHECK(io::decoder_config_to_hf(back.config) == io::decoder_config_to_hf(w.config));
+    CHECK(back.config.tie_word_embeddings == (dir == qwen2_dir));
+  }
+}
+
+TEST_CASE("save: BF16 checkpoints round to nearest even, and reload to exactly those values") {
+  temp_dir tmp;
+  auto w = sg::model::load_hf_checkpoint<float>(llama_dir);
+  sg::model::save_hf_checkpoint(tmp.path, w, {.dtype = io::dtype::bf16});
+  io::safetensors_file f(tmp / "model.safetensors");
+  for (const auto& t : f.header().tensors) CHECK(t.type == io::dtype::bf16);
+  CHECK(io::read_json_file(tmp / "config.json").at("torch_dtype") == "bfloat16");
+  auto back = sg::model::load_hf_checkpoint<float>(tmp.path);
+  std::size_t changed = 0, compared = 0, too_far = 0;
+  std::vector<const sg::cpu::tensor<float>*> b;
+  sg::model::for_each_parameter(back, [&](const std::string&, sg::cpu::tensor<float>& t, auto, int) { b.push_back(&t); });
+  std::size_t k = 0;
+  sg::model::for_each_parameter(w, [&](const std::string& name, sg::cpu::tensor<float>& t, auto, int) {
+    const auto& r = *b[k++];
+    for (std::size_t i = 0; i < t.size(); ++i) {
+      const float expected = io::bfloat16_to_float(io::float_to_bfloat16(t[i]));
+      if (r[i] != expected) FAIL_CHECK(name << "[" << i << "] = " << r[i] << ", expected " << expected);
+      too_far += !(std::abs(r[i] - t[i]) <= std::ldexp(std::abs(t[i]), -8));  // half an ulp of 8 significant bits
+      changed += r[i] != t[i];
+      ++compared;
+    }
+  });
+  CHECK(too_far == 0);
+  CHECK(compared == sg::model::lm_weights<float>::elements_for(w.config));
+  CHECK(changed > compared / 2);  // the rounding really happened
+}
+
+TEST_CASE("load: F16 and BF16 files convert to float and double") {
+  temp_dir tmp;
+  const auto tensors = tensors_in(llama_dir / "model.safetensors");
+  write_dir(tmp / "f16", llama_dir, tensors, io::dtype::f16);
+  auto f = sg::model::load_hf_checkpoint<float>(tmp / "f16");
+  auto d = sg::model::load_hf_checkpoint<double>(tmp / "f16");
+  const auto& orig = tensors.at("model.layers.1.mlp.down_proj.weight");
+  const auto& lf = f.trunk.layers[1].mlp.down_proj.weight;
+  const auto& ld = d.trunk.layers[1].mlp.down_proj.weight;
+  std::size_t wrong = 0, rounded = 0;
+  for (std::size_t i = 0; i < orig.size(); ++i) {
+    wrong += lf[i] != io::half_to_float(io::float_to_half(orig[i])) || ld[i] != double(lf[i]);
+    rounded += lf[i] != orig[i];
+  }
+  CHECK(wrong == 0);
+  CHECK(rounded > orig.size() / 2);
+}
+
+TEST_CASE("load: a sharded checkpoint equals the single file") {
+  temp_dir tmp;
+  auto single = sg::model::load_hf_checkpoint<float>(llama_dir);
+  write_sharded(tmp.path, llama_dir, tensors_in(llama_dir / "model.safetensors"));
+  auto sharded = sg::model::load_hf_checkpoint<float>(tmp.path);
+  check_same_weights(single, sharded);
+  // model.safetensors wins over an index, as in transformers.
+  fs::copy_file(llama_dir / "model.safetensors", tmp / "model.safetensors");
+  CHECK(sg::model::hf_tensors(tmp.path).origin() == tmp / "model.safetensors");
+}
+
+TEST_CASE("load: sharded checkpoints whose index and shards disagree are refused by name") {
+  temp_dir tmp;
+  const auto tensors = tensors_in(llama_dir / "model.safetensors");
+  const fs::path index = tmp / "model.safetensors.index.json";
+  const std::string s1 = (tmp / "model-00001-of-00002.safetensors").string();
+  const std::string first = tensors.begin()->first;  // in shard 1
+  const std::string last = tensors.rbegin()->first;  // in shard 2
+  SECTION("a tensor placed in the wrong shard") {
+    write_sharded(tmp.path, llama_dir, tensors,
+                  [&](nlohmann::json& j) { j["weight_map"][first] = "model-00002-of-00002.safetensors"; });
+    CHECK(load_error(tmp.path) == "skillgraft: shard " + s1 + " holds " + first + ", which " + index.string() +
+                                      " places in model-00002-of-00002.safetensors");
+  }
+  SECTION("a tensor in a shard that the index does not list") {
+    write_sharded(tmp.path, llama_dir, tensors, [&](nlohmann::json& j) { j["weight_map"].erase(first); });
+    CHECK(load_error(tmp.path) ==
+          "skillgraft: shard " + s1 + " holds " + first + ", which " + index.string() + " does not list");
+  }
+  SECTION("the index lists a tensor no shard holds") {
+    write_sharded(tmp.path, llama_dir, tensors, [&](nlohmann::json& j) {
+      j["weight_map"]["model.layers.9.mlp.up_proj.weight"] = "model-00002-of-00002.safetensors";
+    });
+    CHECK(load_error(tmp.path) == "skillgraft: " + index.string() +
+                                      " places model.layers.9.mlp.up_proj.weight in model-00002-of-00002.safetensors, "
+                                      "but that shard does not hold it");
+  }
+  SECTION("a shard file is missing") {
+    write_sharded(tmp.path, llama_dir, tensors);
+    fs::remove(tmp / "model-00002-of-00002.safetensors");
+    CHECK_THAT(load_error(tmp.path), Contains("cannot open " + (tmp / "model-00002-of-00002.safetensors").string()));
+  }
+  SECTION("a shard name that leaves the directory") {
+    write_sharded(tmp.path, llama_dir, tensors,
+                  [&](nlohmann::json& j) { j["weight_map"][last] = "../model-00002-of-00002.safetensors"; });
+    CHECK(load_error(tmp.path) == "skillgraft: " + index.string() + " maps " + last +
+                                      " to \"../model-00002-of-00002.safetensors\"; shards must be file names in "
+                                      "the checkpoint's directory");
+  }
+  SECTION("an index without a weight_map") {
+    write_sharded(tmp.path, llama_dir, tensors, [&](nlohmann::json& j) { j.erase("weight_map"); });
+    CHECK(load_error(tmp.path) == "skillgraft: " + index.string() + " has no \"weight_map\" object");
+  }
+}
+
+// ---- malformed checkpoints -------------------------------------------------------------------
+
+TEST_CASE("load: missing, misshapen, unexpected and mistyped tensors are named with their shapes") {
+  temp_dir tmp;
+  auto tensors = tensors_in(llama_dir / "model.safetensors");
+  const std::string file = (tmp / "model.safetensors").string();
+  SECTION("a missing tensor") {
+    tensors.erase("model.layers.1.mlp.up_proj.weight");
+    write_dir(tmp.path, llama_dir, tensors);
+    CHECK(load_error(tmp.path) == "skillgraft: " + file +
+                                      " is missing 1 tensor the model needs: model.layers.1.mlp.up_proj.weight "
+                                      "(expected [48, 32])");
+  }
+  SECTION("an untied model without lm_head.weight") {
+    tensors.erase("lm_head.weight");
+    write_dir(tmp.path, llama_dir, tensors);
+    CHECK(load_error(tmp.path) == "skillgraft: " + file +
+                                      " is missing 1 tensor the model needs: lm_head.weight (expected [64, 32]); the "
+                                      "config does not tie word embeddings, so lm_head.weight must be in the "
+                                      "checkpoint");
+  }
+  SECTION("a config with more layers than the file") {
+    write_dir(tmp.path, llama_dir, tensors);
+    auto j = io::read_json_file(tmp / "config.json");
+    j["num_hidden_layers"] = 3;
+    io::write_json_file(tmp / "config.json", j);
+    CHECK_THAT(load_error(tmp.path), Contains(" is missing 9 tensors the model needs: model.layers.2."));
+    CHECK_THAT(load_error(tmp.path), Contains(" and 5 more"));
+  }
+  SECTION("a tensor of the wrong shape") {
+    tensors.erase("model.layers.0.self_attn.k_proj.weight");
+    tensors.emplace("model.layers.0.self_attn.k_proj.weight", filled({32, 32}, 0.f));
+    write_dir(tmp.path, llama_dir, tensors);
+    CHECK(load_error(tmp.path) == "skillgraft: model.layers.0.self_attn.k_proj.weight has shape [32, 32] in " + file +
+                                      ", expected [16, 32]");
+  }
+  SECTION("a bias the config does not have") {
+    tensors.emplace("model.layers.0.self_attn.q_proj.bias", filled({32}, 0.f));
+    write_dir(tmp.path, llama_dir, tensors);
+    CHECK(load_error(tmp.path) == "skillgraft: " + file +
+                                      " has 1 tensor the model does not have: model.layers.0.self_attn.q_proj.bias "
+                                      "[32] (hf_load_options::ignore_unexpected skips them)");
+  }
+  SECTION("unexpected tensors are refused, or skipped on request; inv_freq always") {
+    tensors.emplace("vision_tower.proj.weight", filled({4, 4}, 1.f));
+    tensors.emplace("model.layers.0.self_attn.rotary_emb.inv_freq", filled({4}, 1.f));
+    write_dir(tmp.path, llama_dir, tensors);
+    CHECK(load_error(tmp.path) == "skillgraft: " + file +
+                                      " has 1 tensor the model does not have: vision_tower.proj.weight [4, 4] "
+                                      "(hf_load_options::ignore_unexpected skips them)");
+    auto w = sg::model::load_hf_checkpoint<float>(tmp.path, {.ignore_unexpected = true});
+    auto golden = sg::model::load_hf_checkpoint<float>(llama_dir);
+    check_same_weights(w, golden);
+  }
+  SECTION("integer weights") {
+    io::safetensors_writer out;
+    for (const auto& [name, t] : tensors)
+      if (name != "model.norm.weight") out.add(name, t);
+    out.add_ids("model.norm.weight", std::vector<std::int64_t>(32, 1), {32});
+    write_dir(tmp.path, llama_dir, {});
+    out.write(tmp / "model.safetensors");
+    CHECK(load_error(tmp.path) ==
+          "skillgraft: model.norm.weight in " + file + " is I64; weights load from F32, BF16, F16 or F64");
+  }
+  SECTION("no weights file, no config") {
+    write_dir(tmp.path, llama_dir, tensors);
+    fs::remove(tmp / "model.safetensors");
+    CHECK(load_error(tmp.path) ==
+          "skillgraft: " + tmp.path.string() + " has neither model.safetensors nor model.safetensors.index.json");
+    fs::remove(tmp / "config.json");
+    CHECK(load_error(tmp.path) == "skillgraft: cannot open " + (tmp / "config.json").string());
+  }
+}
+
+TEST_CASE("load: a tied model may carry lm_head.weight only as a copy of the embedding") {
+  temp_dir tmp;
+  auto tensors = tensors_in(qwen2_dir / "model.safetensors");
+  REQUIRE(!tensors.contains("lm_head.weight"));
+  tensors.emplace("lm_head.weight", tensors.at("model.embed_tokens.weight").clone());
+  write_dir(tmp.path, qwen2_dir, tensors);
+  auto w = sg::model::load_hf_checkpoint<float>(tmp.path);
+  CHECK(w.lm_head.empty());
+  tensors.at("lm_head.weight")[70] += 1.0f;
+  write_dir(tmp.path, qwen2_dir, tensors);
+  CHECK(load_error(tmp.path) == "skillgraft: " + (tmp / "model.safetensors").string() +
+                                    " has an lm_head.weight that differs from model.embed_tokens.weight (element 70), "
+                                    "but config.json ties them (tie_word_embeddings)");
+}
+
+// ---- atomic saves ----------------------------------------------------------------------------
+
+TEST_CASE("save: a failed save leaves the previous checkpoint intact and no temporary behind") {
+  temp_dir tmp;
+  auto w = sg::model::load_hf_checkpoint<float>(llama_dir);
+  sg::model::save_hf_checkpoint(tmp.path, w);
+  const std::string weights = read_text(tmp / "model.safetensors"), config = read_text(tmp / "config.json");
+  REQUIRE(weights.size() > 64 * 1024);
+  auto other = sg::model::load_hf_checkpoint<float>(llama_dir);
+  for (std::size_t i = 0; i < other.norm.size(); ++i) other.norm[i] += 1.0f;
+
+  SECTION("the disk fills up (file size limit) while the weights are written") {
+    struct rlimit old {};
+    REQUIRE(::getrlimit(RLIMIT_FSIZE, &old) == 0);
+    struct rlimit small = old;
+    small.rlim_cur = 16 * 1024;
+    auto* old_handler = ::signal(SIGXFSZ, SIG_IGN);  // EFBIG instead of being killed
+    REQUIRE(::setrlimit(RLIMIT_FSIZE, &small) == 0);
+    std::string message;
+    try {
+      sg::model::save_hf_checkpoint(tmp.path, other);
+    } catch (const std::system_error& e) {
+      message = e.what();
+    }
+    ::setrlimit(RLIMIT_FSIZE, &old);
+    ::signal(SIGXFSZ, old_handler);
+    CHECK_THAT(message, Contains("skillgraft: cannot write " + (tmp / "model.safetensors").string()));
+    CHECK_THAT(message, Contains("File too large"));
+  }
+  SECTION("weights that do not fit their config are refused before anything is written") {
+    other.trunk.layers[1].mlp.up_proj.weight = sg::cpu::tensor<float>({48, 31}, sg::memory_use::weights);
+    CHECK_THROWS_WITH(sg::model::save_hf_checkpoint(tmp.path, other),
+                      "skillgraft: model.layers.1.mlp.up_proj.weight has shape [48, 31], expected [48, 32]");
+  }
+  SECTION("an unsupported dtype is refused before anything is written") {
+    CHECK_THROWS_WITH(sg::model::save_hf_checkpoint(tmp.path, other, {.dtype = io::dtype::i32}),
+                      "skillgraft: checkpoints are saved as F32, BF16, F16 or F64, not I32");
+  }
+  CHECK(read_text(tmp / "model.safetensors") == weights);
+  CHECK(read_text(tmp / "config.json") == config);
+  CHECK(dir_names(tmp.path) == std::vector<std::string>{"config.json", "model.safetensors"});
+}
+
+// ---- task checkpoints: the trainable tensors of a recipe -------------------------------------
+
+TEST_CASE("task checkpoint: only the recipe's trainable tensors, loaded over a base model") {
+  temp_dir tmp;
+  constexpr auto recipe = sg::recipe::mlp_gate_up.on_layers(1, 1);
+  auto tuned = sg::model::load_hf_checkpoint<float>(llama_dir);
+  sg::model::decoder_lm<float, std::remove_cv_t<decltype(recipe)>> lm(tuned.config, recipe);
+  // "Training": every tensor changes, but only the trainable ones belong in the checkpoint.
+  sg::model::for_each_parameter(tuned, [](const std::string&, sg::cpu::tensor<float>& t, auto, int) {
+    for (std::size_t i = 0; i < t.size(); ++i) t[i] += 0.25f;
+  });
+  sg::model::save_task_checkpoint(tmp.path, lm, tuned);
+  const std::vector<std::string> trained{"model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"};
+  {
+    io::safetensors_file f(tmp / "model.safetensors");
+    std::vector<std::string> names;
+    for (const auto& t : f.header().tensors) names.push_back(t.name);
+    std::sort(names.begin(), names.end());
+    CHECK(names == trained);
+    CHECK(f.metadata().at("format") == "pt");
+    CHECK(f.metadata().at(sg::model::task_checkpoint_key) == "trainable");
+  }
+  auto base = sg::model::load_hf_checkpoint<float>(llama_dir);
+  auto expected = sg::model::load_hf_checkpoint<float>(llama_dir);
+  for (auto* p : {&expected.trunk.layers[1].mlp.gate_proj.weight, &expected.trunk.layers[1].mlp.up_proj.weight})
+    for (std::size_t i = 0; i < p->size(); ++i) (*p)[i] += 0.25f;
+  CHECK(sg::model::apply_task_checkpoint(tmp.path, base) == trained);
+  check_same_weights(base, expected);
+
+  // It is not a full checkpoint, and says so.
+  CHECK_THAT(load_error(tmp.path), Contains("is missing 19 tensors the model needs: "));
+  CHECK_THAT(load_error(tmp.path), Contains("this checkpoint holds only the tensors a recipe trains: load it over a "
+                                            "base model with apply_task_checkpoint"));
+  // A full checkpoint applies too: every tensor is replaced.
+  auto other = sg::model::load_hf_checkpoint<float>(llama_dir);
+  CHECK(sg::model::apply_task_checkpoint(llama_dir, tuned).size() == 21);
+  check_same_weights(tuned, other);
+}
+
+TEST_CASE("task checkpoint: another model or a wrong shape is refused and the base is left untouched") {
+  temp_dir tmp;
+  auto base = sg::model::load_hf_checkpoint<float>(llama_dir);
+  auto untouched = sg::model::load_hf_checkpoint<float>(llama_dir);
+  SECTION("the checkpoint's config describes another model") {
+    auto qwen = sg::model::load_hf_checkpoint<float>(qwen2_dir);
+    sg::model::decoder_lm<float, std::remove_cv_t<decltype(sg::recipe::sa_proj)>> lm(qwen.config, sg::recipe::sa_proj);
+    sg::model::save_task_checkpoint(tmp.path, lm, qwen);
+    CHECK_THROWS_WITH(sg::model::apply_task_checkpoint(tmp.path, base),
+                      Contains((tmp / "config.json").string() + " describes another model than the base weights: "));
+    CHECK_THROWS_WITH(sg::model::apply_task_checkpoint(tmp.path, base), Contains("model_type \"qwen2\" (base \"llama\")"));
+  }
+  // A tensor that would load (layer 0 sorts and is written first), then a bad one.
+  auto apply_with = [&](const std::string& bad, sg::cpu::shape_t shape) {
+    tensor_map t;
+    t.emplace("model.layers.0.mlp.gate_proj.weight", filled({48, 32}, 3.f));
+    t.emplace(bad, filled(shape, 3.f));
+    write_dir(tmp.path, llama_dir, t);
+    try {
+      sg::model::apply_task_checkpoint(tmp.path, base);
+    } catch (const std::invalid_argument& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  SECTION("a tensor of the wrong shape") {
+    CHECK(apply_with("model.layers.1.mlp.gate_proj.weight", {32, 48}) ==
+          "skillgraft: model.layers.1.mlp.gate_proj.weight has shape [32, 48] in " +
+              (tmp / "model.safetensors").string() + ", expected [48, 32]");
+  }
+  SECTION("a tensor the base does not have") {
+    CHECK_THAT(apply_with("model.layers.0.mlp.gate_proj.lora_A.weight", {4, 32}),
+               Contains("has 1 tensor the model does not have: model.layers.0.mlp.gate_proj.lora_A.weight [4, 32]"));
+  }
+  check_same_weights(base, untouched);
+}
+
+TEST_CASE("task checkpoint: a recipe that trains nothing, and a model with an active adapter, are refused") {
+  temp_dir tmp;
+  auto w = sg::model::load_hf_checkpoint<float>(llama_dir);
+  sg::model::decoder_lm<float, std::remove_cv_t<decltype(sg::recipe::frozen)>> frozen(w.config, sg::recipe::frozen);
+  CHECK_THROWS_WITH(sg::model::save_task_checkpoint(tmp.path, frozen, w),
+                    "skillgraft: the recipe trains no tensor, so a task checkpoint would be empty");
+  auto c = w.config;
+  c.lora_rank = 2;
+  sg::model::decoder_lm<float, decltype(sg::trainable<sg::lora<v>>)> lm(c, sg::trainable<sg::lora<v>>);
+  sg::cl::attach_lora(lm, w, {.rank = 2, .alpha = 4, .seed = 1});
+  CHECK_THROWS_WITH(sg::model::save_hf_checkpoint(tmp.path, w),
+                    Contains("skillgraft: layer 0 has an active LoRA adapter, which a model checkpoint would lose"));
+  // The adapters themselves make a task checkpoint of that recipe.
+  sg::model::save_task_checkpoint(tmp.path, lm, w);
+  CHECK(tensors_in(tmp / "model.safetensors").size() == 4);
+  CHECK(fs::is_empty(tmp.path) == false);
+  // Merged (scale 0), the model saves: its weights now carry the adapters.
+  sg::cl::lora_merge merged(w);
+  sg::model::save_hf_checkpoint(tmp / "merged", w);
+  CHECK(tensors_in(tmp / "merged" / "model.safetensors").size() == 21);
+}
+
+// ---- config.json -----------------------------------------------------------------------------
+
+namespace {
+std::string config_error(const nlohmann::json& j) {
+  try {
+    io::decoder_config_from_hf(j, "config.json");
+  } catch (const std::invalid_argument& e) {
+    return e.what();
+  }
+  return "";
+}
+}  // namespace
+
+TEST_CASE("config: the golden configs read as the models they describe") {
+  const auto l = io::read_hf_config(llama_dir / "config.json");
+  CHECK(l.hidden == 32);
+  CHECK(l.n_heads == 4);
+  CHECK(l.n_kv_heads == 2);
+  CHECK(l.head_dim == 8);
+  CHECK(l.intermediate == 48);
+  CHECK(l.n_layers == 2);
+  CHECK(l.vocab_size == 64);
+  CHECK(l.max_seq == 32);
+  CHECK(l.rope_theta == 1e4);
+  CHECK(l.rms_norm_eps == 1e-6);
+  CHECK(!l.attention_bias);
+  CHECK(!l.tie_word_embeddings);
+  const auto q = io::read_hf_config(qwen2_dir / "config.json");
+  CHECK(q.rope_theta == 1e6);  // only inside rope_parameters (transformers 5.x)
+  CHECK(q.attention_bias);
+  CHECK(q.tie_word_embeddings);
+  CHECK(q.head_dim == 8);  // not in the file: hidden / heads
+  for (const auto& c : {l, q}) {
+    const auto back = io::decoder_config_from_hf(io::decoder_config_to_hf(c));
+    CHECK(io::decoder_config_to_hf(back) == io::decoder_config_to_hf(c));
+  }
+}
+
+TEST_CASE("config: rope_parameters (5.x) and top-level rope_theta (4.x) read the same, or are refused") {
+  auto j = io::read_json_file(qwen2_dir / "config.json");
+  REQUIRE(!j.contains("rope_theta"));
+  auto old = j;  // as transformers 4.x writes it
+  old.erase("rope_parameters");
+  old["rope_theta"] = 1e6;
+  old["rope_scaling"] = nullptr;
+  CHECK(io::decoder_config_from_hf(old).rope_theta == 1e6);
+  old.erase("rope_theta");
+  CHECK(io::decoder_config_from_hf(old).rope_theta == 1e4);  // transformers' default
+  auto both = j;
+  both["rope_theta"] = 1e6;
+  CHECK(io::decoder_config_from_hf(both).rope_theta == 1e6);
+  both["rope_theta"] = 5e5;
+  CHECK(config_error(both) == "skillgraft: config.json has rope_theta 500000.0 at the top level but 1000000.0 in "
+                              "rope_parameters; which one applies depends on the transformers version, so the file "
+                              "is ambiguous");
+  auto yarn = j;
+  yarn["rope_parameters"] = {{"rope_type", "yarn"}, {"rope_theta", 1e6}, {"factor", 4.0}};
+  CHECK(config_error(yarn) == "skillgraft: config.json uses rope_parameters of rope_type \"yarn\"; only the default "
+                              "rotary embedding is supported");
+  auto linear = old;
+  linear["rope_scaling"] = {{"type", "linear"}, {"factor", 2.0}};
+  CHECK(config_error(linear) == "skillgraft: config.json uses rope_scaling of rope_type \"linear\"; only the default "
+                                "rotary embedding is supported");
+}
+
+TEST_CASE("config: models the decoder cannot compute are refused by what they use") {
+  const auto llama = io::read_json_file(llama_dir / "config.json");
+  const auto qwen = io::read_json_file(qwen2_dir / "config.json");
+  auto with = [](nlohmann::json j, const std::string& key, nlohmann::json v) {
+    j[key] = std::move(v);
+    return j;
+  };
+  CHECK(config_error(with(llama, "model_type", "mistral")) ==
+        "skillgraft: config.json describes a \"mistral\" model; supported: llama, qwen2");
+  CHECK(config_error(with(llama, "attention_bias", true)) ==
+        "skillgraft: config.json uses attention_bias, which in Llama also puts a bias on o_proj; that is not supported");
+  CHECK(config_error(with(llama, "mlp_bias", true)) == "skillgraft: config.json uses mlp_bias, which is not supported");
+  CHECK(config_error(with(llama, "hidden_act", "gelu")) ==
+        "skillgraft: config.json uses hidden_act \"gelu\"; only silu (SwiGLU) is supported");
+  CHECK(config_error(with(qwen, "use_sliding_window", true)) ==
+        "skillgraft: config.json uses sliding-window attention (use_sliding_window), which is not supported");
+  CHECK(config_error(with(qwen, "layer_types", {"full_attention", "sliding_attention"})) ==
+        "skillgraft: config.json has layer_types entry \"sliding_attention\"; only full_attention is supported");
+  auto no_hidden = llama;
+  no_hidden.erase("hidden_size");
+  CHECK(config_error(no_hidden) == "skillgraft: config.json has no \"hidden_size\"");
+  CHECK_THAT(config_error(with(llama, "num_key_value_heads", 3)), Contains("is not a multiple of num_key_value_heads (3)"));
+  CHECK_THAT(config_error(with(llama, "hidden_size", "32")), Contains("skillgraft: config.json: [json.exception.type_error"));
+}
+
+// ---- PEFT LoRA adapters ------------------------------------------------------------------------
+
+namespace {
+
+using peft_recipe = decltype(sg::trainable<sg::lora<q>, sg::lora<v>, sg::lora<gate>>);
+
+template <class R = peft_recipe>
+sg::model::lm_weights<float> llama_with_adapters(int rank, double alpha, std::uint64_t seed, R recipe = {}) {
+  auto w = sg::model::load_hf_checkpoint<float>(llama_dir);
+  auto c = w.config;
+  c.lora_rank = rank;
+  sg::model::decoder_lm<float, R> lm(c, recipe);
+  sg::cl::attach_lora(lm, w, {.rank = rank, .alpha = alpha, .seed = seed});
+  // B starts at zero; give it values so that a round trip has something to carry.
+  std::mt19937 rng(unsigned(seed) + 100);
+  for (auto& l : w.trunk.layers)
+    for (auto* p : {&l.self_attn.q_proj, &l.self_attn.k_proj, &l.self_attn.v_proj, &l.self_attn.o_proj,
+                    &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj})
+      if (p->has_lora()) {
+        std::normal_distribution<float> nd(0.f, 0.3f);
+        for (std::size_t i = 0; i < p->lora.B.size(); ++i) p->lora.B[i] = nd(rng);
+      }
+  return w;
+}
+
+std::string adapter_error(const fs::path& dir, sg::model::lm_weights<float>& w) {
+  try {
+    sg::cl::load_lora_adapter(dir, w);
+  } catch (const std::invalid_argument& e) {
+    return e.what();
+  }
+  return "";
+}
+
+template <class T>
+sg::cpu::tensor<T> logits_of(sg::model::lm_weights<T>& w) {
+  sg::model::decoder_lm<T, std::remove_cv_t<decltype(sg::recipe::frozen)>> lm(w.config, sg::recipe::frozen);
+  const token_ids ids = {{1, 5, 7, 2, 11}, {3, 3, 12, 0, 4}};
+  typename decltype(lm)::saved_t s;
+  return lm.logits(w, lm.forward(w, ids, s));
+}
+
+}  // namespace
+
+TEST_CASE("PEFT: adapters save under PEFT's names with PEFT's adapter_config.json, and load back exactly") {
+  temp_dir tmp;
+  auto w = llama_with_adapters(4, 8, 1);
+  sg::cl::save_lora_adapter(tmp.path, w, {.base_model_name_or_path = "tiny-llama"});
+  CHECK(dir_names(tmp.path) == std::vector<std::string>{"adapter_config.json", "adapter_model.safetensors"});
+
+  io::safetensors_file f(tmp / "adapter_model.safetensors");
+  std::set<std::string> names;
+  for (const auto& t : f.header().tensors) names.insert(t.name);
+  std::set<std::string> expected;
+  for (int l : {0, 1})
+    for (const char* m : {"self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj"})
+      for (const char* ab : {"lora_A", "lora_B"})
+        expected.insert("base_model.model.model.layers." + std::to_string(l) + "." + m + "." + ab + ".weight");
+  CHECK(names == expected);
+  CHECK(f.info("base_model.model.model.layers.1.mlp.gate_proj.lora_A.weight").shape == std::vector<std::size_t>{4, 32});
+  CHECK(f.info("base_model.model.model.layers.1.mlp.gate_proj.lora_B.weight").shape == std::vector<std::size_t>{48, 4});
+  CHECK(f.metadata().at("format") == "pt");
+
+  const auto j = io::read_json_file(tmp / "adapter_config.json");
+  CHECK(j.at("peft_type") == "LORA");
+  CHECK(j.at("task_type") == "CAUSAL_LM");
+  CHECK(j.at("r") == 4);
+  CHECK(j.at("lora_alpha").is_number_integer());
+  CHECK(j.at("lora_alpha") == 8);
+  CHECK(j.at("target_modules") == nlohmann::json{"gate_proj", "q_proj", "v_proj"});
+  CHECK(j.at("layers_to_transform").is_null());
+  CHECK(j.at("base_model_name_or_path") == "tiny-llama");
+  CHECK(j.at("bias") == "none");
+  CHECK(j.at("use_rslora") == false);
+
+  auto w2 = llama_with_adapters(4, 16, 2);  // other values and another scale
+  CHECK(sg::cl::load_lora_adapter(tmp.path, w2) == 6);
+  for (std::size_t l = 0; l < 2; ++l)
+    for (auto [a, b] : {std::pair{&w.trunk.layers[l].self_attn.q_proj, &w2.trunk.layers[l].self_attn.q_proj},
+                        std::pair{&w.trunk.layers[l].self_attn.v_proj, &w2.trunk.layers[l].self_attn.v_proj},
+                        std::pair{&w.trunk.layers[l].mlp.gate_proj, &w2.trunk.layers[l].mlp.gate_proj}}) {
+      CHECK(bitwise_equal(a->lora.A, b->lora.A));
+      CHECK(bitwise_equal(a->lora.B, b->lora.B));
+      CHECK(b->lora_scale == 2.0f);  // lora_alpha / r = 8 / 4
+    }
+  CHECK(bitwise_equal(logits_of(w), logits_of(w2)));
+  CHECK(!bitwise_equal(logits_of(w), logits_of(*std::make_unique<sg::model::lm_weights<float>>(
+                                         sg::model::load_hf_checkpoint<float>(llama_dir)))));
+}
+
+TEST_CASE("PEFT: a layer range becomes layers_to_transform; odd alphas and rsLoRA keep their scale") {
+  temp_dir tmp;
+  constexpr auto upper = sg::trainable<sg::lora<up>>.on_layers(1, 1);
+  auto w = llama_with_adapters(3, 5, 1, upper);
+  sg::cl::save_lora_adapter(tmp.path, w);
+  auto j = io::read_json_file(tmp / "adapter_config.json");
+  CHECK(j.at("layers_to_transform") == nlohmann::json{1});
+  CHECK(j.at("target_modules") == nlohmann::json{"up_proj"});
+  CHECK(j.at("lora_alpha") == 5);
+  CHECK(j.at("base_model_name_or_path").is_null());
+  auto w2 = llama_with_adapters(3, 1, 9, upper);
+  CHECK(sg::cl::load_lora_adapter(tmp.path, w2) == 1);
+  CHECK(w2.trunk.layers[1].mlp.up_proj.lora_scale == w.trunk.layers[1].mlp.up_proj.lora_scale);
+  CHECK(bitwise_equal(w2.trunk.layers[1].mlp.up_proj.lora.B, w.trunk.layers[1].mlp.up_proj.lora.B));
+  j["use_rslora"] = true;
+  io::write_json_file(tmp / "adapter_config.json", j);
+  sg::cl::load_lora_adapter(tmp.path, w2);
+  CHECK(w2.trunk.layers[1].mlp.up_proj.lora_scale == float(5.0 / std::sqrt(3.0)));
+}
+
+TEST_CASE("PEFT: adapters that do not match the attached ones are refused, leaving them untouched") {
+  temp_dir tmp;
+  auto saved = llama_with_adapters(4, 8, 1);
+  sg::cl::save_lora_adapter(tmp.path, saved);
+  const std::string config = (tmp / "adapter_config.json").string();
+  const std::string file = (tmp / "adapter_model.safetensors").string();
+  auto edit_config = [&](auto&& f) {
+    auto j = io::read_json_file(tmp / "adapter_config.json");
+    f(j);
+    io::write_json_file(tmp / "adapter_config.json", j);
+  };
+  auto w = llama_with_adapters(4, 8, 3);
+  const auto before = w.trunk.layers[0].self_attn.q_proj.lora.A.clone();
+
+  SECTION("another rank") {
+    auto w2 = llama_with_adapters(2, 8, 3);
+    CHECK(adapter_error(tmp.path, w2) == "skillgraft: " + config +
+                                             " has r 4, but the adapter attached to model.layers.0.self_attn.q_proj has "
+                                             "rank 2");
+  }
+  SECTION("a target with no adapter attached") {
+    auto w2 = llama_with_adapters(4, 8, 3, sg::trainable<sg::lora<q>, sg::lora<v>>);
+    CHECK(adapter_error(tmp.path, w2) == "skillgraft: " + config +
+                                             " targets gate_proj on layer 0, but model.layers.0.mlp.gate_proj has no "
+                                             "adapter attached (attach_lora with a recipe that adapts it)");
+  }
+  SECTION("an attached adapter the file does not target") {
+    auto w2 = llama_with_adapters(4, 8, 3, sg::trainable<sg::lora<q>, sg::lora<v>, sg::lora<gate>, sg::lora<up>>);
+    CHECK(adapter_error(tmp.path, w2) == "skillgraft: " + config +
+                                             " does not target model.layers.0.mlp.up_proj (target_modules gate_proj, "
+                                             "q_proj, v_proj, layers all), but an adapter is attached there");
+  }
+  SECTION("configurations plain LoRA cannot express") {
+    edit_config([](auto& j) { j["peft_type"] = "IA3"; });
+    CHECK(adapter_error(tmp.path, w) == "skillgraft: " + config + " has peft_type \"IA3\"; only LORA adapters load");
+    edit_config([](auto& j) { j["peft_type"] = "LORA", j["use_dora"] = true; });
+    CHECK(adapter_error(tmp.path, w) == "skillgraft: " + config + " uses DoRA (use_dora), which is not supported");
+    edit_config([](auto& j) { j["use_dora"] = false, j["target_modules"] = ".*proj"; });
+    CHECK(adapter_error(tmp.path, w) ==
+          "skillgraft: " + config + " has no list of target_modules (a regular expression is not supported)");
+    edit_config([](auto& j) { j["target_modules"] = {"q_proj", "lm_head"}; });
+    CHECK(adapter_error(tmp.path, w) == "skillgraft: " + config + " targets \"lm_head\"; adapters go on q_proj, "
+                                                                  "k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj");
+    edit_config([](auto& j) { j["target_modules"] = {"q_proj", "v_proj", "gate_proj"}, j["rank_pattern"] = {{"q_proj", 8}}; });
+    CHECK_THAT(adapter_error(tmp.path, w), Contains("has a rank_pattern; only one rank and one alpha"));
+    edit_config([](auto& j) { j["rank_pattern"] = nlohmann::json::object(), j["layers_to_transform"] = {5}; });
+    CHECK(adapter_error(tmp.path, w) ==
+          "skillgraft: " + config + " lists layer 5 in layers_to_transform; the model has 2 layers");
+  }
+  SECTION("a missing, misshapen or extra tensor") {
+    tensor_map t = tensors_in(tmp / "adapter_model.safetensors");
+    auto rewrite = [&] {
+      io::safetensors_writer out;
+      for (const auto& [name, x] : t) out.add(name, x);
+      out.write(tmp / "adapter_model.safetensors");
+    };
+    const std::string b1 = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight";
+    auto kept = std::move(t.at(b1));
+    t.erase(b1);
+    rewrite();
+    CHECK(adapter_error(tmp.path, w) == "skillgraft: " + file + " has no tensor " + b1 + " (expected [16, 4])");
+    t.emplace(b1, filled({4, 16}, 0.f));
+    rewrite();
+    CHECK(adapter_error(tmp.path, w) ==
+          "skillgraft: " + b1 + " has shape [4, 16] in " + file + ", expected [16, 4]");
+    t.at(b1) = std::move(kept);
+    t.emplace("base_model.model.model.layers.1.mlp.up_proj.lora_A.weight", filled({4, 32}, 0.f));
+    rewrite();
+    CHECK(adapter_error(tmp.path, w) ==
+          "skillgraft: " + file +
+              " has 1 tensors no attached adapter takes, e.g. base_model.model.model.layers.1.mlp.up_proj.lora_A.weight");
+  }
+  CHECK(bitwise_equal(w.trunk.layers[0].self_attn.q_proj.lora.A, before));
+}
+
+TEST_CASE("PEFT: nothing attached, or adapters PEFT cannot describe, are refused on saving") {
+  temp_dir tmp;
+  auto w = sg::model::load_hf_checkpoint<float>(llama_dir);
+  CHECK_THROWS_WITH(sg::cl::save_lora_adapter(tmp.path, w),
+                    "skillgraft: no LoRA adapter is attached, so there is nothing to save");
+  auto mixed = llama_with_adapters(4, 8, 1);
+  mixed.trunk.layers[1].mlp.gate_proj.lora = {};
+  CHECK_THROWS_WITH(sg::cl::save_lora_adapter(tmp.path, mixed),
+                    Contains("layer 1 has no adapter on gate_proj although other layers do"));
+  auto scaled = llama_with_adapters(4, 8, 1);
+  scaled.trunk.layers[1].mlp.gate_proj.lora_scale = 1.0f;
+  CHECK_THROWS_WITH(sg::cl::save_lora_adapter(tmp.path, scaled),
+                    Contains("model.layers.1.mlp.gate_proj has an adapter of rank 4 and scale 1.000000, others rank 4 "
+                             "and scale 2.000000"));
+  CHECK(fs::is_empty(tmp.path));
 }

@@ -200,12 +200,12 @@ std::vector<std::pair<std::string, cpu::tensor<T>*>> plan_load(const hf_tensors&
   if (!missing.empty()) {
     std::string why = "skillgraft: " + src.origin().string() + " is missing " + std::to_string(missing.size()) +
                       (missing.size() == 1 ? " tensor" : " tensors") + " the model needs: " + name_list(missing);
-    if (targets.contains("lm_head.weight") && !src.contains("lm_head.weight"))
-      why += "; the config does not tie word embeddings, so lm_head.weight must be in the checkpoint";
     const auto& meta = src.metadata();
     if (const auto it = meta.find(task_checkpoint_key); it != meta.end() && it->second == "trainable")
       why += "; this checkpoint holds only the tensors a recipe trains: load it over a base model with "
              "apply_task_checkpoint";
+    else if (targets.contains("lm_head.weight") && !src.contains("lm_head.weight"))
+      why += "; the config does not tie word embeddings, so lm_head.weight must be in the checkpoint";
     throw std::invalid_argument(why);
   }
   std::vector<std::pair<std::string, cpu::tensor<T>*>> plan;
@@ -267,10 +267,12 @@ void check_lm_weights(const lm_weights<T>& w) {
 
 // Throws when the config.json of a checkpoint describes another model than `base`.
 inline void check_same_model(const decoder_config& file, const decoder_config& base, const fs::path& where) {
-  const auto a = io::decoder_config_to_hf(file), b = io::decoder_config_to_hf(base);
+  auto a = io::decoder_config_to_hf(file), b = io::decoder_config_to_hf(base);
   std::vector<std::string> diff;
   for (const auto& [key, value] : a.items())
-    if (b.at(key) != value) diff.push_back(key + " " + value.dump() + " (base " + b.at(key).dump() + ")");
+    if (b[key] != value) diff.push_back(key + " " + value.dump() + " (base " + b[key].dump() + ")");
+  for (const auto& [key, value] : b.items())
+    if (!a.contains(key)) diff.push_back(key + " null (base " + value.dump() + ")");
   if (!diff.empty())
     throw std::invalid_argument("skillgraft: " + where.string() + " describes another model than the base weights: " +
                                 name_list(diff));
