@@ -268,6 +268,9 @@ TEST_CASE("decoder stack: parity with the CPU and memory plan equal to the devic
     sg::nn::decoder_stack<float, R, false, sg::backend::cuda> ds(c, recipe);
     const auto plan = sg::plan_memory(ds, sh);
     CHECK(plan.saved_activations == sg::plan_memory(cs, sh).saved_activations);
+    CHECK(plan.gradients == sg::plan_memory(cs, sh).gradients);
+    CHECK(ds.flops(sh).forward == cs.flops(sh).forward);
+    CHECK(ds.flops(sh).backward == cs.flops(sh).backward);
     CHECK(weights.delta() == std::int64_t(plan.weights));
     CHECK(constants.delta() == std::int64_t(plan.constants));
     auto cg = cs.make_grads(hw);
@@ -416,7 +419,7 @@ TEST_CASE("language model: logits, soft-token prefix and its gradient equal the 
   CHECK(check_gradients(cm, hw, cg, dm, dw, dg) > 0);
 }
 
-TEST_CASE("AdamW on the device: the CPU update on the same gradients; non-finite gradients change nothing") {
+TEST_CASE("AdamW on the device: the CPU update on the same gradients, and non-finite gradients change nothing") {
   const auto c = sg::test::tiny_config(false, 1);
   auto hw = sg::test::random_trunk<float>(c, 51);
   auto dw = sg::nn::cuda::trunk_weights<float>::upload(hw);

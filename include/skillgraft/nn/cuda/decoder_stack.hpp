@@ -199,13 +199,15 @@ class decoder_stack<T, Recipe, NeedsInputGrad, backend::cuda> {
   }
   typename lowest_t::flop_count flops(seq_shape sh) const {
     typename lowest_t::flop_count f;
-    for (int i = 0; i < config_.n_layers; ++i) {
-      const auto fl = i < first_ ? below_t::flops(config_, sh)
-                      : i == first_ ? lowest_t::flops(config_, sh)
-                      : i <= last_ ? middle_t::flops(config_, sh)
-                                   : above_t::flops(config_, sh);
+    auto add = [&](auto fl) {
       f.forward += fl.forward;
       f.backward += fl.backward;
+    };
+    for (int i = 0; i < config_.n_layers; ++i) {
+      if (i < first_) add(below_t::flops(config_, sh));
+      else if (i == first_) add(lowest_t::flops(config_, sh));
+      else if (i <= last_) add(middle_t::flops(config_, sh));
+      else add(above_t::flops(config_, sh));
     }
     return f;
   }
