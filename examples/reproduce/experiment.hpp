@@ -1,0 +1,563 @@
+#pragma once
+// The experiment of "How to Teach Large Multimodal Models New Skills", in miniature:
+// pretrain a small multimodal model on eight general abilities (once, cached as a
+// safetensors checkpoint), then for each tuning method teach it five target skills in
+// sequence with the same budget, evaluating every task after every stage and probing the
+// counting bias (number-token mass on generated captions) along the way.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <optional>
+#include <span>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "skillgraft/cl/lora.hpp"
+#include "skillgraft/cl/lwf.hpp"
+#include "skillgraft/cl/teacher.hpp"
+#include "skillgraft/cl/wise_ft.hpp"
+#include "skillgraft/io/safetensors.hpp"
+#include "skillgraft/model/generate.hpp"
+#include "skillgraft/model/multimodal.hpp"
+#include "skillgraft/policy/dispatch.hpp"
+#include "skillgraft/train/adamw.hpp"
+#include "skillgraft/train/schedule.hpp"
+#include "skillgraft/train/step.hpp"
+
+#include "data.hpp"
+#include "progress.hpp"
+
+namespace skillgraft::reproduce {
+
+using weights_t = model::multimodal_weights<float>;
+using frozen_t = std::remove_cv_t<decltype(recipe::frozen)>;
+
+// Every method the runner knows, in report order. "moe" needs the MoE MLP (see run_method).
+inline const std::vector<std::string>& all_methods() {
+  static const std::vector<std::string> m{"llm", "mlp", "mlp_gate_up", "sa_proj", "vision_projector",
+                                          "full", "lwf", "wise_ft", "lora", "moe"};
+  return m;
+}
+
+struct settings {
+  model::multimodal_config model;
+  // Pretraining (the base model).
+  int pretrain_steps = 1500;
+  int pretrain_batch = 32;
+  double pretrain_lr = 2e-3;
+  // Each target stage: the same budget for every method.
+  int stage_steps = 100;
+  int stage_batch = 16;
+  double lr = 5e-4;       // AdamW peak learning rate, every method but LoRA
+  double lora_lr = 2e-3;  // LoRA adapters start at zero and usually take a larger rate
+  int lora_rank = 8;
+  double lwf_lambda = 1.0;
+  double lwf_temperature = 2.0;
+  double wise_beta = 0.5;  // sequential WiSE-FT: running average weight of the newest model
+  // Evaluation.
+  int test_examples = 64;   // per task
+  int probe_examples = 48;  // captions for the counting-bias probe
+  bool restricted = true;   // restricted decoding where a task has one
+  std::vector<std::string> order{"birds", "count", "tissue", "sign", "clock"};
+  std::vector<std::string> methods = all_methods();
+  std::uint64_t seed = 1;
+  std::filesystem::path out = "reproduce-out";
+  std::filesystem::path checkpoint;  // default: <out>/base.safetensors
+  bool quiet = false;
+
+  std::filesystem::path checkpoint_path() const { return checkpoint.empty() ? out / "base.safetensors" : checkpoint; }
+};
+
+inline model::multimodal_config reference_model(int vocab) {
+  model::multimodal_config c;
+  c.vision.image_size = canvas::size;
+  c.vision.patch_size = 8;
+  c.vision.channels = 3;
+  auto& v = c.vision.blocks;
+  v.hidden = 64, v.n_heads = 4, v.n_kv_heads = 4, v.head_dim = 16, v.intermediate = 128, v.n_layers = 2;
+  v.max_seq = c.vision.patches(), v.causal = false, v.rotary = false, v.vocab_size = 1;
+  c.projector = {.in = 64, .intermediate = 128, .out = 128};
+  auto& t = c.text;
+  t.hidden = 128, t.n_heads = 4, t.n_kv_heads = 2, t.head_dim = 32, t.intermediate = 256, t.n_layers = 4;
+  t.max_seq = 64, t.vocab_size = vocab, t.tie_word_embeddings = false;
+  return c;
+}
+
+// The default run (under 15 minutes on 2 cores) and the longer, more faithful one.
+inline settings default_settings() {
+  settings s;
+  s.model = reference_model(tokenizer().size());
+  return s;
+}
+inline settings full_settings() {
+  settings s = default_settings();
+  s.pretrain_steps = 6000;
+  s.stage_steps = 1000;
+  s.test_examples = 256;
+  s.probe_examples = 128;
+  return s;
+}
+
+// What identifies a pretrained checkpoint: a rerun with the same string reuses it.
+inline std::string fingerprint(const settings& s) {
+  const auto& m = s.model;
+  std::ostringstream o;
+  o << "reproduce-v2 vision " << m.vision.image_size << "/" << m.vision.patch_size << " " << m.vision.blocks.hidden << "x"
+    << m.vision.blocks.n_layers << "h" << m.vision.blocks.n_heads << "i" << m.vision.blocks.intermediate << " proj "
+    << m.projector.intermediate << " text " << m.text.hidden << "x" << m.text.n_layers << "h" << m.text.n_heads << "/"
+    << m.text.n_kv_heads << "d" << m.text.head_dim << "i" << m.text.intermediate << "v" << m.text.vocab_size << " pretrain "
+    << s.pretrain_steps << "x" << s.pretrain_batch << " lr " << s.pretrain_lr << " seed " << s.seed;
+  return o.str();
+}
+
+// --- evaluation --------------------------------------------------------------------
+
+struct test_set {
+  std::string task;
+  bool target = false;
+  std::vector<example> examples;
+};
+
+// The frozen pieces evaluation runs: soft tokens, then cached decoding.
+class evaluator {
+ public:
+  evaluator(const tokenizer& tok, const model::multimodal_config& c) : tok_(&tok), mm_(c, recipe::frozen) {}
+
+  // Exact-match accuracy of greedy answers; with `restricted`, decoding keeps to the
+  // example's restriction (numbers, yes/no, option letters, clock) plus <eos>.
+  double accuracy(const weights_t& w, const std::vector<example>& set, bool restricted) const {
+    // Rows decode together when they share image use, prompt length and restriction.
+    std::map<std::tuple<bool, std::size_t, int>, std::vector<std::size_t>> groups;
+    std::vector<std::vector<std::int64_t>> prompts(set.size());
+    for (std::size_t i = 0; i < set.size(); ++i) {
+      prompts[i] = tok_->encode(set[i].prompt);
+      prompts[i].push_back(tok_->sep());
+      groups[{set[i].has_image, prompts[i].size(), restricted ? int(set[i].restrict) : 0}].push_back(i);
+    }
+    std::size_t correct = 0;
+    for (const auto& [key, rows_all] : groups)
+      for (std::size_t c0 = 0; c0 < rows_all.size(); c0 += chunk) {
+        const std::vector<std::size_t> rows(rows_all.begin() + long(c0),
+                                            rows_all.begin() + long(std::min(rows_all.size(), c0 + chunk)));
+        const auto answers = generate(w, set, prompts, rows, restricted ? restriction(std::get<2>(key)) : restriction::none);
+        for (std::size_t r = 0; r < rows.size(); ++r) correct += answers[r] == tok_->encode(set[rows[r]].answer);
+      }
+    return set.empty() ? 0.0 : double(correct) / double(set.size());
+  }
+
+  // Greedy answers (token ids before <eos>; an answer without <eos> keeps a trailing -1).
+  std::vector<std::vector<std::int64_t>> generate(const weights_t& w, const std::vector<example>& set,
+                                                  const std::vector<std::vector<std::int64_t>>& prompts,
+                                                  const std::vector<std::size_t>& rows, restriction r,
+                                                  int max_new = 0) const {
+    const std::size_t B = rows.size(), L = prompts[rows[0]].size();
+    token_ids ids = token_ids::from_shape({B, L});
+    std::vector<const example*> ex;
+    std::size_t longest = 0;
+    for (std::size_t b = 0; b < B; ++b) {
+      for (std::size_t t = 0; t < L; ++t) ids(b, t) = prompts[rows[b]][t];
+      ex.push_back(&set[rows[b]]);
+      longest = std::max(longest, tok_->encode(set[rows[b]].answer).size());
+    }
+    model::sampling s;
+    s.max_new_tokens = max_new > 0 ? max_new : int(longest) + 1;
+    s.eos = tok_->eos();
+    s.allowed = allowed_tokens(*tok_, r);
+    token_ids out;
+    if (ex[0]->has_image) {
+      auto images = image_batch(ex);
+      auto soft = mm_.soft_tokens(w, images);
+      out = model::generate(mm_.lm(), w.lm, ids, s, &soft);
+    } else {
+      out = model::generate(mm_.lm(), w.lm, ids, s);
+    }
+    std::vector<std::vector<std::int64_t>> answers(B);
+    for (std::size_t b = 0; b < B; ++b) {
+      bool ended = false;
+      for (std::size_t t = 0; t < out.shape(1) && !ended; ++t) {
+        if (out(b, t) == tok_->eos()) ended = true;
+        else answers[b].push_back(out(b, t));
+      }
+      if (!ended) answers[b].push_back(-1);  // never closed: not an exact match
+    }
+    return answers;
+  }
+
+  // The counting bias: greedy captions of the probe images, then the mean probability mass
+  // on number tokens at every generated position (through <eos>), and the fraction of
+  // captions that contain a number token.
+  struct probe_value {
+    double number_mass = 0;
+    double with_number = 0;
+  };
+  probe_value counting_bias(const weights_t& w, const std::vector<example>& probe) const {
+    std::vector<std::vector<std::int64_t>> prompts(probe.size());
+    std::vector<std::size_t> rows;
+    for (std::size_t i = 0; i < probe.size(); ++i) {
+      prompts[i] = tok_->encode(probe[i].prompt);
+      prompts[i].push_back(tok_->sep());
+      rows.push_back(i);
+    }
+    probe_value v;
+    double mass = 0;
+    std::size_t positions = 0, with_number = 0;
+    for (std::size_t c0 = 0; c0 < rows.size(); c0 += chunk) {
+      const std::vector<std::size_t> part(rows.begin() + long(c0), rows.begin() + long(std::min(rows.size(), c0 + chunk)));
+      auto caps = generate(w, probe, prompts, part, restriction::none, 12);
+      // Teacher-forced pass over prompt + caption: position sep + i predicts caption token i.
+      const std::size_t B = part.size(), Lp = prompts[part[0]].size();
+      std::size_t Lc = 0;
+      for (auto& c : caps) {
+        if (!c.empty() && c.back() == -1) c.pop_back();
+        Lc = std::max(Lc, c.size());
+      }
+      token_ids ids = xt::full_like(token_ids::from_shape({B, Lp + Lc}), tok_->pad());
+      std::vector<const example*> ex;
+      for (std::size_t b = 0; b < B; ++b) {
+        for (std::size_t t = 0; t < Lp; ++t) ids(b, t) = prompts[part[b]][t];
+        for (std::size_t t = 0; t < caps[b].size(); ++t) ids(b, Lp + t) = caps[b][t];
+        ex.push_back(&probe[part[b]]);
+        bool number = false;
+        for (auto t : caps[b]) number = number || tok_->is_number(t);
+        with_number += number;
+      }
+      auto images = image_batch(ex);
+      auto soft = mm_.soft_tokens(w, images);
+      typename decltype(mm_)::lm_t::saved_t saved;
+      auto h = mm_.lm().forward(w.lm, ids, saved, &soft);
+      auto z = mm_.lm().logits(w.lm, h);
+      const std::size_t P = soft.dim(1), V = std::size_t(w.config.text.vocab_size), Tn = h.dim(1);
+      for (std::size_t b = 0; b < B; ++b)
+        for (std::size_t i = 0; i <= caps[b].size() && Lp + i <= Lc + Lp; ++i) {
+          const std::size_t pos = P + Lp - 1 + i;  // predicts caption token i (or <eos> after the last)
+          if (pos >= Tn) break;
+          const float* zr = z.data() + (b * Tn + pos) * V;
+          double mx = zr[0];
+          for (std::size_t j = 1; j < V; ++j) mx = std::max(mx, double(zr[j]));
+          double all = 0, num = 0;
+          for (std::size_t j = 0; j < V; ++j) {
+            const double e = std::exp(double(zr[j]) - mx);
+            all += e;
+            if (tok_->is_number(std::int64_t(j))) num += e;
+          }
+          mass += num / all;
+          ++positions;
+        }
+    }
+    v.number_mass = positions ? mass / double(positions) : 0.0;
+    v.with_number = probe.empty() ? 0.0 : double(with_number) / double(probe.size());
+    return v;
+  }
+
+ private:
+  static constexpr std::size_t chunk = 64;
+  const tokenizer* tok_;
+  model::multimodal_lm<float, frozen_t> mm_;
+};
+
+// --- checkpoints ---------------------------------------------------------------------
+
+inline void save_checkpoint(const weights_t& w, const std::filesystem::path& path, const std::string& fp) {
+  io::safetensors_writer out;
+  out.set_metadata("format", "pt");
+  out.set_metadata("skillgraft.reproduce", fp);
+  model::for_each_multimodal_parameter(const_cast<weights_t&>(w),
+                                       [&](const std::string& name, cpu::tensor<float>& t) { out.add(name, t); });
+  std::filesystem::create_directories(path.parent_path().empty() ? "." : path.parent_path());
+  out.write(path);
+}
+
+// Loads the checkpoint when it exists and was made with the same settings.
+inline bool load_checkpoint(weights_t& w, const std::filesystem::path& path, const std::string& fp) {
+  if (!std::filesystem::exists(path)) return false;
+  io::safetensors_file f(path);
+  auto it = f.metadata().find("skillgraft.reproduce");
+  if (it == f.metadata().end() || it->second != fp) return false;
+  model::for_each_multimodal_parameter(w, [&](const std::string& name, cpu::tensor<float>& t) { f.load_into(name, t); });
+  return true;
+}
+
+inline void copy_weights(const weights_t& from, weights_t& to) {
+  std::vector<const cpu::tensor<float>*> src;
+  model::for_each_multimodal_parameter(const_cast<weights_t&>(from),
+                                       [&](const std::string&, cpu::tensor<float>& t) { src.push_back(&t); });
+  std::size_t i = 0;
+  model::for_each_multimodal_parameter(to, [&](const std::string& name, cpu::tensor<float>& t) {
+    if (!(src[i]->shape() == t.shape())) throw std::logic_error("reproduce: copying " + name + " between different models");
+    std::copy_n(src[i]->data(), t.size(), t.data());
+    ++i;
+  });
+}
+
+// --- the data of one run ----------------------------------------------------------------
+
+struct run_data {
+  tokenizer tok;
+  std::vector<task> general = general_tasks();
+  std::vector<task> targets;  // in curriculum order
+  std::vector<test_set> tests;  // targets in curriculum order, then the held-out tasks
+  std::vector<example> probe;   // captions for the counting-bias probe
+
+  explicit run_data(const settings& s) {
+    for (const auto& name : s.order) {
+      bool found = false;
+      for (const auto& t : target_tasks())
+        if (t.name == name) targets.push_back(t), found = true;
+      if (!found) throw std::invalid_argument("reproduce: unknown target task '" + name + "' in --order");
+    }
+    for (const auto& t : targets) tests.push_back({t.name, true, make_test_set(t, s.test_examples, test_seed(t.name))});
+    for (const auto& t : general) tests.push_back({t.name, false, make_test_set(t, s.test_examples, test_seed(t.name))});
+    probe = make_test_set(general[0], s.probe_examples, test_seed("caption-probe"));
+  }
+  std::vector<std::string> task_names() const {
+    std::vector<std::string> n;
+    for (const auto& t : tests) n.push_back(t.task);
+    return n;
+  }
+};
+
+inline std::vector<double> evaluate_all(const evaluator& ev, const weights_t& w, const run_data& d, bool restricted) {
+  std::vector<double> row;
+  for (const auto& t : d.tests) row.push_back(ev.accuracy(w, t.examples, restricted));
+  return row;
+}
+
+// --- pretraining ----------------------------------------------------------------------
+
+// The base model: every parameter trains on the eight general abilities and the text-only
+// number sequences (what an LLM knows about numbers before it sees images), mixed uniformly.
+inline void pretrain(weights_t& w, const settings& s, const run_data& d, progress& prog) {
+  model::init_weights(w, s.seed);
+  using full_t = std::remove_cv_t<decltype(recipe::full)>;
+  model::multimodal_lm<float, full_t> mm(w.config, recipe::full);
+  auto g = mm.make_grads(w);
+  train::adamw<float> opt(mm, w, g, {.lr = s.pretrain_lr, .weight_decay = 0.01});
+  const train::cosine_schedule sched{.peak = s.pretrain_lr,
+                                     .floor = 0.1 * s.pretrain_lr,
+                                     .warmup = std::max(1, s.pretrain_steps / 20),
+                                     .total = s.pretrain_steps};
+  std::vector<example_stream> streams;
+  const auto extra = pretraining_only_tasks();
+  for (const auto& t : d.general) streams.emplace_back(t, train_seed(s.seed, t.name, 1000));
+  for (const auto& t : extra) streams.emplace_back(t, train_seed(s.seed, t.name, 1000));
+  std::mt19937_64 mix(s.seed ^ 0x6d6978ull);
+  prog.begin("pretrain", s.pretrain_steps);
+  for (int step = 0; step < s.pretrain_steps; ++step) {
+    std::vector<example> rows;
+    for (int b = 0; b < s.pretrain_batch; ++b)
+      rows.push_back(streams[std::size_t(gen::uniform(mix, 0, int(streams.size()) - 1))].next());
+    std::vector<const example*> img, txt;
+    for (const auto& e : rows) (e.has_image ? img : txt).push_back(&e);
+    std::vector<encoded_batch> enc;
+    if (!img.empty()) enc.push_back(encode_for_training(d.tok, img, mm.image_tokens()));
+    if (!txt.empty()) enc.push_back(encode_for_training(d.tok, txt, mm.image_tokens()));
+    std::vector<train::micro_batch<float>> mbs;
+    for (auto& e : enc) mbs.push_back({e.ids, e.targets, e.images.empty() ? nullptr : &e.images});
+    auto st = train::train_step(mm, w, g, opt, sched, std::span<const train::micro_batch<float>>(mbs));
+    prog.step(step + 1, st.loss);
+  }
+  prog.end();
+}
+
+// --- fine-tuning methods -----------------------------------------------------------------
+
+struct probe_point {
+  int stage = 0;  // 0: base model
+  int step = 0;   // step within the stage (0: after the stage, for the per-stage series)
+  double number_mass = 0, with_number = 0;
+};
+
+struct method_result {
+  std::string name;
+  std::string recipe;  // what trains
+  std::vector<std::vector<double>> R;  // rows: base, after stage 1..T; columns: run_data::tests
+  double train_seconds = 0;            // optimisation steps only
+  double eval_seconds = 0;
+  std::int64_t peak_bytes = 0;         // ledger peak during training (weights included)
+  std::size_t trainable = 0;           // trainable elements
+  std::vector<probe_point> probes;     // during the counting stage, and after every stage
+  std::vector<double> final_loss;      // last training loss of each stage
+};
+
+// LwF's objective for the multimodal model: the teacher (the model before this stage) sees
+// the same soft tokens (the vision encoder and projector are frozen under LwF's recipe).
+struct multimodal_lwf_objective {
+  cl::teacher<float>* teach = nullptr;
+  cl::lwf_options options{};
+
+  template <class Model>
+  train::loss_result<float> micro(const Model& model, typename Model::weights_t& w, typename Model::grads_t& g,
+                                  const train::micro_batch<float>& mb, const cpu::tensor<float>& h,
+                                  const token_ids& targets, std::size_t normaliser) const {
+    static_assert(!Model::train_vision && !Model::train_projector, "LwF here assumes a frozen vision path");
+    cpu::tensor<float> soft;
+    if (mb.prefix) soft = model.soft_tokens(w, *mb.prefix);
+    auto ht = teach->hidden(w.lm, mb.ids, mb.prefix ? &soft : nullptr);
+    auto r = cl::lwf_loss(h, w.lm.head(), ht, teach->head(w.lm), targets, model.head_grad(g), options, normaliser,
+                          options.all_positions ? 0 : normaliser);
+    return std::move(static_cast<train::loss_result<float>&>(r));
+  }
+};
+
+enum class method_kind { plain, lwf, wise_ft, lora };
+
+inline std::vector<int> probe_steps(int stage_steps) {
+  std::vector<int> v;
+  for (int s : {1, 10, 100, 1000})
+    if (s <= stage_steps) v.push_back(s);
+  if (v.empty() || v.back() != stage_steps) v.push_back(stage_steps);
+  return v;
+}
+
+template <class R>
+method_result run_recipe(const std::string& name, R recipe, method_kind kind, const settings& s, const weights_t& base,
+                         const std::vector<double>& base_row, const evaluator::probe_value& base_probe,
+                         const run_data& d, progress& prog) {
+  using clock = std::chrono::steady_clock;
+  method_result res;
+  res.name = name;
+  auto cfg = base.config;
+  if (kind == method_kind::lora) cfg.text.lora_rank = s.lora_rank, cfg.text.lora_alpha = 2.0 * s.lora_rank;
+  weights_t w(cfg);
+  copy_weights(base, w);
+  model::multimodal_lm<float, R> mm(cfg, recipe);
+  evaluator ev(d.tok, cfg);
+  res.R.push_back(base_row);
+  res.probes.push_back({0, 0, base_probe.number_mass, base_probe.with_number});
+  std::optional<cl::running_average<float>> average;
+  if (kind == method_kind::wise_ft) average.emplace(mm.lm(), w.lm, s.wise_beta);
+  ledger().reset_peaks();
+  std::int64_t peak = ledger().live_total();
+  const double lr = kind == method_kind::lora ? s.lora_lr : s.lr;
+  for (std::size_t k = 0; k < d.targets.size(); ++k) {
+    const auto& target = d.targets[k];
+    if (kind == method_kind::lora) cl::attach_lora(mm.lm(), w.lm, {.rank = s.lora_rank, .alpha = 2.0 * s.lora_rank, .seed = s.seed + k});
+    {
+      auto g = mm.make_grads(w);
+      if (k == 0) mm.for_each_trainable(w, g, [&](const std::string&, auto& p, auto&) { res.trainable += p.size(); });
+      train::adamw<float> opt(mm, w, g, {.lr = lr, .weight_decay = 0.0});
+      const train::cosine_schedule sched{
+          .peak = lr, .floor = 0.1 * lr, .warmup = std::max(1, s.stage_steps / 10), .total = s.stage_steps};
+      std::optional<cl::teacher<float>> teach;
+      if (kind == method_kind::lwf) teach.emplace(mm.lm(), w.lm);
+      example_stream stream(target, train_seed(s.seed, target.name, int(k)));
+      const auto probes = probe_steps(s.stage_steps);
+      prog.begin(name + " " + std::to_string(k + 1) + "/" + std::to_string(d.targets.size()) + " " + target.name,
+                 s.stage_steps);
+      double loss = 0;
+      for (int step = 0; step < s.stage_steps; ++step) {
+        std::vector<example> rows;
+        for (int b = 0; b < s.stage_batch; ++b) rows.push_back(stream.next());
+        std::vector<const example*> ptrs;
+        for (const auto& e : rows) ptrs.push_back(&e);
+        auto enc = encode_for_training(d.tok, ptrs, mm.image_tokens());
+        train::micro_batch<float> mb{enc.ids, enc.targets, enc.images.empty() ? nullptr : &enc.images};
+        const auto t0 = clock::now();
+        train::step_stats st;
+        if constexpr (!R::template trains<group::vision> && !R::template trains<group::projector>) {
+          if (kind == method_kind::lwf) {
+            multimodal_lwf_objective obj{&*teach, {.lambda = s.lwf_lambda, .temperature = s.lwf_temperature}};
+            st = train::train_step(mm, w, g, opt, sched, std::span(&mb, 1), {}, obj);
+          } else {
+            st = train::train_step(mm, w, g, opt, sched, std::span(&mb, 1));
+          }
+        } else {
+          st = train::train_step(mm, w, g, opt, sched, std::span(&mb, 1));
+        }
+        res.train_seconds += std::chrono::duration<double>(clock::now() - t0).count();
+        peak = std::max(peak, ledger().peak_total());
+        loss = st.loss;
+        prog.step(step + 1, st.loss);
+        if (target.name == "count" && std::find(probes.begin(), probes.end(), step + 1) != probes.end()) {
+          const auto t1 = clock::now();
+          const auto pv = ev.counting_bias(w, d.probe);
+          res.probes.push_back({int(k + 1), step + 1, pv.number_mass, pv.with_number});
+          res.eval_seconds += std::chrono::duration<double>(clock::now() - t1).count();
+        }
+      }
+      res.final_loss.push_back(loss);
+      prog.end();
+    }
+    if (kind == method_kind::lora) {
+      cl::lora_merge merged(w.lm);
+      merged.commit();
+      cl::detach_lora(w.lm);
+    }
+    if (kind == method_kind::wise_ft) average->after_task(mm.lm(), w.lm);
+    const auto t1 = clock::now();
+    res.R.push_back(evaluate_all(ev, w, d, s.restricted));
+    const auto pv = ev.counting_bias(w, d.probe);
+    res.probes.push_back({int(k + 1), 0, pv.number_mass, pv.with_number});
+    res.eval_seconds += std::chrono::duration<double>(clock::now() - t1).count();
+  }
+  res.peak_bytes = peak;
+  return res;
+}
+
+// The LoRA baseline's recipe: adapters on every projection of the language model.
+inline constexpr auto lora_recipe = trainable<lora<proj::q>, lora<proj::k>, lora<proj::v>, lora<proj::o>,
+                                              lora<proj::gate>, lora<proj::up>, lora<proj::down>>;
+
+inline std::string method_description(const std::string& m) {
+  if (m == "lwf") return "mlp + LwF distillation";
+  if (m == "wise_ft") return "llm + sequential WiSE-FT";
+  if (m == "lora") return "LoRA on all LLM projections";
+  if (m == "moe") return "MoE on the MLP";
+  if (m == "llm") return "whole LLM";
+  if (m == "full") return "vision + projector + LLM";
+  if (m == "vision_projector") return "vision encoder + projector";
+  if (m == "sa_proj") return "q, k, v, o";
+  if (m == "mlp") return "gate, up, down";
+  if (m == "mlp_gate_up") return "gate, up (down frozen)";
+  if (m == "mlp_down") return "down";
+  return m;
+}
+
+inline bool method_available(const std::string& m) {
+  // Hook for the MoE baseline: it needs the mixture-of-experts MLP in nn/; until the
+  // library has one, the runner reports the method as unavailable instead of faking it.
+  return m != "moe";
+}
+
+// The recipe runs are instantiated in their own translation units (recipes_*.cpp) when the
+// program is built from them, so that they compile in parallel.
+#define SKILLGRAFT_REPRODUCE_RUN_RECIPE(R)                                                                   \
+  method_result run_recipe<std::remove_cv_t<decltype(R)>>(                                                   \
+      const std::string&, std::remove_cv_t<decltype(R)>, method_kind, const settings&, const weights_t&,    \
+      const std::vector<double>&, const evaluator::probe_value&, const run_data&, progress&)
+#ifdef SKILLGRAFT_REPRODUCE_SPLIT_RECIPES
+extern template SKILLGRAFT_REPRODUCE_RUN_RECIPE(recipe::llm);
+extern template SKILLGRAFT_REPRODUCE_RUN_RECIPE(recipe::mlp);
+extern template SKILLGRAFT_REPRODUCE_RUN_RECIPE(recipe::mlp_gate_up);
+extern template SKILLGRAFT_REPRODUCE_RUN_RECIPE(recipe::sa_proj);
+extern template SKILLGRAFT_REPRODUCE_RUN_RECIPE(recipe::mlp_down);
+extern template SKILLGRAFT_REPRODUCE_RUN_RECIPE(recipe::frozen);
+extern template SKILLGRAFT_REPRODUCE_RUN_RECIPE(recipe::vision_projector);
+extern template SKILLGRAFT_REPRODUCE_RUN_RECIPE(recipe::full);
+extern template SKILLGRAFT_REPRODUCE_RUN_RECIPE(lora_recipe);
+#endif
+
+inline method_result run_method(const std::string& m, const settings& s, const weights_t& base,
+                                const std::vector<double>& base_row, const evaluator::probe_value& base_probe,
+                                const run_data& d, progress& prog) {
+  method_result r;
+  if (m == "lwf") r = run_recipe(m, recipe::mlp, method_kind::lwf, s, base, base_row, base_probe, d, prog);
+  else if (m == "wise_ft") r = run_recipe(m, recipe::llm, method_kind::wise_ft, s, base, base_row, base_probe, d, prog);
+  else if (m == "lora") r = run_recipe(m, lora_recipe, method_kind::lora, s, base, base_row, base_probe, d, prog);
+  else if (!method_available(m))
+    throw std::invalid_argument("reproduce: method '" + m + "' is not available in this build");
+  else
+    r = with_multimodal_recipe(m, [&](auto rc) {
+      return run_recipe(m, rc, method_kind::plain, s, base, base_row, base_probe, d, prog);
+    });
+  r.recipe = method_description(m);
+  return r;
+}
+
+}  // namespace skillgraft::reproduce

@@ -1,0 +1,119 @@
+// reproduce: the recipes' learning-vs-forgetting experiment on a small multimodal model.
+//
+//   reproduce [--full] [--methods llm,sa_proj,...] [--order birds,count,tissue,sign,clock]
+//             [--out DIR] [--checkpoint FILE] [--seed N] [--no-restrict] [--device cpu|cuda]
+//             [--pretrain-steps N] [--stage-steps N] [--stage-batch N] [--lr X] [--test-examples N]
+//
+// Writes report.md, summary.csv, accuracy_<method>.csv, probe.csv, curves.csv and four SVG
+// pictures under --out (default reproduce-out/). The pretrained base model is cached there
+// as base.safetensors; a rerun with the same settings skips pretraining.
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "pipeline.hpp"
+
+namespace rp = skillgraft::reproduce;
+
+namespace {
+
+std::vector<std::string> split(const std::string& s) {
+  std::vector<std::string> v;
+  std::stringstream in(s);
+  std::string item;
+  while (std::getline(in, item, ','))
+    if (!item.empty()) v.push_back(item);
+  return v;
+}
+
+void usage() {
+  std::cout << "usage: reproduce [options]\n"
+               "  --full                 longer, more faithful run (6000 pretraining steps, 1000 steps per stage)\n"
+               "  --methods a,b,...      methods to run (default: all): ";
+  for (const auto& m : rp::all_methods()) std::cout << m << ' ';
+  std::cout << "\n"
+               "                         any recipe name works too: "
+            << skillgraft::multimodal_recipe_names()
+            << "\n"
+               "  --order a,b,...        target curriculum (default birds,count,tissue,sign,clock)\n"
+               "  --out DIR              output directory (default reproduce-out)\n"
+               "  --checkpoint FILE      base-model checkpoint (default DIR/base.safetensors)\n"
+               "  --seed N               training-data and initialisation seed (default 1)\n"
+               "  --no-restrict          free decoding everywhere (default: restricted where a task has a format)\n"
+               "  --pretrain-steps N --stage-steps N --stage-batch N --lr X --lora-lr X --test-examples N\n"
+               "  --device cpu|cuda      where to run (cuda needs the GPU backend)\n"
+               "  --quiet                no progress display\n";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    std::vector<std::string> args(argv + 1, argv + argc);
+    rp::settings s = rp::default_settings();
+    for (const auto& a : args)
+      if (a == "--full") s = rp::full_settings();
+    for (std::size_t i = 0; i < args.size(); ++i) {
+      const std::string& a = args[i];
+      auto value = [&]() -> std::string {
+        if (i + 1 >= args.size()) throw std::invalid_argument("option " + a + " needs a value");
+        return args[++i];
+      };
+      if (a == "--help" || a == "-h") {
+        usage();
+        return 0;
+      } else if (a == "--full") {
+      } else if (a == "--methods") {
+        s.methods = split(value());
+        for (const auto& m : s.methods)
+          if (m != "lwf" && m != "wise_ft" && m != "lora" && m != "moe" && !skillgraft::is_multimodal_recipe_name(m))
+            throw std::invalid_argument("unknown method '" + m + "'");
+      } else if (a == "--order") {
+        s.order = split(value());
+      } else if (a == "--out") {
+        s.out = value();
+      } else if (a == "--checkpoint") {
+        s.checkpoint = value();
+      } else if (a == "--seed") {
+        s.seed = std::stoull(value());
+      } else if (a == "--no-restrict") {
+        s.restricted = false;
+      } else if (a == "--pretrain-steps") {
+        s.pretrain_steps = std::stoi(value());
+      } else if (a == "--stage-steps") {
+        s.stage_steps = std::stoi(value());
+      } else if (a == "--stage-batch") {
+        s.stage_batch = std::stoi(value());
+      } else if (a == "--lr") {
+        s.lr = std::stod(value());
+      } else if (a == "--lora-lr") {
+        s.lora_lr = std::stod(value());
+      } else if (a == "--test-examples") {
+        s.test_examples = std::stoi(value());
+      } else if (a == "--quiet") {
+        s.quiet = true;
+      } else if (a == "--device") {
+        const std::string d = value();
+        if (d == "cuda") {
+          std::cerr << "reproduce: not built with CUDA (the GPU backend is not part of this build); use --device cpu\n";
+          return 2;
+        }
+        if (d != "cpu") throw std::invalid_argument("unknown device '" + d + "' (cpu or cuda)");
+      } else {
+        throw std::invalid_argument("unknown option '" + a + "' (see --help)");
+      }
+    }
+    rp::progress prog(s.quiet);
+    auto res = rp::run_pipeline(s, prog);
+    std::cout << rp::summary_markdown(res.summaries) << "\nreport: " << (s.out / "report.md").string() << "  (whole run "
+              << rp::fmt(res.total_seconds) << " s)\n";
+    return 0;
+  } catch (const std::exception& e) {
+    std::cerr << "reproduce: " << e.what() << "\n";
+    return 1;
+  }
+}
