@@ -224,9 +224,17 @@ std::size_t saved_bytes(const Model& model, seq_shape sh) {
 
 // The plan for a built model (its recipe and layer range); `micro_batch` counts positions
 // including soft-prefix tokens.
-template <class T, class R, class Bk>
-method_memory plan_method_memory(const model::decoder_lm<T, R, Bk>& model, method m, seq_shape micro_batch,
+template <class Model>
+  requires requires(const Model& lm) {
+    typename Model::value_type;
+    typename Model::recipe_type;
+    lm.stack();
+    lm.trainable_elements();
+  }
+method_memory plan_method_memory(const Model& model, method m, seq_shape micro_batch,
                                  optimizer_kind opt = optimizer_kind::adamw) {
+  using T = typename Model::value_type;
+  using R = typename Model::recipe_type;
   if (micro_batch.batch <= 0 || micro_batch.seq <= 0)
     throw std::invalid_argument("skillgraft: memory plan needs a positive micro-batch shape (got " +
                                 std::to_string(micro_batch.batch) + " x " + std::to_string(micro_batch.seq) + ")");
@@ -243,7 +251,9 @@ method_memory plan_method_memory(const model::decoder_lm<T, R, Bk>& model, metho
   const auto trunk = plan_memory(st, micro_batch);  // the stack's weights, saved activations, rotary table
   p.trainable_elements = model.trainable_elements();
   const std::size_t A = p.trainable_elements * sizeof(T);
-  p.weights = model::lm_weights<T>::elements_for(c) * sizeof(T);
+  // The trunk as its own plan counts it (whatever its MLP), then embed_tokens, model.norm and an untied lm_head.
+  const std::size_t vd = std::size_t(c.vocab_size) * std::size_t(c.hidden);
+  p.weights = trunk.weights + (vd * (c.tie_word_embeddings ? 1 : 2) + std::size_t(c.hidden)) * sizeof(T);
   p.gradients = A;
   p.optimizer_state = opt == optimizer_kind::adamw ? 2 * A : opt == optimizer_kind::sgd_momentum ? A : 0;
   p.saved_activations = plan_detail::saved_bytes(model, micro_batch);
