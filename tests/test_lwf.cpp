@@ -93,6 +93,8 @@ TEST_CASE("LwF loss: gradients by finite differences, any chunking") {
   CHECK((same.dh.vec() - plain.dh.vec()).cwiseAbs().maxCoeff() < 1e-13);
   CHECK_THROWS_WITH(sg::cl::lwf_loss<double>(h, W, ht, Wt, targets, nullptr, {.temperature = 0}),
                     Catch::Contains("temperature > 0"));
+  CHECK_THROWS_WITH(sg::cl::lwf_loss<double>(h, W, ht, Wt, targets, nullptr, {.rows = 0}),
+                    Catch::Contains("rows must be at least 1"));
 }
 
 TEST_CASE("LwF teacher: holds only the trainable tensors and reproduces the model before the task") {

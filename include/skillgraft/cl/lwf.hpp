@@ -59,6 +59,7 @@ template <class T>
 lwf_result<T> lwf_loss(const tensor<T>& h, const tensor<T>& head, const tensor<T>& h_teacher,
                        const tensor<T>& head_teacher, const token_ids& targets, tensor<T>* dhead, lwf_options opt = {},
                        std::size_t normaliser_ce = 0, std::size_t normaliser_kd = 0) {
+  if (opt.rows == 0) throw std::invalid_argument("skillgraft: lwf_options.rows must be at least 1");
   if (!(h.shape() == h_teacher.shape()))
     throw std::invalid_argument("skillgraft: teacher hidden states have shape " + h_teacher.shape().str() +
                                 ", the student's " + h.shape().str());

@@ -5,7 +5,7 @@
 // copies are swapped into the student's weights (a pointer exchange per tensor, no
 // copy), a frozen model runs forward, and they are swapped back — even if forward
 // throws. Every frozen tensor is therefore shared, never duplicated: an attention-only
-// recipe on a 7B model needs a teacher of ~1.6 GB, not ~15 GB.
+// recipe on Qwen2-7B in bf16 needs a teacher of ~1.6 GB, not ~15 GB (3.3 GB vs 30.5 GB in float).
 // Not thread-safe: while the teacher runs, the student's weights *are* the teacher's.
 #include <map>
 #include <string>
