@@ -733,6 +733,11 @@ namespace {
 
 using peft_recipe = decltype(sg::trainable<sg::lora<q>, sg::lora<v>, sg::lora<gate>>);
 
+void fill_lora_b(sg::cpu::tensor<float>& b, std::mt19937& rng) {
+  std::normal_distribution<float> nd(0.f, 0.3f);
+  for (std::size_t i = 0; i < b.size(); ++i) b[i] = nd(rng);
+}
+
 template <class R = peft_recipe>
 sg::model::lm_weights<float> llama_with_adapters(int rank, double alpha, std::uint64_t seed, R recipe = {}) {
   auto w = sg::model::load_hf_checkpoint<float>(llama_dir);
@@ -745,10 +750,7 @@ sg::model::lm_weights<float> llama_with_adapters(int rank, double alpha, std::ui
   for (auto& l : w.trunk.layers)
     for (auto* p : {&l.self_attn.q_proj, &l.self_attn.k_proj, &l.self_attn.v_proj, &l.self_attn.o_proj,
                     &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj})
-      if (p->has_lora()) {
-        std::normal_distribution<float> nd(0.f, 0.3f);
-        for (std::size_t i = 0; i < p->lora.B.size(); ++i) p->lora.B[i] = nd(rng);
-      }
+      if (p->has_lora()) fill_lora_b(p->lora.B, rng);
   return w;
 }
 
@@ -762,11 +764,14 @@ std::string adapter_error(const fs::path& dir, sg::model::lm_weights<float>& w) 
 }
 
 template <class T>
-sg::cpu::tensor<T> logits_of(sg::model::lm_weights<T>& w) {
+sg::cpu::tensor<T> logits_of_ids(sg::model::lm_weights<T>& w, const token_ids& ids) {
   sg::model::decoder_lm<T, std::remove_cv_t<decltype(sg::recipe::frozen)>> lm(w.config, sg::recipe::frozen);
-  const token_ids ids = {{1, 5, 7, 2, 11}, {3, 3, 12, 0, 4}};
   typename decltype(lm)::saved_t s;
   return lm.logits(w, lm.forward(w, ids, s));
+}
+template <class T>
+sg::cpu::tensor<T> logits_of(sg::model::lm_weights<T>& w) {
+  return logits_of_ids(w, {{1, 5, 7, 2, 11}, {3, 3, 12, 0, 4}});
 }
 
 }  // namespace
@@ -815,6 +820,30 @@ TEST_CASE("PEFT: adapters save under PEFT's names with PEFT's adapter_config.jso
   CHECK(bitwise_equal(logits_of(w), logits_of(w2)));
   CHECK(!bitwise_equal(logits_of(w), logits_of(*std::make_unique<sg::model::lm_weights<float>>(
                                          sg::model::load_hf_checkpoint<float>(llama_dir)))));
+}
+
+TEST_CASE("PEFT: the adapter_config.json PEFT 0.21 writes, with all its newer keys, loads") {
+  temp_dir tmp;
+  auto w = llama_with_adapters(4, 8, 1);
+  sg::cl::save_lora_adapter(tmp.path, w);
+  // Verbatim from PEFT 0.21.2's save_pretrained (get_peft_model on the tiny Llama with
+  // LoraConfig(r=4, lora_alpha=8, target_modules=[...], task_type="CAUSAL_LM")).
+  auto j = nlohmann::json::parse(R"({
+    "alora_invocation_tokens": null, "alpha_pattern": {}, "arrow_config": null, "auto_mapping": null,
+    "base_model_name_or_path": "/tmp/sgexport/llama_f32", "bias": "none", "corda_config": null,
+    "ensure_weight_tying": false, "eva_config": null, "exclude_modules": null, "fan_in_fan_out": false,
+    "inference_mode": true, "init_lora_weights": true, "kasa_config": null, "layer_replication": null,
+    "layers_pattern": null, "layers_to_transform": null, "loftq_config": {}, "lora_alpha": 8, "lora_bias": false,
+    "lora_dropout": 0.0, "lora_ga_config": null, "megatron_config": null, "megatron_core": "megatron.core",
+    "modules_to_save": null, "monteclora_config": null, "peft_type": "LORA", "peft_version": "0.21.2",
+    "qalora_group_size": 16, "r": 4, "rank_pattern": {}, "revision": null,
+    "target_modules": ["q_proj", "gate_proj", "v_proj"], "target_parameters": null, "task_type": "CAUSAL_LM",
+    "trainable_token_indices": null, "use_bdlora": null, "use_dora": false, "use_qalora": false,
+    "use_rslora": false, "velora_config": null})");
+  io::write_json_file(tmp / "adapter_config.json", j);
+  auto w2 = llama_with_adapters(4, 2, 7);
+  CHECK(sg::cl::load_lora_adapter(tmp.path, w2) == 6);
+  CHECK(bitwise_equal(logits_of(w), logits_of(w2)));
 }
 
 TEST_CASE("PEFT: a layer range becomes layers_to_transform; odd alphas and rsLoRA keep their scale") {
@@ -885,6 +914,11 @@ TEST_CASE("PEFT: adapters that do not match the attached ones are refused, leavi
     edit_config([](auto& j) { j["rank_pattern"] = nlohmann::json::object(), j["layers_to_transform"] = {5}; });
     CHECK(adapter_error(tmp.path, w) ==
           "skillgraft: " + config + " lists layer 5 in layers_to_transform; the model has 2 layers");
+    edit_config([](auto& j) { j["layers_to_transform"] = nullptr, j["lora_bias"] = true; });
+    CHECK(adapter_error(tmp.path, w) == "skillgraft: " + config + " sets lora_bias (true), which is not supported");
+    edit_config([](auto& j) { j["lora_bias"] = false, j["trainable_token_indices"] = {1, 2}; });
+    CHECK(adapter_error(tmp.path, w) ==
+          "skillgraft: " + config + " sets trainable_token_indices ([1,2]), which is not supported");
   }
   SECTION("a missing, misshapen or extra tensor") {
     tensor_map t = tensors_in(tmp / "adapter_model.safetensors");
@@ -927,4 +961,55 @@ TEST_CASE("PEFT: nothing attached, or adapters PEFT cannot describe, are refused
                     Contains("model.layers.1.mlp.gate_proj has an adapter of rank 4 and scale 1.000000, others rank 4 "
                              "and scale 2.000000"));
   CHECK(fs::is_empty(tmp.path));
+}
+
+// ---- export for tests/data/check_transformers_roundtrip.py ------------------------------------
+
+// Not run by default (hidden tag): writes checkpoints saved by this library, and the
+// logits it computes for them, into $SKILLGRAFT_EXPORT_DIR, for the script that loads
+// them into transformers and PEFT and compares.
+TEST_CASE("export: checkpoints and logits for transformers", "[.export]") {
+  const char* out_env = std::getenv("SKILLGRAFT_EXPORT_DIR");
+  REQUIRE(out_env != nullptr);
+  const fs::path out = out_env;
+  fs::create_directories(out / "expected");
+  const token_ids ids = {{1, 5, 7, 2, 11, 60, 33}, {3, 3, 12, 0, 4, 63, 9}};
+  auto record = [&](const std::string& name, sg::model::lm_weights<float>& w) {
+    auto z = logits_of_ids(w, ids);
+    io::safetensors_writer e;
+    std::vector<std::int64_t> flat(ids.begin(), ids.end());
+    e.add_ids("input_ids", flat, {ids.shape(0), ids.shape(1)});
+    e.add("logits", z);
+    e.write(out / "expected" / (name + ".safetensors"));
+  };
+  // Weights moved off the golden ones, so transformers cannot match by accident.
+  auto moved = [](const fs::path& dir) {
+    auto w = sg::model::load_hf_checkpoint<float>(dir);
+    std::size_t k = 0;
+    sg::model::for_each_parameter(w, [&](const std::string&, sg::cpu::tensor<float>& t, auto, int) {
+      for (std::size_t i = 0; i < t.size(); ++i) t[i] += 0.05f * float(std::sin(double(++k)));
+    });
+    return w;
+  };
+  auto llama = moved(llama_dir);
+  sg::model::save_hf_checkpoint(out / "llama_f32", llama);
+  record("llama_f32", llama);
+  auto qwen = moved(qwen2_dir);
+  sg::model::save_hf_checkpoint(out / "qwen2_f32", qwen);
+  record("qwen2_f32", qwen);
+  sg::model::save_hf_checkpoint(out / "qwen2_bf16", qwen, {.dtype = io::dtype::bf16});
+  auto qwen_bf16 = sg::model::load_hf_checkpoint<float>(out / "qwen2_bf16");
+  record("qwen2_bf16", qwen_bf16);
+  // An adapter on the saved Llama, on layer 1 only, with an alpha that is not r.
+  auto c = llama.config;
+  c.lora_rank = 4;
+  constexpr auto recipe = sg::trainable<sg::lora<q>, sg::lora<v>, sg::lora<down>>.on_layers(1, 1);
+  sg::model::decoder_lm<float, std::remove_cv_t<decltype(recipe)>> lm(c, recipe);
+  sg::cl::attach_lora(lm, llama, {.rank = 4, .alpha = 12, .seed = 5});
+  std::mt19937 rng(6);
+  for (auto* p : {&llama.trunk.layers[1].self_attn.q_proj, &llama.trunk.layers[1].self_attn.v_proj,
+                  &llama.trunk.layers[1].mlp.down_proj})
+    fill_lora_b(p->lora.B, rng);
+  sg::cl::save_lora_adapter(out / "llama_lora", llama, {.base_model_name_or_path = (out / "llama_f32").string()});
+  record("llama_lora", llama);
 }

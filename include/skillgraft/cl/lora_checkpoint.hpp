@@ -175,9 +175,15 @@ int load_lora_adapter(const std::filesystem::path& dir, model::lm_weights<T>& w)
   for (const char* key : {"rank_pattern", "alpha_pattern"})
     if (j.contains(key) && !j.at(key).is_null() && !j.at(key).empty())
       refuse(std::string("has a ") + key + "; only one rank and one alpha for all adapters are supported");
-  for (const char* key : {"modules_to_save", "layer_replication"})
-    if (j.contains(key) && !j.at(key).is_null() && !j.at(key).empty())
-      refuse(std::string("sets ") + key + ", which is not supported");
+  // Newer PEFT options that change what the adapter computes or trains; off means null,
+  // false or empty in every PEFT version that writes them.
+  for (const char* key : {"modules_to_save", "layer_replication", "exclude_modules", "lora_bias", "use_qalora",
+                          "use_bdlora", "target_parameters", "trainable_token_indices", "alora_invocation_tokens"})
+    if (j.contains(key)) {
+      const auto& v = j.at(key);
+      if (!(v.is_null() || v == false || (v.is_structured() && v.empty())))
+        refuse(std::string("sets ") + key + " (" + v.dump() + "), which is not supported");
+    }
 
   std::size_t r = 0;
   double alpha = 0;
