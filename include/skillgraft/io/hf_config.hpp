@@ -8,10 +8,9 @@
 // Llama's o_proj (attention_bias puts one there), activations other than SiLU.
 #include <nlohmann/json.hpp>
 
-#include <cmath>
 #include <filesystem>
+#include <stdexcept>
 #include <fstream>
-#include <sstream>
 #include <string>
 #include <string_view>
 
