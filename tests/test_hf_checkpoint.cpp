@@ -846,7 +846,7 @@ TEST_CASE("PEFT: the adapter_config.json PEFT 0.21 writes, with all its newer ke
   CHECK(bitwise_equal(logits_of(w), logits_of(w2)));
 }
 
-TEST_CASE("PEFT: a layer range becomes layers_to_transform; odd alphas and rsLoRA keep their scale") {
+TEST_CASE("PEFT: a layer range becomes layers_to_transform, and odd alphas and rsLoRA keep their scale") {
   temp_dir tmp;
   constexpr auto upper = sg::trainable<sg::lora<up>>.on_layers(1, 1);
   auto w = llama_with_adapters(3, 5, 1, upper);
