@@ -58,6 +58,7 @@ class SkillgraftConan(ConanFile):
         self.requires("eigen/[>=3.4.0 <4]", transitive_headers=True)
         self.requires("xtensor/[>=0.24.3 <0.26]", transitive_headers=True)
         self.requires("boost/[>=1.74.0]", transitive_headers=True)
+        self.requires("nlohmann_json/[>=3.11 <4]", transitive_headers=True)
 
     def validate(self):
         check_min_cppstd(self, 20)
@@ -94,12 +95,12 @@ class SkillgraftConan(ConanFile):
         self.cpp_info.libdirs = []
         self.cpp_info.includedirs = ["include"]
         # CMake: use the installed skillgraftConfig.cmake (find_dependency for Eigen3, xtensor,
-        # Boost, OpenMP; the cuda component) instead of a CMakeDeps-generated file.
+        # Boost, nlohmann_json, OpenMP; the cuda component) instead of a CMakeDeps-generated file.
         self.cpp_info.set_property("cmake_find_mode", "none")
         self.cpp_info.builddirs = [os.path.join("share", "cmake", "skillgraft")]
         # Everything else.
         self.cpp_info.set_property("pkg_config_name", "skillgraft")
-        self.cpp_info.requires = ["eigen::eigen", "xtensor::xtensor", "boost::headers"]
+        self.cpp_info.requires = ["eigen::eigen", "xtensor::xtensor", "boost::headers", "nlohmann_json::nlohmann_json"]
         if self.options.openmp and self.settings.get_safe("compiler") in ("gcc", "clang"):
             self.cpp_info.cxxflags = ["-fopenmp"]
             self.cpp_info.sharedlinkflags = ["-fopenmp"]
