@@ -8,7 +8,8 @@ build="${1:-$root/build-test}"
 "$root/scripts/install-deps.sh"
 jobs="$(nproc 2>/dev/null || echo 2)"
 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release \
-  -DSKILLGRAFT_BUILD_TESTS=ON -DSKILLGRAFT_BUILD_BENCHMARKS=ON -DSKILLGRAFT_BUILD_EXAMPLES=ON
+  -DSKILLGRAFT_BUILD_TESTS=ON -DSKILLGRAFT_BUILD_BENCHMARKS=ON -DSKILLGRAFT_BUILD_EXAMPLES=ON \
+  -DSKILLGRAFT_CUDA_ARCHITECTURES="${SKILLGRAFT_CUDA_ARCHITECTURES:-90}"  # CI compiles CUDA for one architecture
 cmake --build "$build" -j "$jobs"
 cd "$build"
 OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" ctest --output-on-failure -j "$jobs"
