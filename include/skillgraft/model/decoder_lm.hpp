@@ -59,11 +59,15 @@ struct recipe_tag_outside_model {
   static_assert(ok, "skillgraft: the recipe names a tag (first template argument) that this model does not have");
 };
 
-template <class T, class Recipe, class Backend = backend::cpu>
+// Mlp: the blocks' MLP policy (nn::swiglu<> by default; nn::swiglu<act::xsilu>, nn::moe<...>).
+template <class T, class Recipe, class Backend = backend::cpu, class Mlp = nn::default_mlp>
 class decoder_lm {
  public:
   using value_type = T;
   using recipe_type = Recipe;
+  using backend_type = Backend;
+  using mlp_policy = Mlp;
+  using mlp_options_t = typename Mlp::options;
   using weights_t = lm_weights<T>;
   static constexpr bool train_embed = trains_v<group::embed, Recipe>;
   static constexpr bool train_norm = trains_v<group::final_norm, Recipe>;
@@ -71,7 +75,7 @@ class decoder_lm {
   // Soft tokens come from a vision encoder and projector: if those train, d prefix is needed.
   static constexpr bool upstream_trains = trains_v<group::vision, Recipe> || trains_v<group::projector, Recipe>;
   static constexpr bool needs_input_grad = train_embed || upstream_trains;
-  using stack_t = nn::decoder_stack<T, Recipe, needs_input_grad, Backend>;
+  using stack_t = nn::decoder_stack<T, Recipe, needs_input_grad, Backend, Mlp>;
   static constexpr bool any_below_head = stack_t::any_trainable || needs_input_grad || train_norm;
   using final_norm_t = nn::rmsnorm<T, train_norm, stack_t::any_trainable || needs_input_grad>;
 
@@ -89,7 +93,8 @@ class decoder_lm {
     bool valid = false;
   };
 
-  decoder_lm(const decoder_config& c, layer_range range = {}) : config_(c), stack_(c, range) {
+  decoder_lm(const decoder_config& c, layer_range range = {}, const mlp_options_t& mlp = {})
+      : config_(c), stack_(c, range, mlp) {
     static_assert(check_recipe());
     if (c.tie_word_embeddings && train_embed != train_head)
       throw std::invalid_argument(
@@ -97,9 +102,11 @@ class decoder_lm {
           "(this one trains only " + std::string(train_embed ? "embed_tokens" : "lm_head") + ")");
   }
   template <class S>
-  decoder_lm(const decoder_config& c, trainable_set<S> r) : decoder_lm(c, r.layers) {}
+  decoder_lm(const decoder_config& c, trainable_set<S> r, const mlp_options_t& mlp = {})
+      : decoder_lm(c, r.layers, mlp) {}
 
   const decoder_config& config() const { return config_; }
+  const mlp_options_t& mlp_options() const { return stack_.mlp_options(); }
   const stack_t& stack() const { return stack_; }
 
   grads_t make_grads(const weights_t& w) const {

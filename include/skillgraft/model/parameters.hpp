@@ -2,6 +2,11 @@
 // Every tensor of a decoder LM under its Hugging Face name, in checkpoint order, with
 // its recipe tag and layer, so callers can ask at compile time whether it trains.
 //
+// MLP policies add: mlp.act_fn.alpha (xsilu / xgelu range, tag group::act_range); for a
+// mixture of experts mlp.router.weight (group::router) and mlp.experts.{e}.{gate,up,down}_proj.weight
+// and mlp.experts.{e}.act_fn.alpha, where expert 0 is the original MLP and only the newest
+// expert carries the trainable tags (earlier ones: past_expert<P>, never trained).
+//
 // This is the one place that knows the LLaMA / Qwen2 naming; loaders, savers,
 // continual-learning state and tests iterate it instead of spelling names out.
 #include <string>
@@ -35,9 +40,33 @@ void for_each_parameter(W& w, F&& f) {
     lin("self_attn.v_proj", l.self_attn.v_proj, hana::type_c<proj::v>);
     lin("self_attn.o_proj", l.self_attn.o_proj, hana::type_c<proj::o>);
     f(p + "post_attention_layernorm.weight", l.mlp_norm, hana::type_c<group::mlp_norm>, li);
-    lin("mlp.gate_proj", l.mlp.gate_proj, hana::type_c<proj::gate>);
-    lin("mlp.up_proj", l.mlp.up_proj, hana::type_c<proj::up>);
-    lin("mlp.down_proj", l.mlp.down_proj, hana::type_c<proj::down>);
+    if (!l.mlp.is_mixture()) {
+      lin("mlp.gate_proj", l.mlp.gate_proj, hana::type_c<proj::gate>);
+      lin("mlp.up_proj", l.mlp.up_proj, hana::type_c<proj::up>);
+      lin("mlp.down_proj", l.mlp.down_proj, hana::type_c<proj::down>);
+      if (!l.mlp.act_alpha.empty()) f(p + "mlp.act_fn.alpha", l.mlp.act_alpha, hana::type_c<group::act_range>, li);
+    } else {
+      // A mixture (nn/moe_mlp.hpp): the router, then the experts; only the newest one can
+      // train, the earlier ones carry past_expert<P> tags, which no recipe names.
+      f(p + "mlp.router.weight", l.mlp.router, hana::type_c<group::router>, li);
+      const std::size_t E = l.mlp.expert_count();
+      for (std::size_t e = 0; e < E; ++e) {
+        auto& x = l.mlp.expert(e);
+        const std::string q = "mlp.experts." + std::to_string(e) + ".";
+        auto expert = [&](auto gate, auto up, auto down, auto range) {
+          lin(q + "gate_proj", x.gate_proj, gate);
+          lin(q + "up_proj", x.up_proj, up);
+          lin(q + "down_proj", x.down_proj, down);
+          if (!x.act_alpha.empty()) f(p + q + "act_fn.alpha", x.act_alpha, range, li);
+        };
+        if (e + 1 == E)
+          expert(hana::type_c<proj::gate>, hana::type_c<proj::up>, hana::type_c<proj::down>,
+                 hana::type_c<group::act_range>);
+        else
+          expert(hana::type_c<past_expert<proj::gate>>, hana::type_c<past_expert<proj::up>>,
+                 hana::type_c<past_expert<proj::down>>, hana::type_c<past_expert<group::act_range>>);
+      }
+    }
   }
   f(std::string("model.norm.weight"), w.norm, hana::type_c<group::final_norm>, -1);
   if (!w.config.tie_word_embeddings) f(std::string("lm_head.weight"), w.lm_head, hana::type_c<group::lm_head>, -1);

@@ -8,7 +8,9 @@
 //
 // The recipe and `NeedsInputGrad` (does anything below this block train?) decide
 // at compile time which sub-layers run backward, which weight gradients exist
-// (`grads_t`) and which activations forward keeps (`saved_t`).
+// (`grads_t`) and which activations forward keeps (`saved_t`). The MLP is a policy
+// (nn/swiglu.hpp, nn/moe_mlp.hpp): the dense SiLU MLP by default, or another gate
+// activation (`swiglu<act::xsilu>`), or a mixture of experts (`moe<act::silu, 2>`).
 #include <cstddef>
 #include <string>
 #include <type_traits>
@@ -45,30 +47,19 @@ struct block_weights {
   }
 };
 
-// Throws, naming the tensor, when a weight's shape does not match the config.
-template <class T>
-void check_block_weights(const block_weights<T>& w, const decoder_config& c, const std::string& prefix = "") {
-  const auto d = std::size_t(c.hidden), qd = std::size_t(c.q_dim()), kvd = std::size_t(c.kv_dim()),
-             I = std::size_t(c.intermediate);
-  auto lin = [&](const linear_weights<T>& l, std::size_t out, std::size_t in, bool bias, const char* name) {
-    cpu::expect_shape(l.weight, {out, in}, prefix + name + ".weight");
-    if (l.has_lora()) {
-      const std::size_t r = l.lora.rank();
-      cpu::expect_shape(l.lora.A, {r, in}, prefix + name + ".lora_A.weight");
-      cpu::expect_shape(l.lora.B, {out, r}, prefix + name + ".lora_B.weight");
-    }
-    if (bias) cpu::expect_shape(l.bias, {out}, prefix + name + ".bias");
-    else if (l.has_bias()) throw std::invalid_argument("skillgraft: " + prefix + name + ".bias present but the config has no bias");
-  };
+// Throws, naming the tensor, when a weight's shape does not match the config (and, for the
+// MLP, the policy Mlp with its options: a range alpha for xsilu, router and experts for moe).
+template <class Mlp = default_mlp, class T>
+void check_block_weights(const block_weights<T>& w, const decoder_config& c, const std::string& prefix = "",
+                         const typename Mlp::options& o = {}) {
+  const auto d = std::size_t(c.hidden), qd = std::size_t(c.q_dim()), kvd = std::size_t(c.kv_dim());
   cpu::expect_shape(w.attn_norm, {d}, prefix + "input_layernorm.weight");
   cpu::expect_shape(w.mlp_norm, {d}, prefix + "post_attention_layernorm.weight");
-  lin(w.self_attn.q_proj, qd, d, c.attention_bias, "self_attn.q_proj");
-  lin(w.self_attn.k_proj, kvd, d, c.attention_bias, "self_attn.k_proj");
-  lin(w.self_attn.v_proj, kvd, d, c.attention_bias, "self_attn.v_proj");
-  lin(w.self_attn.o_proj, d, qd, false, "self_attn.o_proj");
-  lin(w.mlp.gate_proj, I, d, false, "mlp.gate_proj");
-  lin(w.mlp.up_proj, I, d, false, "mlp.up_proj");
-  lin(w.mlp.down_proj, d, I, false, "mlp.down_proj");
+  detail::check_projection(w.self_attn.q_proj, qd, d, c.attention_bias, prefix + "self_attn.q_proj");
+  detail::check_projection(w.self_attn.k_proj, kvd, d, c.attention_bias, prefix + "self_attn.k_proj");
+  detail::check_projection(w.self_attn.v_proj, kvd, d, c.attention_bias, prefix + "self_attn.v_proj");
+  detail::check_projection(w.self_attn.o_proj, d, qd, false, prefix + "self_attn.o_proj");
+  Mlp::check_weights(w.mlp, c, o, prefix + "mlp.");
 }
 
 // A recipe naming a tag the language model does not have stops here, naming the tag.
@@ -77,10 +68,18 @@ struct recipe_tag_outside_language_model {
   static constexpr bool ok = decltype(hana::contains(language_model_tags, hana::type_c<Tag>))::value;
   static_assert(ok, "skillgraft: the recipe names a tag (first template argument) that a decoder block does not have");
 };
-template <class Recipe>
+// A recipe naming a tag that the block's MLP policy does not have (the range of an activation
+// without one, the router of a dense MLP, adapters on experts) stops here.
+template <class Tag, class Recipe, class Mlp>
+struct recipe_tag_outside_mlp_policy {
+  static constexpr bool ok = Mlp::template accepts<Tag>;
+  static_assert(ok, "skillgraft: the recipe names a tag (first template argument) that the block's MLP policy (third) does not have");
+};
+template <class Recipe, class Mlp = default_mlp>
 constexpr bool check_language_model_recipe() {
   hana::for_each(Recipe::set, [](auto t) {
     (void)recipe_tag_outside_language_model<typename decltype(t)::type, Recipe>::ok;
+    (void)recipe_tag_outside_mlp_policy<typename decltype(t)::type, Recipe, Mlp>::ok;
   });
   return true;
 }
@@ -93,18 +92,21 @@ struct gradient_of_frozen_tensor {
 };
 
 // Gradients of a block: members only for the recipe's trainable tensors
-// (`q_proj`, ..., `down_proj`, `attn_norm`, `mlp_norm`), so naming a frozen one does not compile.
-template <class T, class Recipe>
+// (`q_proj`, ..., `down_proj`, `attn_norm`, `mlp_norm`, and the MLP policy's `act_alpha`,
+// `router`), so naming a frozen one does not compile.
+template <class T, class Recipe, class Mlp = default_mlp>
 struct block_grads : attention_grads<T, Recipe>,
-                     mlp_grads<T, Recipe>,
+                     Mlp::template grads<T, Recipe>,
                      members::optional_attn_norm<trains_v<group::attn_norm, Recipe>, tensor<T>>,
                      members::optional_mlp_norm<trains_v<group::mlp_norm, Recipe>, tensor<T>> {};
 
-template <class T, class Recipe, bool NeedsInputGrad, class Backend = backend::cpu>
+template <class T, class Recipe, bool NeedsInputGrad, class Backend = backend::cpu, class Mlp = default_mlp>
 struct decoder_block {
   static_assert(std::is_same_v<Backend, backend::cpu>, "skillgraft: this decoder_block is the CPU implementation");
-  static_assert(check_language_model_recipe<Recipe>());
+  static_assert(check_language_model_recipe<Recipe, Mlp>());
   using value_type = T;
+  using mlp_policy = Mlp;
+  using mlp_options_t = typename Mlp::options;
   using recipe_type = restrict_t<Recipe, decltype(block_tags)>;
   using weights_t = block_weights<T>;
   static constexpr bool needs_input_grad = NeedsInputGrad;
@@ -118,7 +120,7 @@ struct decoder_block {
   static constexpr bool attention_active = attention_t::plan::active;
   static constexpr bool need_dx2 = attention_active;  // gradient of the residual stream between the halves
   using mlp_norm_t = rmsnorm<T, train_mlp_norm, need_dx2>;
-  using mlp_t = swiglu_mlp<T, recipe_type, train_mlp_norm || need_dx2>;
+  using mlp_t = typename Mlp::template layer<T, recipe_type, train_mlp_norm || need_dx2>;
   static constexpr bool mlp_active = mlp_t::plan::active;
   static constexpr bool any_backward = mlp_active;  // nothing trains at or below: no backward at all
 
@@ -126,15 +128,17 @@ struct decoder_block {
                    members::optional_attention<attention_active, typename attention_t::saved_t>,
                    members::optional_mlp_norm<mlp_norm_t::keeps_input, typename mlp_norm_t::saved_t>,
                    members::optional_mlp<mlp_active, typename mlp_t::saved_t> {};
-  using grads_t = block_grads<T, recipe_type>;
+  using grads_t = block_grads<T, recipe_type, Mlp>;
   static constexpr bool keeps_nothing = std::is_empty_v<saved_t>;
 
   decoder_config config;
   const rope_table<T>* table = nullptr;
   int first_pos = 0;
+  [[no_unique_address]] mlp_options_t mlp_options{};
 
   decoder_block() = default;
-  decoder_block(const decoder_config& c, const rope_table<T>& t) : config(c), table(&t) {}
+  decoder_block(const decoder_config& c, const rope_table<T>& t, const mlp_options_t& o = {})
+      : config(c), table(&t), mlp_options(o) {}
 
   grads_t make_grads(const weights_t& w) const {
     grads_t g;
@@ -207,13 +211,12 @@ struct decoder_block {
     mlp_t::for_each_trainable(w.mlp, g, [&](const std::string& n, tensor<T>& p, tensor<T>& dp) { f("mlp." + n, p, dp); });
   }
 
-  // Bytes forward keeps for backward, from the plan (not from running it).
-  static std::size_t saved_elements(const decoder_config& c, seq_shape sh) {
+  // Elements forward keeps for backward, from the plan (not from running it).
+  static std::size_t saved_elements(const decoder_config& c, seq_shape sh, const mlp_options_t& o = {}) {
     const std::size_t N = sh.tokens(), d = std::size_t(c.hidden), qd = std::size_t(c.q_dim()),
-                      kvd = std::size_t(c.kv_dim()), I = std::size_t(c.intermediate),
+                      kvd = std::size_t(c.kv_dim()),
                       probs = std::size_t(sh.batch) * std::size_t(c.n_heads) * std::size_t(sh.seq) * std::size_t(sh.seq);
     using ap = typename attention_t::plan;
-    using mp = typename mlp_t::plan;
     std::size_t n = 0;
     if (attn_norm_t::keeps_input) n += N * d + N;
     if (ap::save_h) n += N * d;
@@ -223,21 +226,17 @@ struct decoder_block {
     if (ap::save_probs) n += probs;
     if (ap::save_a) n += N * qd;
     if (mlp_norm_t::keeps_input) n += N * d + N;
-    if (mp::save_h) n += N * d;
-    if (mp::save_g) n += N * I;
-    if (mp::save_u) n += N * I;
-    if (mp::save_m) n += N * I;
+    if (mlp_active) n += mlp_t::saved_elements(c, sh, o);
     const std::size_t r = std::size_t(c.lora_rank);  // adapter inputs u = x A^T
-    n += N * r * std::size_t(ap::adapt_q + ap::adapt_k + ap::adapt_v + ap::adapt_o + mp::adapt_gate + mp::adapt_up + mp::adapt_down);
+    n += N * r * std::size_t(ap::adapt_q + ap::adapt_k + ap::adapt_v + ap::adapt_o);
     return n;
   }
 
   // Trainable elements of one block (= gradient elements).
-  static std::size_t trainable_elements(const decoder_config& c) {
+  static std::size_t trainable_elements(const decoder_config& c, const mlp_options_t& o = {}) {
     const std::size_t d = std::size_t(c.hidden), qd = std::size_t(c.q_dim()), kvd = std::size_t(c.kv_dim()),
-                      I = std::size_t(c.intermediate), bias = c.attention_bias ? 1 : 0;
+                      bias = c.attention_bias ? 1 : 0;
     using ap = typename attention_t::plan;
-    using mp = typename mlp_t::plan;
     std::size_t n = 0;
     if (train_attn_norm) n += d;
     if (train_mlp_norm) n += d;
@@ -245,37 +244,32 @@ struct decoder_block {
     if (ap::train_k) n += kvd * d + bias * kvd;
     if (ap::train_v) n += kvd * d + bias * kvd;
     if (ap::train_o) n += d * qd;
-    if (mp::train_gate) n += I * d;
-    if (mp::train_up) n += I * d;
-    if (mp::train_down) n += d * I;
+    n += mlp_t::trainable_elements(c, o);
     const std::size_t r = std::size_t(c.lora_rank);  // A [r, in] + B [out, r]
     if (ap::adapt_q) n += r * (d + qd);
     if (ap::adapt_k) n += r * (d + kvd);
     if (ap::adapt_v) n += r * (d + kvd);
     if (ap::adapt_o) n += r * (qd + d);
-    if (mp::adapt_gate) n += r * (d + I);
-    if (mp::adapt_up) n += r * (d + I);
-    if (mp::adapt_down) n += r * (I + d);
     return n;
+  }
+
+  // Parameters of one block, the MLP policy's (alpha, router, experts) included.
+  static std::size_t weight_elements(const decoder_config& c, const mlp_options_t& o = {}) {
+    return block_weights<T>::elements_for(c) + Mlp::extra_weight_elements(c, o);
   }
 
   // Multiply-add FLOPs (2 per MAC) of the GEMMs forward and backward really run.
   struct flop_count {
     double forward = 0, backward = 0;
   };
-  static flop_count flops(const decoder_config& c, seq_shape sh) {
-    const double N = double(sh.tokens()), d = c.hidden, qd = c.q_dim(), kvd = c.kv_dim(), I = c.intermediate,
+  static flop_count flops(const decoder_config& c, seq_shape sh, const mlp_options_t& o = {}) {
+    const double N = double(sh.tokens()), d = c.hidden, qd = c.q_dim(), kvd = c.kv_dim(),
                  core = 2.0 * sh.batch * c.n_heads * double(sh.seq) * sh.seq * c.head_dim;
     using ap = typename attention_t::plan;
-    using mp = typename mlp_t::plan;
+    const auto mf = mlp_t::flops(c, sh, o);  // the MLP's own forward and backward (adapters included)
     flop_count f;
-    f.forward = 2 * N * d * (qd + 2 * kvd) + 2 * core + 2 * N * qd * d + 3 * 2 * N * d * I;
-    double b = 0;
-    if (mp::train_down) b += 2 * N * d * I;
-    if (mp::need_dm) b += 2 * N * d * I;
-    if (mp::train_gate) b += 2 * N * d * I;
-    if (mp::train_up) b += 2 * N * d * I;
-    if (mlp_t::needs_input_grad) b += 2 * 2 * N * d * I;
+    f.forward = 2 * N * d * (qd + 2 * kvd) + 2 * core + 2 * N * qd * d + mf.forward;
+    double b = mlp_active ? mf.backward : 0;
     if (ap::train_o) b += 2 * N * qd * d;
     if (ap::need_da) b += 2 * N * qd * d;
     if (ap::need_dv) b += core;
@@ -299,9 +293,6 @@ struct decoder_block {
     adapter(ap::adapt_k, d, kvd, attention_t::needs_input_grad);
     adapter(ap::adapt_v, d, kvd, attention_t::needs_input_grad);
     adapter(ap::adapt_o, qd, d, ap::need_da);
-    adapter(mp::adapt_gate, d, I, mlp_t::needs_input_grad);
-    adapter(mp::adapt_up, d, I, mlp_t::needs_input_grad);
-    adapter(mp::adapt_down, I, d, mp::need_dm);
     f.backward = any_backward ? b : 0;
     return f;
   }
@@ -310,7 +301,7 @@ struct decoder_block {
   attn_norm_t attn_norm() const { return {config.rms_norm_eps}; }
   mlp_norm_t mlp_norm() const { return {config.rms_norm_eps}; }
   attention_t attention() const { return {config, table, first_pos}; }
-  mlp_t mlp() const { return {config}; }
+  mlp_t mlp() const { return {config, mlp_options}; }
 
   // The saved state of a sub-layer, or a scratch one when the block keeps nothing of it.
   template <bool Kept, class Part, class Get>
@@ -337,6 +328,8 @@ auto& grad(typename Block::grads_t& g) {
   else if constexpr (std::is_same_v<Tag, proj::up>) return g.up_proj;
   else if constexpr (std::is_same_v<Tag, proj::down>) return g.down_proj;
   else if constexpr (std::is_same_v<Tag, group::attn_norm>) return g.attn_norm;
+  else if constexpr (std::is_same_v<Tag, group::act_range>) return g.act_alpha;
+  else if constexpr (std::is_same_v<Tag, group::router>) return g.router;
   else return g.mlp_norm;
 }
 

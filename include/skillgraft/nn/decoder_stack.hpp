@@ -7,6 +7,7 @@
 //   lowest  first           the recipe, no input gradient: backward stops here
 //   middle (first, last]    the recipe, with input gradient
 //   above  (last, N)        frozen, but passes the gradient down: keeps only what dx needs
+// Every block uses the stack's MLP policy (nn::swiglu<> by default; see nn/moe_mlp.hpp).
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -36,19 +37,28 @@ struct trunk_weights {
   }
 };
 
-template <class T, class Recipe, bool NeedsInputGrad = false, class Backend = backend::cpu>
+// Gives every layer's MLP the range alpha of an expanded activation (act::xsilu, act::xgelu):
+// model.layers.{i}.mlp.act_fn.alpha = alpha (0: the function of SiLU / GELU gating).
+template <class T>
+void add_act_range(trunk_weights<T>& w, T alpha = T(0)) {
+  for (auto& l : w.layers) add_act_range(l.mlp, alpha);
+}
+
+template <class T, class Recipe, bool NeedsInputGrad = false, class Backend = backend::cpu, class Mlp = default_mlp>
 class decoder_stack {
  public:
   using value_type = T;
+  using mlp_policy = Mlp;
+  using mlp_options_t = typename Mlp::options;
   using recipe_type = restrict_t<Recipe, decltype(block_tags)>;
   using frozen_type = std::remove_cv_t<decltype(recipe::frozen)>;
   static constexpr bool any_trainable = !recipe_type::empty;
   static constexpr bool needs_input_grad = NeedsInputGrad;
 
-  using below_t = decoder_block<T, frozen_type, NeedsInputGrad, Backend>;
-  using lowest_t = decoder_block<T, recipe_type, NeedsInputGrad, Backend>;
-  using middle_t = decoder_block<T, recipe_type, true, Backend>;
-  using above_t = decoder_block<T, frozen_type, true, Backend>;
+  using below_t = decoder_block<T, frozen_type, NeedsInputGrad, Backend, Mlp>;
+  using lowest_t = decoder_block<T, recipe_type, NeedsInputGrad, Backend, Mlp>;
+  using middle_t = decoder_block<T, recipe_type, true, Backend, Mlp>;
+  using above_t = decoder_block<T, frozen_type, true, Backend, Mlp>;
   using weights_t = trunk_weights<T>;
   using block_grads_t = typename lowest_t::grads_t;
   static_assert(std::is_same_v<block_grads_t, typename middle_t::grads_t>);
@@ -74,8 +84,8 @@ class decoder_stack {
     }
   };
 
-  decoder_stack(const decoder_config& c, layer_range range = {})
-      : config_(c), table_((c.validate(), c.head_dim), c.max_seq, c.rope_theta) {
+  decoder_stack(const decoder_config& c, layer_range range = {}, const mlp_options_t& mlp = {})
+      : config_(c), mlp_options_(mlp), table_((c.validate(), c.head_dim), c.max_seq, c.rope_theta) {
     const int n = c.n_layers;
     if (!any_trainable) {
       first_ = n;
@@ -90,9 +100,11 @@ class decoder_stack {
                                   " layers");
   }
   template <class S>
-  decoder_stack(const decoder_config& c, trainable_set<S> r) : decoder_stack(c, r.layers) {}
+  decoder_stack(const decoder_config& c, trainable_set<S> r, const mlp_options_t& mlp = {})
+      : decoder_stack(c, r.layers, mlp) {}
 
   const decoder_config& config() const { return config_; }
+  const mlp_options_t& mlp_options() const { return mlp_options_; }
   const rope_table<T>& rope() const { return table_; }
   int first_trainable() const { return first_; }
   int last_trainable() const { return last_; }
@@ -169,16 +181,23 @@ class decoder_stack {
   // Models of what the code allocates (checked against the ledger by the tests).
   std::size_t saved_elements(seq_shape sh) const {
     const int n = config_.n_layers;
-    std::size_t e = std::size_t(std::max(0, std::min(first_, n))) * below_t::saved_elements(config_, sh);
+    const auto& o = mlp_options_;
+    std::size_t e = std::size_t(std::max(0, std::min(first_, n))) * below_t::saved_elements(config_, sh, o);
     if (first_ < n) {
-      e += lowest_t::saved_elements(config_, sh);
-      e += std::size_t(last_ - first_) * middle_t::saved_elements(config_, sh);
-      e += std::size_t(n - 1 - last_) * above_t::saved_elements(config_, sh);
+      e += lowest_t::saved_elements(config_, sh, o);
+      e += std::size_t(last_ - first_) * middle_t::saved_elements(config_, sh, o);
+      e += std::size_t(n - 1 - last_) * above_t::saved_elements(config_, sh, o);
     }
     return e;
   }
   std::size_t trainable_elements() const {
-    return first_ < config_.n_layers ? std::size_t(last_ - first_ + 1) * lowest_t::trainable_elements(config_) : 0;
+    return first_ < config_.n_layers
+               ? std::size_t(last_ - first_ + 1) * lowest_t::trainable_elements(config_, mlp_options_)
+               : 0;
+  }
+  // Every parameter of the trunk, the MLP policy's (alpha, router, experts) included.
+  std::size_t weight_elements() const {
+    return std::size_t(config_.n_layers) * lowest_t::weight_elements(config_, mlp_options_);
   }
   typename lowest_t::flop_count flops(seq_shape sh) const {
     typename lowest_t::flop_count f;
@@ -187,10 +206,11 @@ class decoder_stack {
         f.forward += fl.forward;
         f.backward += fl.backward;
       };
-      if (i < first_) add(below_t::flops(config_, sh));
-      else if (i == first_) add(lowest_t::flops(config_, sh));
-      else if (i <= last_) add(middle_t::flops(config_, sh));
-      else add(above_t::flops(config_, sh));
+      const auto& o = mlp_options_;
+      if (i < first_) add(below_t::flops(config_, sh, o));
+      else if (i == first_) add(lowest_t::flops(config_, sh, o));
+      else if (i <= last_) add(middle_t::flops(config_, sh, o));
+      else add(above_t::flops(config_, sh, o));
     }
     return f;
   }
@@ -198,7 +218,7 @@ class decoder_stack {
  private:
   template <class Block>
   Block block(int first_pos = 0) const {
-    Block b(config_, table_);
+    Block b(config_, table_, mlp_options_);
     b.first_pos = first_pos;
     return b;
   }
@@ -207,10 +227,12 @@ class decoder_stack {
       throw std::invalid_argument("skillgraft: trunk weights have " + std::to_string(w.layers.size()) +
                                   " layers, the stack expects " + std::to_string(config_.n_layers));
     for (int i = 0; i < config_.n_layers; ++i)
-      check_block_weights(w.layers[std::size_t(i)], config_, "model.layers." + std::to_string(i) + ".");
+      check_block_weights<Mlp>(w.layers[std::size_t(i)], config_, "model.layers." + std::to_string(i) + ".",
+                               mlp_options_);
   }
 
   decoder_config config_;
+  mlp_options_t mlp_options_;
   rope_table<T> table_;
   int first_ = 0;
   int last_ = -1;

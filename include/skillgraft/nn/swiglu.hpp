@@ -1,16 +1,21 @@
 #pragma once
-// SwiGLU MLP (LLaMA / Qwen2).
+// Gated MLP (LLaMA / Qwen2 SwiGLU), with the gate activation as a policy (nn/activation.hpp).
 //
-//   forward   g = h Wg^T,  u = h Wu^T,  m = silu(g) * u,  out = m Wd^T
+//   forward   g = h Wg^T,  u = h Wu^T,  m = phi(g; a) * u,  out = m Wd^T
+//             phi(g) = silu(g) = g sigmoid(g) by default; xsilu / xgelu: g ((1 + 2a) gamma(g) - a)
 //   backward  dWd += dout^T m;  dm = dout Wd
-//             dg = dm * u * silu'(g),  du = dm * silu(g)
+//             dg = dm * u * phi'(g),  du = dm * phi(g),  da += sum(dm * u * dphi/da)
 //             silu'(g) = s (1 + g (1 - s)),  s = sigmoid(g)
 //             dWg += dg^T h,  dWu += du^T h,  dh = dg Wg + du Wu
 //
 // With Down frozen m is never kept; with only Down trainable, g and u are not kept
-// and dm is never formed.
+// and dm is never formed. The range a (mlp.act_fn.alpha, tag group::act_range) exists
+// only under an expanded activation; training it keeps g and u, like training Gate.
 #include <cmath>
+#include <string>
+#include <vector>
 
+#include "skillgraft/nn/activation.hpp"
 #include "skillgraft/nn/config.hpp"
 #include "skillgraft/nn/linear.hpp"
 #include "skillgraft/nn/optional_member.hpp"
@@ -18,55 +23,194 @@
 
 namespace skillgraft::nn {
 
+namespace members {
+SKILLGRAFT_OPTIONAL_MEMBER(act_alpha);
+}  // namespace members
+
 template <class T>
 struct mlp_weights {
   linear_weights<T> gate_proj, up_proj, down_proj;
+  tensor<T> act_alpha;  // act_fn.alpha [1]: the gate range of xsilu / xgelu; empty for silu
+  // A mixture of experts (nn/moe_mlp.hpp), empty for a dense MLP: this MLP is expert 0
+  // and experts[j] is expert j + 1 (the last one is the newest, the one that trains).
+  tensor<T> router;                 // router.weight [experts, hidden]
+  std::vector<mlp_weights> experts; // experts 1 .. E-1 (no router or experts of their own)
 
   mlp_weights() = default;
   mlp_weights(const decoder_config& c, memory_use use)
       : gate_proj(std::size_t(c.intermediate), std::size_t(c.hidden), false, use),
         up_proj(std::size_t(c.intermediate), std::size_t(c.hidden), false, use),
         down_proj(std::size_t(c.hidden), std::size_t(c.intermediate), false, use) {}
-  std::size_t elements() const { return gate_proj.elements() + up_proj.elements() + down_proj.elements(); }
+  bool is_mixture() const { return !router.empty(); }
+  std::size_t expert_count() const { return is_mixture() ? router.dim(0) : 1; }
+  mlp_weights& expert(std::size_t e) { return e == 0 ? *this : experts[e - 1]; }
+  const mlp_weights& expert(std::size_t e) const { return e == 0 ? *this : experts[e - 1]; }
+  std::size_t elements() const {
+    std::size_t n = gate_proj.elements() + up_proj.elements() + down_proj.elements() + act_alpha.size() + router.size();
+    for (const auto& e : experts) n += e.elements();
+    return n;
+  }
+  // Another expert with the same values (Gate, Up, Down and the range; no adapters).
+  mlp_weights clone_expert(memory_use use) const {
+    mlp_weights e;
+    auto copy = [&](const linear_weights<T>& from, linear_weights<T>& to) {
+      to.weight = from.weight.clone(use);
+      to.bias = from.bias.clone(use);
+    };
+    copy(gate_proj, e.gate_proj);
+    copy(up_proj, e.up_proj);
+    copy(down_proj, e.down_proj);
+    e.act_alpha = act_alpha.clone(use);
+    return e;
+  }
 };
 
-template <class Recipe, bool NeedsInputGrad>
+// Gives an MLP (every expert of a mixture) the range alpha of an expanded activation,
+// a tensor [1] counted as weights. alpha = 0 keeps the function of SiLU (GELU) gating.
+template <class T>
+void add_act_range(mlp_weights<T>& w, T alpha = T(0)) {
+  for (std::size_t e = 0; e < w.expert_count(); ++e) {
+    auto& x = w.expert(e);
+    if (!x.act_alpha.empty()) throw std::invalid_argument("skillgraft: mlp.act_fn.alpha exists already");
+    x.act_alpha = tensor<T>({1}, memory_use::weights);
+    x.act_alpha[0] = alpha;
+  }
+}
+
+template <class Recipe, bool NeedsInputGrad, class Act = act::silu>
 struct mlp_plan {
   static constexpr bool train_gate = trains_v<proj::gate, Recipe>;
   static constexpr bool train_up = trains_v<proj::up, Recipe>;
   static constexpr bool train_down = trains_v<proj::down, Recipe>;
+  static constexpr bool train_alpha = Act::has_range && trains_v<group::act_range, Recipe>;
   static constexpr bool adapt_gate = trains_v<lora<proj::gate>, Recipe>;
   static constexpr bool adapt_up = trains_v<lora<proj::up>, Recipe>;
   static constexpr bool adapt_down = trains_v<lora<proj::down>, Recipe>;
   static constexpr bool need_dg = train_gate || adapt_gate || NeedsInputGrad;
   static constexpr bool need_du = train_up || adapt_up || NeedsInputGrad;
-  static constexpr bool need_dm = need_dg || need_du;
+  static constexpr bool need_dm = need_dg || need_du || train_alpha;
   static constexpr bool active = need_dm || train_down || adapt_down;
   static constexpr bool save_h = train_gate || train_up || adapt_gate || adapt_up;  // dW{g,u} = d{g,u}^T h, dA
-  static constexpr bool save_g = need_dm;                 // silu(g), silu'(g)
-  static constexpr bool save_u = need_dg;                 // dg = dm * u * silu'(g)
+  static constexpr bool save_g = need_dm;                   // phi(g), phi'(g)
+  static constexpr bool save_u = need_dg || train_alpha;    // dg = dm * u * phi'(g), da = sum(dm * u * dphi/da)
   static constexpr bool save_m = train_down || adapt_down;  // dWd = dout^T m, dA_down
 };
 
-// Gradients of the trainable projections only; the same type whether or not dh is wanted.
-template <class T, class Recipe>
+// Gradients of the trainable tensors only; the same type whether or not dh is wanted.
+template <class T, class Recipe, class Act = act::silu>
 struct mlp_grads : members::optional_gate_proj<trains_v<proj::gate, Recipe>, linear_weights<T>>,
                    members::optional_up_proj<trains_v<proj::up, Recipe>, linear_weights<T>>,
                    members::optional_down_proj<trains_v<proj::down, Recipe>, linear_weights<T>>,
                    members::optional_gate_lora<trains_v<lora<proj::gate>, Recipe>, lora_factors<T>>,
                    members::optional_up_lora<trains_v<lora<proj::up>, Recipe>, lora_factors<T>>,
-                   members::optional_down_lora<trains_v<lora<proj::down>, Recipe>, lora_factors<T>> {};
+                   members::optional_down_lora<trains_v<lora<proj::down>, Recipe>, lora_factors<T>>,
+                   members::optional_act_alpha<mlp_plan<Recipe, false, Act>::train_alpha, tensor<T>> {};
 
+// Runtime settings of an MLP policy (a dense MLP has none).
+struct dense_options {
+  bool operator==(const dense_options&) const = default;
+};
+
+namespace detail {
+
+// Throws, naming the tensor, unless a projection has the shape the config implies.
 template <class T>
-inline T sigmoid(T z) {
-  return T(1) / (T(1) + std::exp(-z));
+void check_projection(const linear_weights<T>& l, std::size_t out, std::size_t in, bool bias, const std::string& name) {
+  cpu::expect_shape(l.weight, {out, in}, name + ".weight");
+  if (l.has_lora()) {
+    const std::size_t r = l.lora.rank();
+    cpu::expect_shape(l.lora.A, {r, in}, name + ".lora_A.weight");
+    cpu::expect_shape(l.lora.B, {out, r}, name + ".lora_B.weight");
+  }
+  if (bias) cpu::expect_shape(l.bias, {out}, name + ".bias");
+  else if (l.has_bias()) throw std::invalid_argument("skillgraft: " + name + ".bias present but the config has no bias");
 }
 
-template <class T, class Recipe, bool NeedsInputGrad>
+// Gate, Up, Down and the range of one MLP (or expert) named `prefix` ("model.layers.0.mlp.").
+template <class Act, class T>
+void check_expert(const mlp_weights<T>& w, const decoder_config& c, const std::string& prefix) {
+  const auto d = std::size_t(c.hidden), I = std::size_t(c.intermediate);
+  check_projection(w.gate_proj, I, d, false, prefix + "gate_proj");
+  check_projection(w.up_proj, I, d, false, prefix + "up_proj");
+  check_projection(w.down_proj, d, I, false, prefix + "down_proj");
+  if constexpr (Act::has_range) {
+    if (w.act_alpha.empty())
+      throw std::invalid_argument("skillgraft: " + prefix + "act_fn.alpha is missing: an " + std::string(Act::name) +
+                                  " MLP needs its range alpha [1] (nn::add_act_range gives alpha = 0)");
+    cpu::expect_shape(w.act_alpha, {1}, prefix + "act_fn.alpha");
+  } else if (!w.act_alpha.empty()) {
+    throw std::invalid_argument("skillgraft: " + prefix + "act_fn.alpha present but the MLP's activation is " +
+                                std::string(Act::name) + ", which has no range (use act::xsilu or act::xgelu)");
+  }
+}
+
+// m = phi(g; alpha) * u over n elements. SiLU keeps its original expression (bit for bit).
+template <class Act, class T>
+void gated_product(const T* gp, const T* up, T alpha, T* mp, std::size_t n) {
+  if constexpr (std::is_same_v<Act, act::silu>) {
+    (void)alpha;
+#pragma omp parallel for schedule(static) if (n > 32768)
+    for (std::size_t i = 0; i < n; ++i) mp[i] = gp[i] * sigmoid(gp[i]) * up[i];
+  } else {
+#pragma omp parallel for schedule(static) if (n > 32768)
+    for (std::size_t i = 0; i < n; ++i) mp[i] = gated<Act>(gp[i], alpha) * up[i];
+  }
+}
+
+// Backward of m = phi(g; alpha) * u over n elements: dm (in place) becomes dg when NeedDg,
+// du = dm * phi(g) when NeedDu; returns d alpha = sum(dm * u * dphi/dalpha) when NeedDalpha.
+template <class Act, bool NeedDg, bool NeedDu, bool NeedDalpha, class T>
+T gated_product_backward(const T* gp, const T* up, T alpha, T* dmp, T* dup, std::size_t n) {
+  T dalpha = T(0);
+  if constexpr (NeedDalpha)  // before dm is overwritten by dg
+    dalpha = deterministic_sum<T>(n, [&](std::size_t i) {
+      const T z = gp[i];
+      return dmp[i] * up[i] * z * (T(2) * Act::gate(z) - T(1));
+    });
+  if constexpr (std::is_same_v<Act, act::silu>) {
+#pragma omp parallel for schedule(static) if (n > 32768)
+    for (std::size_t i = 0; i < n; ++i) {
+      const T z = gp[i], sg = sigmoid(z), d = dmp[i];
+      if constexpr (NeedDu) dup[i] = d * z * sg;
+      if constexpr (NeedDg) dmp[i] = d * up[i] * sg * (T(1) + z * (T(1) - sg));
+    }
+  } else if constexpr (NeedDg || NeedDu) {
+#pragma omp parallel for schedule(static) if (n > 32768)
+    for (std::size_t i = 0; i < n; ++i) {
+      const T z = gp[i], d = dmp[i];
+      if constexpr (NeedDu) dup[i] = d * gated<Act>(z, alpha);
+      if constexpr (NeedDg) {
+        T dz, da;
+        gated_grad<Act>(z, alpha, dz, da);
+        dmp[i] = d * up[i] * dz;
+      }
+    }
+  }
+  return dalpha;
+}
+
+template <class Act, class T>
+T range_of(const mlp_weights<T>& w) {
+  if constexpr (Act::has_range) {
+    if (w.act_alpha.size() != 1)
+      throw std::invalid_argument("skillgraft: mlp.act_fn.alpha has shape " + w.act_alpha.shape().str() +
+                                  ", expected [1] (an " + std::string(Act::name) +
+                                  " MLP needs its range: nn::add_act_range)");
+    return w.act_alpha[0];
+  } else {
+    return T(0);
+  }
+}
+
+}  // namespace detail
+
+template <class T, class Recipe, bool NeedsInputGrad, class Act = act::silu>
 struct swiglu_mlp {
   using value_type = T;
   using weights_t = mlp_weights<T>;
-  using plan = mlp_plan<Recipe, NeedsInputGrad>;
+  using activation = Act;
+  using options = dense_options;
+  using plan = mlp_plan<Recipe, NeedsInputGrad, Act>;
   static constexpr bool needs_input_grad = NeedsInputGrad;
 
   struct saved_t : members::optional_h<plan::save_h, tensor<T>>,
@@ -76,9 +220,10 @@ struct swiglu_mlp {
                    members::optional_u_gate<plan::adapt_gate, tensor<T>>,
                    members::optional_u_up<plan::adapt_up, tensor<T>>,
                    members::optional_u_down<plan::adapt_down, tensor<T>> {};
-  using grads_t = mlp_grads<T, Recipe>;
+  using grads_t = mlp_grads<T, Recipe, Act>;
 
   decoder_config config;
+  [[no_unique_address]] options mlp_options{};
 
   grads_t make_grads(const weights_t& w) const {
     grads_t g;
@@ -90,11 +235,14 @@ struct swiglu_mlp {
     if constexpr (plan::adapt_up) g.up_lora = (require_lora(w.up_proj, "up_proj"), w.up_proj.lora.like(memory_use::gradients));
     if constexpr (plan::adapt_down)
       g.down_lora = (require_lora(w.down_proj, "down_proj"), w.down_proj.lora.like(memory_use::gradients));
+    if constexpr (plan::train_alpha)
+      g.act_alpha = (detail::range_of<Act>(w), tensor<T>({1}, memory_use::gradients));
     return g;
   }
 
   tensor<T> forward(const weights_t& w, const tensor<T>& h, saved_t& s) const {
     check_linear_input(w.gate_proj, h, "mlp");
+    const T alpha = detail::range_of<Act>(w);
     const std::size_t n = std::size_t(h.rows()), I = w.gate_proj.out_features();
     auto kept = [](bool keep) { return keep ? memory_use::saved_activations : memory_use::workspace; };
     shape_t inner = h.shape();
@@ -112,11 +260,7 @@ struct swiglu_mlp {
               ud = adapter_input(plan::adapt_down, w.down_proj, "down_proj");
     linear_forward(w.gate_proj, h, g, plan::adapt_gate ? &ug : nullptr);
     linear_forward(w.up_proj, h, u, plan::adapt_up ? &uu : nullptr);
-    const T* gp = g.data();
-    const T* up = u.data();
-    T* mp = m.data();
-#pragma omp parallel for schedule(static) if (n * I > 32768)
-    for (std::size_t i = 0; i < n * I; ++i) mp[i] = gp[i] * sigmoid(gp[i]) * up[i];
+    detail::gated_product<Act>(g.data(), u.data(), alpha, m.data(), n * I);
     tensor<T> out(h.shape(), memory_use::workspace);
     linear_forward(w.down_proj, m, out, plan::adapt_down ? &ud : nullptr);
     if constexpr (plan::adapt_gate) s.u_gate = std::move(ug);
@@ -143,16 +287,11 @@ struct swiglu_mlp {
       // dg overwrites dm's buffer after du has read it; du gets its own only when needed.
       tensor<T> du;
       if constexpr (plan::need_du) du = tensor<T>(inner, memory_use::workspace);
-      const std::size_t n = dm.size();
-      const T* gp = s.g.data();
-      T* dmp = dm.data();
-      T* dup = plan::need_du ? du.data() : nullptr;
-#pragma omp parallel for schedule(static) if (n > 32768)
-      for (std::size_t i = 0; i < n; ++i) {
-        const T z = gp[i], sg = sigmoid(z), d = dmp[i];
-        if constexpr (plan::need_du) dup[i] = d * z * sg;
-        if constexpr (plan::need_dg) dmp[i] = d * s.u[i] * sg * (T(1) + z * (T(1) - sg));
-      }
+      const T* up = nullptr;
+      if constexpr (plan::save_u) up = s.u.data();
+      const T da = detail::gated_product_backward<Act, plan::need_dg, plan::need_du, plan::train_alpha>(
+          s.g.data(), up, detail::range_of<Act>(w), dm.data(), plan::need_du ? du.data() : nullptr, dm.size());
+      if constexpr (plan::train_alpha) gr.act_alpha[0] += da;
       if constexpr (plan::train_gate) linear_backward_weight(s.h, dm, gr.gate_proj);
       if constexpr (plan::train_up) linear_backward_weight(s.h, du, gr.up_proj);
       if constexpr (plan::adapt_gate) lora_backward(w.gate_proj, s.h, s.u_gate, dm, gr.gate_lora);
@@ -168,7 +307,8 @@ struct swiglu_mlp {
     }
   }
 
-  // Per projection: base weight (and bias), then its adapter, as for_each_parameter orders them.
+  // Per projection: base weight (and bias), then its adapter, then the range, as
+  // for_each_parameter orders them.
   template <class F>
   static void for_each_trainable(weights_t& w, grads_t& g, F&& f) {
     auto both = [&](const char* name, linear_weights<T>& p, linear_weights<T>& dp) {
@@ -185,8 +325,93 @@ struct swiglu_mlp {
     if constexpr (plan::adapt_up) factors("up_proj", w.up_proj, g.up_lora);
     if constexpr (plan::train_down) both("down_proj", w.down_proj, g.down_proj);
     if constexpr (plan::adapt_down) factors("down_proj", w.down_proj, g.down_lora);
+    if constexpr (plan::train_alpha) f(std::string("act_fn.alpha"), w.act_alpha, g.act_alpha);
   }
 
+  // --- what it costs, from the plan (decoder_block and memory_report add these up) ---------
+
+  static std::size_t saved_elements(const decoder_config& c, seq_shape sh, const options&) {
+    const std::size_t N = sh.tokens(), d = std::size_t(c.hidden), I = std::size_t(c.intermediate),
+                      r = std::size_t(c.lora_rank);
+    std::size_t n = 0;
+    if (plan::save_h) n += N * d;
+    if (plan::save_g) n += N * I;
+    if (plan::save_u) n += N * I;
+    if (plan::save_m) n += N * I;
+    n += N * r * std::size_t(plan::adapt_gate + plan::adapt_up + plan::adapt_down);  // adapter inputs x A^T
+    return n;
+  }
+  static std::size_t trainable_elements(const decoder_config& c, const options&) {
+    const std::size_t d = std::size_t(c.hidden), I = std::size_t(c.intermediate), r = std::size_t(c.lora_rank);
+    std::size_t n = 0;
+    if (plan::train_gate) n += I * d;
+    if (plan::train_up) n += I * d;
+    if (plan::train_down) n += d * I;
+    if (plan::train_alpha) n += 1;
+    if (plan::adapt_gate) n += r * (d + I);
+    if (plan::adapt_up) n += r * (d + I);
+    if (plan::adapt_down) n += r * (I + d);
+    return n;
+  }
+  // Multiply-add FLOPs (2 per MAC) of the GEMMs forward and backward run (adapters included).
+  struct flop_count {
+    double forward = 0, backward = 0;
+  };
+  static flop_count flops(const decoder_config& c, seq_shape sh, const options&) {
+    const double N = double(sh.tokens()), d = c.hidden, I = c.intermediate, r = c.lora_rank;
+    flop_count f;
+    f.forward = 3 * 2 * N * d * I;
+    double b = 0;
+    if (plan::train_down) b += 2 * N * d * I;
+    if (plan::need_dm) b += 2 * N * d * I;
+    if (plan::train_gate) b += 2 * N * d * I;
+    if (plan::train_up) b += 2 * N * d * I;
+    if (NeedsInputGrad) b += 2 * 2 * N * d * I;
+    auto adapter = [&](bool on, double in, double out, bool dx) {
+      if (!on) return;
+      f.forward += 2 * N * r * (in + out);
+      b += 2 * N * out * r * 2 + 2 * N * r * in + (dx ? 2 * N * r * in : 0);
+    };
+    adapter(plan::adapt_gate, d, I, NeedsInputGrad);
+    adapter(plan::adapt_up, d, I, NeedsInputGrad);
+    adapter(plan::adapt_down, I, d, plan::need_dm);
+    f.backward = b;
+    return f;
+  }
 };
+
+// --- MLP policies of a decoder block ---------------------------------------------------------
+//
+// A policy is a type that names the MLP layer a decoder block builds (`layer<T, Recipe, Dx>`),
+// its gradients (`grads<T, Recipe>`), its runtime settings (`options`) and which optional
+// tags a recipe may name with it (`accepts<Tag>`).
+
+// The dense gated MLP with gate activation Act (default: SiLU, the LLaMA/Qwen2 MLP).
+template <class Act = act::silu>
+struct swiglu {
+  using activation = Act;
+  using options = dense_options;
+  template <class T, class Recipe, bool NeedsInputGrad>
+  using layer = swiglu_mlp<T, Recipe, NeedsInputGrad, Act>;
+  template <class T, class Recipe>
+  using grads = mlp_grads<T, Recipe, Act>;
+  template <class Tag>
+  static constexpr bool accepts =
+      !std::is_same_v<Tag, group::router> && (Act::has_range || !std::is_same_v<Tag, group::act_range>);
+
+  // Throws, naming the tensor, unless w is a dense MLP of this activation for config c
+  // (prefix: "model.layers.3.mlp.").
+  template <class T>
+  static void check_weights(const mlp_weights<T>& w, const decoder_config& c, const options&, const std::string& prefix) {
+    if (w.is_mixture() || !w.experts.empty())
+      throw std::invalid_argument("skillgraft: " + prefix + "router.weight present, but the block's MLP policy is "
+                                  "dense (nn::swiglu); a mixture of experts needs an nn::moe policy");
+    detail::check_expert<Act>(w, c, prefix);
+  }
+  // Parameters beyond Gate, Up and Down (block_weights::elements_for counts those).
+  static std::size_t extra_weight_elements(const decoder_config&, const options&) { return Act::has_range ? 1 : 0; }
+};
+
+using default_mlp = swiglu<act::silu>;
 
 }  // namespace skillgraft::nn

@@ -28,6 +28,11 @@ struct final_norm { static constexpr std::string_view name = "norm"; };
 struct lm_head    { static constexpr std::string_view name = "lm_head"; };
 struct vision     { static constexpr std::string_view name = "vision_tower"; };
 struct projector  { static constexpr std::string_view name = "multi_modal_projector"; };
+// The trainable range α of an expanded gating activation (xSiLU, xGELU: the gate spans
+// [-α, 1 + α]), one scalar per MLP: mlp.act_fn.alpha.
+struct act_range  { static constexpr std::string_view name = "act_fn"; };
+// The token router of a mixture-of-experts MLP: mlp.router.weight [experts, hidden].
+struct router     { static constexpr std::string_view name = "router"; };
 }  // namespace group
 
 // A low-rank adapter (LoRA) on projection P: trains A [r, in] and B [out, r] beside a
@@ -36,6 +41,15 @@ template <class P>
 struct lora {
   using base = P;
   static constexpr std::string_view name = P::name;  // messages say lora<q_proj>
+};
+
+// A tensor of an earlier expert of a mixture-of-experts MLP (the original MLP included):
+// P's tensor of an expert that only the newest expert may replace in training. It is not
+// in `all_tags`, so no recipe can name it: earlier experts are frozen by construction.
+template <class P>
+struct past_expert {
+  using base = P;
+  static constexpr std::string_view name = P::name;
 };
 
 template <class Tag>

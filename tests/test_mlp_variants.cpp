@@ -1,0 +1,612 @@
+// MLP policies of the decoder block: expanded gating activations (xSiLU, xGELU with a
+// trainable range alpha) and a mixture of experts on the MLP (frozen original beside tuned
+// copies, learned top-k router). Finite-difference gradients of every new tensor and the
+// input under several recipes; SiLU unchanged bit for bit; alpha = 0 equivalence; frozen
+// experts untouched by AdamW; memory plan against the ledger; exact start of a mixture
+// grown from a dense model; a task learned while the original expert stays exactly itself.
+#include "support/gradcheck.hpp"
+
+#include <cstring>
+#include <map>
+
+#include "skillgraft/cl/moe.hpp"
+#include "skillgraft/model/parameters.hpp"
+#include "skillgraft/nn/memory_report.hpp"
+#include "skillgraft/nn/moe_mlp.hpp"
+#include "skillgraft/policy/recipes.hpp"
+#include "skillgraft/train/adamw.hpp"
+#include "skillgraft/train/schedule.hpp"
+#include "skillgraft/train/step.hpp"
+
+namespace sg = skillgraft;
+namespace act = sg::nn::act;
+using namespace sg::proj;
+using sg::group::act_range;
+using sg::group::router;
+using sg::memory_use;
+using sg::test::gradcheck;
+using sg::test::random_tensor;
+using D = double;
+
+namespace {
+
+template <class R, bool Dx, class Mlp>
+using block = sg::nn::decoder_block<float, std::remove_const_t<R>, Dx, sg::backend::cpu, Mlp>;
+using xsilu_mlp = sg::nn::swiglu<act::xsilu>;
+using moe2 = sg::nn::moe<act::silu, 2>;
+using xmoe2 = sg::nn::moe<act::xsilu, 2>;
+using switch1 = sg::nn::moe<act::silu, 1>;  // top-1, softmax weight (Switch)
+
+// Random experts and router for a mixture of E experts on an MLP (its Gate, Up, Down become
+// expert 0); alpha of every expert drawn too when `range`.
+template <class T>
+void make_mixture(sg::nn::mlp_weights<T>& w, const sg::decoder_config& c, int E, bool range, std::mt19937& rng) {
+  w.router = sg::cpu::tensor<T>({std::size_t(E), std::size_t(c.hidden)}, memory_use::weights);
+  sg::test::fill_normal(w.router, rng, 0.0, 1.0 / std::sqrt(double(c.hidden)));
+  w.experts.clear();
+  for (int e = 1; e < E; ++e) {
+    auto& x = w.experts.emplace_back(c, memory_use::weights);
+    for (auto* l : {&x.gate_proj, &x.up_proj, &x.down_proj}) sg::test::fill_linear(*l, rng);
+  }
+  if (range)
+    for (int e = 0; e < E; ++e) {
+      auto& x = w.expert(std::size_t(e));
+      x.act_alpha = sg::cpu::tensor<T>({1}, memory_use::weights);
+      x.act_alpha[0] = T(0.15 + 0.1 * e);
+    }
+}
+
+// Smallest gap, over tokens, between the k-th and (k+1)-th router logit: far from zero means
+// finite differences never cross a change of the chosen experts.
+template <class T>
+double routing_margin(const sg::nn::mlp_weights<T>& w, const sg::cpu::tensor<T>& h, int k) {
+  Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> z = h.mat() * w.router.mat().transpose();
+  double margin = 1e9;
+  for (Eigen::Index t = 0; t < z.rows(); ++t) {
+    std::vector<T> row(z.row(t).data(), z.row(t).data() + z.cols());
+    std::sort(row.begin(), row.end(), std::greater<T>());
+    if (std::size_t(k) < row.size()) margin = std::min(margin, double(row[std::size_t(k) - 1] - row[std::size_t(k)]));
+  }
+  return margin;
+}
+
+// Every tensor of a trunk by Hugging Face name (for_each_parameter's walk), as bytes.
+template <class T>
+std::map<std::string, std::vector<unsigned char>> snapshot(sg::model::lm_weights<T>& w) {
+  std::map<std::string, std::vector<unsigned char>> out;
+  sg::model::for_each_parameter(w, [&](const std::string& n, sg::cpu::tensor<T>& t, auto, int) {
+    std::vector<unsigned char> b(t.bytes());
+    if (t.bytes()) std::memcpy(b.data(), t.data(), t.bytes());
+    out[n] = std::move(b);
+  });
+  return out;
+}
+
+template <class T>
+bool bitwise_equal(const sg::cpu::tensor<T>& a, const sg::cpu::tensor<T>& b) {
+  return a.shape() == b.shape() && std::memcmp(a.data(), b.data(), a.bytes()) == 0;
+}
+
+sg::decoder_config lm_config(int layers = 2) {
+  auto c = sg::test::tiny_config(false, layers);
+  c.vocab_size = 13;
+  c.max_seq = 16;
+  return c;
+}
+
+template <class T>
+sg::model::lm_weights<T> random_lm(const sg::decoder_config& c, unsigned seed) {
+  sg::model::lm_weights<T> w(c);
+  std::mt19937 rng(seed);
+  for (auto& l : w.trunk.layers) sg::test::fill_block(l, rng);
+  sg::test::fill_normal(w.embed_tokens, rng, 0.0, 1.0);
+  sg::test::fill_normal(w.norm, rng, 1.0, 0.1);
+  sg::test::fill_normal(w.lm_head, rng, 0.0, 0.5);
+  return w;
+}
+
+const sg::token_ids ids = {{1, 5, 7, 2, 11}, {3, 3, 12, 0, 4}};
+
+// Member checks must be dependent to be soft: one concept per member path.
+template <class S>
+concept has_act_alpha = requires(S g) { g.act_alpha; };
+template <class S>
+concept has_router = requires(S g) { g.router; };
+template <class S>
+concept has_gate_proj = requires(S g) { g.gate_proj; };
+template <class S>
+concept has_down_proj = requires(S g) { g.down_proj; };
+template <class S>
+concept has_mlp = requires(S s) { s.mlp; };
+template <class S>
+concept has_mlp_g_u = requires(S s) { s.mlp.g; s.mlp.u; };
+template <class S>
+concept has_mlp_h = requires(S s) { s.mlp.h; };
+template <class S>
+concept has_mlp_m = requires(S s) { s.mlp.m; };
+template <class S>
+concept has_mlp_x = requires(S s) { s.mlp.x; };
+template <class S>
+concept has_mlp_y = requires(S s) { s.mlp.y; };
+template <class S>
+concept has_mlp_g = requires(S s) { s.mlp.g; };
+template <class S>
+concept has_mlp_u = requires(S s) { s.mlp.u; };
+template <class S>
+concept has_mlp_route = requires(S s) { s.mlp.route; s.mlp.route_weight; };
+template <class S>
+concept has_mlp_probs = requires(S s) { s.mlp.probs; };
+
+using frozen_r = decltype(sg::recipe::frozen);
+using gate_up_r = decltype(sg::recipe::mlp_gate_up);
+using range_r = decltype(sg::trainable<act_range>);
+using router_r = decltype(sg::trainable<router>);
+using gate_up_router_r = decltype(sg::trainable<gate, up, router>);
+using sa_router_r = decltype(sg::trainable<q, k, v, o, router>);
+using down_r = decltype(sg::recipe::mlp_down);
+
+}  // namespace
+
+// --- types: what exists, from the recipe and the policy --------------------------------------
+// The default policy is the dense SiLU MLP; spelling it out names the same block.
+static_assert(std::is_same_v<sg::nn::decoder_block<float, std::remove_const_t<gate_up_r>, false>,
+                             block<gate_up_r, false, sg::nn::swiglu<act::silu>>>);
+static_assert(std::is_same_v<sg::nn::decoder_stack<float, std::remove_const_t<gate_up_r>>::lowest_t::mlp_t,
+                             sg::nn::swiglu_mlp<float, std::remove_const_t<gate_up_r>, false>>);
+// SiLU has no range, a dense MLP no router.
+static_assert(!has_act_alpha<block<decltype(sg::recipe::llm), false, sg::nn::default_mlp>::grads_t>);
+static_assert(!has_router<block<decltype(sg::recipe::llm), false, sg::nn::default_mlp>::grads_t>);
+// xSiLU, alpha alone: keeps g and u (dalpha = sum dm u dphi/dalpha), not h (no weight trains) nor m.
+static_assert(has_act_alpha<block<range_r, false, xsilu_mlp>::grads_t>);
+static_assert(!has_gate_proj<block<range_r, false, xsilu_mlp>::grads_t>);
+static_assert(has_mlp_g_u<block<range_r, false, xsilu_mlp>::saved_t>);
+static_assert(!has_mlp_h<block<range_r, false, xsilu_mlp>::saved_t>);
+static_assert(!has_mlp_m<block<range_r, false, xsilu_mlp>::saved_t>);
+// xSiLU model trained with a recipe that does not name the range: alpha stays frozen.
+static_assert(!has_act_alpha<block<gate_up_r, false, xsilu_mlp>::grads_t>);
+// Mixture, Gate+Up of the newest expert and the router: h (router and Gate/Up inputs), the
+// chosen experts' outputs (for the router), g and u; no m, no softmax (renormalised).
+static_assert(has_router<block<gate_up_router_r, false, moe2>::grads_t>);
+static_assert(has_gate_proj<block<gate_up_router_r, false, moe2>::grads_t>);
+static_assert(!has_down_proj<block<gate_up_router_r, false, moe2>::grads_t>);
+static_assert(has_mlp_route<block<gate_up_router_r, false, moe2>::saved_t>);
+static_assert(has_mlp_x<block<gate_up_router_r, false, moe2>::saved_t>);
+static_assert(has_mlp_y<block<gate_up_router_r, false, moe2>::saved_t>);
+static_assert(has_mlp_g_u<block<gate_up_router_r, false, moe2>::saved_t>);
+static_assert(!has_mlp_m<block<gate_up_router_r, false, moe2>::saved_t>);
+static_assert(!has_mlp_probs<block<gate_up_router_r, false, moe2>::saved_t>);
+// Router alone: h and the chosen outputs only, no expert internals.
+static_assert(has_mlp_x<block<router_r, false, moe2>::saved_t>);
+static_assert(has_mlp_y<block<router_r, false, moe2>::saved_t>);
+static_assert(!has_mlp_g<block<router_r, false, moe2>::saved_t>);
+static_assert(!has_mlp_u<block<router_r, false, moe2>::saved_t>);
+// Switch (top-1 softmax) keeps the whole softmax for the router's gradient.
+static_assert(has_mlp_probs<block<router_r, false, switch1>::saved_t>);
+// Attention below trains: every expert passes dh through (g, u of all chosen pairs), the router's
+// dz comes from that pass (no y), and no h is kept (nothing of the MLP trains).
+static_assert(has_mlp_g_u<block<sa_router_r, false, moe2>::saved_t>);
+static_assert(!has_mlp_y<block<sa_router_r, false, moe2>::saved_t>);
+static_assert(has_mlp_x<block<sa_router_r, false, moe2>::saved_t>);
+static_assert(!has_mlp_x<block<decltype(sg::recipe::sa_proj), false, moe2>::saved_t>);
+// Down of the newest expert alone: its m, the choice; nothing else.
+static_assert(has_mlp_m<block<down_r, false, moe2>::saved_t>);
+static_assert(!has_mlp_g<block<down_r, false, moe2>::saved_t>);
+static_assert(!has_mlp_x<block<down_r, false, moe2>::saved_t>);
+// A frozen mixture with nothing below keeps nothing.
+static_assert(block<frozen_r, false, moe2>::keeps_nothing);
+static_assert(!has_mlp<block<frozen_r, false, moe2>::saved_t>);
+
+TEST_CASE("SiLU MLP: the default policy computes what the MLP computed before, bit for bit") {
+  // The dense SiLU MLP as written before activation policies (forward and backward under
+  // recipe::mlp with the input gradient), against swiglu_mlp; sizes past the OpenMP threshold.
+  auto c = sg::test::tiny_config();
+  c.hidden = 64;
+  c.intermediate = 1024;
+  sg::nn::mlp_weights<float> w(c, memory_use::weights);
+  std::mt19937 rng(1);
+  for (auto* l : {&w.gate_proj, &w.up_proj, &w.down_proj}) sg::test::fill_linear(*l, rng);
+  auto h = random_tensor<float>({2, 32, 64}, 2);
+  auto dout = random_tensor<float>({2, 32, 64}, 3);
+
+  using sg::cpu::tensor;
+  tensor<float> g({2, 32, 1024}, memory_use::workspace), u({2, 32, 1024}, memory_use::workspace),
+      m({2, 32, 1024}, memory_use::workspace), ref({2, 32, 64}, memory_use::workspace);
+  sg::nn::linear_forward(w.gate_proj, h, g);
+  sg::nn::linear_forward(w.up_proj, h, u);
+  for (std::size_t i = 0; i < g.size(); ++i) m[i] = g[i] * sg::nn::sigmoid(g[i]) * u[i];
+  sg::nn::linear_forward(w.down_proj, m, ref);
+  auto dWd = w.down_proj.like(memory_use::workspace), dWg = w.gate_proj.like(memory_use::workspace),
+       dWu = w.up_proj.like(memory_use::workspace);
+  sg::nn::linear_backward_weight(m, dout, dWd);
+  tensor<float> dm(g.shape(), memory_use::workspace), du(g.shape(), memory_use::workspace),
+      dh(h.shape(), memory_use::workspace);
+  sg::nn::linear_backward_input(w.down_proj, dout, dm, false);
+  for (std::size_t i = 0; i < dm.size(); ++i) {
+    const float z = g[i], s = sg::nn::sigmoid(z), d = dm[i];
+    du[i] = d * z * s;
+    dm[i] = d * u[i] * s * (1.f + z * (1.f - s));
+  }
+  sg::nn::linear_backward_weight(h, dm, dWg);
+  sg::nn::linear_backward_weight(h, du, dWu);
+  sg::nn::linear_backward_input(w.gate_proj, dm, dh, false);
+  sg::nn::linear_backward_input(w.up_proj, du, dh, true);
+
+  using R = std::remove_const_t<decltype(sg::recipe::mlp)>;
+  sg::nn::swiglu_mlp<float, R, true> mlp{c};
+  decltype(mlp)::saved_t s;
+  auto y = mlp.forward(w, h, s);
+  auto gr = mlp.make_grads(w);
+  auto dx = mlp.backward(w, s, dout, gr);
+  CHECK(bitwise_equal(y, ref));
+  CHECK(bitwise_equal(dx, dh));
+  CHECK(bitwise_equal(gr.gate_proj.weight, dWg.weight));
+  CHECK(bitwise_equal(gr.up_proj.weight, dWu.weight));
+  CHECK(bitwise_equal(gr.down_proj.weight, dWd.weight));
+}
+
+TEST_CASE("xSiLU / xGELU: alpha = 0 is SiLU / GELU gating; alpha widens the gate's range") {
+  const auto c = sg::test::tiny_config(true);
+  sg::nn::rope_table<D> table(c.head_dim, c.max_seq, c.rope_theta);
+  std::mt19937 rng(4);
+  sg::nn::block_weights<D> w(c);
+  sg::test::fill_block(w, rng);
+  auto x = random_tensor<D>({2, 5, std::size_t(c.hidden)}, 5);
+  using R = std::remove_const_t<decltype(sg::recipe::llm)>;
+
+  sg::nn::decoder_block<D, R, true> silu(c, table);
+  decltype(silu)::saved_t s0;
+  auto y0 = silu.forward(w, x, s0);
+  auto g0 = silu.make_grads(w);
+  auto r = random_tensor<D>(y0.shape(), 6);
+  auto dx0 = silu.backward(w, s0, r, g0);
+
+  sg::nn::add_act_range(w.mlp, 0.0);
+  sg::nn::decoder_block<D, R, true, sg::backend::cpu, xsilu_mlp> xs(c, table);
+  decltype(xs)::saved_t s1;
+  auto y1 = xs.forward(w, x, s1);
+  CHECK(bitwise_equal(y1, y0));  // z ((1 + 0) s - 0) rounds to z s
+  auto g1 = xs.make_grads(w);
+  auto dx1 = xs.backward(w, s1, r, g1);
+  CHECK((dx1.vec() - dx0.vec()).cwiseAbs().maxCoeff() < 1e-12);
+  CHECK((g1.gate_proj.weight.vec() - g0.gate_proj.weight.vec()).cwiseAbs().maxCoeff() < 1e-12);
+  CHECK((g1.up_proj.weight.vec() - g0.up_proj.weight.vec()).cwiseAbs().maxCoeff() < 1e-12);
+  CHECK((g1.down_proj.weight.vec() - g0.down_proj.weight.vec()).cwiseAbs().maxCoeff() < 1e-12);
+
+  // xGELU at alpha = 0 against the GELU-gated MLP written out: out = (g Phi(g) * u) Wd^T.
+  const auto& mw = w.mlp;
+  auto h = random_tensor<D>({3, std::size_t(c.hidden)}, 7);
+  Eigen::MatrixXd g = h.mat() * mw.gate_proj.weight.mat().transpose(), u = h.mat() * mw.up_proj.weight.mat().transpose();
+  Eigen::MatrixXd m = g.unaryExpr([](double z) { return z * 0.5 * std::erfc(-z / std::sqrt(2.0)); }).cwiseProduct(u);
+  Eigen::MatrixXd ref = m * mw.down_proj.weight.mat().transpose();
+  sg::nn::swiglu_mlp<D, std::remove_const_t<frozen_r>, false, act::xgelu> gelu{c};
+  decltype(gelu)::saved_t sg0;
+  auto yg = gelu.forward(mw, h, sg0);
+  CHECK((yg.mat() - ref).cwiseAbs().maxCoeff() < 1e-12);
+
+  // alpha = 1: the gate spans [-1, 2]: phi(z) = z (3 s - 1). Below z = -log 2 the gate is
+  // negative, so negative inputs give positive outputs (SiLU's stay negative).
+  CHECK(sg::nn::gated<act::xsilu>(0.1, 1.0) == Approx(0.1 * (3 * sg::nn::sigmoid(0.1) - 1)).epsilon(1e-15));
+  CHECK(sg::nn::gated<act::xsilu>(-1.0, 0.0) < 0);
+  CHECK(sg::nn::gated<act::xsilu>(-1.0, 1.0) > 0);
+  CHECK(sg::nn::gated<act::xsilu>(-20.0, 1.0) == Approx(20.0).epsilon(1e-6));  // gate -> -alpha: -z * -1
+  CHECK(sg::nn::gated<act::xgelu>(-20.0, 0.5) == Approx(10.0).epsilon(1e-6));
+}
+
+TEST_CASE("xSiLU / xGELU: alpha, weight and input gradients by finite differences") {
+  for (bool bias : {false, true}) {
+    const auto c = sg::test::tiny_config(bias);
+    sg::nn::rope_table<D> table(c.head_dim, c.max_seq, c.rope_theta);
+    std::mt19937 rng(8);
+    sg::nn::block_weights<D> w(c);
+    sg::test::fill_block(w, rng);
+    sg::nn::add_act_range(w.mlp, 0.35);
+    auto recipes = sg::hana::make_tuple(sg::trainable<act_range>, sg::trainable<gate, up, act_range>,
+                                        sg::trainable<down, act_range>, sg::recipe::mlp, sg::recipe::sa_proj,
+                                        sg::trainable<q, act_range, sg::group::mlp_norm>, sg::recipe::frozen);
+    auto check = [&](auto act_tag) {
+      using A = typename decltype(act_tag)::type;
+      using P = sg::nn::swiglu<A>;
+      sg::hana::for_each(recipes, [&](auto r) {
+        using R = std::remove_const_t<decltype(r)>;
+        INFO("activation " << A::name);
+        auto x = random_tensor<D>({2, 5, std::size_t(c.hidden)}, 9);
+        gradcheck(sg::nn::swiglu_mlp<D, R, true, A>{c}, w.mlp, x);
+        gradcheck(sg::nn::swiglu_mlp<D, R, false, A>{c}, w.mlp, x);
+        auto a = gradcheck(sg::nn::decoder_block<D, R, true, sg::backend::cpu, P>(c, table), w, x);
+        auto b = gradcheck(sg::nn::decoder_block<D, R, false, sg::backend::cpu, P>(c, table), w, x);
+        CHECK(a == b);
+        CHECK(a.count("mlp.act_fn.alpha") == std::size_t(sg::trains_v<act_range, R>));
+      });
+    };
+    check(sg::hana::type_c<act::xsilu>);
+    check(sg::hana::type_c<act::xgelu>);
+  }
+}
+
+TEST_CASE("mixture of experts: router, newest expert and input gradients by finite differences") {
+  const auto c = sg::test::tiny_config(true);
+  sg::nn::rope_table<D> table(c.head_dim, c.max_seq, c.rope_theta);
+  auto recipes = sg::hana::make_tuple(
+      sg::trainable<router>, sg::trainable<gate, up, router>, sg::trainable<gate, up>, sg::trainable<down>,
+      sg::trainable<gate, up, down, router, act_range>, sg::trainable<act_range, router>, sg::trainable<up>,
+      sg::trainable<q, v>, sg::trainable<k, router, sg::group::mlp_norm>, sg::recipe::frozen);
+  auto some = sg::hana::make_tuple(sg::trainable<router>, sg::trainable<gate, up, down, router, act_range>,
+                                   sg::trainable<q, v>, sg::trainable<k, router, sg::group::mlp_norm>);
+  auto check = [&](auto policy, int E, unsigned seed, auto list) {
+    using P = typename decltype(policy)::type;
+    using A = typename P::activation;
+    INFO("activation " << A::name << ", top-" << P::top_k << (P::renormalise ? " renormalised" : " softmax") << ", "
+                       << E << " experts");
+    std::mt19937 rng(seed);
+    sg::nn::block_weights<D> w(c);
+    sg::test::fill_block(w, rng);
+    make_mixture(w.mlp, c, E, A::has_range, rng);
+    auto x = random_tensor<D>({2, 5, std::size_t(c.hidden)}, seed + 1);
+    if (E > P::top_k) REQUIRE(routing_margin(w.mlp, x, P::top_k) > 1e-3);  // no tie near the inputs
+    const sg::nn::moe_options o{E};
+    sg::hana::for_each(list, [&](auto r) {
+      using R = std::remove_const_t<decltype(r)>;
+      // (a renormalised top-1 weight is constant: that policy refuses to train the router)
+      if constexpr (!(sg::trains_v<act_range, R> && !A::has_range) &&
+                    !(P::top_k == 1 && P::renormalise && sg::trains_v<router, R>)) {
+        gradcheck(sg::nn::moe_mlp<D, R, true, P>{c, o}, w.mlp, x);
+        auto names = gradcheck(sg::nn::moe_mlp<D, R, false, P>{c, o}, w.mlp, x);
+        const std::string newest = "experts." + std::to_string(E - 1) + ".";
+        std::set<std::string> expected;
+        if (sg::trains_v<router, R>) expected.insert("router.weight");
+        if (sg::trains_v<gate, R>) expected.insert(newest + "gate_proj.weight");
+        if (sg::trains_v<up, R>) expected.insert(newest + "up_proj.weight");
+        if (sg::trains_v<down, R>) expected.insert(newest + "down_proj.weight");
+        if (sg::trains_v<act_range, R>) expected.insert(newest + "act_fn.alpha");
+        CHECK(names == expected);
+        // The whole block (attention below the mixture trains for some recipes: dh through every expert).
+        auto a = gradcheck(sg::nn::decoder_block<D, R, true, sg::backend::cpu, P>(c, table, o), w, x);
+        auto b = gradcheck(sg::nn::decoder_block<D, R, false, sg::backend::cpu, P>(c, table, o), w, x);
+        CHECK(a == b);
+      }
+    });
+  };
+  check(sg::hana::type_c<moe2>, 3, 20, recipes);
+  check(sg::hana::type_c<moe2>, 2, 30, some);  // every expert chosen: no selection at all
+  check(sg::hana::type_c<xmoe2>, 3, 40, recipes);
+  check(sg::hana::type_c<switch1>, 3, 50, recipes);
+  check(sg::hana::type_c<sg::nn::moe<act::xgelu, 1>>, 2, 60, some);
+  check(sg::hana::type_c<sg::nn::moe<act::silu, 1, true>>, 3, 70, some);  // renormalised top-1: weight 1, no router
+}
+
+TEST_CASE("mixture of experts: a layer-scoped stack by finite differences, names as for_each_parameter's") {
+  auto c = lm_config(3);
+  auto w = random_lm<D>(c, 80);
+  sg::nn::add_act_range(w.trunk, 0.0);
+  CHECK(sg::cl::add_expert(w) == 2);
+  CHECK(sg::cl::add_expert(w) == 3);
+  std::mt19937 rng(81);
+  for (auto& l : w.trunk.layers) make_mixture(l.mlp, c, 3, true, rng);
+  constexpr auto recipe = sg::trainable<gate, up, router, act_range>;
+  for (bool dx : {false, true}) {
+    auto x = random_tensor<D>({2, 5, std::size_t(c.hidden)}, 82);
+    auto run = [&](auto stack) {
+      auto names = sg::test::gradcheck_stack(stack, w.trunk, x);
+      std::set<std::string> expected;
+      for (const char* n : {"mlp.router.weight", "mlp.experts.2.gate_proj.weight", "mlp.experts.2.up_proj.weight",
+                            "mlp.experts.2.act_fn.alpha"})
+        expected.insert(std::string("model.layers.1.") + n);
+      CHECK(names == expected);
+    };
+    if (dx) run(sg::nn::decoder_stack<D, decltype(recipe), true, sg::backend::cpu, xmoe2>(c, recipe.on_layers(1, 1), {3}));
+    else run(sg::nn::decoder_stack<D, decltype(recipe), false, sg::backend::cpu, xmoe2>(c, recipe.on_layers(1, 1), {3}));
+  }
+  // The model's trainable tensors, its parameter walk and the checkpoint names agree.
+  sg::model::decoder_lm<D, decltype(recipe), sg::backend::cpu, xmoe2> lm(c, recipe, {3});
+  auto g = lm.make_grads(w);
+  std::vector<std::string> a, b, all;
+  lm.for_each_trainable(w, g, [&](const std::string& n, auto&, auto&) { a.push_back(n); });
+  sg::model::for_each_trainable_weight(lm, w, [&](const std::string& n, auto&) { b.push_back(n); });
+  sg::model::for_each_parameter(w, [&](const std::string& n, auto&, auto, int) { all.push_back(n); });
+  CHECK(a == b);
+  CHECK(a.size() == 3 * 4);
+  CHECK(a.front() == "model.layers.0.mlp.router.weight");
+  CHECK(std::find(all.begin(), all.end(), "model.layers.2.mlp.experts.0.gate_proj.weight") != all.end());
+  CHECK(std::find(all.begin(), all.end(), "model.layers.2.mlp.experts.1.act_fn.alpha") != all.end());
+  CHECK(std::find(all.begin(), all.end(), "model.layers.2.mlp.gate_proj.weight") == all.end());
+  CHECK(sg::nn::grad<router, decltype(lm)::stack_t::lowest_t>(g.layers.layer(0)).shape() == sg::cpu::shape_t{3, 16});
+}
+
+namespace {
+template <class Mlp, class R>
+void check_plan_against_ledger(R recipe, const sg::decoder_config& c, sg::seq_shape sh, int experts, bool range) {
+  struct probe {
+    std::int64_t start;
+    memory_use use;
+    explicit probe(memory_use u) : start(sg::ledger().live(u)), use(u) {}
+    std::int64_t delta() const { return sg::ledger().live(use) - start; }
+  } weights(memory_use::weights), grads(memory_use::gradients), opt(memory_use::optimizer_state),
+      saved(memory_use::saved_activations);
+  auto w = sg::test::random_trunk<float>(c, 5);
+  if (range) sg::nn::add_act_range(w, 0.25f);
+  for (int e = 1; e < experts; ++e) sg::cl::add_expert(w);
+  typename Mlp::options o{};
+  if constexpr (requires { o.experts; }) o.experts = experts;
+  sg::nn::decoder_stack<float, R, false, sg::backend::cpu, Mlp> stack(c, recipe, o);
+  const auto plan = sg::plan_memory(stack, sh);
+  CHECK(weights.delta() == std::int64_t(plan.weights));
+  CHECK(w.elements() * sizeof(float) == plan.weights);
+
+  auto g = stack.make_grads(w);
+  CHECK(grads.delta() == std::int64_t(plan.gradients));
+  sg::train::adamw<float> adam(stack, w, g);
+  CHECK(opt.delta() == std::int64_t(plan.optimizer_state));
+
+  auto x = random_tensor<float>({std::size_t(sh.batch), std::size_t(sh.seq), std::size_t(c.hidden)}, 6);
+  {
+    typename decltype(stack)::saved_t s;
+    auto y = stack.forward(w, x, s);
+    CHECK(saved.delta() == std::int64_t(plan.saved_activations));
+    stack.backward(w, s, y, g);
+    CHECK(grads.delta() == std::int64_t(plan.gradients));
+    CHECK(saved.delta() == std::int64_t(plan.saved_activations));
+  }
+  CHECK(saved.delta() == 0);
+}
+}  // namespace
+
+TEST_CASE("memory plan equals what the code allocates, for activation ranges and mixtures") {
+  const auto c = sg::test::tiny_config(true, 4);
+  const sg::seq_shape sh{3, 7};
+  auto recipes = sg::hana::make_tuple(sg::recipe::frozen, sg::recipe::mlp_gate_up, sg::recipe::mlp_down,
+                                      sg::recipe::sa_proj, sg::recipe::llm, sg::trainable<act_range>,
+                                      sg::trainable<router>, sg::trainable<gate, up, router, act_range>,
+                                      sg::trainable<v, router>);
+  sg::hana::for_each(recipes, [&](auto r) {
+    using R = std::remove_const_t<decltype(r)>;
+    if constexpr (!sg::trains_v<router, R>) {
+      INFO("dense xsilu");
+      check_plan_against_ledger<xsilu_mlp>(r, c, sh, 1, true);
+      check_plan_against_ledger<xsilu_mlp>(r.on_layers(1, 2), c, sh, 1, true);
+    }
+    if constexpr (!sg::trains_v<act_range, R>) {
+      INFO("mixture, top-2");
+      check_plan_against_ledger<moe2>(r, c, sh, 3, false);
+      check_plan_against_ledger<moe2>(r.on_layers(2, 3), c, sh, 2, false);
+      INFO("mixture, top-1 softmax");
+      check_plan_against_ledger<switch1>(r, c, sh, 3, false);
+    }
+    INFO("mixture of xsilu experts");
+    check_plan_against_ledger<xmoe2>(r, c, sh, 2, true);
+  });
+}
+
+TEST_CASE("mixture of experts: earlier experts are bit-identical after AdamW steps") {
+  auto c = lm_config(3);
+  auto w = random_lm<float>(c, 90);
+  sg::nn::add_act_range(w.trunk, 0.0f);
+  sg::cl::add_expert(w);
+  sg::cl::add_expert(w);
+  std::mt19937 rng(91);
+  for (auto& l : w.trunk.layers) make_mixture(l.mlp, c, 3, true, rng);
+  constexpr auto recipe = sg::trainable<gate, up, down, router, act_range, q>;
+  sg::model::decoder_lm<float, decltype(recipe), sg::backend::cpu, xmoe2> lm(c, recipe.on_layers(1, 2), {3});
+  auto g = lm.make_grads(w);
+  sg::train::adamw<float> opt(lm, w, g, {.lr = 1e-2, .weight_decay = 0.1});
+  std::set<std::string> trainable;
+  lm.for_each_trainable(w, g, [&](const std::string& n, auto&, auto&) { trainable.insert(n); });
+  CHECK(trainable.size() == 2 * 6);
+  CHECK(opt.state_bytes() == 2 * lm.trainable_elements() * sizeof(float));
+  const auto before = snapshot(w);
+  sg::train::micro_batch<float> mb{ids, {{-100, 4, 4, 4, 4}, {-100, 4, 4, 4, 4}}};
+  for (int i = 0; i < 2; ++i)
+    sg::train::train_step(lm, w, g, opt, sg::train::constant_schedule{1e-2}, std::span(&mb, 1));
+  const auto after = snapshot(w);
+  std::size_t frozen_experts = 0;
+  for (const auto& [name, bytes] : before) {
+    INFO(name);
+    if (trainable.count(name)) {
+      CHECK(after.at(name) != bytes);
+    } else {
+      CHECK(after.at(name) == bytes);
+      frozen_experts += name.find(".experts.0.") != std::string::npos || name.find(".experts.1.") != std::string::npos;
+    }
+  }
+  CHECK(frozen_experts == 3 * 2 * 4);  // experts 0 and 1 of every layer: gate, up, down, alpha
+}
+
+TEST_CASE("mixture grown from a dense model starts at the base model, bit for bit") {
+  auto c = lm_config(3);
+  auto w = random_lm<float>(c, 100);
+  sg::model::decoder_lm<float, frozen_r> dense(c, sg::recipe::frozen);
+  decltype(dense)::saved_t s0;
+  const auto base = dense.forward(w, ids, s0);
+  const auto weight_bytes = sg::ledger().live(memory_use::weights);
+  REQUIRE(sg::cl::add_expert(w) == 2);
+  CHECK(sg::ledger().live(memory_use::weights) - weight_bytes ==
+        std::int64_t(3 * (2 * 16 + 3 * 16 * 24) * sizeof(float)));  // router [2, d] + one expert per layer
+  CHECK(bitwise_equal(w.trunk.layers[1].mlp.experts[0].down_proj.weight, w.trunk.layers[1].mlp.down_proj.weight));
+  {
+    sg::model::decoder_lm<float, frozen_r, sg::backend::cpu, moe2> top2(c, sg::recipe::frozen, {2});
+    decltype(top2)::saved_t s;
+    CHECK(bitwise_equal(top2.forward(w, ids, s), base));  // f / 2 + f / 2 = f exactly
+  }
+  {
+    sg::model::decoder_lm<float, frozen_r, sg::backend::cpu, sg::nn::moe<act::silu, 1, true>> top1(
+        c, sg::recipe::frozen, {2});
+    decltype(top1)::saved_t s;
+    CHECK(bitwise_equal(top1.forward(w, ids, s), base));  // tie: the original, weight 1
+  }
+  // A third expert copies the newest (expert 1) and its router row; the old rows stay.
+  std::mt19937 rng(101);
+  for (auto& l : w.trunk.layers) sg::test::fill_normal(l.mlp.router, rng, 0.0, 0.5);
+  auto& m = w.trunk.layers[2].mlp;
+  const auto old_router = m.router.clone(memory_use::workspace);
+  REQUIRE(sg::cl::add_expert(w.trunk) == 3);
+  REQUIRE(m.router.shape() == sg::cpu::shape_t{3, 16});
+  CHECK(std::memcmp(m.router.data(), old_router.data(), old_router.bytes()) == 0);
+  CHECK(std::memcmp(m.router.data() + 32, m.router.data() + 16, 16 * sizeof(float)) == 0);
+  CHECK(bitwise_equal(m.experts[1].gate_proj.weight, m.experts[0].gate_proj.weight));
+  CHECK(sg::cl::expert_count(w.trunk) == 3);
+  w.trunk.layers[0].mlp.router = {};
+  w.trunk.layers[0].mlp.experts.clear();
+  CHECK_THROWS_WITH(sg::cl::expert_count(w.trunk), Catch::Contains("model.layers.1.mlp has 3 experts, layer 0 has 1"));
+}
+
+TEST_CASE("mixture of experts: a new mapping is learned while the original expert stays itself") {
+  auto c = lm_config(2);
+  auto w = random_lm<float>(c, 110);
+  sg::model::decoder_lm<float, frozen_r> dense(c, sg::recipe::frozen);
+  decltype(dense)::saved_t s0;
+  const auto base = dense.forward(w, ids, s0);
+  // The original MLP's output on some inputs of earlier tasks.
+  auto old_inputs = random_tensor<float>({4, 5, std::size_t(c.hidden)}, 111);
+  auto expert0 = [&] {
+    sg::nn::swiglu_mlp<float, std::remove_const_t<frozen_r>, false> f{c};
+    decltype(f)::saved_t s;
+    return f.forward(w.trunk.layers[1].mlp, old_inputs, s);
+  };
+  const auto old_out = expert0();
+
+  sg::cl::add_expert(w);
+  constexpr auto recipe = sg::trainable<gate, up, down, router>;
+  sg::model::decoder_lm<float, decltype(recipe), sg::backend::cpu, moe2> lm(c, recipe, {2});
+  auto g = lm.make_grads(w);
+  sg::train::adamw<float> opt(lm, w, g, {.lr = 0.05});
+  sg::train::micro_batch<float> mb{ids, {{-100, 4, 9, 4, 9}, {-100, 9, 4, 9, 4}}};
+  double first = 0, last = 0;
+  for (int i = 0; i < 40; ++i) {
+    const auto st = sg::train::train_step(lm, w, g, opt, sg::train::constant_schedule{0.05}, std::span(&mb, 1));
+    (i == 0 ? first : last) = st.loss;
+  }
+  INFO("loss " << first << " -> " << last);
+  CHECK(last < 0.25 * first);
+  CHECK(bitwise_equal(expert0(), old_out));  // expert 0 was never written
+  // Routing every token to the original expert (a zero router, top-1: ties go to expert 0)
+  // gives back the base model exactly: the old skill is still there, untouched.
+  for (auto& l : w.trunk.layers) l.mlp.router.set_zero();
+  sg::model::decoder_lm<float, frozen_r, sg::backend::cpu, sg::nn::moe<act::silu, 1, true>> original(
+      c, sg::recipe::frozen, {2});
+  decltype(original)::saved_t s1;
+  CHECK(bitwise_equal(original.forward(w, ids, s1), base));
+}
+
+TEST_CASE("MLP policies: weights that do not fit the policy are refused, naming the tensor") {
+  auto c = lm_config(2);
+  auto w = random_lm<float>(c, 120);
+  using Catch::Contains;
+  using frozen = std::remove_const_t<frozen_r>;
+  sg::model::decoder_lm<float, frozen, sg::backend::cpu, xsilu_mlp> xs(c, sg::recipe::frozen);
+  decltype(xs)::saved_t s;
+  CHECK_THROWS_WITH(xs.forward(w, ids, s), Contains("model.layers.0.mlp.act_fn.alpha is missing"));
+  sg::cl::add_expert(w);
+  sg::model::decoder_lm<float, frozen> dense(c, sg::recipe::frozen);
+  decltype(dense)::saved_t sd;
+  CHECK_THROWS_WITH(dense.forward(w, ids, sd), Contains("model.layers.0.mlp.router.weight present"));
+  sg::model::decoder_lm<float, frozen, sg::backend::cpu, moe2> three(c, sg::recipe::frozen, {3});
+  decltype(three)::saved_t s3;
+  CHECK_THROWS_WITH(three.forward(w, ids, s3),
+                    Contains("model.layers.0.mlp.router.weight has shape [2, 16], expected [3, 16]"));
+  sg::model::decoder_lm<float, frozen, sg::backend::cpu, sg::nn::moe<act::silu, 3>> top3(c, sg::recipe::frozen, {2});
+  decltype(top3)::saved_t s4;
+  CHECK_THROWS_WITH(top3.forward(w, ids, s4), Contains("moe_options.experts is 2, fewer than the 3 experts chosen"));
+  sg::model::decoder_lm<float, frozen, sg::backend::cpu, moe2> two(c, sg::recipe::frozen, {2});
+  decltype(two)::saved_t s2;
+  CHECK_NOTHROW(two.forward(w, ids, s2));
+  CHECK_THROWS_WITH(sg::cl::add_expert(w, {.source = 5}), Contains("cannot copy expert 5 of 2"));
+}
