@@ -16,6 +16,10 @@
 #include "skillgraft/train/step.hpp"
 
 namespace sg = skillgraft;
+
+// The MLP policies' own tensors (expanded-gate range, MoE router) interpolate with the MLP group.
+static_assert(sg::cl::group_of<sg::group::router>() == sg::cl::param_group::mlp);
+static_assert(sg::cl::group_of<sg::group::act_range>() == sg::cl::param_group::mlp);
 using sg::token_ids;
 
 namespace {

@@ -49,7 +49,8 @@ constexpr param_group group_of() {
                        std::is_same_v<Tag, proj::o>) {
     return param_group::attention;
   } else if constexpr (std::is_same_v<Tag, proj::gate> || std::is_same_v<Tag, proj::up> ||
-                       std::is_same_v<Tag, proj::down>) {
+                       std::is_same_v<Tag, proj::down> || std::is_same_v<Tag, group::act_range> ||
+                       std::is_same_v<Tag, group::router>) {  // the MLP policies' own tensors
     return param_group::mlp;
   } else if constexpr (std::is_same_v<Tag, group::attn_norm> || std::is_same_v<Tag, group::mlp_norm> ||
                        std::is_same_v<Tag, group::final_norm>) {
