@@ -425,12 +425,15 @@ struct teacher_reference {
   model::lm_weights<T>* weights = nullptr;
 };
 
-template <class T>
+// Mlp: the MLP policy of the probed models (dense by default); make_distribution_probe
+// takes it, with its options, from a model.
+template <class T, class Mlp = nn::default_mlp>
 class distribution_probe {
  public:
-  using frozen_model = model::decoder_lm<T, std::remove_cv_t<decltype(recipe::frozen)>>;
+  using frozen_model = model::decoder_lm<T, std::remove_cv_t<decltype(recipe::frozen)>, backend::cpu, Mlp>;
 
-  explicit distribution_probe(const decoder_config& c, probe_options o = {}) : model_(c, recipe::frozen), opt_(o) {}
+  explicit distribution_probe(const decoder_config& c, probe_options o = {}, const typename Mlp::options& mlp = {})
+      : model_(c, recipe::frozen, mlp), opt_(o) {}
 
   const frozen_model& model() const { return model_; }
   const probe_options& options() const { return opt_; }
@@ -515,5 +518,12 @@ class distribution_probe {
   frozen_model model_;
   probe_options opt_;
 };
+
+// A probe for models like `model`: same config, MLP policy and MLP options.
+template <class Model>
+auto make_distribution_probe(const Model& model, probe_options o = {}) {
+  return distribution_probe<typename Model::value_type, typename Model::mlp_policy>(model.config(), o,
+                                                                                              model.mlp_options());
+}
 
 }  // namespace skillgraft::cl

@@ -7,7 +7,9 @@
 // throws. Every frozen tensor is therefore shared, never duplicated: an attention-only
 // recipe on Qwen2-7B in bf16 needs a teacher of ~1.6 GB, not ~15 GB (3.3 GB vs 30.5 GB in float).
 // Not thread-safe: while the teacher runs, the student's weights *are* the teacher's.
+#include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -82,23 +84,22 @@ class trainable_snapshot {
 };
 
 // The teacher of learning-without-forgetting: a frozen model over (student weights with
-// the snapshot swapped in).
+// the snapshot swapped in). The frozen model has the student's MLP policy and options
+// (dense, xSiLU/xGELU, a mixture of experts), chosen from the student's type when the
+// teacher is made; the teacher's own type depends on T only, so objectives and probes
+// hold any teacher through one pointer type.
 template <class T>
 class teacher {
  public:
   template <class Model>
-  teacher(const Model& student, model::lm_weights<T>& w)
-      : snapshot_(student, w), frozen_(student.config(), recipe::frozen) {}
+  teacher(const Model& student, model::lm_weights<T>& w) : snapshot_(student, w), forward_(frozen_forward(student)) {}
 
   const trainable_snapshot<T>& snapshot() const { return snapshot_; }
   std::size_t state_bytes() const { return snapshot_.state_bytes(); }
 
   // Teacher's final hidden states for a batch (nothing saved for backward).
   tensor<T> hidden(model::lm_weights<T>& w, const token_ids& ids, const tensor<T>* prefix = nullptr) {
-    return snapshot_.with_swapped(w, [&] {
-      typename frozen_model::saved_t s;
-      return frozen_.forward(w, ids, s, prefix);
-    });
+    return snapshot_.with_swapped(w, [&] { return forward_(w, ids, prefix); });
   }
   // The teacher's LM head: its own copy if the head trains, else the shared one.
   const tensor<T>& head(const model::lm_weights<T>& w) const {
@@ -107,9 +108,21 @@ class teacher {
   }
 
  private:
-  using frozen_model = model::decoder_lm<T, std::remove_cv_t<decltype(recipe::frozen)>>;
+  using forward_fn = std::function<tensor<T>(const model::lm_weights<T>&, const token_ids&, const tensor<T>*)>;
+
+  template <class Model>
+  static forward_fn frozen_forward(const Model& student) {
+    using frozen_r = std::remove_cv_t<decltype(recipe::frozen)>;
+    using frozen_model = model::decoder_lm<T, frozen_r, backend::cpu, typename Model::mlp_policy>;
+    auto m = std::make_shared<const frozen_model>(student.config(), recipe::frozen, student.mlp_options());
+    return [m](const model::lm_weights<T>& w, const token_ids& ids, const tensor<T>* prefix) {
+      typename frozen_model::saved_t s;
+      return m->forward(w, ids, s, prefix);
+    };
+  }
+
   trainable_snapshot<T> snapshot_;
-  frozen_model frozen_;
+  forward_fn forward_;
 };
 
 }  // namespace skillgraft::cl

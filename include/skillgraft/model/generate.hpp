@@ -80,17 +80,22 @@ tensor<T> cached_attention(const decoder_config& c, const nn::rope_table<T>& tab
 
 // Runs n new positions x [batch, n, hidden] (embeddings) through the model, appending to
 // the cache; returns the final hidden states of those positions.
-template <class T, class R, class Bk>
-tensor<T> decode(const decoder_lm<T, R, Bk>& model, const lm_weights<T>& w, kv_cache<T>& cache, const tensor<T>& x) {
+template <class T, class R, class Bk, class M>
+tensor<T> decode(const decoder_lm<T, R, Bk, M>& model, const lm_weights<T>& w, kv_cache<T>& cache, const tensor<T>& x) {
   const auto& c = model.config();
   const int n = int(x.dim(1)), p0 = cache.length;
   if (p0 + n > cache.capacity)
     throw std::invalid_argument("skillgraft: decoding " + std::to_string(p0 + n) + " positions exceeds the KV cache (" +
                                 std::to_string(cache.capacity) + ")");
   model.stack().rope().check_positions(p0, n);
+  if (p0 == 0) {  // weights that do not fit the model's config or MLP policy are refused, as by forward
+    model.check_weights(w);
+    model.stack().check_weights(w.trunk);
+  }
   using frozen_r = std::remove_cv_t<decltype(recipe::frozen)>;
   nn::rmsnorm<T, false, false> norm{c.rms_norm_eps};
-  nn::swiglu_mlp<T, frozen_r, false> mlp{c};
+  // The model's own MLP policy (dense, xSiLU/xGELU or a mixture of experts), frozen.
+  typename M::template layer<T, frozen_r, false> mlp{c, model.mlp_options()};
   typename decltype(norm)::saved_t ns;
   typename decltype(mlp)::saved_t ms;
   tensor<T> hcur = x.clone(memory_use::workspace);
@@ -119,8 +124,8 @@ struct sampling {
 
 // Appends up to max_new_tokens to each row of `prompt` (after optional soft tokens);
 // returns the new tokens [batch, max_new_tokens].
-template <class T, class R, class Bk>
-token_ids generate(const decoder_lm<T, R, Bk>& model, const lm_weights<T>& w, const token_ids& prompt,
+template <class T, class R, class Bk, class M>
+token_ids generate(const decoder_lm<T, R, Bk, M>& model, const lm_weights<T>& w, const token_ids& prompt,
                    const sampling& s = {}, const tensor<T>* prefix = nullptr) {
   const auto& c = model.config();
   const std::size_t B = prompt.shape(0);
@@ -165,8 +170,8 @@ token_ids generate(const decoder_lm<T, R, Bk>& model, const lm_weights<T>& w, co
 }
 
 // log p(continuation | prompt) summed over the continuation's tokens, one value per row.
-template <class T, class R, class Bk>
-std::vector<double> continuation_logprob(const decoder_lm<T, R, Bk>& model, const lm_weights<T>& w,
+template <class T, class R, class Bk, class M>
+std::vector<double> continuation_logprob(const decoder_lm<T, R, Bk, M>& model, const lm_weights<T>& w,
                                          const token_ids& prompt, const token_ids& continuation,
                                          const tensor<T>* prefix = nullptr) {
   const std::size_t B = prompt.shape(0), P0 = prompt.shape(1), C = continuation.shape(1);

@@ -215,13 +215,7 @@ class decoder_stack {
     return f;
   }
 
- private:
-  template <class Block>
-  Block block(int first_pos = 0) const {
-    Block b(config_, table_, mlp_options_);
-    b.first_pos = first_pos;
-    return b;
-  }
+  // Throws, naming the tensor, unless w fits this stack's config and MLP policy.
   void check_weights(const weights_t& w) const {
     if (int(w.layers.size()) != config_.n_layers)
       throw std::invalid_argument("skillgraft: trunk weights have " + std::to_string(w.layers.size()) +
@@ -229,6 +223,14 @@ class decoder_stack {
     for (int i = 0; i < config_.n_layers; ++i)
       check_block_weights<Mlp>(w.layers[std::size_t(i)], config_, "model.layers." + std::to_string(i) + ".",
                                mlp_options_);
+  }
+
+ private:
+  template <class Block>
+  Block block(int first_pos = 0) const {
+    Block b(config_, table_, mlp_options_);
+    b.first_pos = first_pos;
+    return b;
   }
 
   decoder_config config_;
