@@ -20,6 +20,7 @@
 
 #include "skillgraft/cl/lora.hpp"
 #include "skillgraft/cl/lwf.hpp"
+#include "skillgraft/cl/probes.hpp"
 #include "skillgraft/cl/teacher.hpp"
 #include "skillgraft/cl/wise_ft.hpp"
 #include "skillgraft/io/safetensors.hpp"
@@ -70,6 +71,12 @@ struct settings {
   std::filesystem::path out = "reproduce-out";
   std::filesystem::path checkpoint;  // default: <out>/base.safetensors
   bool quiet = false;
+  // Parallelism: `threads` OpenMP/Eigen threads inside each process, and up to `jobs`
+  // methods at once, each in its own process (0: one per hardware thread). The models are
+  // small, so one thread per method and one method per core uses the cores best, and a
+  // thread never spins waiting for a partner that another process has displaced.
+  int threads = 1;
+  int jobs = 0;
 
   std::filesystem::path checkpoint_path() const { return checkpoint.empty() ? out / "base.safetensors" : checkpoint; }
 };
@@ -189,14 +196,17 @@ class evaluator {
     return answers;
   }
 
-  // The counting bias: greedy captions of the probe images, then the mean probability mass
-  // on number tokens at every generated position (through <eos>), and the fraction of
+  // The counting bias: greedy captions of the probe images, then, at every generated
+  // position (through <eos>), the probability mass on number tokens and the KL divergence
+  // KL(reference || model) of the next-token distribution from the reference model's (the
+  // base model, fed its own soft tokens), with cl::probe_hidden; and the fraction of
   // captions that contain a number token.
   struct probe_value {
     double number_mass = 0;
     double with_number = 0;
+    double kl = 0;  // KL(reference || model), mean over the probed positions
   };
-  probe_value counting_bias(const weights_t& w, const std::vector<example>& probe) const {
+  probe_value counting_bias(const weights_t& w, const std::vector<example>& probe, const weights_t& reference) const {
     std::vector<std::vector<std::int64_t>> prompts(probe.size());
     std::vector<std::size_t> rows;
     for (std::size_t i = 0; i < probe.size(); ++i) {
@@ -204,53 +214,44 @@ class evaluator {
       prompts[i].push_back(tok_->sep());
       rows.push_back(i);
     }
-    probe_value v;
-    double mass = 0;
-    std::size_t positions = 0, with_number = 0;
+    cl::probe_accumulator acc(cl::token_set(tok_->number_ids(), w.config.text.vocab_size, "numbers"));
+    std::size_t with_number = 0;
     for (std::size_t c0 = 0; c0 < rows.size(); c0 += chunk) {
       const std::vector<std::size_t> part(rows.begin() + long(c0), rows.begin() + long(std::min(rows.size(), c0 + chunk)));
       auto caps = generate(w, probe, prompts, part, restriction::none, 12);
-      // Teacher-forced pass over prompt + caption: position sep + i predicts caption token i.
+      // Teacher-forced pass over prompt + caption: position (prompt end) + i predicts caption token i.
       const std::size_t B = part.size(), Lp = prompts[part[0]].size();
       std::size_t Lc = 0;
-      for (auto& c : caps) {
-        if (!c.empty() && c.back() == -1) c.pop_back();
-        Lc = std::max(Lc, c.size());
-      }
+      for (auto& c : caps) Lc = std::max(Lc, c.size());
       token_ids ids = xt::full_like(token_ids::from_shape({B, Lp + Lc}), tok_->pad());
       std::vector<const example*> ex;
       for (std::size_t b = 0; b < B; ++b) {
+        const bool ended = caps[b].empty() || caps[b].back() != -1;
+        if (!ended) caps[b].pop_back();
         for (std::size_t t = 0; t < Lp; ++t) ids(b, t) = prompts[part[b]][t];
         for (std::size_t t = 0; t < caps[b].size(); ++t) ids(b, Lp + t) = caps[b][t];
         ex.push_back(&probe[part[b]]);
         bool number = false;
         for (auto t : caps[b]) number = number || tok_->is_number(t);
         with_number += number;
+        caps[b].push_back(ended ? tok_->eos() : -1);  // the position after the caption predicted <eos>
       }
       auto images = image_batch(ex);
-      auto soft = mm_.soft_tokens(w, images);
+      auto soft = mm_.soft_tokens(w, images), soft_ref = mm_.soft_tokens(reference, images);
       typename decltype(mm_)::lm_t::saved_t saved;
       auto h = mm_.lm().forward(w.lm, ids, saved, &soft);
-      auto z = mm_.lm().logits(w.lm, h);
-      const std::size_t P = soft.dim(1), V = std::size_t(w.config.text.vocab_size), Tn = h.dim(1);
+      auto h_ref = mm_.lm().forward(reference.lm, ids, saved, &soft_ref);
+      const std::size_t P = soft.dim(1);
+      cl::position_mask mask = xt::zeros<bool>({B, h.dim(1)});
       for (std::size_t b = 0; b < B; ++b)
-        for (std::size_t i = 0; i <= caps[b].size() && Lp + i <= Lc + Lp; ++i) {
-          const std::size_t pos = P + Lp - 1 + i;  // predicts caption token i (or <eos> after the last)
-          if (pos >= Tn) break;
-          const float* zr = z.data() + (b * Tn + pos) * V;
-          double mx = zr[0];
-          for (std::size_t j = 1; j < V; ++j) mx = std::max(mx, double(zr[j]));
-          double all = 0, num = 0;
-          for (std::size_t j = 0; j < V; ++j) {
-            const double e = std::exp(double(zr[j]) - mx);
-            all += e;
-            if (tok_->is_number(std::int64_t(j))) num += e;
-          }
-          mass += num / all;
-          ++positions;
-        }
+        for (std::size_t i = 0; i < caps[b].size(); ++i)
+          if (caps[b][i] != -1) mask(b, P + Lp - 1 + i) = true;
+      cl::probe_hidden(acc, h, w.lm.head(), mask, &h_ref, &reference.lm.head());
     }
-    v.number_mass = positions ? mass / double(positions) : 0.0;
+    const auto st = acc.positions();
+    probe_value v;
+    v.number_mass = st.count ? st.mean.set_mass : 0.0;
+    v.kl = st.count ? st.mean.kl_ref_model : 0.0;
     v.with_number = probe.empty() ? 0.0 : double(with_number) / double(probe.size());
     return v;
   }
@@ -370,7 +371,7 @@ inline void pretrain(weights_t& w, const settings& s, const run_data& d, progres
 struct probe_point {
   int stage = 0;  // 0: base model
   int step = 0;   // step within the stage (0: after the stage, for the per-stage series)
-  double number_mass = 0, with_number = 0;
+  double number_mass = 0, with_number = 0, kl = 0;
 };
 
 struct method_result {
@@ -379,7 +380,8 @@ struct method_result {
   std::vector<std::vector<double>> R;  // rows: base, after stage 1..T; columns: run_data::tests
   double train_seconds = 0;            // optimisation steps only
   double eval_seconds = 0;
-  std::int64_t peak_bytes = 0;         // ledger peak during training (weights included)
+  std::int64_t peak_bytes = 0;         // ledger peak during training: the method's weights, gradients,
+                                       // optimizer state, activations and method state
   std::size_t trainable = 0;           // trainable elements
   std::vector<probe_point> probes;     // during the counting stage, and after every stage
   std::vector<double> final_loss;      // last training loss of each stage
@@ -422,6 +424,7 @@ method_result run_recipe(const std::string& name, R recipe, method_kind kind, co
   using clock = std::chrono::steady_clock;
   method_result res;
   res.name = name;
+  const std::int64_t before = ledger().live_total();  // what the method did not allocate
   auto cfg = base.config;
   if (kind == method_kind::lora) cfg.text.lora_rank = s.lora_rank, cfg.text.lora_alpha = 2.0 * s.lora_rank;
   weights_t w(cfg);
@@ -429,10 +432,9 @@ method_result run_recipe(const std::string& name, R recipe, method_kind kind, co
   model::multimodal_lm<float, R> mm(cfg, recipe);
   evaluator ev(d.tok, cfg);
   res.R.push_back(base_row);
-  res.probes.push_back({0, 0, base_probe.number_mass, base_probe.with_number});
+  res.probes.push_back({0, 0, base_probe.number_mass, base_probe.with_number, base_probe.kl});
   std::optional<cl::running_average<float>> average;
   if (kind == method_kind::wise_ft) average.emplace(mm.lm(), w.lm, s.wise_beta);
-  ledger().reset_peaks();
   std::int64_t peak = ledger().live_total();
   const double lr = kind == method_kind::lora ? s.lora_lr : s.lr;
   for (std::size_t k = 0; k < d.targets.size(); ++k) {
@@ -451,6 +453,7 @@ method_result run_recipe(const std::string& name, R recipe, method_kind kind, co
       prog.begin(name + " " + std::to_string(k + 1) + "/" + std::to_string(d.targets.size()) + " " + target.name,
                  s.stage_steps);
       double loss = 0;
+      ledger().reset_peaks();  // the peak of training alone (evaluation and probes excluded)
       for (int step = 0; step < s.stage_steps; ++step) {
         std::vector<example> rows;
         for (int b = 0; b < s.stage_batch; ++b) rows.push_back(stream.next());
@@ -476,9 +479,10 @@ method_result run_recipe(const std::string& name, R recipe, method_kind kind, co
         prog.step(step + 1, st.loss);
         if (target.name == "count" && std::find(probes.begin(), probes.end(), step + 1) != probes.end()) {
           const auto t1 = clock::now();
-          const auto pv = ev.counting_bias(w, d.probe);
-          res.probes.push_back({int(k + 1), step + 1, pv.number_mass, pv.with_number});
+          const auto pv = ev.counting_bias(w, d.probe, base);
+          res.probes.push_back({int(k + 1), step + 1, pv.number_mass, pv.with_number, pv.kl});
           res.eval_seconds += std::chrono::duration<double>(clock::now() - t1).count();
+          ledger().reset_peaks();
         }
       }
       res.final_loss.push_back(loss);
@@ -492,11 +496,11 @@ method_result run_recipe(const std::string& name, R recipe, method_kind kind, co
     if (kind == method_kind::wise_ft) average->after_task(mm.lm(), w.lm);
     const auto t1 = clock::now();
     res.R.push_back(evaluate_all(ev, w, d, s.restricted));
-    const auto pv = ev.counting_bias(w, d.probe);
-    res.probes.push_back({int(k + 1), 0, pv.number_mass, pv.with_number});
+    const auto pv = ev.counting_bias(w, d.probe, base);
+    res.probes.push_back({int(k + 1), 0, pv.number_mass, pv.with_number, pv.kl});
     res.eval_seconds += std::chrono::duration<double>(clock::now() - t1).count();
   }
-  res.peak_bytes = peak;
+  res.peak_bytes = peak - before;
   return res;
 }
 

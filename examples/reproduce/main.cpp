@@ -3,6 +3,7 @@
 //   reproduce [--full] [--methods llm,sa_proj,...] [--order birds,count,tissue,sign,clock]
 //             [--out DIR] [--checkpoint FILE] [--seed N] [--no-restrict] [--device cpu|cuda]
 //             [--pretrain-steps N] [--stage-steps N] [--stage-batch N] [--lr X] [--test-examples N]
+//             [--jobs N] [--threads N]
 //
 // Writes report.md, summary.csv, accuracy_<method>.csv, probe.csv, curves.csv and four SVG
 // pictures under --out (default reproduce-out/). The pretrained base model is cached there
@@ -45,6 +46,8 @@ void usage() {
                "  --seed N               training-data and initialisation seed (default 1)\n"
                "  --no-restrict          free decoding everywhere (default: restricted where a task has a format)\n"
                "  --pretrain-steps N --stage-steps N --stage-batch N --lr X --lora-lr X --test-examples N\n"
+               "  --jobs N               methods run at once, each in its own process (default: one per core)\n"
+               "  --threads N            threads inside each process (default 1; more than 1 runs methods in turn)\n"
                "  --device cpu|cuda      where to run (cuda needs the GPU backend)\n"
                "  --quiet                no progress display\n";
 }
@@ -94,6 +97,10 @@ int main(int argc, char** argv) {
         s.lora_lr = std::stod(value());
       } else if (a == "--test-examples") {
         s.test_examples = std::stoi(value());
+      } else if (a == "--threads") {
+        s.threads = std::stoi(value());
+      } else if (a == "--jobs") {
+        s.jobs = std::stoi(value());
       } else if (a == "--quiet") {
         s.quiet = true;
       } else if (a == "--device") {

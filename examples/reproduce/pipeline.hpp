@@ -1,10 +1,26 @@
 #pragma once
 // The whole reproduction as one call: base model (pretrained or loaded from the cached
 // checkpoint), base evaluation, every method, then every report file under settings.out.
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <Eigen/Core>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <limits>
+#include <map>
+#include <sstream>
+#include <stdexcept>
 #include <string>
+#include <system_error>
+#include <thread>
 #include <vector>
 
 #include "experiment.hpp"
@@ -21,11 +37,124 @@ struct pipeline_result {
   std::vector<std::string> skipped;  // methods not available in this build
 };
 
+// A method's results as text, for a worker process to hand them to the parent (exact:
+// numbers in the shortest form that reads back to the same double).
+inline std::string serialize(const method_result& r) {
+  std::ostringstream o;
+  auto num = [](double x) { return cl::detail::csv_number(x); };
+  o << "name " << r.name << "\ntrain_seconds " << num(r.train_seconds) << "\neval_seconds " << num(r.eval_seconds)
+    << "\npeak_bytes " << r.peak_bytes << "\ntrainable " << r.trainable << "\nfinal_loss " << r.final_loss.size();
+  for (double l : r.final_loss) o << ' ' << num(l);
+  o << "\nR " << r.R.size() << ' ' << (r.R.empty() ? 0 : r.R[0].size());
+  for (const auto& row : r.R)
+    for (double v : row) o << ' ' << num(v);
+  o << "\nprobes " << r.probes.size();
+  for (const auto& p : r.probes)
+    o << ' ' << p.stage << ' ' << p.step << ' ' << num(p.number_mass) << ' ' << num(p.with_number) << ' ' << num(p.kl);
+  o << "\nend\n";
+  return o.str();
+}
+
+inline method_result deserialize(const std::string& text) {
+  std::istringstream in(text);
+  method_result r;
+  std::string key;
+  auto fail = [&](const std::string& what) -> void { throw std::runtime_error("reproduce: worker result: " + what); };
+  auto expect = [&](const char* k) {
+    if (!(in >> key) || key != k) fail(std::string("expected '") + k + "'");
+  };
+  expect("name");
+  in >> r.name;
+  expect("train_seconds");
+  in >> r.train_seconds;
+  expect("eval_seconds");
+  in >> r.eval_seconds;
+  expect("peak_bytes");
+  in >> r.peak_bytes;
+  expect("trainable");
+  in >> r.trainable;
+  std::size_t n = 0, m = 0;
+  expect("final_loss");
+  in >> n;
+  r.final_loss.resize(n);
+  for (auto& l : r.final_loss) in >> l;
+  expect("R");
+  in >> n >> m;
+  r.R.assign(n, std::vector<double>(m));
+  for (auto& row : r.R)
+    for (auto& v : row) in >> v;
+  expect("probes");
+  in >> n;
+  r.probes.resize(n);
+  for (auto& p : r.probes) in >> p.stage >> p.step >> p.number_mass >> p.with_number >> p.kl;
+  expect("end");
+  if (!in) fail("truncated");
+  return r;
+}
+
+// Runs each method in a forked worker, at most `jobs` at a time, in list order; returns the
+// results in list order. A worker that fails makes the whole call throw, naming the method.
+template <class Run>
+std::vector<method_result> run_in_workers(const std::vector<std::string>& methods, int jobs,
+                                          const std::filesystem::path& dir, Run&& run) {
+  std::map<pid_t, std::size_t> running;
+  std::vector<std::filesystem::path> files(methods.size());
+  std::string failures;
+  auto reap = [&] {
+    int status = 0;
+    const pid_t pid = ::waitpid(-1, &status, 0);
+    if (pid < 0) throw std::system_error(errno, std::generic_category(), "reproduce: waitpid");
+    auto it = running.find(pid);
+    if (it == running.end()) return;
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) failures += " " + methods[it->second];
+    running.erase(it);
+  };
+  for (std::size_t i = 0; i < methods.size(); ++i) {
+    while (int(running.size()) >= jobs) reap();
+    files[i] = dir / (".worker_" + methods[i] + "_" + std::to_string(::getpid()) + ".txt");
+    std::fflush(nullptr);
+    const pid_t pid = ::fork();
+    if (pid < 0) throw std::system_error(errno, std::generic_category(), "reproduce: fork");
+    if (pid == 0) {
+      int code = 0;
+      try {
+        const auto text = serialize(run(methods[i]));
+        std::ofstream out(files[i]);
+        out << text;
+        out.close();
+        if (!out) code = 3;
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "reproduce: %s: %s\n", methods[i].c_str(), e.what());
+        code = 2;
+      }
+      std::fflush(nullptr);
+      ::_exit(code);
+    }
+    running[pid] = i;
+  }
+  while (!running.empty()) reap();
+  if (!failures.empty()) throw std::runtime_error("reproduce: these methods failed:" + failures);
+  std::vector<method_result> out;
+  for (const auto& f : files) {
+    std::ifstream in(f);
+    std::stringstream text;
+    text << in.rdbuf();
+    out.push_back(deserialize(text.str()));
+    std::filesystem::remove(f);
+  }
+  return out;
+}
+
 inline pipeline_result run_pipeline(const settings& s, progress& prog) {
   using clock = std::chrono::steady_clock;
   const auto t_start = clock::now();
   pipeline_result res;
   std::filesystem::create_directories(s.out);
+  const int threads = std::max(1, s.threads);
+#ifdef _OPENMP
+  omp_set_num_threads(threads);
+#endif
+  Eigen::setNbThreads(threads);
   run_data d(s);
   if (s.model.text.vocab_size != d.tok.size())
     throw std::invalid_argument("reproduce: the model's vocabulary (" + std::to_string(s.model.text.vocab_size) +
@@ -44,27 +173,46 @@ inline pipeline_result run_pipeline(const settings& s, progress& prog) {
   }
   evaluator ev(d.tok, s.model);
   res.base_row = evaluate_all(ev, base, d, s.restricted);
-  const auto base_probe = ev.counting_bias(base, d.probe);
+  const auto base_probe = ev.counting_bias(base, d.probe, base);
   {
     std::string line = "base model accuracy (%):";
     for (std::size_t j = 0; j < d.tests.size(); ++j) line += " " + d.tests[j].task + " " + fmt(100 * res.base_row[j]);
     prog.note(line + "; counting bias " + fmt(base_probe.number_mass, "%.4f"));
   }
+  std::vector<std::string> todo;
   for (const auto& m : s.methods) {
-    if (!method_available(m)) {
+    if (method_available(m)) {
+      todo.push_back(m);
+    } else {
       prog.note(m + ": skipped (" + method_description(m) + " is not available in this build)");
       res.skipped.push_back(m);
-      continue;
     }
-    auto r = run_method(m, s, base, res.base_row, base_probe, d, prog);
-    const auto R = matrix_of(r, d);
-    cl::write_accuracy_csv(s.out / ("accuracy_" + m + ".csv"), R);
+  }
+  auto finish = [&](method_result r) {
+    r.recipe = method_description(r.name);
+    cl::write_accuracy_csv(s.out / ("accuracy_" + r.name + ".csv"), matrix_of(r, d));
     auto sm = summarize(r, d);
-    prog.note(m + ": learning " + signed1(sm.learning) + ", held-out " + signed1(sm.heldout_final) + " (mean " +
+    prog.note(r.name + ": learning " + signed1(sm.learning) + ", held-out " + signed1(sm.heldout_final) + " (mean " +
               signed1(sm.heldout_mean) + "), counting bias max " + fmt(sm.probe_max, "%.4f") + ", train " +
               fmt(sm.train_seconds) + " s, peak " + fmt(sm.peak_mib) + " MiB");
     res.methods.push_back(std::move(r));
     res.summaries.push_back(sm);
+  };
+  int jobs = s.jobs > 0 ? s.jobs : int(std::max(1u, std::thread::hardware_concurrency()));
+  jobs = std::min<int>(jobs, int(todo.size()));
+  // A process whose OpenMP runtime has started threads must not fork workers (the runtime's
+  // thread pool does not survive fork): with several threads per method, methods run in turn.
+  if (threads > 1) jobs = 1;
+  if (jobs <= 1) {
+    for (const auto& m : todo) finish(run_method(m, s, base, res.base_row, base_probe, d, prog));
+  } else {
+    // Workers report progress line by line (no redrawing), each line naming its method.
+    prog.note("running " + std::to_string(todo.size()) + " methods, " + std::to_string(jobs) + " at a time");
+    auto results = run_in_workers(todo, jobs, s.out, [&](const std::string& m) {
+      progress worker(s.quiet, /*redraw=*/false);
+      return run_method(m, s, base, res.base_row, base_probe, d, worker);
+    });
+    for (auto& r : results) finish(std::move(r));
   }
   // Reports.
   write_text(s.out / "summary.csv", summary_csv(res.summaries));

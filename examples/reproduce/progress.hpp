@@ -11,7 +11,7 @@ namespace skillgraft::reproduce {
 
 class progress {
  public:
-  explicit progress(bool quiet = false) : quiet_(quiet), tty_(::isatty(2) == 1) {}
+  explicit progress(bool quiet = false, bool redraw = true) : quiet_(quiet), tty_(redraw && ::isatty(2) == 1) {}
 
   void begin(std::string label, int total) {
     label_ = std::move(label);

@@ -111,11 +111,12 @@ inline std::string summary_csv(const std::vector<method_summary>& ms) {
 }
 
 inline std::string probe_csv(const std::vector<method_result>& rs) {
-  std::string o = "method,stage,step,number_mass,with_number\n";
+  std::string o = "method,stage,step,number_mass,with_number,kl_base_model\n";
   for (const auto& r : rs)
     for (const auto& p : r.probes)
       o += r.name + "," + std::to_string(p.stage) + "," + std::to_string(p.step) + "," +
-           cl::detail::csv_number(p.number_mass) + "," + cl::detail::csv_number(p.with_number) + "\n";
+           cl::detail::csv_number(p.number_mass) + "," + cl::detail::csv_number(p.with_number) + "," +
+           cl::detail::csv_number(p.kl) + "\n";
   return o;
 }
 

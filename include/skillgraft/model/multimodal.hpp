@@ -76,9 +76,12 @@ void for_each_multimodal_parameter(W& w, F&& f) {
   for_each_parameter(w.lm, [&](const std::string& name, auto& t, auto, int) { f("language_model." + name, t); });
 }
 
-// A fresh model: linear weights and embeddings ~ N(0, stddev^2), the output projections
-// of each block (o_proj, down_proj) scaled by 1/sqrt(2 layers) as in GPT-2, biases 0,
-// norm weights 1. Deterministic for a seed.
+// A fresh model, deterministic for a seed. Inside the blocks and for the token embeddings
+// and head: N(0, stddev^2), the blocks' output projections (o_proj, down_proj) scaled by
+// 1/sqrt(2 layers) as in GPT-2. The patch embedding and the projector, which carry the image
+// from pixels to the LM, get N(0, 1/fan_in) (LeCun) instead: with stddev-sized weights the
+// soft tokens barely depend on the image, and a language model trained from scratch learns
+// to ignore them before the vision path can learn anything. Biases 0, norm weights 1.
 template <class T>
 void init_weights(multimodal_weights<T>& w, std::uint64_t seed, double stddev = 0.02) {
   std::mt19937_64 rng(seed);
@@ -99,15 +102,16 @@ void init_weights(multimodal_weights<T>& w, std::uint64_t seed, double stddev = 
       normal(l.mlp.down_proj.weight, out_sd);
     }
   };
-  normal(w.vision.patch_embed.weight, stddev);
-  w.vision.patch_embed.bias.set_zero();
+  auto lecun = [&](nn::linear_weights<T>& l) {
+    normal(l.weight, 1.0 / std::sqrt(double(l.in_features())));
+    l.bias.set_zero();
+  };
+  lecun(w.vision.patch_embed);
   normal(w.vision.position_embedding, stddev);
   blocks(w.vision.layers);
   w.vision.post_norm.fill(T(1));
-  normal(w.projector.linear_1.weight, stddev);
-  w.projector.linear_1.bias.set_zero();
-  normal(w.projector.linear_2.weight, stddev);
-  w.projector.linear_2.bias.set_zero();
+  lecun(w.projector.linear_1);
+  lecun(w.projector.linear_2);
   normal(w.lm.embed_tokens, stddev);
   blocks(w.lm.trunk.layers);
   w.lm.norm.fill(T(1));

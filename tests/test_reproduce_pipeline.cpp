@@ -1,0 +1,327 @@
+// The reproduction example (examples/reproduce): its task generators, checked against the
+// pixels they render, the tokenizer and batch encoding, and a reduced run of the whole
+// pipeline (a few pretraining steps, one recipe, one target) that must produce every
+// output file, well formed, and reuse its cached base model on a second run.
+#include <catch2/catch.hpp>
+
+#include <filesystem>
+#include <fstream>
+#include <numbers>
+#include <set>
+#include <sstream>
+
+#include "../examples/reproduce/pipeline.hpp"
+
+namespace rp = skillgraft::reproduce;
+namespace sg = skillgraft;
+
+namespace {
+
+const rp::tokenizer tok;
+
+std::vector<rp::example> sample(const rp::task& t, int n, std::uint64_t seed = 5) {
+  std::mt19937_64 rng(seed);
+  std::vector<rp::example> v;
+  for (int i = 0; i < n; ++i) v.push_back(t.make(rng));
+  return v;
+}
+rp::task find_task(const std::string& name) {
+  for (const auto& t : rp::general_tasks())
+    if (t.name == name) return t;
+  for (const auto& t : rp::target_tasks())
+    if (t.name == name) return t;
+  FAIL("no task " << name);
+  return {};
+}
+
+bool foreground(const rp::canvas& c, int x, int y) {
+  const auto p = c.at(x, y);
+  return std::max({p.r, p.g, p.b}) > 0.45f;
+}
+bool dark(const rp::canvas& c, int x, int y) {
+  const auto p = c.at(x, y);
+  return std::max({p.r, p.g, p.b}) < 0.25f;
+}
+
+// 4-connected components of foreground pixels.
+int components(const rp::canvas& c) {
+  std::vector<int> seen(rp::canvas::size * rp::canvas::size, 0);
+  int n = 0;
+  for (int y = 0; y < rp::canvas::size; ++y)
+    for (int x = 0; x < rp::canvas::size; ++x) {
+      if (!foreground(c, x, y) || seen[std::size_t(y * 32 + x)]) continue;
+      ++n;
+      std::vector<std::pair<int, int>> stack{{x, y}};
+      seen[std::size_t(y * 32 + x)] = 1;
+      while (!stack.empty()) {
+        auto [px, py] = stack.back();
+        stack.pop_back();
+        for (auto [dx, dy] : {std::pair{1, 0}, std::pair{-1, 0}, std::pair{0, 1}, std::pair{0, -1}}) {
+          const int qx = px + dx, qy = py + dy;
+          if (qx < 0 || qy < 0 || qx >= 32 || qy >= 32 || seen[std::size_t(qy * 32 + qx)] || !foreground(c, qx, qy)) continue;
+          seen[std::size_t(qy * 32 + qx)] = 1;
+          stack.push_back({qx, qy});
+        }
+      }
+    }
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("tokenizer: fixed vocabulary, contiguous number tokens, round trip") {
+  CHECK(tok.size() > 150);
+  CHECK(tok.number_ids().size() == 60);
+  for (int n = 0; n < 60; ++n) {
+    CHECK(tok.is_number(tok.number(n)));
+    CHECK(tok.word(tok.number(n)) == std::to_string(n));
+  }
+  CHECK_FALSE(tok.is_number(tok.id("red")));
+  CHECK(tok.decode(tok.encode("a small red circle above a large blue square")) ==
+        "a small red circle above a large blue square");
+  CHECK_THROWS_WITH(tok.encode("a purple elephant"), Catch::Contains("'elephant' is not in the vocabulary"));
+}
+
+TEST_CASE("every task: encodable prompts and answers; no numbers in the general abilities") {
+  for (const auto& list : {rp::general_tasks(), rp::target_tasks()})
+    for (const auto& t : list) {
+      INFO("task " << t.name);
+      for (const auto& e : sample(t, 150)) {
+        INFO(e.prompt << " -> " << e.answer);
+        const auto p = tok.encode(e.prompt), a = tok.encode(e.answer);
+        CHECK_FALSE(a.empty());
+        CHECK(e.has_image == (t.name != "repeat"));
+        if (!t.target)
+          for (auto id : a) CHECK_FALSE(tok.is_number(id));
+        if (!t.target)
+          for (auto id : p) CHECK_FALSE(tok.is_number(id));
+        // Restricted decoding can say the right answer.
+        const auto allowed = rp::allowed_tokens(tok, e.restrict);
+        if (!allowed.empty())
+          for (auto id : a) CHECK(std::find(allowed.begin(), allowed.end(), id) != allowed.end());
+      }
+    }
+  // The split seeds are fixed: the same test set every time.
+  auto a = rp::make_test_set(find_task("clock"), 5, rp::test_seed("clock"));
+  auto b = rp::make_test_set(find_task("clock"), 5, rp::test_seed("clock"));
+  for (int i = 0; i < 5; ++i) CHECK(a[std::size_t(i)].image.pixels() == b[std::size_t(i)].image.pixels());
+}
+
+TEST_CASE("count: the objects do not overlap and the pixels hold exactly the answer's number of them") {
+  for (const auto& e : sample(find_task("count"), 200)) {
+    INFO(e.prompt << " -> " << e.answer);
+    CHECK(int(e.objects.size()) == std::stoi(e.answer));
+    for (std::size_t i = 0; i < e.objects.size(); ++i)
+      for (std::size_t j = i + 1; j < e.objects.size(); ++j) CHECK(rp::separated(e.objects[i], e.objects[j], 1));
+    CHECK(components(e.image) == std::stoi(e.answer));
+    for (const auto& o : e.objects) {
+      CHECK(o.shape == e.objects[0].shape);  // the question names one kind of shape
+      CHECK((o.left() >= 0 && o.top() >= 0 && o.right() < 32 && o.bottom() < 32));
+    }
+    CHECK(e.prompt.find(rp::gen::plural(e.objects[0].shape)) != std::string::npos);
+  }
+}
+
+TEST_CASE("clock: the hands lie where the answer says") {
+  for (const auto& e : sample(find_task("clock"), 120)) {
+    INFO(e.answer);
+    CHECK(e.answer == std::to_string(e.hour) + " : " + std::to_string(e.minute));
+    CHECK((e.hour >= 1 && e.hour <= 12 && e.minute % 15 == 0 && e.minute < 60));
+    // The face centre is one of 9 jittered positions; find the one whose rays match.
+    bool found = false;
+    for (int jx = -1; jx <= 1 && !found; ++jx)
+      for (int jy = -1; jy <= 1 && !found; ++jy) {
+        rp::gen::clock_face f;
+        f.cx += jx, f.cy += jy;
+        auto on = [&](double angle, double len) {
+          auto [x, y] = f.point(angle, len);
+          return dark(e.image, int(std::lround(x)), int(std::lround(y)));
+        };
+        const double ha = rp::gen::clock_face::hour_angle(e.hour, e.minute), ma = rp::gen::clock_face::minute_angle(e.minute);
+        bool ok = true;
+        for (double len : {4.0, 7.0, 10.0}) ok = ok && on(ma, len);  // the long hand
+        for (double len : {2.5, 5.0}) ok = ok && on(ha, len);        // the short hand
+        // Beyond the short hand's length, its direction is bare face (unless the long hand is there).
+        double diff = std::fmod(std::abs(ha - ma), 2 * std::numbers::pi);
+        diff = std::min(diff, 2 * std::numbers::pi - diff);
+        if (diff > 0.5) ok = ok && !on(ha, 10.0);
+        found = ok;
+      }
+    CHECK(found);
+  }
+}
+
+TEST_CASE("caption, position, size, exist, relation: labels agree with the scene") {
+  auto centre_colour = [](const rp::example& e, const rp::object& o) {
+    const auto p = e.image.at(o.cx, o.cy);
+    int best = -1;
+    double dist = 1e9;
+    for (int c = 0; c < 6; ++c) {
+      const auto q = rp::named_colours()[std::size_t(c)];
+      const double d = std::abs(p.r - q.r) + std::abs(p.g - q.g) + std::abs(p.b - q.b);
+      if (d < dist) dist = d, best = c;
+    }
+    return best;
+  };
+  for (const auto& e : sample(find_task("caption"), 150)) {
+    INFO(e.answer);
+    for (const auto& o : e.objects) CHECK(centre_colour(e, o) == o.colour);
+    if (e.objects.size() == 2) {
+      const auto &a = e.objects[0], &b = e.objects[1];
+      CHECK(rp::separated(a, b, 1));
+      if (e.answer.find(" above ") != std::string::npos) CHECK(a.bottom() < b.top());
+      if (e.answer.find(" below ") != std::string::npos) CHECK(a.top() > b.bottom());
+      if (e.answer.find(" left of ") != std::string::npos) CHECK(a.right() < b.left());
+      if (e.answer.find(" right of ") != std::string::npos) CHECK(a.left() > b.right());
+    }
+  }
+  for (const auto& e : sample(find_task("position"), 100)) {
+    const auto& o = e.objects[0];
+    CHECK(e.answer == std::string(o.cy < 16 ? "top" : "bottom") + " " + (o.cx < 16 ? "left" : "right"));
+  }
+  for (const auto& e : sample(find_task("size"), 100)) {
+    const auto& big = e.objects[0].r > e.objects[1].r ? e.objects[0] : e.objects[1];
+    CHECK(e.answer == rp::gen::shape_name(big.shape));
+    CHECK(e.objects[0].r != e.objects[1].r);
+  }
+  for (const auto& e : sample(find_task("exist"), 150)) {
+    bool present = false;
+    for (const auto& o : e.objects)
+      present = present || e.prompt == "is there a " + rp::gen::colour_name(o.colour) + " " + rp::gen::shape_name(o.shape) + " ?";
+    CHECK(e.answer == (present ? "yes" : "no"));
+  }
+  for (const auto& e : sample(find_task("relation"), 150)) {
+    const auto &a = e.objects[0], &b = e.objects[1];
+    const std::string rel = a.bottom() < b.top() ? "above" : a.top() > b.bottom() ? "below" : a.right() < b.left() ? "left" : "right";
+    CHECK(e.prompt.find(e.answer + " " + rel) != std::string::npos);
+  }
+}
+
+TEST_CASE("birds, tissue, sign: the answer names the class that was drawn") {
+  for (const auto& e : sample(find_task("birds"), 150)) {
+    const auto pos = e.prompt.find(e.answer + " ");
+    REQUIRE(pos != std::string::npos);
+    std::istringstream rest(e.prompt.substr(pos + e.answer.size() + 1));
+    std::string name;
+    rest >> name;
+    CHECK(name == rp::bird_words()[std::size_t(e.label)]);
+    std::set<std::string> options;
+    for (const auto& b : rp::bird_words())
+      if (e.prompt.find(" " + b + " ") != std::string::npos || e.prompt.ends_with(" " + b)) options.insert(b);
+    CHECK(options.size() == 4);
+  }
+  for (const auto& e : sample(find_task("tissue"), 150)) {
+    if (e.prompt == "what tissue is this ?") CHECK(e.answer == rp::tissue_words()[std::size_t(e.label)]);
+    if (e.prompt == "what stain is used ?") CHECK(e.answer == rp::stain_words()[std::size_t(e.label)]);
+    if (e.prompt == "is the tissue abnormal ?") CHECK(e.answer == (e.label ? "yes" : "no"));
+  }
+  for (const auto& e : sample(find_task("sign"), 100)) CHECK(e.answer == rp::sign_words()[std::size_t(e.label)]);
+  // Every glyph differs from every other, so every word can be read.
+  std::set<std::array<std::uint8_t, 5>> glyphs(rp::font3x5().begin(), rp::font3x5().end());
+  CHECK(glyphs.size() == 26);
+}
+
+TEST_CASE("training batches: targets cover the answer and <eos> only") {
+  auto ex = sample(find_task("caption"), 3);
+  std::vector<const rp::example*> rows{&ex[0], &ex[1], &ex[2]};
+  auto enc = rp::encode_for_training(tok, rows, 16);
+  CHECK(enc.images.shape() == sg::cpu::shape_t{3, 32, 32, 3});
+  for (std::size_t b = 0; b < 3; ++b) {
+    const auto p = tok.encode(ex[b].prompt), a = tok.encode(ex[b].answer);
+    CHECK(enc.ids(b, p.size()) == tok.sep());
+    std::vector<std::int64_t> t;
+    for (std::size_t s = 0; s < enc.targets.shape(1); ++s)
+      if (enc.targets(b, s) != sg::ignore_index) t.push_back(enc.targets(b, s));
+    auto expect = a;
+    expect.push_back(tok.eos());
+    CHECK(t == expect);
+    CHECK(enc.targets(b, 16 + p.size()) == a[0]);  // the separator's position predicts the first answer word
+  }
+  auto text = sample(find_task("repeat"), 1);
+  CHECK(rp::encode_for_training(tok, {&text[0]}, 16).images.empty());
+  CHECK_THROWS_WITH(rp::encode_for_training(tok, {&text[0], &ex[0]}, 16), Catch::Contains("mixes image and text-only"));
+}
+
+namespace {
+std::string read(const std::filesystem::path& p) {
+  std::ifstream in(p);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+std::size_t lines(const std::string& s) { return std::size_t(std::count(s.begin(), s.end(), '\n')); }
+}  // namespace
+
+TEST_CASE("reduced pipeline: pretrain a few steps, one recipe, one target; outputs well formed; cache reused") {
+  rp::settings s = rp::default_settings();
+  auto& v = s.model.vision.blocks;
+  v.hidden = 16, v.n_heads = 2, v.n_kv_heads = 2, v.head_dim = 8, v.intermediate = 24, v.n_layers = 1;
+  s.model.projector = {.in = 16, .intermediate = 24, .out = 32};
+  auto& t = s.model.text;
+  t.hidden = 32, t.n_heads = 2, t.n_kv_heads = 1, t.head_dim = 16, t.intermediate = 48, t.n_layers = 2;
+  s.pretrain_steps = 3, s.pretrain_batch = 8;
+  s.stage_steps = 12, s.stage_batch = 4;
+  s.test_examples = 6, s.probe_examples = 4;
+  s.order = {"count"};
+  s.methods = {"sa_proj", "lora", "moe"};
+  s.jobs = 2;  // two worker processes
+  s.quiet = true;
+  s.out = std::filesystem::temp_directory_path() / ("skillgraft_reproduce_test_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(s.out);
+  rp::progress prog(true);
+  auto first = rp::run_pipeline(s, prog);
+  CHECK(first.pretrained);
+  REQUIRE(first.methods.size() == 2);
+  CHECK(first.methods[0].name == "sa_proj");
+  CHECK(first.methods[1].name == "lora");
+  CHECK(first.skipped == std::vector<std::string>{"moe"});
+  for (const char* f : {"base.safetensors", "report.md", "summary.csv", "probe.csv", "curves.csv", "accuracy_sa_proj.csv",
+                        "learning_forgetting.svg", "heldout_over_stages.svg", "probe_counting_stage.svg",
+                        "probe_over_stages.svg"}) {
+    INFO(f);
+    CHECK(std::filesystem::exists(s.out / f));
+  }
+  // Accuracy matrix: base row + one stage, the target first, then the eight held-out tasks.
+  auto R = sg::cl::read_accuracy_csv(s.out / "accuracy_sa_proj.csv");
+  CHECK(R.stages() == 1);
+  CHECK(R.task_count() == 9);
+  CHECK(R.tasks()[0] == "count");
+  CHECK(R.heldout_columns().size() == 8);
+  const auto summary = read(s.out / "summary.csv");
+  CHECK(lines(summary) == 3);
+  CHECK(summary.rfind("method,trains,learning", 0) == 0);
+  CHECK(summary.find("\nsa_proj,") != std::string::npos);
+  // Probe: the base model, steps 1 and 10 and the stage's end (12) of the counting stage, after the stage.
+  const auto probe = read(s.out / "probe.csv");
+  for (const char* row : {"sa_proj,0,0,", "sa_proj,1,1,", "sa_proj,1,10,", "sa_proj,1,12,"}) {
+    INFO(row);
+    CHECK(probe.find(row) != std::string::npos);
+  }
+  CHECK(lines(probe) == 1 + 2 * 5);
+  CHECK(probe.rfind("method,stage,step,number_mass,with_number,kl_base_model\n", 0) == 0);
+  for (const auto& p : first.methods[0].probes) {
+    CHECK((p.number_mass >= 0 && p.number_mass <= 1));
+    CHECK(p.kl >= -1e-9);
+  }
+  CHECK(first.methods[0].probes[0].kl == Approx(0).margin(1e-9));  // the base model against itself
+  CHECK(first.summaries[0].train_seconds > 0);
+  CHECK(first.summaries[0].peak_mib > 0);
+  for (const char* f : {"learning_forgetting.svg", "heldout_over_stages.svg", "probe_counting_stage.svg", "probe_over_stages.svg"}) {
+    const auto svg = read(s.out / f);
+    CHECK(svg.rfind("<svg ", 0) == 0);
+    CHECK(svg.find("</svg>") != std::string::npos);
+    CHECK(svg.find("nan") == std::string::npos);
+  }
+  CHECK(read(s.out / "report.md").find("| sa_proj | q, k, v, o |") != std::string::npos);
+  // A second run finds the checkpoint, skips pretraining, and evaluates the same base model.
+  s.methods = {"vision_projector"};
+  s.jobs = 1;  // in process
+  auto second = rp::run_pipeline(s, prog);
+  CHECK_FALSE(second.pretrained);
+  CHECK(second.base_row == first.base_row);
+  // Different pretraining settings do not reuse it.
+  s.pretrain_steps = 2;
+  s.methods = {};
+  CHECK(rp::run_pipeline(s, prog).pretrained);
+  std::filesystem::remove_all(s.out);
+}
