@@ -1,9 +1,14 @@
 // The multimodal model: bidirectional, rotary-free attention for the vision blocks,
 // the vision encoder, the projector and the whole image -> soft tokens -> LM chain,
 // checked against finite differences in double precision under the multimodal recipes;
-// the recipes' names; train_step driving the multimodal model with frozen parts untouched.
+// the recipes' names; train_step driving the multimodal model with frozen parts untouched;
+// a mixture of experts on the LM's MLP grown from the dense model.
 #include "support/gradcheck.hpp"
 
+#include <array>
+#include <cstring>
+
+#include "skillgraft/cl/moe.hpp"
 #include "skillgraft/model/generate.hpp"
 #include "skillgraft/model/multimodal.hpp"
 #include "skillgraft/policy/dispatch.hpp"
@@ -241,6 +246,73 @@ TEST_CASE("multimodal: text-only rows, soft tokens, and generation from an image
   CHECK(out.shape(1) == 3);
   sg::cpu::tensor<float> three({3, 8, 8, 3}, sg::memory_use::workspace);
   CHECK_THROWS_WITH(mm.forward(w, ids, s, &three), Catch::Contains("3 images for a batch of 2 token rows"));
+}
+
+TEST_CASE("multimodal: a mixture grown from the dense MLP starts at the dense model bit for bit; its router trains") {
+  const auto c = tiny_multimodal();
+  const auto dense = random_multimodal<float>(c, 17);
+  auto grown = random_multimodal<float>(c, 17);
+  REQUIRE(sg::cl::add_expert(grown.lm) == 2);
+  auto images = random_tensor<float>({2, 8, 8, 3}, 18, 0.5);
+  using frozen = std::remove_cv_t<decltype(sg::recipe::frozen)>;
+  constexpr auto recipe = sg::recipe::mlp | sg::trainable<sg::group::router>;
+  using moe2 = sg::nn::moe<sg::nn::act::silu, 2>;
+  sg::model::multimodal_lm<float, frozen> base(c, sg::recipe::frozen);
+  sg::model::multimodal_lm<float, std::remove_cv_t<decltype(recipe)>, sg::backend::cpu, moe2> mm(c, recipe, {.experts = 2});
+  CHECK(mm.mlp_options().experts == 2);
+  using matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  auto logits = [](const sg::cpu::tensor<float>& h, const sg::model::multimodal_weights<float>& w) {
+    const auto d = Eigen::Index(h.shape().last());
+    Eigen::Map<const matrix> H(h.data(), Eigen::Index(h.size()) / d, d);
+    Eigen::Map<const matrix> W(w.head().data(), Eigen::Index(w.head().dim(0)), d);
+    return matrix(H * W.transpose());
+  };
+  // Both experts compute f and each weighs exactly 1/2 (zero router): f/2 + f/2 = f.
+  for (const auto* img : std::array<const sg::cpu::tensor<float>*, 2>{&images, nullptr}) {
+    decltype(base)::saved_t s0;
+    decltype(mm)::saved_t s1;
+    const auto h0 = base.forward(dense, ids, s0, img);
+    const auto h1 = mm.forward(grown, ids, s1, img);
+    REQUIRE(h0.shape() == h1.shape());
+    CHECK(std::memcmp(h0.data(), h1.data(), h0.bytes()) == 0);
+    CHECK(logits(h0, dense) == logits(h1, grown));
+  }
+  const auto soft = mm.soft_tokens(grown, images);
+  const sg::model::sampling greedy{.max_new_tokens = 4, .allowed = {}};
+  const bool same_tokens = sg::model::generate(mm.lm(), grown.lm, ids, greedy, &soft) ==
+                           sg::model::generate(base.lm(), dense.lm, ids, greedy, &soft);
+  CHECK(same_tokens);
+  // Identical experts give the router no gradient; once the newest expert has moved away
+  // from the original, the router learns which to use.
+  auto g = mm.make_grads(grown);
+  sg::train::adamw<float> opt(mm, grown, g, {.lr = 1e-2});
+  const std::size_t P = std::size_t(mm.image_tokens());
+  sg::train::micro_batch<float> mb{ids, xt::full_like(token_ids::from_shape({2, P + 5}), sg::ignore_index), &images};
+  for (std::size_t b = 0; b < 2; ++b)
+    for (std::size_t s = 0; s + 1 < 5; ++s) mb.targets(b, P + s) = ids(b, s + 1);
+  for (int step = 0; step < 3; ++step)
+    sg::train::train_step(mm, grown, g, opt, sg::train::constant_schedule{1e-2}, std::span(&mb, 1));
+  decltype(mm)::saved_t s;
+  auto g_after = mm.make_grads(grown);
+  const auto h = mm.forward(grown, ids, s, &images);
+  const auto r = sg::train::masked_cross_entropy<float>(h, grown.head(), mb.targets, mm.head_grad(g_after));
+  mm.backward(grown, s, r.dh, g_after);
+  std::set<std::string> routers;
+  mm.for_each_trainable(grown, g_after, [&](const std::string& n, sg::cpu::tensor<float>& p, sg::cpu::tensor<float>& dp) {
+    if (n.find("mlp.router.") == std::string::npos) return;
+    routers.insert(n);
+    INFO(n);
+    CHECK(p.vec().cwiseAbs().maxCoeff() > 0.0f);
+    CHECK(dp.vec().cwiseAbs().maxCoeff() > 0.0f);
+  });
+  CHECK(routers.size() == std::size_t(c.text.n_layers));
+  // The original MLP (expert 0) stays the dense model's; the newest expert trained.
+  for (std::size_t l = 0; l < grown.lm.trunk.layers.size(); ++l) {
+    const auto& m = grown.lm.trunk.layers[l].mlp;
+    const auto& original = dense.lm.trunk.layers[l].mlp.gate_proj.weight;
+    CHECK(std::memcmp(m.gate_proj.weight.data(), original.data(), original.bytes()) == 0);
+    CHECK(std::memcmp(m.experts[0].gate_proj.weight.data(), original.data(), original.bytes()) != 0);
+  }
 }
 
 namespace {

@@ -250,9 +250,9 @@ std::string read(const std::filesystem::path& p) {
   return s.str();
 }
 std::size_t lines(const std::string& s) { return std::size_t(std::count(s.begin(), s.end(), '\n')); }
-}  // namespace
 
-TEST_CASE("reduced pipeline: pretrain a few steps, one recipe, one target; outputs well formed; cache reused") {
+// A model small enough that a whole run takes seconds, writing under a fresh directory.
+rp::settings reduced_settings(const std::string& name) {
   rp::settings s = rp::default_settings();
   auto& v = s.model.vision.blocks;
   v.hidden = 16, v.n_heads = 2, v.n_kv_heads = 2, v.head_dim = 8, v.intermediate = 24, v.n_layers = 1;
@@ -262,19 +262,25 @@ TEST_CASE("reduced pipeline: pretrain a few steps, one recipe, one target; outpu
   s.pretrain_steps = 3, s.pretrain_batch = 8;
   s.stage_steps = 12, s.stage_batch = 4;
   s.test_examples = 6, s.probe_examples = 4;
-  s.order = {"count"};
-  s.methods = {"sa_proj", "lora", "moe"};
-  s.jobs = 2;  // two worker processes
   s.quiet = true;
-  s.out = std::filesystem::temp_directory_path() / ("skillgraft_reproduce_test_" + std::to_string(::getpid()));
+  s.out = std::filesystem::temp_directory_path() / ("skillgraft_reproduce_" + name + "_" + std::to_string(::getpid()));
   std::filesystem::remove_all(s.out);
+  return s;
+}
+}  // namespace
+
+TEST_CASE("reduced pipeline: pretrain a few steps, one recipe, one target; outputs well formed; cache reused") {
+  rp::settings s = reduced_settings("test");
+  s.order = {"count"};
+  s.methods = {"sa_proj", "lora", "no_such_method"};
+  s.jobs = 2;  // two worker processes
   rp::progress prog(true);
   auto first = rp::run_pipeline(s, prog);
   CHECK(first.pretrained);
   REQUIRE(first.methods.size() == 2);
   CHECK(first.methods[0].name == "sa_proj");
   CHECK(first.methods[1].name == "lora");
-  CHECK(first.skipped == std::vector<std::string>{"moe"});
+  CHECK(first.skipped == std::vector<std::string>{"no_such_method"});
   for (const char* f : {"base.safetensors", "report.md", "summary.csv", "probe.csv", "curves.csv", "accuracy_sa_proj.csv",
                         "learning_forgetting.svg", "heldout_over_stages.svg", "probe_counting_stage.svg",
                         "probe_over_stages.svg"}) {
@@ -323,5 +329,33 @@ TEST_CASE("reduced pipeline: pretrain a few steps, one recipe, one target; outpu
   s.pretrain_steps = 2;
   s.methods = {};
   CHECK(rp::run_pipeline(s, prog).pretrained);
+  std::filesystem::remove_all(s.out);
+}
+
+TEST_CASE("reduced pipeline: the MoE baseline grows one expert per target and trains only it and the router") {
+  rp::settings s = reduced_settings("moe");
+  s.order = {"count", "birds"};
+  s.methods = {"moe"};
+  s.jobs = 1;
+  rp::progress prog(true);
+  auto res = rp::run_pipeline(s, prog);
+  CHECK(res.skipped.empty());
+  REQUIRE(res.methods.size() == 1);
+  const auto& moe = res.methods[0];
+  CHECK(moe.name == "moe");
+  CHECK(moe.final_loss.size() == 2);
+  // Per layer: the router [2, hidden] and the newest expert's Gate, Up and Down.
+  const std::size_t d = 32, I = 48;
+  CHECK(moe.trainable == 2 * (2 * d + 3 * d * I));
+  auto R = sg::cl::read_accuracy_csv(s.out / "accuracy_moe.csv");
+  CHECK(R.stages() == 2);
+  CHECK(R.task_count() == 10);
+  CHECK(R.tasks()[1] == "birds");
+  const auto summary = read(s.out / "summary.csv");
+  CHECK(lines(summary) == 2);
+  CHECK(summary.find("\nmoe,") != std::string::npos);
+  CHECK(res.summaries[0].train_seconds > 0);
+  CHECK(res.summaries[0].peak_mib > 0);
+  CHECK(read(s.out / "report.md").find("| moe | MoE on the MLP |") != std::string::npos);
   std::filesystem::remove_all(s.out);
 }

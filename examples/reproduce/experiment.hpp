@@ -16,10 +16,12 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "skillgraft/cl/lora.hpp"
 #include "skillgraft/cl/lwf.hpp"
+#include "skillgraft/cl/moe.hpp"
 #include "skillgraft/cl/probes.hpp"
 #include "skillgraft/cl/teacher.hpp"
 #include "skillgraft/cl/wise_ft.hpp"
@@ -39,7 +41,8 @@ namespace skillgraft::reproduce {
 using weights_t = model::multimodal_weights<float>;
 using frozen_t = std::remove_cv_t<decltype(recipe::frozen)>;
 
-// Every method the runner knows, in report order. "moe" needs the MoE MLP (see run_method).
+// Every method the runner knows, in report order. "moe" grows the model by one expert per
+// task, so its model is rebuilt before every stage (see run_recipe).
 inline const std::vector<std::string>& all_methods() {
   static const std::vector<std::string> m{"llm", "mlp", "mlp_gate_up", "sa_proj", "vision_projector",
                                           "full", "lwf", "wise_ft", "lora", "moe"};
@@ -131,10 +134,22 @@ struct test_set {
   std::vector<example> examples;
 };
 
-// The frozen pieces evaluation runs: soft tokens, then cached decoding.
-class evaluator {
+struct probe_value {
+  double number_mass = 0;
+  double with_number = 0;
+  double kl = 0;  // KL(reference || model), mean over the probed positions
+};
+
+// The frozen pieces evaluation runs: soft tokens, then cached decoding, with the MLP policy
+// (and expert count) of the weights evaluated. The counting bias's reference is the base
+// model, dense whatever the policy, so it has a dense frozen model of its own.
+template <class Mlp = nn::default_mlp>
+class basic_evaluator {
  public:
-  evaluator(const tokenizer& tok, const model::multimodal_config& c) : tok_(&tok), mm_(c, recipe::frozen) {}
+  using probe_value = reproduce::probe_value;
+
+  basic_evaluator(const tokenizer& tok, const model::multimodal_config& c, const typename Mlp::options& mlp = {})
+      : tok_(&tok), mm_(c, recipe::frozen, mlp), reference_(c, recipe::frozen) {}
 
   // Exact-match accuracy of greedy answers; with `restricted`, decoding keeps to the
   // example's restriction (numbers, yes/no, option letters, clock) plus <eos>.
@@ -201,11 +216,6 @@ class evaluator {
   // KL(reference || model) of the next-token distribution from the reference model's (the
   // base model, fed its own soft tokens), with cl::probe_hidden; and the fraction of
   // captions that contain a number token.
-  struct probe_value {
-    double number_mass = 0;
-    double with_number = 0;
-    double kl = 0;  // KL(reference || model), mean over the probed positions
-  };
   probe_value counting_bias(const weights_t& w, const std::vector<example>& probe, const weights_t& reference) const {
     std::vector<std::vector<std::int64_t>> prompts(probe.size());
     std::vector<std::size_t> rows;
@@ -237,10 +247,11 @@ class evaluator {
         caps[b].push_back(ended ? tok_->eos() : -1);  // the position after the caption predicted <eos>
       }
       auto images = image_batch(ex);
-      auto soft = mm_.soft_tokens(w, images), soft_ref = mm_.soft_tokens(reference, images);
+      auto soft = mm_.soft_tokens(w, images), soft_ref = reference_.soft_tokens(reference, images);
       typename decltype(mm_)::lm_t::saved_t saved;
+      typename decltype(reference_)::lm_t::saved_t saved_ref;
       auto h = mm_.lm().forward(w.lm, ids, saved, &soft);
-      auto h_ref = mm_.lm().forward(reference.lm, ids, saved, &soft_ref);
+      auto h_ref = reference_.lm().forward(reference.lm, ids, saved_ref, &soft_ref);
       const std::size_t P = soft.dim(1);
       cl::position_mask mask = xt::zeros<bool>({B, h.dim(1)});
       for (std::size_t b = 0; b < B; ++b)
@@ -259,8 +270,10 @@ class evaluator {
  private:
   static constexpr std::size_t chunk = 64;
   const tokenizer* tok_;
-  model::multimodal_lm<float, frozen_t> mm_;
+  model::multimodal_lm<float, frozen_t, backend::cpu, Mlp> mm_;
+  model::multimodal_lm<float, frozen_t> reference_;
 };
+using evaluator = basic_evaluator<>;
 
 // --- checkpoints ---------------------------------------------------------------------
 
@@ -323,7 +336,8 @@ struct run_data {
   }
 };
 
-inline std::vector<double> evaluate_all(const evaluator& ev, const weights_t& w, const run_data& d, bool restricted) {
+template <class Mlp>
+std::vector<double> evaluate_all(const basic_evaluator<Mlp>& ev, const weights_t& w, const run_data& d, bool restricted) {
   std::vector<double> row;
   for (const auto& t : d.tests) row.push_back(ev.accuracy(w, t.examples, restricted));
   return row;
@@ -417,11 +431,13 @@ inline std::vector<int> probe_steps(int stage_steps) {
   return v;
 }
 
-template <class R>
+template <class R, class Mlp = nn::default_mlp>
 method_result run_recipe(const std::string& name, R recipe, method_kind kind, const settings& s, const weights_t& base,
-                         const std::vector<double>& base_row, const evaluator::probe_value& base_probe,
-                         const run_data& d, progress& prog) {
+                         const std::vector<double>& base_row, const probe_value& base_probe, const run_data& d,
+                         progress& prog) {
   using clock = std::chrono::steady_clock;
+  using model_t = model::multimodal_lm<float, R, backend::cpu, Mlp>;
+  constexpr bool mixture = std::is_same_v<typename Mlp::options, nn::moe_options>;
   method_result res;
   res.name = name;
   const std::int64_t before = ledger().live_total();  // what the method did not allocate
@@ -429,16 +445,21 @@ method_result run_recipe(const std::string& name, R recipe, method_kind kind, co
   if (kind == method_kind::lora) cfg.text.lora_rank = s.lora_rank, cfg.text.lora_alpha = 2.0 * s.lora_rank;
   weights_t w(cfg);
   copy_weights(base, w);
-  model::multimodal_lm<float, R> mm(cfg, recipe);
-  evaluator ev(d.tok, cfg);
   res.R.push_back(base_row);
   res.probes.push_back({0, 0, base_probe.number_mass, base_probe.with_number, base_probe.kl});
   std::optional<cl::running_average<float>> average;
-  if (kind == method_kind::wise_ft) average.emplace(mm.lm(), w.lm, s.wise_beta);
   std::int64_t peak = ledger().live_total();
   const double lr = kind == method_kind::lora ? s.lora_lr : s.lr;
   for (std::size_t k = 0; k < d.targets.size(); ++k) {
     const auto& target = d.targets[k];
+    // A mixture grows one expert per task (a copy of the newest; expert 0, the original MLP,
+    // stays frozen). The expert count is part of the policy's options, so the model and the
+    // evaluator's frozen model are built for each stage.
+    typename model_t::mlp_options_t mlp_options{};
+    if constexpr (mixture) mlp_options.experts = cl::add_expert(w.lm);
+    model_t mm(cfg, recipe, mlp_options);
+    basic_evaluator<Mlp> ev(d.tok, cfg, mlp_options);
+    if (kind == method_kind::wise_ft && k == 0) average.emplace(mm.lm(), w.lm, s.wise_beta);
     if (kind == method_kind::lora) cl::attach_lora(mm.lm(), w.lm, {.rank = s.lora_rank, .alpha = 2.0 * s.lora_rank, .seed = s.seed + k});
     {
       auto g = mm.make_grads(w);
@@ -508,6 +529,12 @@ method_result run_recipe(const std::string& name, R recipe, method_kind kind, co
 inline constexpr auto lora_recipe = trainable<lora<proj::q>, lora<proj::k>, lora<proj::v>, lora<proj::o>,
                                               lora<proj::gate>, lora<proj::up>, lora<proj::down>>;
 
+// The MoE baseline: per task a new expert and the router train (the newest expert's Gate, Up
+// and Down). Top-2 renormalised, because a mixture grown from the dense MLP then starts at the
+// base model bit for bit (cl/moe.hpp) and the router still gets a gradient.
+using moe_policy = nn::moe<nn::act::silu, 2>;
+inline constexpr auto moe_recipe = recipe::mlp | trainable<group::router>;
+
 inline std::string method_description(const std::string& m) {
   if (m == "lwf") return "mlp + LwF distillation";
   if (m == "wise_ft") return "llm + sequential WiSE-FT";
@@ -523,18 +550,19 @@ inline std::string method_description(const std::string& m) {
   return m;
 }
 
+// Whether run_method can run m: a baseline of all_methods() or any multimodal recipe by name.
 inline bool method_available(const std::string& m) {
-  // Hook for the MoE baseline: it needs the mixture-of-experts MLP in nn/; until the
-  // library has one, the runner reports the method as unavailable instead of faking it.
-  return m != "moe";
+  return std::find(all_methods().begin(), all_methods().end(), m) != all_methods().end() ||
+         is_multimodal_recipe_name(m);
 }
 
 // The recipe runs are instantiated in their own translation units (recipes_*.cpp) when the
 // program is built from them, so that they compile in parallel.
-#define SKILLGRAFT_REPRODUCE_RUN_RECIPE(R)                                                                   \
-  method_result run_recipe<std::remove_cv_t<decltype(R)>>(                                                   \
+#define SKILLGRAFT_REPRODUCE_RUN_RECIPE_WITH(R, Mlp)                                                         \
+  method_result run_recipe<std::remove_cv_t<decltype(R)>, Mlp>(                                              \
       const std::string&, std::remove_cv_t<decltype(R)>, method_kind, const settings&, const weights_t&,    \
-      const std::vector<double>&, const evaluator::probe_value&, const run_data&, progress&)
+      const std::vector<double>&, const probe_value&, const run_data&, progress&)
+#define SKILLGRAFT_REPRODUCE_RUN_RECIPE(R) SKILLGRAFT_REPRODUCE_RUN_RECIPE_WITH(R, nn::default_mlp)
 #ifdef SKILLGRAFT_REPRODUCE_SPLIT_RECIPES
 extern template SKILLGRAFT_REPRODUCE_RUN_RECIPE(recipe::llm);
 extern template SKILLGRAFT_REPRODUCE_RUN_RECIPE(recipe::mlp);
@@ -545,15 +573,19 @@ extern template SKILLGRAFT_REPRODUCE_RUN_RECIPE(recipe::frozen);
 extern template SKILLGRAFT_REPRODUCE_RUN_RECIPE(recipe::vision_projector);
 extern template SKILLGRAFT_REPRODUCE_RUN_RECIPE(recipe::full);
 extern template SKILLGRAFT_REPRODUCE_RUN_RECIPE(lora_recipe);
+extern template SKILLGRAFT_REPRODUCE_RUN_RECIPE_WITH(moe_recipe, moe_policy);
 #endif
 
 inline method_result run_method(const std::string& m, const settings& s, const weights_t& base,
-                                const std::vector<double>& base_row, const evaluator::probe_value& base_probe,
+                                const std::vector<double>& base_row, const probe_value& base_probe,
                                 const run_data& d, progress& prog) {
   method_result r;
   if (m == "lwf") r = run_recipe(m, recipe::mlp, method_kind::lwf, s, base, base_row, base_probe, d, prog);
   else if (m == "wise_ft") r = run_recipe(m, recipe::llm, method_kind::wise_ft, s, base, base_row, base_probe, d, prog);
   else if (m == "lora") r = run_recipe(m, lora_recipe, method_kind::lora, s, base, base_row, base_probe, d, prog);
+  else if (m == "moe")
+    r = run_recipe<std::remove_cv_t<decltype(moe_recipe)>, moe_policy>(m, moe_recipe, method_kind::plain, s, base,
+                                                                       base_row, base_probe, d, prog);
   else if (!method_available(m))
     throw std::invalid_argument("reproduce: method '" + m + "' is not available in this build");
   else

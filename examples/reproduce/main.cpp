@@ -73,8 +73,7 @@ int main(int argc, char** argv) {
       } else if (a == "--methods") {
         s.methods = split(value());
         for (const auto& m : s.methods)
-          if (m != "lwf" && m != "wise_ft" && m != "lora" && m != "moe" && !skillgraft::is_multimodal_recipe_name(m))
-            throw std::invalid_argument("unknown method '" + m + "'");
+          if (!rp::method_available(m)) throw std::invalid_argument("unknown method '" + m + "'");
       } else if (a == "--order") {
         s.order = split(value());
       } else if (a == "--out") {

@@ -15,6 +15,9 @@
 // forward(w, ids, saved, images) takes the image batch [batch, size, size, channels]
 // where decoder_lm takes soft tokens (a micro-batch's `prefix` is the image batch), or
 // nullptr for text-only rows. weights_t::head() is the LM head, head_grad(g) its gradient.
+//
+// Mlp is the language model's MLP policy, as for decoder_lm (a mixture of experts grows
+// task by task on the LM); the vision encoder keeps its dense MLP whatever the policy.
 #include <cmath>
 #include <random>
 #include <stdexcept>
@@ -118,7 +121,7 @@ void init_weights(multimodal_weights<T>& w, std::uint64_t seed, double stddev = 
   if (!w.config.text.tie_word_embeddings) normal(w.lm.lm_head, stddev);
 }
 
-template <class T, class Recipe, class Backend = backend::cpu>
+template <class T, class Recipe, class Backend = backend::cpu, class Mlp = nn::default_mlp>
 class multimodal_lm {
  public:
   using value_type = T;
@@ -128,7 +131,9 @@ class multimodal_lm {
   static constexpr bool train_projector = trains_v<group::projector, Recipe>;
   using vision_t = vision_encoder<T, train_vision, Backend>;
   using projector_t = projector<T, train_projector, train_vision>;
-  using lm_t = decoder_lm<T, Recipe, Backend>;
+  using lm_t = decoder_lm<T, Recipe, Backend, Mlp>;
+  using mlp_policy = Mlp;
+  using mlp_options_t = typename lm_t::mlp_options_t;
   static_assert(lm_t::upstream_trains == projector_t::active);
 
   struct grads_t {
@@ -143,12 +148,14 @@ class multimodal_lm {
     bool image = false;
   };
 
-  multimodal_lm(const multimodal_config& c, layer_range range = {})
-      : config_((c.validate(), c)), vision_(c.vision), lm_(c.text, range) {}
+  multimodal_lm(const multimodal_config& c, layer_range range = {}, const mlp_options_t& mlp = {})
+      : config_((c.validate(), c)), vision_(c.vision), lm_(c.text, range, mlp) {}
   template <class S>
-  multimodal_lm(const multimodal_config& c, trainable_set<S> r) : multimodal_lm(c, r.layers) {}
+  multimodal_lm(const multimodal_config& c, trainable_set<S> r, const mlp_options_t& mlp = {})
+      : multimodal_lm(c, r.layers, mlp) {}
 
   const multimodal_config& config() const { return config_; }
+  const mlp_options_t& mlp_options() const { return lm_.mlp_options(); }
   const lm_t& lm() const { return lm_; }
   const vision_t& vision() const { return vision_; }
   const typename lm_t::stack_t& stack() const { return lm_.stack(); }
