@@ -14,7 +14,7 @@
 #include "skillgraft/model/generate.hpp"
 #include "skillgraft/nn/moe_mlp.hpp"
 #include "skillgraft/policy/recipes.hpp"
-#include "support/random.hpp"
+#include "support/random_lm.hpp"
 
 namespace sg = skillgraft;
 namespace act = sg::nn::act;
@@ -25,22 +25,11 @@ using moe2 = sg::nn::moe<act::silu, 2>;
 
 namespace {
 
-sg::decoder_config lm_config() {
-  auto c = sg::test::tiny_config(false, 2);
-  c.vocab_size = 13;
-  c.max_seq = 16;
-  return c;
-}
-
 // A random LM; `kind` 1 adds xSiLU ranges (alpha != 0), 2 a mixture of 3 experts per layer
 // with random experts and router (expert 0 is the original MLP).
 sg::model::lm_weights<float> random_lm(const sg::decoder_config& c, int kind, unsigned seed) {
-  sg::model::lm_weights<float> w(c);
-  std::mt19937 rng(seed);
-  for (auto& l : w.trunk.layers) sg::test::fill_block(l, rng);
-  sg::test::fill_normal(w.embed_tokens, rng, 0.0, 1.0);
-  sg::test::fill_normal(w.norm, rng, 1.0, 0.1);
-  sg::test::fill_normal(w.lm_head, rng, 0.0, 0.5);
+  auto w = sg::test::random_lm<float>(c, seed);
+  std::mt19937 rng(seed + 1000);
   if (kind == 1) sg::nn::add_act_range(w.trunk, 0.7f);
   if (kind == 2) {
     sg::cl::add_expert(w);
@@ -113,13 +102,13 @@ void check_generation(const sg::model::lm_weights<float>& w, const typename Mlp:
 }  // namespace
 
 TEST_CASE("generate and continuation_logprob run the model's MLP policy (xSiLU, mixture of experts)") {
-  const auto c = lm_config();
+  const auto c = sg::test::tiny_lm_config();
   SECTION("xSiLU") { check_generation<xsilu_mlp>(random_lm(c, 1, 11), {}); }
   SECTION("mixture of 3 experts, top 2") { check_generation<moe2>(random_lm(c, 2, 12), {3}); }
 }
 
 TEST_CASE("LwF teacher of a mixture-of-experts student: the student's policy, its own router copy") {
-  const auto c = lm_config();
+  const auto c = sg::test::tiny_lm_config();
   auto w = random_lm(c, 2, 21);
   constexpr auto recipe = sg::trainable<sg::group::router, sg::proj::gate>;
   sg::model::decoder_lm<float, std::remove_cv_t<decltype(recipe)>, sg::backend::cpu, moe2> student(c, recipe, {3});
@@ -146,7 +135,7 @@ TEST_CASE("LwF teacher of a mixture-of-experts student: the student's policy, it
 }
 
 TEST_CASE("distribution probe of an xSiLU model and of a mixture: its policy, against a full softmax") {
-  const auto c = lm_config();
+  const auto c = sg::test::tiny_lm_config();
   const sg::cl::token_set numbers({2, 3, 4, 5}, c.vocab_size, "numbers");
   const sg::token_ids ids = {{1, 5, 7, 2, 11}, {3, 3, 12, 0, 4}};
   const sg::cl::position_mask mask = xt::ones<bool>({2, 5});

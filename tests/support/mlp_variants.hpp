@@ -2,6 +2,7 @@
 // Shared by the MLP-policy tests (test_mlp_variants, test_moe_training): random mixtures,
 // routing margins, parameter snapshots, member-existence concepts and recipe types.
 #include "support/gradcheck.hpp"
+#include "support/random_lm.hpp"
 
 #include <cstring>
 #include <map>
@@ -84,23 +85,8 @@ bool bitwise_equal(const sg::cpu::tensor<T>& a, const sg::cpu::tensor<T>& b) {
   return a.shape() == b.shape() && std::memcmp(a.data(), b.data(), a.bytes()) == 0;
 }
 
-inline sg::decoder_config lm_config(int layers = 2) {
-  auto c = sg::test::tiny_config(false, layers);
-  c.vocab_size = 13;
-  c.max_seq = 16;
-  return c;
-}
-
-template <class T>
-sg::model::lm_weights<T> random_lm(const sg::decoder_config& c, unsigned seed) {
-  sg::model::lm_weights<T> w(c);
-  std::mt19937 rng(seed);
-  for (auto& l : w.trunk.layers) sg::test::fill_block(l, rng);
-  sg::test::fill_normal(w.embed_tokens, rng, 0.0, 1.0);
-  sg::test::fill_normal(w.norm, rng, 1.0, 0.1);
-  sg::test::fill_normal(w.lm_head, rng, 0.0, 0.5);
-  return w;
-}
+inline sg::decoder_config lm_config(int layers = 2) { return sg::test::tiny_lm_config(layers); }
+using sg::test::random_lm;
 
 inline const sg::token_ids ids = {{1, 5, 7, 2, 11}, {3, 3, 12, 0, 4}};
 
