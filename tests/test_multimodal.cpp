@@ -49,6 +49,16 @@ sg::model::multimodal_config tiny_multimodal() {
   return c;
 }
 
+// The same model with 2x2 patches on the 8x8 image (a 4x4 grid) merged 2x2 into 4 image tokens.
+sg::model::multimodal_config tiny_merged_multimodal() {
+  auto c = tiny_multimodal();
+  c.vision.patch_size = 2;
+  c.vision.merge = 2;
+  c.vision.blocks.max_seq = 16;
+  c.projector.in = c.vision.out_features();  // 4 x 8
+  return c;
+}
+
 template <class T>
 sg::model::multimodal_weights<T> random_multimodal(const sg::model::multimodal_config& c, unsigned seed) {
   sg::model::multimodal_weights<T> w(c);
@@ -150,6 +160,51 @@ TEST_CASE("vision encoder: patches are cut in row-major grid order") {
   CHECK_THROWS_WITH(sg::model::patchify(bad, c), Catch::Contains("images have shape [1, 4, 5, 1], expected [batch, 4, 4, 1]"));
 }
 
+TEST_CASE("vision encoder: the patch merger concatenates each 2x2 block of neighbouring patches, in order") {
+  sg::model::vision_config c;
+  c.image_size = 8;
+  c.patch_size = 2;  // a 4x4 grid
+  c.channels = 1;
+  c.merge = 2;
+  c.blocks.hidden = 2;
+  REQUIRE(c.tokens() == 4);
+  REQUIRE(c.out_features() == 8);
+  // Patch (gy, gx) carries features (10 (4 gy + gx), 10 (4 gy + gx) + 1).
+  sg::cpu::tensor<D> y({1, 16, 2}, sg::memory_use::workspace);
+  for (std::size_t q = 0; q < 16; ++q) y[2 * q] = 10.0 * double(q), y[2 * q + 1] = 10.0 * double(q) + 1;
+  auto m = sg::model::merge_patches(y, c);
+  REQUIRE(m.shape() == sg::cpu::shape_t{1, 4, 8});
+  // Token (Y, X) of the 2x2 merged grid holds patches (2Y, 2X), (2Y, 2X+1), (2Y+1, 2X), (2Y+1, 2X+1).
+  const int patches_of[4][4] = {{0, 1, 4, 5}, {2, 3, 6, 7}, {8, 9, 12, 13}, {10, 11, 14, 15}};
+  for (int t = 0; t < 4; ++t)
+    for (int k = 0; k < 4; ++k)
+      for (int f = 0; f < 2; ++f) CHECK(m[std::size_t(8 * t + 2 * k + f)] == 10.0 * patches_of[t][k] + f);
+  auto back = sg::model::unmerge_patches(m, c);
+  REQUIRE(back.shape() == y.shape());
+  CHECK(std::memcmp(back.data(), y.data(), y.size() * sizeof(D)) == 0);
+  CHECK_THROWS_WITH(sg::model::merge_patches(m, c), Catch::Contains("patch merger: input of shape [1, 4, 8], expected [1, 16, 2]"));
+}
+
+TEST_CASE("vision encoder with a patch merger: gradients of every tensor; merged soft tokens through the LM") {
+  const auto c = tiny_merged_multimodal();
+  auto w = random_multimodal<D>(c, 5);
+  auto images = random_tensor<D>({2, 8, 8, 3}, 6, 0.5);
+  auto names = gradcheck(sg::model::vision_encoder<D, true>(c.vision), w.vision, images);
+  CHECK(names.size() == 4 + 2 * 9);
+  sg::model::vision_encoder<D, false>::saved_t s;
+  auto y = sg::model::vision_encoder<D, false>(c.vision).forward(w.vision, images, s);
+  CHECK(y.shape() == sg::cpu::shape_t{2, 4, 32});
+  // The merged tokens are the unmerged encoder's outputs, rearranged (nothing else changes).
+  auto plain = c.vision;
+  plain.merge = 1;
+  sg::model::vision_encoder<D, false>::saved_t s1;
+  auto y1 = sg::model::vision_encoder<D, false>(plain).forward(w.vision, images, s1);
+  auto expect = sg::model::merge_patches(y1, c.vision);
+  CHECK(std::memcmp(expect.data(), y.data(), y.size() * sizeof(D)) == 0);
+  sg::model::multimodal_lm<D, std::remove_cv_t<decltype(sg::recipe::frozen)>> mm(c, sg::recipe::frozen);
+  CHECK(mm.image_tokens() == 4);
+}
+
 TEST_CASE("projector: gradients for every combination of training and input gradient") {
   const auto c = tiny_multimodal();
   auto w = random_multimodal<D>(c, 7);
@@ -166,8 +221,7 @@ namespace {
 
 // Loss through the whole chain: image -> encoder -> projector -> LM, masked CE on the text.
 template <class R>
-std::set<std::string> check_multimodal(R recipe) {
-  const auto c = tiny_multimodal();
+std::set<std::string> check_multimodal(R recipe, const sg::model::multimodal_config& c = tiny_multimodal()) {
   auto w = random_multimodal<D>(c, 11);
   auto images = random_tensor<D>({2, 8, 8, 3}, 12, 0.5);
   sg::model::multimodal_lm<D, R> mm(c, recipe);
@@ -219,6 +273,11 @@ TEST_CASE("multimodal: finite differences through image, projector and LM under 
   CHECK(count_prefix(sa, "language_model.model.layers.") == 8);
   CHECK(check_multimodal(sg::recipe::mlp_gate_up.on_layers(1, 1)).size() == 2);
   CHECK(check_multimodal(sg::recipe::frozen).empty());
+  // With the patch merger between encoder and projector.
+  auto merged = check_multimodal(sg::recipe::full, tiny_merged_multimodal());
+  CHECK(count_prefix(merged, "vision_tower.") == 4 + 2 * 9);
+  CHECK(count_prefix(merged, "multi_modal_projector.") == 4);
+  CHECK(count_prefix(merged, "language_model.") == 3 + 2 * 9);
 }
 
 TEST_CASE("multimodal: text-only rows, soft tokens, and generation from an image") {
@@ -383,4 +442,10 @@ TEST_CASE("multimodal: configuration errors name the mismatch") {
   c = tiny_multimodal();
   c.vision.patch_size = 3;
   CHECK_THROWS_WITH(c.validate(), Catch::Contains("image_size (8) is not a multiple of patch_size (3)"));
+  c = tiny_multimodal();
+  c.vision.merge = 3;
+  CHECK_THROWS_WITH(c.validate(), Catch::Contains("merge (3) must be positive and divide the patch grid (2)"));
+  c = tiny_merged_multimodal();
+  c.projector.in = 8;
+  CHECK_THROWS_WITH(c.validate(), Catch::Contains("the projector takes 8 features, the vision encoder gives 32"));
 }

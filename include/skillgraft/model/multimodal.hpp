@@ -38,15 +38,15 @@ struct multimodal_config {
   void validate() const {
     vision.validate();
     text.validate();
-    if (projector.in != vision.hidden())
+    if (projector.in != vision.out_features())
       throw std::invalid_argument("skillgraft: multimodal_config: the projector takes " + std::to_string(projector.in) +
-                                  " features, the vision encoder gives " + std::to_string(vision.hidden()));
+                                  " features, the vision encoder gives " + std::to_string(vision.out_features()));
     if (projector.out != text.hidden)
       throw std::invalid_argument("skillgraft: multimodal_config: the projector gives " + std::to_string(projector.out) +
                                   " features, the language model's hidden size is " + std::to_string(text.hidden));
     if (projector.intermediate <= 0) throw std::invalid_argument("skillgraft: multimodal_config: projector width must be positive");
-    if (vision.patches() >= text.max_seq)
-      throw std::invalid_argument("skillgraft: multimodal_config: " + std::to_string(vision.patches()) +
+    if (vision.tokens() >= text.max_seq)
+      throw std::invalid_argument("skillgraft: multimodal_config: " + std::to_string(vision.tokens()) +
                                   " image tokens leave no room in the LM's " + std::to_string(text.max_seq) + " positions");
   }
 };
@@ -159,7 +159,7 @@ class multimodal_lm {
   const lm_t& lm() const { return lm_; }
   const vision_t& vision() const { return vision_; }
   const typename lm_t::stack_t& stack() const { return lm_.stack(); }
-  int image_tokens() const { return config_.vision.patches(); }
+  int image_tokens() const { return config_.vision.tokens(); }
 
   grads_t make_grads(const weights_t& w) const {
     grads_t g;

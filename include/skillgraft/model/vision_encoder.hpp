@@ -6,10 +6,14 @@
 //
 //   forward   p = patches(image)              [batch, P, patch * patch * channels]
 //             x = p We^T + be + E_pos          [batch, P, hidden]
-//             y = rmsnorm(blocks(x); w_post)
+//             y = merge(rmsnorm(blocks(x); w_post))   [batch, P / m^2, m^2 * hidden]
 //   backward  (only when the vision group trains)
-//             dx = blocks'(rmsnorm'(dy));  dE_pos += sum_batch dx
+//             dx = blocks'(rmsnorm'(unmerge(dy)));  dE_pos += sum_batch dx
 //             dWe += dx^T p,  dbe += 1^T dx   (no gradient for the image itself)
+//
+// merge (m = vision_config::merge, Qwen2-VL's patch merger) concatenates the features of each
+// m x m block of neighbouring patches into one output token, so small patches can see fine
+// detail while the language model still gets few image tokens; m = 1 leaves them as they are.
 //
 // When the encoder is frozen it keeps nothing for backward and runs no backward: the
 // soft tokens it makes are inputs of the projector, not functions of any trainable tensor.
@@ -32,6 +36,7 @@ struct vision_config {
   int image_size = 32;  // square images, image_size x image_size pixels
   int patch_size = 8;   // square patches; image_size must be a multiple
   int channels = 3;     // RGB
+  int merge = 1;        // m x m neighbouring patches become one output token (grid must be a multiple)
   // The blocks: hidden size, heads, MLP width and depth. causal and rotary are forced off.
   decoder_config blocks = [] {
     decoder_config c;
@@ -51,6 +56,9 @@ struct vision_config {
   int patches() const { return grid() * grid(); }
   int patch_dim() const { return patch_size * patch_size * channels; }
   int hidden() const { return blocks.hidden; }
+  // What the encoder hands on: tokens() tokens of out_features() features each.
+  int tokens() const { return patches() / (merge * merge); }
+  int out_features() const { return hidden() * merge * merge; }
 
   void validate() const {
     auto fail = [](const std::string& m) { throw std::invalid_argument("skillgraft: vision_config: " + m); };
@@ -58,6 +66,9 @@ struct vision_config {
     if (image_size % patch_size != 0)
       fail("image_size (" + std::to_string(image_size) + ") is not a multiple of patch_size (" +
            std::to_string(patch_size) + ")");
+    if (merge <= 0 || grid() % merge != 0)
+      fail("merge (" + std::to_string(merge) + ") must be positive and divide the patch grid (" +
+           std::to_string(grid()) + ")");
     if (blocks.causal || blocks.rotary) fail("vision blocks must be bidirectional and rotary-free (causal = rotary = false)");
     blocks.validate();
   }
@@ -133,6 +144,37 @@ tensor<T> patchify(const tensor<T>& images, const vision_config& c, memory_use u
   return out;
 }
 
+// The patch merger: [batch, G*G, d] -> [batch, (G/m)^2, m*m*d]. Output token (Y, X) of the
+// merged grid is, in order, patches (m Y + i, m X + j) for i, j = 0..m-1 row-major: the same
+// order as Qwen2-VL's merger. unmerge_patches is its inverse (and its backward, a permutation).
+template <class T>
+tensor<T> merge_patches(const tensor<T>& y, const vision_config& c, bool inverse = false,
+                        memory_use use = memory_use::workspace) {
+  const std::size_t m = std::size_t(c.merge), G = std::size_t(c.grid()), Gm = G / m, d = std::size_t(c.hidden()),
+                    B = y.dim(0);
+  const shape_t expected = inverse ? shape_t{B, Gm * Gm, m * m * d} : shape_t{B, G * G, d};
+  if (!(y.shape() == expected))
+    throw std::invalid_argument("skillgraft: patch merger: input of shape " + y.shape().str() + ", expected " +
+                                expected.str());
+  tensor<T> out(inverse ? shape_t{B, G * G, d} : shape_t{B, Gm * Gm, m * m * d}, use);
+  for (std::size_t b = 0; b < B; ++b)
+    for (std::size_t gy = 0; gy < G; ++gy)
+      for (std::size_t gx = 0; gx < G; ++gx) {
+        const std::size_t patch = b * G * G + gy * G + gx;
+        const std::size_t token = b * Gm * Gm + (gy / m) * Gm + gx / m, slot = (gy % m) * m + gx % m;
+        const std::size_t merged = (token * m * m + slot) * d, single = patch * d;
+        if (inverse)
+          std::copy_n(y.data() + merged, d, out.data() + single);
+        else
+          std::copy_n(y.data() + single, d, out.data() + merged);
+      }
+  return out;
+}
+template <class T>
+tensor<T> unmerge_patches(const tensor<T>& dy, const vision_config& c, memory_use use = memory_use::workspace) {
+  return merge_patches(dy, c, true, use);
+}
+
 // The recipe of the encoder's blocks: every block tensor when the vision group trains.
 inline constexpr auto vision_block_recipe = trainable<proj::q, proj::k, proj::v, proj::o, proj::gate, proj::up,
                                                       proj::down, group::attn_norm, group::mlp_norm>;
@@ -179,7 +221,7 @@ class vision_encoder {
     return g;
   }
 
-  // images [batch, size, size, channels] -> [batch, patches, hidden]
+  // images [batch, size, size, channels] -> [batch, tokens, out_features]
   tensor<T> forward(const weights_t& w, const tensor<T>& images, saved_t& s) const {
     check_weights(w);
     s = saved_t{};
@@ -192,13 +234,20 @@ class vision_encoder {
     for (std::size_t l = 0; l < w.layers.size(); ++l) x = block().forward(w.layers[l], x, s.blocks.emplace_back());
     auto y = norm().forward(w.post_norm, x, s.norm);
     if constexpr (Train) s.x = std::move(p);
+    if (config_.merge > 1) return merge_patches(y, config_);
     return y;
   }
 
   // Adds the encoder's weight gradients into g (when it trains); returns an empty tensor.
   tensor<T> backward(const weights_t& w, const saved_t& s, const tensor<T>& dy, grads_t& g) const {
     if constexpr (Train) {
-      auto d = norm_t::backward_into(w.post_norm, s.norm, dy, &g.post_norm);
+      if (dy.rank() != 3 || dy.dim(1) != std::size_t(config_.tokens()) ||
+          dy.dim(2) != std::size_t(config_.out_features()))
+        throw std::invalid_argument("skillgraft: vision encoder backward: gradient of shape " + dy.shape().str() +
+                                    ", expected [batch, " + std::to_string(config_.tokens()) + ", " +
+                                    std::to_string(config_.out_features()) + "]");
+      auto d = config_.merge > 1 ? norm_t::backward_into(w.post_norm, s.norm, unmerge_patches(dy, config_), &g.post_norm)
+                                 : norm_t::backward_into(w.post_norm, s.norm, dy, &g.post_norm);
       for (std::size_t l = w.layers.size(); l-- > 0;) d = block().backward(w.layers[l], s.blocks[l], d, g.layers[l]);
       const std::size_t B = d.dim(0), Pd = d.dim(1) * d.dim(2);
       for (std::size_t b = 0; b < B; ++b)  // serial over the batch: a fixed summation order
