@@ -256,7 +256,7 @@ rp::settings reduced_settings(const std::string& name) {
   rp::settings s = rp::default_settings();
   auto& v = s.model.vision.blocks;
   v.hidden = 16, v.n_heads = 2, v.n_kv_heads = 2, v.head_dim = 8, v.intermediate = 24, v.n_layers = 1;
-  s.model.projector = {.in = 16, .intermediate = 24, .out = 32};
+  s.model.projector = {.in = s.model.vision.out_features(), .intermediate = 24, .out = 32};
   auto& t = s.model.text;
   t.hidden = 32, t.n_heads = 2, t.n_kv_heads = 1, t.head_dim = 16, t.intermediate = 48, t.n_layers = 2;
   s.pretrain_steps = 3, s.pretrain_batch = 8;

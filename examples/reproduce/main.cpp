@@ -2,12 +2,14 @@
 //
 //   reproduce [--full] [--methods llm,sa_proj,...] [--order birds,count,tissue,sign,clock]
 //             [--out DIR] [--checkpoint FILE] [--seed N] [--no-restrict] [--device cpu|cuda]
-//             [--pretrain-steps N] [--stage-steps N] [--stage-batch N] [--lr X] [--test-examples N]
+//             [--pretrain-steps N] [--pretrain-batch N] [--pretrain-lr X] [--pretrain-threads N]
+//             [--stage-steps N] [--stage-batch N] [--lr X] [--test-examples N]
 //             [--jobs N] [--threads N]
 //
 // Writes report.md, summary.csv, accuracy_<method>.csv, probe.csv, curves.csv and four SVG
 // pictures under --out (default reproduce-out/). The pretrained base model is cached there
 // as base.safetensors; a rerun with the same settings skips pretraining.
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
@@ -45,7 +47,9 @@ void usage() {
                "  --checkpoint FILE      base-model checkpoint (default DIR/base.safetensors)\n"
                "  --seed N               training-data and initialisation seed (default 1)\n"
                "  --no-restrict          free decoding everywhere (default: restricted where a task has a format)\n"
-               "  --pretrain-steps N --stage-steps N --stage-batch N --lr X --lora-lr X --test-examples N\n"
+               "  --pretrain-steps N --pretrain-batch N --pretrain-lr X\n"
+               "  --stage-steps N --stage-batch N --lr X --lora-lr X --test-examples N\n"
+               "  --pretrain-threads N   threads of the pretraining process (default: one per core)\n"
                "  --jobs N               methods run at once, each in its own process (default: one per core)\n"
                "  --threads N            threads inside each process (default 1; more than 1 runs methods in turn)\n"
                "  --device cpu|cuda      where to run (cuda needs the GPU backend)\n"
@@ -86,6 +90,12 @@ int main(int argc, char** argv) {
         s.restricted = false;
       } else if (a == "--pretrain-steps") {
         s.pretrain_steps = std::stoi(value());
+      } else if (a == "--pretrain-batch") {
+        s.pretrain_batch = std::stoi(value());
+      } else if (a == "--pretrain-lr") {
+        s.pretrain_lr = std::stod(value());
+      } else if (a == "--pretrain-threads") {
+        s.pretrain_threads = std::stoi(value());
       } else if (a == "--stage-steps") {
         s.stage_steps = std::stoi(value());
       } else if (a == "--stage-batch") {
@@ -113,6 +123,24 @@ int main(int argc, char** argv) {
         throw std::invalid_argument("unknown option '" + a + "' (see --help)");
       }
     }
+    auto positive = [](const char* opt, double v) {
+      if (!(v > 0) || !std::isfinite(v)) {
+        std::ostringstream o;
+        o << "option " << opt << " must be positive, got " << v;
+        throw std::invalid_argument(o.str());
+      }
+    };
+    positive("--pretrain-steps", s.pretrain_steps);
+    positive("--pretrain-batch", s.pretrain_batch);
+    positive("--pretrain-lr", s.pretrain_lr);
+    positive("--stage-steps", s.stage_steps);
+    positive("--stage-batch", s.stage_batch);
+    positive("--lr", s.lr);
+    positive("--lora-lr", s.lora_lr);
+    positive("--test-examples", s.test_examples);
+    if (s.threads < 1) throw std::invalid_argument("option --threads must be at least 1");
+    if (s.jobs < 0 || s.pretrain_threads < 0)
+      throw std::invalid_argument("options --jobs and --pretrain-threads must not be negative (0: one per core)");
     rp::progress prog(s.quiet);
     auto res = rp::run_pipeline(s, prog);
     std::cout << rp::summary_markdown(res.summaries) << "\nreport: " << (s.out / "report.md").string() << "  (whole run "

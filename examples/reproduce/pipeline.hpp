@@ -92,6 +92,27 @@ inline method_result deserialize(const std::string& text) {
   return r;
 }
 
+// Forks a child that runs body() and exits with its code (2, after printing what failed,
+// when it throws); returns the child's pid to the parent.
+template <class Body>
+pid_t fork_child(const std::string& what, Body&& body) {
+  std::fflush(nullptr);
+  const pid_t pid = ::fork();
+  if (pid < 0) throw std::system_error(errno, std::generic_category(), "reproduce: fork");
+  if (pid == 0) {
+    int code = 0;
+    try {
+      code = body();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "reproduce: %s: %s\n", what.c_str(), e.what());
+      code = 2;
+    }
+    std::fflush(nullptr);
+    ::_exit(code);
+  }
+  return pid;
+}
+
 // Runs each method in a forked worker, at most `jobs` at a time, in list order; returns the
 // results in list order. A worker that fails makes the whole call throw, naming the method.
 template <class Run>
@@ -112,24 +133,13 @@ std::vector<method_result> run_in_workers(const std::vector<std::string>& method
   for (std::size_t i = 0; i < methods.size(); ++i) {
     while (int(running.size()) >= jobs) reap();
     files[i] = dir / (".worker_" + methods[i] + "_" + std::to_string(::getpid()) + ".txt");
-    std::fflush(nullptr);
-    const pid_t pid = ::fork();
-    if (pid < 0) throw std::system_error(errno, std::generic_category(), "reproduce: fork");
-    if (pid == 0) {
-      int code = 0;
-      try {
-        const auto text = serialize(run(methods[i]));
-        std::ofstream out(files[i]);
-        out << text;
-        out.close();
-        if (!out) code = 3;
-      } catch (const std::exception& e) {
-        std::fprintf(stderr, "reproduce: %s: %s\n", methods[i].c_str(), e.what());
-        code = 2;
-      }
-      std::fflush(nullptr);
-      ::_exit(code);
-    }
+    const pid_t pid = fork_child(methods[i], [&] {
+      const auto text = serialize(run(methods[i]));
+      std::ofstream out(files[i]);
+      out << text;
+      out.close();
+      return out ? 0 : 3;
+    });
     running[pid] = i;
   }
   while (!running.empty()) reap();
@@ -143,6 +153,29 @@ std::vector<method_result> run_in_workers(const std::vector<std::string>& method
     std::filesystem::remove(f);
   }
   return out;
+}
+
+// Pretrains the base model in a child process with settings.pretrain_threads threads and
+// saves it as the checkpoint. The parent never starts an OpenMP thread pool (a pool does not
+// survive fork), so it can still run one single-threaded worker per core afterwards, while
+// the pretraining, one long run of one model, uses every core.
+inline void pretrain_in_child(const settings& s, const run_data& d, const std::string& fp, progress& prog) {
+  const int threads =
+      s.pretrain_threads > 0 ? s.pretrain_threads : int(std::max(1u, std::thread::hardware_concurrency()));
+  const pid_t pid = fork_child("pretraining", [&] {
+#ifdef _OPENMP
+    omp_set_num_threads(threads);
+#endif
+    Eigen::setNbThreads(threads);
+    weights_t w(s.model);
+    pretrain(w, s, d, prog);
+    save_checkpoint(w, s.checkpoint_path(), fp);
+    return 0;
+  });
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0)
+    if (errno != EINTR) throw std::system_error(errno, std::generic_category(), "reproduce: waitpid");
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) throw std::runtime_error("reproduce: pretraining failed");
 }
 
 inline pipeline_result run_pipeline(const settings& s, progress& prog) {
@@ -165,9 +198,10 @@ inline pipeline_result run_pipeline(const settings& s, progress& prog) {
     prog.note("base model: loaded " + s.checkpoint_path().string() + " (delete it to pretrain again)");
   } else {
     const auto t0 = clock::now();
-    pretrain(base, s, d, prog);
+    pretrain_in_child(s, d, fp, prog);
     res.pretrain_seconds = std::chrono::duration<double>(clock::now() - t0).count();
-    save_checkpoint(base, s.checkpoint_path(), fp);
+    if (!load_checkpoint(base, s.checkpoint_path(), fp))
+      throw std::runtime_error("reproduce: pretraining did not leave a readable " + s.checkpoint_path().string());
     res.pretrained = true;
     prog.note("base model: pretrained in " + fmt(res.pretrain_seconds) + " s, saved to " + s.checkpoint_path().string());
   }
