@@ -241,13 +241,12 @@ class vision_encoder {
   // Adds the encoder's weight gradients into g (when it trains); returns an empty tensor.
   tensor<T> backward(const weights_t& w, const saved_t& s, const tensor<T>& dy, grads_t& g) const {
     if constexpr (Train) {
-      if (dy.rank() != 3 || dy.dim(1) != std::size_t(config_.tokens()) ||
-          dy.dim(2) != std::size_t(config_.out_features()))
-        throw std::invalid_argument("skillgraft: vision encoder backward: gradient of shape " + dy.shape().str() +
-                                    ", expected [batch, " + std::to_string(config_.tokens()) + ", " +
-                                    std::to_string(config_.out_features()) + "]");
-      auto d = config_.merge > 1 ? norm_t::backward_into(w.post_norm, s.norm, unmerge_patches(dy, config_), &g.post_norm)
-                                 : norm_t::backward_into(w.post_norm, s.norm, dy, &g.post_norm);
+      const std::size_t batch = dy.rank() > 0 ? dy.dim(0) : 0;
+      cpu::expect_shape(dy, {batch, std::size_t(config_.tokens()), std::size_t(config_.out_features())},
+                        "the vision encoder's output gradient");
+      tensor<T> unmerged;  // only with a merger: the gradient back in patch order
+      const tensor<T>& dn = config_.merge > 1 ? (unmerged = unmerge_patches(dy, config_)) : dy;
+      auto d = norm_t::backward_into(w.post_norm, s.norm, dn, &g.post_norm);
       for (std::size_t l = w.layers.size(); l-- > 0;) d = block().backward(w.layers[l], s.blocks[l], d, g.layers[l]);
       const std::size_t B = d.dim(0), Pd = d.dim(1) * d.dim(2);
       for (std::size_t b = 0; b < B; ++b)  // serial over the batch: a fixed summation order
