@@ -4,6 +4,7 @@
 // the recipes' names; train_step driving the multimodal model with frozen parts untouched;
 // a mixture of experts on the LM's MLP grown from the dense model.
 #include "support/gradcheck.hpp"
+#include "support/random_multimodal.hpp"
 
 #include <array>
 #include <cstring>
@@ -21,55 +22,12 @@ using sg::token_ids;
 using sg::test::gradcheck;
 using sg::test::random_tensor;
 using D = double;
+using sg::test::random_multimodal;
+using sg::test::tiny_merged_multimodal;
+using sg::test::tiny_multimodal;
+using sg::test::vit_blocks;
 
 namespace {
-
-sg::decoder_config vit_blocks() {
-  auto c = sg::test::tiny_config(false, 2);
-  c.hidden = 8;
-  c.n_heads = 2;
-  c.n_kv_heads = 1;  // grouped heads in the encoder too
-  c.head_dim = 4;
-  c.intermediate = 12;
-  c.causal = false;
-  c.rotary = false;
-  return c;
-}
-
-sg::model::multimodal_config tiny_multimodal() {
-  sg::model::multimodal_config c;
-  c.vision.image_size = 8;
-  c.vision.patch_size = 4;
-  c.vision.channels = 3;
-  c.vision.blocks = vit_blocks();
-  c.projector = {.in = 8, .intermediate = 10, .out = 16};
-  c.text = sg::test::tiny_config(false, 2);
-  c.text.vocab_size = 13;
-  c.text.max_seq = 16;
-  return c;
-}
-
-// The same model with 2x2 patches on the 8x8 image (a 4x4 grid) merged 2x2 into 4 image tokens.
-sg::model::multimodal_config tiny_merged_multimodal() {
-  auto c = tiny_multimodal();
-  c.vision.patch_size = 2;
-  c.vision.merge = 2;
-  c.vision.blocks.max_seq = 16;
-  c.projector.in = c.vision.out_features();  // 4 x 8
-  return c;
-}
-
-template <class T>
-sg::model::multimodal_weights<T> random_multimodal(const sg::model::multimodal_config& c, unsigned seed) {
-  sg::model::multimodal_weights<T> w(c);
-  std::mt19937 rng(seed);
-  // Larger than a training init so that every path carries a visible gradient.
-  sg::model::for_each_multimodal_parameter(w, [&](const std::string& name, sg::cpu::tensor<T>& t) {
-    const bool norm = name.find("norm") != std::string::npos;
-    sg::test::fill_normal(t, rng, norm ? 1.0 : 0.0, norm ? 0.1 : 1.0 / std::sqrt(double(t.shape().last())));
-  });
-  return w;
-}
 
 const token_ids ids = {{1, 5, 7, 2, 11}, {3, 3, 12, 0, 4}};
 

@@ -83,6 +83,10 @@ struct settings {
   // Pretraining is one long run of one model: it runs in a process of its own with this many
   // threads (0: one per hardware thread), so that the methods' workers can still be forked.
   int pretrain_threads = 0;
+  // Where pretraining and the plain recipes train: "cpu", or "cuda" in a program built with
+  // SKILLGRAFT_REPRODUCE_CUDA (device_cuda.hpp). Evaluation and the probes always run on the
+  // CPU, on weights copied back after each stage; LwF, LoRA and MoE train on the CPU.
+  std::string device = "cpu";
 
   std::filesystem::path checkpoint_path() const { return checkpoint.empty() ? out / "base.safetensors" : checkpoint; }
 };
@@ -354,37 +358,49 @@ std::vector<double> evaluate_all(const basic_evaluator<Mlp>& ev, const weights_t
 
 // The base model: every parameter trains on the eight general abilities and the text-only
 // number sequences (what an LLM knows about numbers before it sees images), mixed uniformly.
-inline void pretrain(weights_t& w, const settings& s, const run_data& d, progress& prog) {
-  model::init_weights(w, s.seed);
-  using full_t = std::remove_cv_t<decltype(recipe::full)>;
-  model::multimodal_lm<float, full_t> mm(w.config, recipe::full);
-  auto g = mm.make_grads(w);
-  train::adamw<float> opt(mm, w, g, {.lr = s.pretrain_lr, .weight_decay = 0.01});
-  const train::cosine_schedule sched{.peak = s.pretrain_lr,
-                                     .floor = 0.1 * s.pretrain_lr,
-                                     .warmup = std::max(1, s.pretrain_steps / 20),
-                                     .total = s.pretrain_steps};
+// `step(batches)` runs one optimisation step on the encoded micro-batches (images first, then
+// text-only rows) wherever the model lives; the data and its order are the same everywhere.
+template <class Step>
+void pretrain_loop(const settings& s, const run_data& d, int image_tokens, progress& prog, Step&& step) {
   std::vector<example_stream> streams;
   const auto extra = pretraining_only_tasks();
   for (const auto& t : d.general) streams.emplace_back(t, train_seed(s.seed, t.name, 1000));
   for (const auto& t : extra) streams.emplace_back(t, train_seed(s.seed, t.name, 1000));
   std::mt19937_64 mix(s.seed ^ 0x6d6978ull);
   prog.begin("pretrain", s.pretrain_steps);
-  for (int step = 0; step < s.pretrain_steps; ++step) {
+  for (int n = 0; n < s.pretrain_steps; ++n) {
     std::vector<example> rows;
     for (int b = 0; b < s.pretrain_batch; ++b)
       rows.push_back(streams[std::size_t(gen::uniform(mix, 0, int(streams.size()) - 1))].next());
     std::vector<const example*> img, txt;
     for (const auto& e : rows) (e.has_image ? img : txt).push_back(&e);
     std::vector<encoded_batch> enc;
-    if (!img.empty()) enc.push_back(encode_for_training(d.tok, img, mm.image_tokens()));
-    if (!txt.empty()) enc.push_back(encode_for_training(d.tok, txt, mm.image_tokens()));
-    std::vector<train::micro_batch<float>> mbs;
-    for (auto& e : enc) mbs.push_back({e.ids, e.targets, e.images.empty() ? nullptr : &e.images});
-    auto st = train::train_step(mm, w, g, opt, sched, std::span<const train::micro_batch<float>>(mbs));
-    prog.step(step + 1, st.loss);
+    if (!img.empty()) enc.push_back(encode_for_training(d.tok, img, image_tokens));
+    if (!txt.empty()) enc.push_back(encode_for_training(d.tok, txt, image_tokens));
+    const train::step_stats st = step(enc);
+    prog.step(n + 1, st.loss);
   }
   prog.end();
+}
+
+using full_t = std::remove_cv_t<decltype(recipe::full)>;
+
+inline train::cosine_schedule pretrain_schedule(const settings& s) {
+  return {.peak = s.pretrain_lr, .floor = 0.1 * s.pretrain_lr, .warmup = std::max(1, s.pretrain_steps / 20),
+          .total = s.pretrain_steps};
+}
+
+inline void pretrain(weights_t& w, const settings& s, const run_data& d, progress& prog) {
+  model::init_weights(w, s.seed);
+  model::multimodal_lm<float, full_t> mm(w.config, recipe::full);
+  auto g = mm.make_grads(w);
+  train::adamw<float> opt(mm, w, g, {.lr = s.pretrain_lr, .weight_decay = 0.01});
+  const auto sched = pretrain_schedule(s);
+  pretrain_loop(s, d, mm.image_tokens(), prog, [&](const std::vector<encoded_batch>& enc) {
+    std::vector<train::micro_batch<float>> mbs;
+    for (const auto& e : enc) mbs.push_back({e.ids, e.targets, e.images.empty() ? nullptr : &e.images});
+    return train::train_step(mm, w, g, opt, sched, std::span<const train::micro_batch<float>>(mbs));
+  });
 }
 
 // --- fine-tuning methods -----------------------------------------------------------------
@@ -406,6 +422,7 @@ struct method_result {
   std::size_t trainable = 0;           // trainable elements
   std::vector<probe_point> probes;     // during the counting stage, and after every stage
   std::vector<double> final_loss;      // last training loss of each stage
+  std::string device = "cpu";          // where it trained (peak_bytes are that device's)
 };
 
 // LwF's objective for the multimodal model: the teacher (the model before this stage) sees
@@ -438,16 +455,60 @@ inline std::vector<int> probe_steps(int stage_steps) {
   return v;
 }
 
-template <class R, class Mlp = nn::default_mlp>
+// The optimisation of one stage on the CPU: gradients and AdamW over the host weights
+// (the optimizer state starts afresh each stage, for every method), and LwF's teacher.
+// device_cuda.hpp has the same interface for the GPU (cuda_stage).
+template <class R, class Mlp>
+class cpu_stage {
+ public:
+  using model_t = model::multimodal_lm<float, R, backend::cpu, Mlp>;
+  static constexpr const char* device = "cpu";
+  static memory_ledger& meter() { return ledger(); }
+
+  cpu_stage(R, const model_t& mm, weights_t& w, double lr, method_kind kind, const settings& s)
+      : mm_(mm), w_(w), g_(mm.make_grads(w)), opt_(mm, w, g_, {.lr = lr, .weight_decay = 0.0}), kind_(kind), s_(s) {
+    if (kind == method_kind::lwf) teach_.emplace(mm.lm(), w.lm);
+  }
+  std::size_t trainable() {
+    std::size_t n = 0;
+    mm_.for_each_trainable(w_, g_, [&](const std::string&, auto& p, auto&) { n += p.size(); });
+    return n;
+  }
+  train::step_stats step(const encoded_batch& enc, const train::cosine_schedule& sched) {
+    train::micro_batch<float> mb{enc.ids, enc.targets, enc.images.empty() ? nullptr : &enc.images};
+    if constexpr (!R::template trains<group::vision> && !R::template trains<group::projector>) {
+      if (kind_ == method_kind::lwf) {
+        multimodal_lwf_objective obj{&*teach_, {.lambda = s_.lwf_lambda, .temperature = s_.lwf_temperature}};
+        return train::train_step(mm_, w_, g_, opt_, sched, std::span(&mb, 1), {}, obj);
+      }
+    }
+    return train::train_step(mm_, w_, g_, opt_, sched, std::span(&mb, 1));
+  }
+  void sync(weights_t&) const {}  // the host weights are the ones that train
+
+ private:
+  const model_t& mm_;
+  weights_t& w_;
+  typename model_t::grads_t g_;
+  train::adamw<float> opt_;
+  method_kind kind_;
+  const settings& s_;
+  std::optional<cl::teacher<float>> teach_;
+};
+
+template <class R, class Mlp = nn::default_mlp, template <class, class> class Stage = cpu_stage>
 method_result run_recipe(const std::string& name, R recipe, method_kind kind, const settings& s, const weights_t& base,
                          const std::vector<double>& base_row, const probe_value& base_probe, const run_data& d,
                          progress& prog) {
   using clock = std::chrono::steady_clock;
   using model_t = model::multimodal_lm<float, R, backend::cpu, Mlp>;
+  using stage_t = Stage<R, Mlp>;
   constexpr bool mixture = std::is_same_v<typename Mlp::options, nn::moe_options>;
   method_result res;
   res.name = name;
-  const std::int64_t before = ledger().live_total();  // what the method did not allocate
+  res.device = stage_t::device;
+  memory_ledger& meter = stage_t::meter();
+  const std::int64_t before = meter.live_total();  // what the method did not allocate
   auto cfg = base.config;
   if (kind == method_kind::lora) cfg.text.lora_rank = s.lora_rank, cfg.text.lora_alpha = 2.0 * s.lora_rank;
   weights_t w(cfg);
@@ -455,7 +516,7 @@ method_result run_recipe(const std::string& name, R recipe, method_kind kind, co
   res.R.push_back(base_row);
   res.probes.push_back({0, 0, base_probe.number_mass, base_probe.with_number, base_probe.kl});
   std::optional<cl::running_average<float>> average;
-  std::int64_t peak = ledger().live_total();
+  std::int64_t peak = meter.live_total();
   const double lr = kind == method_kind::lora ? s.lora_lr : s.lr;
   for (std::size_t k = 0; k < d.targets.size(); ++k) {
     const auto& target = d.targets[k];
@@ -469,50 +530,38 @@ method_result run_recipe(const std::string& name, R recipe, method_kind kind, co
     if (kind == method_kind::wise_ft && k == 0) average.emplace(mm.lm(), w.lm, s.wise_beta);
     if (kind == method_kind::lora) cl::attach_lora(mm.lm(), w.lm, {.rank = s.lora_rank, .alpha = 2.0 * s.lora_rank, .seed = s.seed + k});
     {
-      auto g = mm.make_grads(w);
-      if (k == 0) mm.for_each_trainable(w, g, [&](const std::string&, auto& p, auto&) { res.trainable += p.size(); });
-      train::adamw<float> opt(mm, w, g, {.lr = lr, .weight_decay = 0.0});
+      stage_t stage(recipe, mm, w, lr, kind, s);
+      if (k == 0) res.trainable = stage.trainable();
       const train::cosine_schedule sched{
           .peak = lr, .floor = 0.1 * lr, .warmup = std::max(1, s.stage_steps / 10), .total = s.stage_steps};
-      std::optional<cl::teacher<float>> teach;
-      if (kind == method_kind::lwf) teach.emplace(mm.lm(), w.lm);
       example_stream stream(target, train_seed(s.seed, target.name, int(k)));
       const auto probes = probe_steps(s.stage_steps);
       prog.begin(name + " " + std::to_string(k + 1) + "/" + std::to_string(d.targets.size()) + " " + target.name,
                  s.stage_steps);
       double loss = 0;
-      ledger().reset_peaks();  // the peak of training alone (evaluation and probes excluded)
+      meter.reset_peaks();  // the peak of training alone (evaluation and probes excluded)
       for (int step = 0; step < s.stage_steps; ++step) {
         std::vector<example> rows;
         for (int b = 0; b < s.stage_batch; ++b) rows.push_back(stream.next());
         std::vector<const example*> ptrs;
         for (const auto& e : rows) ptrs.push_back(&e);
-        auto enc = encode_for_training(d.tok, ptrs, mm.image_tokens());
-        train::micro_batch<float> mb{enc.ids, enc.targets, enc.images.empty() ? nullptr : &enc.images};
+        const auto enc = encode_for_training(d.tok, ptrs, mm.image_tokens());
         const auto t0 = clock::now();
-        train::step_stats st;
-        if constexpr (!R::template trains<group::vision> && !R::template trains<group::projector>) {
-          if (kind == method_kind::lwf) {
-            multimodal_lwf_objective obj{&*teach, {.lambda = s.lwf_lambda, .temperature = s.lwf_temperature}};
-            st = train::train_step(mm, w, g, opt, sched, std::span(&mb, 1), {}, obj);
-          } else {
-            st = train::train_step(mm, w, g, opt, sched, std::span(&mb, 1));
-          }
-        } else {
-          st = train::train_step(mm, w, g, opt, sched, std::span(&mb, 1));
-        }
+        const train::step_stats st = stage.step(enc, sched);
         res.train_seconds += std::chrono::duration<double>(clock::now() - t0).count();
-        peak = std::max(peak, ledger().peak_total());
+        peak = std::max(peak, meter.peak_total());
         loss = st.loss;
         prog.step(step + 1, st.loss);
         if (target.name == "count" && std::find(probes.begin(), probes.end(), step + 1) != probes.end()) {
           const auto t1 = clock::now();
+          stage.sync(w);
           const auto pv = ev.counting_bias(w, d.probe, base);
           res.probes.push_back({int(k + 1), step + 1, pv.number_mass, pv.with_number, pv.kl});
           res.eval_seconds += std::chrono::duration<double>(clock::now() - t1).count();
-          ledger().reset_peaks();
+          meter.reset_peaks();
         }
       }
+      stage.sync(w);
       res.final_loss.push_back(loss);
       prog.end();
     }
@@ -602,5 +651,26 @@ inline method_result run_method(const std::string& m, const settings& s, const w
   r.recipe = method_description(m);
   return r;
 }
+
+// --- the GPU ------------------------------------------------------------------------------
+
+// The methods that train on the GPU with --device cuda: the plain recipes and WiSE-FT (its
+// averaging is a host step between stages). LwF, LoRA and MoE rest on library parts that are
+// CPU-only for now (the teacher, adapters, mixtures: docs/gpu.md), so they train on the CPU.
+inline bool trains_on_device(const std::string& m) { return m != "lwf" && m != "lora" && m != "moe"; }
+
+#ifdef SKILLGRAFT_REPRODUCE_CUDA
+inline constexpr bool built_with_cuda = true;
+// device_cuda.cu (nvcc): pretrain and run_method with the training on the GPU.
+// cuda_device_ready says why not when there is no usable device; call it in a process that
+// will not fork afterwards (a CUDA context does not survive fork).
+bool cuda_device_ready(std::string& why);
+void pretrain_cuda(weights_t& w, const settings& s, const run_data& d, progress& prog);
+method_result run_method_cuda(const std::string& m, const settings& s, const weights_t& base,
+                              const std::vector<double>& base_row, const probe_value& base_probe, const run_data& d,
+                              progress& prog);
+#else
+inline constexpr bool built_with_cuda = false;
+#endif
 
 }  // namespace skillgraft::reproduce

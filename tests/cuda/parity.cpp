@@ -25,51 +25,21 @@
 #include "skillgraft/policy/dispatch.hpp"
 #include "skillgraft/train/cuda/step.hpp"
 #include "skillgraft/train/schedule.hpp"
+#include "check.hpp"
 #include "support/random.hpp"
 
 namespace sg = skillgraft;
 using sg::memory_use;
 namespace dev = sg::cuda;
+using sg::test::check_close;
+using sg::test::check_gradients;
+using sg::test::ledger_probe;
+using sg::test::rel;
 
 // Callable from a main() compiled without the CUDA headers (main_device.cpp).
 bool skillgraft_test_device_available() { return dev::device_available(); }
 
 namespace {
-
-// Tolerance of every comparison below: |device - cpu| <= rel * max|cpu| over the tensor.
-// Float GEMMs of length <= 1536 summed in another order, through three layers and back.
-constexpr double rel = 1e-4;
-
-template <class T>
-double max_abs(const sg::cpu::tensor<T>& t) {
-  double m = 0;
-  for (std::size_t i = 0; i < t.size(); ++i) m = std::max(m, std::abs(double(t[i])));
-  return m;
-}
-
-// The device tensor, downloaded, against the CPU one; the reference must not be all zeros
-// (a comparison of zeros with zeros would pass whatever the backend computes).
-template <class T>
-void check_close(const std::string& what, const dev::tensor<T>& d, const sg::cpu::tensor<T>& ref, double tol = rel) {
-  INFO(what << ": device " << d.shape().str() << ", cpu " << ref.shape().str());
-  REQUIRE(d.shape() == ref.shape());
-  const auto h = d.to_host();
-  const double scale = max_abs(ref);
-  REQUIRE(scale > 0);
-  double err = 0;
-  std::size_t at = 0;
-  for (std::size_t i = 0; i < h.size(); ++i)
-    if (const double e = std::abs(double(h[i]) - double(ref[i])); e > err) err = e, at = i;
-  INFO("max |device - cpu| = " << err << " at element " << at << ", max |cpu| = " << scale);
-  CHECK(err <= tol * scale);
-}
-
-struct ledger_probe {
-  std::int64_t start;
-  memory_use use;
-  explicit ledger_probe(memory_use u) : start(dev::device_ledger().live(u)), use(u) {}
-  std::int64_t delta() const { return dev::device_ledger().live(use) - start; }
-};
 
 // Recipes the parity tests walk: the paper's, and sets that exercise the other plans.
 const auto recipes = sg::hana::make_tuple(
@@ -103,22 +73,6 @@ static_assert(std::is_empty_v<cuda_block<frozen_r, true>::grads_t>);
 static_assert(std::is_same_v<decltype(sg::nn::grad<sg::proj::q, cuda_block<sa_r, false>>(
                                  std::declval<cuda_block<sa_r, false>::grads_t&>())),
                              sg::nn::cuda::linear_weights<float>&>);
-
-// Walks the device model's (name, gradient) pairs beside the CPU model's, in the same order.
-template <class CpuModel, class CpuW, class CpuG, class DevModel, class DevW, class DevG>
-std::size_t check_gradients(const CpuModel& cm, CpuW& cw, CpuG& cg, const DevModel& dm, DevW& dw, DevG& dg) {
-  std::vector<std::pair<std::string, const sg::cpu::tensor<float>*>> ref;
-  cm.for_each_trainable(cw, cg, [&](const std::string& n, auto&, auto& g) { ref.emplace_back(n, &g); });
-  std::size_t i = 0;
-  dm.for_each_trainable(dw, dg, [&](const std::string& n, auto&, auto& g) {
-    REQUIRE(i < ref.size());
-    CHECK(n == ref[i].first);
-    check_close("gradient of " + n, g, *ref[i].second);
-    ++i;
-  });
-  CHECK(i == ref.size());
-  return i;
-}
 
 template <class R, bool Dx>
 void block_parity(const sg::decoder_config& c, sg::seq_shape sh) {

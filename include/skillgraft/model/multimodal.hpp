@@ -18,6 +18,10 @@
 //
 // Mlp is the language model's MLP policy, as for decoder_lm (a mixture of experts grows
 // task by task on the LM); the vision encoder keeps its dense MLP whatever the policy.
+//
+// Backend picks where the three parts run: backend::cpu (this header) or backend::cuda
+// (include model/cuda/multimodal.hpp; weights in device memory, `cuda::multimodal_weights`,
+// images and soft tokens device tensors, the dense MLP only). The composition is the same code.
 #include <cmath>
 #include <random>
 #include <stdexcept>
@@ -121,16 +125,25 @@ void init_weights(multimodal_weights<T>& w, std::uint64_t seed, double stddev = 
   if (!w.config.text.tie_word_embeddings) normal(w.lm.lm_head, stddev);
 }
 
+// Where a backend keeps the model's weights: host memory here, device memory for backend::cuda
+// (model/cuda/multimodal.hpp specialises this).
+template <class T, class Backend>
+struct multimodal_weights_on {
+  using type = multimodal_weights<T>;
+};
+
 template <class T, class Recipe, class Backend = backend::cpu, class Mlp = nn::default_mlp>
 class multimodal_lm {
  public:
   using value_type = T;
   using recipe_type = Recipe;
-  using weights_t = multimodal_weights<T>;
+  using backend_type = Backend;
+  using tensor_t = typename Backend::template tensor<T>;
+  using weights_t = typename multimodal_weights_on<T, Backend>::type;
   static constexpr bool train_vision = trains_v<group::vision, Recipe>;
   static constexpr bool train_projector = trains_v<group::projector, Recipe>;
   using vision_t = vision_encoder<T, train_vision, Backend>;
-  using projector_t = projector<T, train_projector, train_vision>;
+  using projector_t = projector<T, train_projector, train_vision, Backend>;
   using lm_t = decoder_lm<T, Recipe, Backend, Mlp>;
   using mlp_policy = Mlp;
   using mlp_options_t = typename lm_t::mlp_options_t;
@@ -168,12 +181,12 @@ class multimodal_lm {
     g.lm = lm_.make_grads(w.lm);
     return g;
   }
-  tensor<T>* head_grad(grads_t& g) const { return lm_.head_grad(g.lm); }
+  tensor_t* head_grad(grads_t& g) const { return lm_.head_grad(g.lm); }
 
   // Soft tokens of an image batch, [batch, patches, text hidden] (nothing kept for backward).
-  tensor<T> soft_tokens(const weights_t& w, const tensor<T>& images) const {
+  tensor_t soft_tokens(const weights_t& w, const tensor_t& images) const {
     using frozen_vision = vision_encoder<T, false, Backend>;
-    using frozen_projector = projector<T, false, false>;
+    using frozen_projector = projector<T, false, false, Backend>;
     typename frozen_vision::saved_t vs;
     typename frozen_projector::saved_t ps;
     auto v = frozen_vision(config_.vision).forward(w.vision, images, vs);
@@ -181,7 +194,7 @@ class multimodal_lm {
   }
 
   // Final hidden states [batch, patches + seq, hidden] (patches = 0 without images).
-  tensor<T> forward(const weights_t& w, const token_ids& ids, saved_t& s, const tensor<T>* images = nullptr) const {
+  tensor_t forward(const weights_t& w, const token_ids& ids, saved_t& s, const tensor_t* images = nullptr) const {
     s = saved_t{};
     s.image = images && !images->empty();
     if (!s.image) return lm_.forward(w.lm, ids, s.lm, nullptr);
@@ -194,7 +207,7 @@ class multimodal_lm {
   }
 
   // Adds every trainable tensor's gradient into g; the image gets none.
-  void backward(const weights_t& w, const saved_t& s, const tensor<T>& dh, grads_t& g) const {
+  void backward(const weights_t& w, const saved_t& s, const tensor_t& dh, grads_t& g) const {
     auto dsoft = lm_.backward(w.lm, s.lm, dh, g.lm);
     if constexpr (projector_t::active) {
       if (!s.image) return;
@@ -208,7 +221,7 @@ class multimodal_lm {
   void for_each_trainable(weights_t& w, grads_t& g, F&& f) const {
     vision_t::for_each_trainable(w.vision, g.vision, f);
     projector_t::for_each_trainable(w.projector, g.projector, f);
-    lm_.for_each_trainable(w.lm, g.lm, [&](const std::string& n, tensor<T>& p, tensor<T>& dp) {
+    lm_.for_each_trainable(w.lm, g.lm, [&](const std::string& n, tensor_t& p, tensor_t& dp) {
       f("language_model." + n, p, dp);
     });
   }

@@ -14,6 +14,7 @@
 #include <numbers>
 #include <string>
 
+#include "skillgraft/backend/cpu/backend.hpp"
 #include "skillgraft/nn/linear.hpp"
 #include "skillgraft/nn/optional_member.hpp"
 
@@ -66,7 +67,8 @@ struct projector_grads {
   nn::linear_weights<T> linear_1, linear_2;
 };
 
-template <class T, bool Train, bool NeedsInputGrad>
+// Backend: backend::cpu here; model/cuda/projector.hpp specialises backend::cuda.
+template <class T, bool Train, bool NeedsInputGrad, class Backend = backend::cpu>
 struct projector {
   using value_type = T;
   using weights_t = projector_weights<T>;

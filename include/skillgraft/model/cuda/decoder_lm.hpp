@@ -105,6 +105,8 @@ class decoder_lm<T, Recipe, backend::cuda> {
   using value_type = T;
   using recipe_type = Recipe;
   using backend_type = backend::cuda;
+  using mlp_policy = nn::default_mlp;  // the dense SiLU MLP only, on this backend
+  using mlp_options_t = typename mlp_policy::options;
   using weights_t = cuda::lm_weights<T>;
   static constexpr bool train_embed = host_model::train_embed;
   static constexpr bool train_norm = host_model::train_norm;
@@ -129,7 +131,7 @@ class decoder_lm<T, Recipe, backend::cuda> {
     bool valid = false;
   };
 
-  decoder_lm(const decoder_config& c, layer_range range = {}) : config_(c), stack_(c, range) {
+  decoder_lm(const decoder_config& c, layer_range range = {}, const mlp_options_t& = {}) : config_(c), stack_(c, range) {
     static_assert(check_recipe());
     if (c.tie_word_embeddings && train_embed != train_head)
       throw std::invalid_argument(
@@ -137,9 +139,10 @@ class decoder_lm<T, Recipe, backend::cuda> {
           "(this one trains only " + std::string(train_embed ? "embed_tokens" : "lm_head") + ")");
   }
   template <class S>
-  decoder_lm(const decoder_config& c, trainable_set<S> r) : decoder_lm(c, r.layers) {}
+  decoder_lm(const decoder_config& c, trainable_set<S> r, const mlp_options_t& mlp = {}) : decoder_lm(c, r.layers, mlp) {}
 
   const decoder_config& config() const { return config_; }
+  const mlp_options_t& mlp_options() const { return mlp_options_; }
   const stack_t& stack() const { return stack_; }
 
   grads_t make_grads(const weights_t& w) const {
@@ -308,6 +311,7 @@ class decoder_lm<T, Recipe, backend::cuda> {
 
   decoder_config config_;
   stack_t stack_;
+  [[no_unique_address]] mlp_options_t mlp_options_{};
 };
 
 }  // namespace skillgraft::model
