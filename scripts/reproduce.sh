@@ -6,13 +6,26 @@
 # tuning method, and writes report.md, CSV files and SVG pictures.
 # The default run takes under 15 minutes on 2 cores; --full runs longer and closer to the paper.
 # Extra arguments go to the program (see --help), e.g. --methods sa_proj,mlp_gate_up,llm.
-# Usage: scripts/reproduce.sh [--out DIR] [--full] [reproduce options...]
+# With --device cuda the program is built with its GPU path (SKILLGRAFT_REPRODUCE_CUDA, nvcc
+# from the CUDA toolkit; GPU architecture: CUDAARCHS, default the local GPU's, "native").
+# Usage: scripts/reproduce.sh [--out DIR] [--full] [--device cpu|cuda] [reproduce options...]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build="$root/build-release"
 "$root/scripts/install-deps.sh"
+cuda=OFF
+prev=""
+for a in "$@"; do
+  if [[ "$prev" == "--device" && "$a" == "cuda" ]]; then cuda=ON; fi
+  prev="$a"
+done
+# Once on, the build keeps its GPU path (it runs --device cpu too): no rebuild when switching.
+cuda_flags=()
+if [[ $cuda == ON ]]; then
+  cuda_flags+=(-DSKILLGRAFT_REPRODUCE_CUDA=ON -DSKILLGRAFT_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${CUDAARCHS:-native}")
+fi
 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DSKILLGRAFT_NATIVE=ON \
-  -DSKILLGRAFT_BUILD_TESTS=OFF -DSKILLGRAFT_BUILD_BENCHMARKS=OFF -DSKILLGRAFT_BUILD_EXAMPLES=ON >/dev/null
+  -DSKILLGRAFT_BUILD_TESTS=OFF -DSKILLGRAFT_BUILD_BENCHMARKS=OFF -DSKILLGRAFT_BUILD_EXAMPLES=ON "${cuda_flags[@]}" >/dev/null
 cmake --build "$build" -j "$(nproc 2>/dev/null || echo 2)" --target reproduce
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc 2>/dev/null || echo 2)}"
 exec "$build/examples/reproduce/reproduce" "$@"

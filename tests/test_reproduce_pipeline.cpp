@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "../examples/reproduce/pipeline.hpp"
+#include "support/reduced_reproduction.hpp"
 
 namespace rp = skillgraft::reproduce;
 namespace sg = skillgraft;
@@ -251,26 +252,10 @@ std::string read(const std::filesystem::path& p) {
 }
 std::size_t lines(const std::string& s) { return std::size_t(std::count(s.begin(), s.end(), '\n')); }
 
-// A model small enough that a whole run takes seconds, writing under a fresh directory.
-rp::settings reduced_settings(const std::string& name) {
-  rp::settings s = rp::default_settings();
-  auto& v = s.model.vision.blocks;
-  v.hidden = 16, v.n_heads = 2, v.n_kv_heads = 2, v.head_dim = 8, v.intermediate = 24, v.n_layers = 1;
-  s.model.projector = {.in = s.model.vision.out_features(), .intermediate = 24, .out = 32};
-  auto& t = s.model.text;
-  t.hidden = 32, t.n_heads = 2, t.n_kv_heads = 1, t.head_dim = 16, t.intermediate = 48, t.n_layers = 2;
-  s.pretrain_steps = 3, s.pretrain_batch = 8;
-  s.stage_steps = 12, s.stage_batch = 4;
-  s.test_examples = 6, s.probe_examples = 4;
-  s.quiet = true;
-  s.out = std::filesystem::temp_directory_path() / ("skillgraft_reproduce_" + name + "_" + std::to_string(::getpid()));
-  std::filesystem::remove_all(s.out);
-  return s;
-}
 }  // namespace
 
 TEST_CASE("reduced pipeline: pretrain a few steps, one recipe, one target; outputs well formed; cache reused") {
-  rp::settings s = reduced_settings("test");
+  rp::settings s = sg::test::reduced_settings("test");
   s.order = {"count"};
   s.methods = {"sa_proj", "lora", "no_such_method"};
   s.jobs = 2;  // two worker processes
@@ -333,7 +318,7 @@ TEST_CASE("reduced pipeline: pretrain a few steps, one recipe, one target; outpu
 }
 
 TEST_CASE("reduced pipeline: the MoE baseline grows one expert per target and trains only it and the router") {
-  rp::settings s = reduced_settings("moe");
+  rp::settings s = sg::test::reduced_settings("moe");
   s.order = {"count", "birds"};
   s.methods = {"moe"};
   s.jobs = 1;

@@ -9,13 +9,17 @@
 // Writes report.md, summary.csv, accuracy_<method>.csv, probe.csv, curves.csv and four SVG
 // pictures under --out (default reproduce-out/). The pretrained base model is cached there
 // as base.safetensors; a rerun with the same settings skips pretraining.
+#include <charconv>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
 #include <iostream>
 #include <sstream>
 #include <string>
+#include <system_error>
+#include <type_traits>
 #include <vector>
 
 #include "pipeline.hpp"
@@ -52,7 +56,8 @@ void usage() {
                "  --pretrain-threads N   threads of the pretraining process (default: one per core)\n"
                "  --jobs N               methods run at once, each in its own process (default: one per core)\n"
                "  --threads N            threads inside each process (default 1; more than 1 runs methods in turn)\n"
-               "  --device cpu|cuda      where to run (cuda needs the GPU backend)\n"
+               "  --device cpu|cuda      where pretraining and the plain recipes train (cuda: a build with\n"
+               "                         SKILLGRAFT_REPRODUCE_CUDA; LwF, LoRA, MoE and evaluation stay on the CPU)\n"
                "  --quiet                no progress display\n";
 }
 
@@ -70,6 +75,18 @@ int main(int argc, char** argv) {
         if (i + 1 >= args.size()) throw std::invalid_argument("option " + a + " needs a value");
         return args[++i];
       };
+      // The whole value as a number of type N, or a message naming the option.
+      auto number = [&]<class N>(N) -> N {
+        const std::string v = value();
+        N x{};
+        const auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), x);
+        if (ec != std::errc{} || end != v.data() + v.size() || v.empty())
+          throw std::invalid_argument("option " + a + " needs " +
+                                      (std::is_integral_v<N> ? "an integer" : "a number") + ", got '" + v + "'");
+        return x;
+      };
+      auto integer = [&] { return number(int{}); };
+      auto real = [&] { return number(double{}); };
       if (a == "--help" || a == "-h") {
         usage();
         return 0;
@@ -85,40 +102,42 @@ int main(int argc, char** argv) {
       } else if (a == "--checkpoint") {
         s.checkpoint = value();
       } else if (a == "--seed") {
-        s.seed = std::stoull(value());
+        s.seed = number(std::uint64_t{});
       } else if (a == "--no-restrict") {
         s.restricted = false;
       } else if (a == "--pretrain-steps") {
-        s.pretrain_steps = std::stoi(value());
+        s.pretrain_steps = integer();
       } else if (a == "--pretrain-batch") {
-        s.pretrain_batch = std::stoi(value());
+        s.pretrain_batch = integer();
       } else if (a == "--pretrain-lr") {
-        s.pretrain_lr = std::stod(value());
+        s.pretrain_lr = real();
       } else if (a == "--pretrain-threads") {
-        s.pretrain_threads = std::stoi(value());
+        s.pretrain_threads = integer();
       } else if (a == "--stage-steps") {
-        s.stage_steps = std::stoi(value());
+        s.stage_steps = integer();
       } else if (a == "--stage-batch") {
-        s.stage_batch = std::stoi(value());
+        s.stage_batch = integer();
       } else if (a == "--lr") {
-        s.lr = std::stod(value());
+        s.lr = real();
       } else if (a == "--lora-lr") {
-        s.lora_lr = std::stod(value());
+        s.lora_lr = real();
       } else if (a == "--test-examples") {
-        s.test_examples = std::stoi(value());
+        s.test_examples = integer();
       } else if (a == "--threads") {
-        s.threads = std::stoi(value());
+        s.threads = integer();
       } else if (a == "--jobs") {
-        s.jobs = std::stoi(value());
+        s.jobs = integer();
       } else if (a == "--quiet") {
         s.quiet = true;
       } else if (a == "--device") {
-        const std::string d = value();
-        if (d == "cuda") {
-          std::cerr << "reproduce: not built with CUDA (the GPU backend is not part of this build); use --device cpu\n";
+        s.device = value();
+        if (s.device != "cpu" && s.device != "cuda")
+          throw std::invalid_argument("unknown device '" + s.device + "' (cpu or cuda)");
+        if (s.device == "cuda" && !rp::built_with_cuda) {
+          std::cerr << "reproduce: not built with CUDA (configure with -DSKILLGRAFT_REPRODUCE_CUDA=ON, or run "
+                       "scripts/reproduce.sh --device cuda, which does); use --device cpu\n";
           return 2;
         }
-        if (d != "cpu") throw std::invalid_argument("unknown device '" + d + "' (cpu or cuda)");
       } else {
         throw std::invalid_argument("unknown option '" + a + "' (see --help)");
       }

@@ -43,7 +43,8 @@ inline std::string serialize(const method_result& r) {
   std::ostringstream o;
   auto num = [](double x) { return cl::detail::csv_number(x); };
   o << "name " << r.name << "\ntrain_seconds " << num(r.train_seconds) << "\neval_seconds " << num(r.eval_seconds)
-    << "\npeak_bytes " << r.peak_bytes << "\ntrainable " << r.trainable << "\nfinal_loss " << r.final_loss.size();
+    << "\npeak_bytes " << r.peak_bytes << "\ntrainable " << r.trainable << "\ndevice " << r.device
+    << "\nfinal_loss " << r.final_loss.size();
   for (double l : r.final_loss) o << ' ' << num(l);
   o << "\nR " << r.R.size() << ' ' << (r.R.empty() ? 0 : r.R[0].size());
   for (const auto& row : r.R)
@@ -73,6 +74,8 @@ inline method_result deserialize(const std::string& text) {
   in >> r.peak_bytes;
   expect("trainable");
   in >> r.trainable;
+  expect("device");
+  in >> r.device;
   std::size_t n = 0, m = 0;
   expect("final_loss");
   in >> n;
@@ -168,7 +171,12 @@ inline void pretrain_in_child(const settings& s, const run_data& d, const std::s
 #endif
     Eigen::setNbThreads(threads);
     weights_t w(s.model);
+#ifdef SKILLGRAFT_REPRODUCE_CUDA
+    if (s.device == "cuda") pretrain_cuda(w, s, d, prog);
+    else pretrain(w, s, d, prog);
+#else
     pretrain(w, s, d, prog);
+#endif
     save_checkpoint(w, s.checkpoint_path(), fp);
     return 0;
   });
@@ -176,6 +184,44 @@ inline void pretrain_in_child(const settings& s, const run_data& d, const std::s
   while (::waitpid(pid, &status, 0) < 0)
     if (errno != EINTR) throw std::system_error(errno, std::generic_category(), "reproduce: waitpid");
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) throw std::runtime_error("reproduce: pretraining failed");
+}
+
+// Refuses --device cuda unless this program was built with the GPU backend and a device can
+// be used. The check runs in a child: the parent must not create a CUDA context, which would
+// not survive the forks that follow.
+inline void check_device(const settings& s) {
+  if (s.device == "cpu") return;
+  if (s.device != "cuda") throw std::invalid_argument("reproduce: unknown device '" + s.device + "' (cpu or cuda)");
+  if constexpr (!built_with_cuda) {
+    throw std::invalid_argument(
+        "reproduce: not built with CUDA (configure with -DSKILLGRAFT_REPRODUCE_CUDA=ON, or run scripts/reproduce.sh "
+        "--device cuda, which does); use --device cpu");
+  } else {
+#ifdef SKILLGRAFT_REPRODUCE_CUDA
+    const pid_t pid = fork_child("device check", [] {
+      std::string why;
+      if (cuda_device_ready(why)) return 0;
+      std::fprintf(stderr, "reproduce: --device cuda: %s\n", why.c_str());
+      return 4;
+    });
+    int status = 0;
+    while (::waitpid(pid, &status, 0) < 0)
+      if (errno != EINTR) throw std::system_error(errno, std::generic_category(), "reproduce: waitpid");
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+      throw std::runtime_error("reproduce: --device cuda: no usable CUDA device (see above); use --device cpu");
+#endif
+  }
+}
+
+// run_method on the settings' device: with --device cuda the plain recipes and WiSE-FT train on
+// the GPU, the others on the CPU.
+inline method_result run_method_on(const std::string& m, const settings& s, const weights_t& base,
+                                   const std::vector<double>& base_row, const probe_value& base_probe,
+                                   const run_data& d, progress& prog) {
+#ifdef SKILLGRAFT_REPRODUCE_CUDA
+  if (s.device == "cuda" && trains_on_device(m)) return run_method_cuda(m, s, base, base_row, base_probe, d, prog);
+#endif
+  return run_method(m, s, base, base_row, base_probe, d, prog);
 }
 
 inline pipeline_result run_pipeline(const settings& s, progress& prog) {
@@ -188,6 +234,7 @@ inline pipeline_result run_pipeline(const settings& s, progress& prog) {
   omp_set_num_threads(threads);
 #endif
   Eigen::setNbThreads(threads);
+  check_device(s);
   run_data d(s);
   if (s.model.text.vocab_size != d.tok.size())
     throw std::invalid_argument("reproduce: the model's vocabulary (" + std::to_string(s.model.text.vocab_size) +
@@ -226,7 +273,7 @@ inline pipeline_result run_pipeline(const settings& s, progress& prog) {
     r.recipe = method_description(r.name);
     cl::write_accuracy_csv(s.out / ("accuracy_" + r.name + ".csv"), matrix_of(r, d));
     auto sm = summarize(r, d);
-    prog.note(r.name + ": learning " + signed1(sm.learning) + ", held-out " + signed1(sm.heldout_final) + " (mean " +
+    prog.note(r.name + (r.device == "cpu" ? "" : " (" + r.device + ")") + ": learning " + signed1(sm.learning) + ", held-out " + signed1(sm.heldout_final) + " (mean " +
               signed1(sm.heldout_mean) + "), counting bias max " + fmt(sm.probe_max, "%.4f") + ", train " +
               fmt(sm.train_seconds) + " s, peak " + fmt(sm.peak_mib) + " MiB");
     res.methods.push_back(std::move(r));
@@ -238,13 +285,13 @@ inline pipeline_result run_pipeline(const settings& s, progress& prog) {
   // thread pool does not survive fork): with several threads per method, methods run in turn.
   if (threads > 1) jobs = 1;
   if (jobs <= 1) {
-    for (const auto& m : todo) finish(run_method(m, s, base, res.base_row, base_probe, d, prog));
+    for (const auto& m : todo) finish(run_method_on(m, s, base, res.base_row, base_probe, d, prog));
   } else {
     // Workers report progress line by line (no redrawing), each line naming its method.
     prog.note("running " + std::to_string(todo.size()) + " methods, " + std::to_string(jobs) + " at a time");
     auto results = run_in_workers(todo, jobs, s.out, [&](const std::string& m) {
       progress worker(s.quiet, /*redraw=*/false);
-      return run_method(m, s, base, res.base_row, base_probe, d, worker);
+      return run_method_on(m, s, base, res.base_row, base_probe, d, worker);
     });
     for (auto& r : results) finish(std::move(r));
   }
@@ -273,6 +320,13 @@ inline pipeline_result run_pipeline(const settings& s, progress& prog) {
   md += "learning: mean over targets of the gain right after its own stage; held-out Δ: mean change of the held-out "
         "tasks (negative = forgetting); counting bias: number-token mass on generated captions (base " +
         fmt(base_probe.number_mass, "%.4f") + ").\n\n";
+  if (s.device != "cpu") {
+    md += "Device: pretraining " + std::string(res.pretrained ? "on " + s.device : "loaded from the cache") +
+          "; training of each method on:";
+    for (const auto& r : res.methods) md += " " + r.name + " " + r.device + ",";
+    md.back() = '.';
+    md += " Evaluation and probes on the CPU; peak memory is the training device's.\n\n";
+  }
   for (const auto& r : res.methods) md += "## " + r.name + "\n\n```\n" + cl::accuracy_table(matrix_of(r, d)) + "```\n\n";
   if (!res.skipped.empty()) {
     md += "Not run (not available in this build):";

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdio>
 #include <string>
+#include <vector>
 
 namespace skillgraft::reproduce {
 
@@ -19,7 +20,11 @@ class progress {
     start_ = last_ = clock::now();
     quarter_ = 0;
   }
+  // Every step's loss is appended to *out from now on (tests compare two runs step by step).
+  void keep_losses(std::vector<double>* out) { losses_ = out; }
+
   void step(int done, double loss) {
+    if (losses_) losses_->push_back(loss);
     if (quiet_) return;
     const auto now = clock::now();
     if (tty_) {
@@ -57,6 +62,7 @@ class progress {
   std::string label_;
   int total_ = 0, quarter_ = 0;
   clock::time_point start_, last_;
+  std::vector<double>* losses_ = nullptr;
 };
 
 }  // namespace skillgraft::reproduce

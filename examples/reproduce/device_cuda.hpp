@@ -1,0 +1,97 @@
+#pragma once
+// The reproduction's training on the GPU (--device cuda): the same pretraining loop and the
+// same stage loop as on the CPU (experiment.hpp), with the step run by the CUDA backend.
+//
+//   stage start   upload the host weights;  gradients and AdamW state in device memory
+//   each step     encode on the host, upload the image batch, train::cuda::train_step
+//   probe / end   download the weights; evaluation and probes run on the CPU copy
+//
+// Included by device_cuda.cu (nvcc: Thrust on the GPU, cuBLAS) and, to test the logic
+// without a GPU, by a C++ file compiled with Thrust's host device system.
+#include <string>
+
+#include "experiment.hpp"
+#include "skillgraft/model/cuda/multimodal.hpp"
+#include "skillgraft/train/cuda/step.hpp"
+
+namespace skillgraft::reproduce {
+
+// One stage of a plain recipe on the GPU; the interface of cpu_stage (experiment.hpp).
+template <class R, class Mlp>
+class cuda_stage {
+  static_assert(std::is_same_v<Mlp, nn::default_mlp>, "the CUDA backend runs the dense MLP only");
+
+ public:
+  using host_model_t = model::multimodal_lm<float, R, backend::cpu, Mlp>;
+  using model_t = model::multimodal_lm<float, R, backend::cuda>;
+  static constexpr const char* device = "cuda";
+  static memory_ledger& meter() { return skillgraft::cuda::device_ledger(); }
+
+  cuda_stage(R recipe, const host_model_t&, weights_t& w, double lr, method_kind kind, const settings&)
+      : mm_(w.config, recipe),
+        w_(model::cuda::multimodal_weights<float>::upload(w)),
+        g_(mm_.make_grads(w_)),
+        opt_(mm_, w_, g_, {.lr = lr, .weight_decay = 0.0}) {
+    if (kind != method_kind::plain && kind != method_kind::wise_ft)
+      throw std::invalid_argument("reproduce: LwF and LoRA train on the CPU (their parts are CPU-only in the library)");
+  }
+  std::size_t trainable() { return mm_.trainable_elements(w_); }
+  train::step_stats step(const encoded_batch& enc, const train::cosine_schedule& sched) {
+    skillgraft::cuda::tensor<float> images;
+    if (!enc.images.empty()) images = skillgraft::cuda::tensor<float>::from_host(enc.images, memory_use::workspace);
+    train::cuda::micro_batch<float> mb{enc.ids, enc.targets, enc.images.empty() ? nullptr : &images};
+    return train::cuda::train_step(mm_, w_, g_, opt_, sched, std::span(&mb, 1));
+  }
+  void sync(weights_t& w) const { w_.download(w); }
+
+ private:
+  model_t mm_;
+  model::cuda::multimodal_weights<float> w_;
+  typename model_t::grads_t g_;
+  train::cuda::adamw<float> opt_;
+};
+
+// pretrain() with the steps on the GPU: the same initialisation, data, order and schedule.
+inline void pretrain_on_device(weights_t& w, const settings& s, const run_data& d, progress& prog) {
+  model::init_weights(w, s.seed);
+  model::multimodal_lm<float, full_t, backend::cuda> mm(w.config, recipe::full);
+  auto dw = model::cuda::multimodal_weights<float>::upload(w);
+  auto g = mm.make_grads(dw);
+  train::cuda::adamw<float> opt(mm, dw, g, {.lr = s.pretrain_lr, .weight_decay = 0.01});
+  const auto sched = pretrain_schedule(s);
+  pretrain_loop(s, d, mm.image_tokens(), prog, [&](const std::vector<encoded_batch>& enc) {
+    std::vector<skillgraft::cuda::tensor<float>> images;
+    images.reserve(enc.size());
+    std::vector<train::cuda::micro_batch<float>> mbs;
+    for (const auto& e : enc) {
+      images.emplace_back();
+      if (!e.images.empty()) images.back() = skillgraft::cuda::tensor<float>::from_host(e.images, memory_use::workspace);
+      mbs.push_back({e.ids, e.targets, e.images.empty() ? nullptr : &images.back()});
+    }
+    return train::cuda::train_step(mm, dw, g, opt, sched, std::span<const train::cuda::micro_batch<float>>(mbs));
+  });
+  dw.download(w);
+}
+
+// run_method() with the plain recipes and WiSE-FT training on the GPU.
+inline method_result run_method_on_device(const std::string& m, const settings& s, const weights_t& base,
+                                          const std::vector<double>& base_row, const probe_value& base_probe,
+                                          const run_data& d, progress& prog) {
+  if (!trains_on_device(m))
+    throw std::invalid_argument("reproduce: method '" + m + "' trains on the CPU (not on the CUDA backend)");
+  method_result r;
+  if (m == "wise_ft")
+    r = run_recipe<std::remove_cv_t<decltype(recipe::llm)>, nn::default_mlp, cuda_stage>(
+        m, recipe::llm, method_kind::wise_ft, s, base, base_row, base_probe, d, prog);
+  else if (!is_multimodal_recipe_name(m))
+    throw std::invalid_argument("reproduce: method '" + m + "' is not available in this build");
+  else
+    r = with_multimodal_recipe(m, [&](auto rc) {
+      return run_recipe<decltype(rc), nn::default_mlp, cuda_stage>(m, rc, method_kind::plain, s, base, base_row,
+                                                                    base_probe, d, prog);
+    });
+  r.recipe = method_description(m);
+  return r;
+}
+
+}  // namespace skillgraft::reproduce
