@@ -166,7 +166,9 @@ int main(int argc, char** argv) {
               << rp::fmt(res.total_seconds) << " s)\n";
     return 0;
   } catch (const std::exception& e) {
-    std::cerr << "reproduce: " << e.what() << "\n";
+    std::string what = e.what();
+    if (what.rfind("reproduce: ", 0) == 0) what.erase(0, 11);  // one prefix, not two
+    std::cerr << "reproduce: " << what << "\n";
     return 1;
   }
 }

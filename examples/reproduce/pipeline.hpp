@@ -228,13 +228,13 @@ inline pipeline_result run_pipeline(const settings& s, progress& prog) {
   using clock = std::chrono::steady_clock;
   const auto t_start = clock::now();
   pipeline_result res;
+  check_device(s);  // before anything is written
   std::filesystem::create_directories(s.out);
   const int threads = std::max(1, s.threads);
 #ifdef _OPENMP
   omp_set_num_threads(threads);
 #endif
   Eigen::setNbThreads(threads);
-  check_device(s);
   run_data d(s);
   if (s.model.text.vocab_size != d.tok.size())
     throw std::invalid_argument("reproduce: the model's vocabulary (" + std::to_string(s.model.text.vocab_size) +
