@@ -109,6 +109,19 @@ inline model::multimodal_config reference_model(int vocab) {
   return c;
 }
 
+// A wider or deeper vision encoder than the reference (--vision-hidden, --vision-layers):
+// heads of 16 features, MLP twice the width, the projector's input following.
+inline void resize_vision(model::multimodal_config& c, int hidden, int layers) {
+  if (hidden <= 0 || hidden % 16 != 0)
+    throw std::invalid_argument("reproduce: the vision width must be a positive multiple of 16, got " + std::to_string(hidden));
+  if (layers <= 0) throw std::invalid_argument("reproduce: the vision encoder needs at least one layer");
+  auto& v = c.vision.blocks;
+  v.hidden = hidden, v.n_heads = hidden / 16, v.n_kv_heads = hidden / 16, v.head_dim = 16, v.intermediate = 2 * hidden;
+  v.n_layers = layers;
+  c.projector.in = c.vision.out_features();
+  c.validate();
+}
+
 // The default run (under 15 minutes on 2 cores) and the longer, more faithful one.
 inline settings default_settings() {
   settings s;

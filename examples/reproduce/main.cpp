@@ -3,6 +3,7 @@
 //   reproduce [--full] [--methods llm,sa_proj,...] [--order birds,count,tissue,sign,clock]
 //             [--out DIR] [--checkpoint FILE] [--seed N] [--no-restrict] [--device cpu|cuda]
 //             [--pretrain-steps N] [--pretrain-batch N] [--pretrain-lr X] [--pretrain-threads N]
+//             [--vision-hidden N] [--vision-layers N]
 //             [--stage-steps N] [--stage-batch N] [--lr X] [--test-examples N]
 //             [--jobs N] [--threads N]
 //
@@ -54,6 +55,7 @@ void usage() {
                "  --pretrain-steps N --pretrain-batch N --pretrain-lr X\n"
                "  --stage-steps N --stage-batch N --lr X --lora-lr X --test-examples N\n"
                "  --pretrain-threads N   threads of the pretraining process (default: one per core)\n"
+               "  --vision-hidden N --vision-layers N   a wider/deeper vision encoder (default 64, 2)\n"
                "  --jobs N               methods run at once, each in its own process (default: one per core)\n"
                "  --threads N            threads inside each process (default 1; more than 1 runs methods in turn)\n"
                "  --device cpu|cuda      where pretraining and the plain recipes train (cuda: a build with\n"
@@ -69,6 +71,7 @@ int main(int argc, char** argv) {
     rp::settings s = rp::default_settings();
     for (const auto& a : args)
       if (a == "--full") s = rp::full_settings();
+    int vision_hidden = s.model.vision.blocks.hidden, vision_layers = s.model.vision.blocks.n_layers;
     for (std::size_t i = 0; i < args.size(); ++i) {
       const std::string& a = args[i];
       auto value = [&]() -> std::string {
@@ -127,6 +130,10 @@ int main(int argc, char** argv) {
         s.threads = integer();
       } else if (a == "--jobs") {
         s.jobs = integer();
+      } else if (a == "--vision-hidden") {
+        vision_hidden = integer();
+      } else if (a == "--vision-layers") {
+        vision_layers = integer();
       } else if (a == "--quiet") {
         s.quiet = true;
       } else if (a == "--device") {
@@ -160,6 +167,7 @@ int main(int argc, char** argv) {
     if (s.threads < 1) throw std::invalid_argument("option --threads must be at least 1");
     if (s.jobs < 0 || s.pretrain_threads < 0)
       throw std::invalid_argument("options --jobs and --pretrain-threads must not be negative (0: one per core)");
+    rp::resize_vision(s.model, vision_hidden, vision_layers);
     rp::progress prog(s.quiet);
     auto res = rp::run_pipeline(s, prog);
     std::cout << rp::summary_markdown(res.summaries) << "\nreport: " << (s.out / "report.md").string() << "  (whole run "
