@@ -41,7 +41,7 @@ std::string read(const std::filesystem::path& p) {
 
 }  // namespace
 
-TEST_CASE("--device cuda: pretraining on the device has the CPU's loss at every step and hands its weights back") {
+TEST_CASE("reproduction on the device: pretraining has the CPU's loss at every step and hands its weights back") {
   auto s = sg::test::reduced_settings("device_pretrain");
   s.pretrain_steps = 4;
   const rp::run_data d(s);
@@ -69,7 +69,7 @@ TEST_CASE("--device cuda: pretraining on the device has the CPU's loss at every 
   CHECK(squared_distance(on_device, on_cpu) <= 1e-4 * update);
 }
 
-TEST_CASE("--device cuda: a reduced run trains the plain recipes on the device with the CPU's losses; LwF on the CPU") {
+TEST_CASE("reproduction on the device: a reduced run trains the plain recipes with the CPU's losses, LwF on the CPU") {
   auto s = sg::test::reduced_settings("device_run");
   s.order = {"count", "clock"};
   s.methods = {"sa_proj", "full", "wise_ft", "lwf"};
