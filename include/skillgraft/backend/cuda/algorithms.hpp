@@ -104,12 +104,14 @@ SKILLGRAFT_HD inline bool is_finite(T x) {
   return x <= std::numeric_limits<T>::max() && x >= -std::numeric_limits<T>::max();
 }
 
-// exp, log, sqrt for float and double on either side.
+// exp, log, sqrt, erf for float and double on either side.
 SKILLGRAFT_HD inline float exp_(float x) { return expf(x); }
 SKILLGRAFT_HD inline double exp_(double x) { return exp(x); }
 SKILLGRAFT_HD inline float log_(float x) { return logf(x); }
 SKILLGRAFT_HD inline double log_(double x) { return log(x); }
 SKILLGRAFT_HD inline float sqrt_(float x) { return sqrtf(x); }
 SKILLGRAFT_HD inline double sqrt_(double x) { return sqrt(x); }
+SKILLGRAFT_HD inline float erf_(float x) { return erff(x); }
+SKILLGRAFT_HD inline double erf_(double x) { return erf(x); }
 
 }  // namespace skillgraft::cuda

@@ -44,17 +44,13 @@ struct projector_grads {
 };
 
 namespace kernels {
-// erf for float and double on either side of the bus.
-SKILLGRAFT_HD inline float erf_(float x) { return erff(x); }
-SKILLGRAFT_HD inline double erf_(double x) { return erf(x); }
-
 template <class T>
 struct gelu_of {  // g[i] = a[i] Phi(a[i])
   T* g;
   const T* a;
   SKILLGRAFT_HD void operator()(skillgraft::cuda::index_t i) const {
     const T x = a[i];
-    g[i] = T(0.5) * x * (T(1) + erf_(x * T(0.70710678118654752440)));
+    g[i] = T(0.5) * x * (T(1) + skillgraft::cuda::erf_(x * T(0.70710678118654752440)));
   }
 };
 template <class T>
@@ -63,7 +59,7 @@ struct times_gelu_grad {  // da[i] *= Phi(a[i]) + a[i] phi(a[i])
   const T* a;
   SKILLGRAFT_HD void operator()(skillgraft::cuda::index_t i) const {
     const T x = a[i];
-    const T Phi = T(0.5) * (T(1) + erf_(x * T(0.70710678118654752440)));
+    const T Phi = T(0.5) * (T(1) + skillgraft::cuda::erf_(x * T(0.70710678118654752440)));
     const T phi = T(0.39894228040143267794) * skillgraft::cuda::exp_(T(-0.5) * x * x);
     da[i] *= Phi + x * phi;
   }
