@@ -103,8 +103,8 @@ TEST_CASE("attention and MLP: every recipe, with and without input gradient") {
     sg::test::fill_block(w, rng);
     sg::hana::for_each(recipes_to_check, [&](auto r) {
       using R = decltype(r);
-      check_sub_layer(sg::nn::causal_attention<D, R, true>{c, &table}, w.self_attn, c);
-      check_sub_layer(sg::nn::causal_attention<D, R, false>{c, &table}, w.self_attn, c);
+      check_sub_layer(sg::nn::self_attention<D, R, true>{c, &table}, w.self_attn, c);
+      check_sub_layer(sg::nn::self_attention<D, R, false>{c, &table}, w.self_attn, c);
       check_sub_layer(sg::nn::swiglu_mlp<D, R, true>{c}, w.mlp, c);
       check_sub_layer(sg::nn::swiglu_mlp<D, R, false>{c}, w.mlp, c);
     });

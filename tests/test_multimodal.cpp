@@ -44,7 +44,7 @@ TEST_CASE("attention without causal mask and rotary embeddings: gradients") {
   auto x = random_tensor<D>({2, 5, 16}, 8);
   auto check = [&](auto recipe, auto dx) {
     using R = decltype(recipe);
-    sg::nn::causal_attention<D, R, decltype(dx)::value> attn{c, nullptr, 0};
+    sg::nn::self_attention<D, R, decltype(dx)::value> attn{c, nullptr, 0};
     gradcheck(attn, w, x);
   };
   check(sg::recipe::sa_proj, std::true_type{});
@@ -60,7 +60,7 @@ TEST_CASE("attention without mask or rotation sees every position and is permuta
   std::mt19937 rng(4);
   for (auto* l : {&w.q_proj, &w.k_proj, &w.v_proj, &w.o_proj}) sg::test::fill_linear(*l, rng);
   using frozen = std::remove_cv_t<decltype(sg::recipe::frozen)>;
-  sg::nn::causal_attention<D, frozen, false> attn{c, nullptr, 0};
+  sg::nn::self_attention<D, frozen, false> attn{c, nullptr, 0};
   decltype(attn)::saved_t s;
   auto x = random_tensor<D>({1, 4, 8}, 9);
   auto y = attn.forward(w, x, s);

@@ -99,7 +99,7 @@ void check_case(const golden_case& g, double tol) {
   typename decltype(norm)::saved_t ns;
   const auto h1 = norm.forward(w.attn_norm, x, ns);
   require_close(h1, load<T>(g, "attn_norm_out", {B, S, d}, sg::memory_use::workspace), tol, "attention norm");
-  sg::nn::causal_attention<T, R, false> attn{c, &table};
+  sg::nn::self_attention<T, R, false> attn{c, &table};
   typename decltype(attn)::saved_t as;
   auto h_mid = attn.forward(w.self_attn, h1, as);
   h_mid.vec() += x.vec();

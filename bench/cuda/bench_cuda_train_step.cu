@@ -19,7 +19,8 @@
 #include <string>
 #include <vector>
 
-#include "skillgraft/model/cuda/decoder_lm.hpp"
+#include "skillgraft/backend/cuda/backend.hpp"
+#include "skillgraft/model/decoder_lm.hpp"
 #include "skillgraft/nn/memory_report.hpp"
 #include "skillgraft/policy/dispatch.hpp"
 #include "skillgraft/train/cuda/step.hpp"
@@ -116,7 +117,7 @@ row run_recipe(const std::string& name, R recipe, const options& o, const sg::mo
   row r;
   r.name = name;
   {
-    auto w = sg::model::cuda::lm_weights<float>::upload(hw);
+    auto w = sg::model::to_backend<sg::backend::cuda>(hw);
     sg::model::decoder_lm<float, R, sg::backend::cuda> lm(config(), recipe);
     auto g = lm.make_grads(w);
     sg::train::cuda::adamw<float> opt(lm, w, g, {.lr = 1e-5});

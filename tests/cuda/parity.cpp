@@ -18,9 +18,10 @@
 #include <string>
 #include <vector>
 
-#include "skillgraft/model/cuda/decoder_lm.hpp"
+#include "skillgraft/backend/cuda/backend.hpp"
+#include "skillgraft/model/decoder_lm.hpp"
 #include "skillgraft/model/parameters.hpp"
-#include "skillgraft/nn/cuda/decoder_stack.hpp"
+#include "skillgraft/nn/backend_transfer.hpp"
 #include "skillgraft/nn/memory_report.hpp"
 #include "skillgraft/policy/dispatch.hpp"
 #include "skillgraft/train/cuda/step.hpp"
@@ -72,18 +73,20 @@ static_assert(has_gate_up<cuda_block<gate_up_r, false>::grads_t> && !has_down_pr
 static_assert(std::is_empty_v<cuda_block<frozen_r, true>::grads_t>);
 static_assert(std::is_same_v<decltype(sg::nn::grad<sg::proj::q, cuda_block<sa_r, false>>(
                                  std::declval<cuda_block<sa_r, false>::grads_t&>())),
-                             sg::nn::cuda::linear_weights<float>&>);
+                             sg::nn::linear_weights<float, sg::backend::cuda>&>);
 
-template <class R, bool Dx>
-void block_parity(const sg::decoder_config& c, sg::seq_shape sh) {
-  using cpu_t = sg::nn::decoder_block<float, std::remove_cvref_t<R>, Dx>;
-  using dev_t = sg::nn::decoder_block<float, std::remove_cvref_t<R>, Dx, sg::backend::cuda>;
+// The same block on both backends; `prepare` changes the host weights first (adapters, ranges).
+template <class R, bool Dx, class Mlp = sg::nn::default_mlp, class Prepare = void (*)(sg::nn::block_weights<float>&)>
+void block_parity(const sg::decoder_config& c, sg::seq_shape sh, Prepare prepare = [](sg::nn::block_weights<float>&) {}) {
+  using cpu_t = sg::nn::decoder_block<float, std::remove_cvref_t<R>, Dx, sg::backend::cpu, Mlp>;
+  using dev_t = sg::nn::decoder_block<float, std::remove_cvref_t<R>, Dx, sg::backend::cuda, Mlp>;
   INFO("input gradient " << Dx);
   auto hw_trunk = sg::test::random_trunk<float>(c, 11);
   auto& hw = hw_trunk.layers[0];
-  auto dw = sg::nn::cuda::block_weights<float>::upload(hw);
+  prepare(hw);
+  auto dw = sg::nn::to_backend<sg::backend::cuda>(hw);
   const sg::nn::rope_table<float> htable(c.head_dim, c.max_seq, c.rope_theta);
-  const sg::nn::cuda::rope_table<float> dtable(c.head_dim, c.max_seq, c.rope_theta);
+  const sg::nn::rope_table<float, sg::backend::cuda> dtable(c.head_dim, c.max_seq, c.rope_theta);
   const cpu_t cb(c, htable);
   const dev_t db(c, dtable);
   auto x = sg::test::random_tensor<float>({std::size_t(sh.batch), std::size_t(sh.seq), std::size_t(c.hidden)}, 12);
@@ -138,7 +141,7 @@ TEST_CASE("GEMM interface: both transposes, row strides and strided batches agai
         auto dA = dev::tensor<float>::from_host(A, memory_use::workspace), dB = dev::tensor<float>::from_host(B, memory_use::workspace),
              dC = dev::tensor<float>::from_host(C, memory_use::workspace);
         const float alpha = 0.75f;
-        dev::gemm_strided_batched("test", oa, ob, m, n, k, alpha, dA.data(), lda, sa, dB.data(), ldb, sb, beta, dC.data(), ldc,
+        sg::backend::cuda::gemm_strided_batched("test", oa, ob, m, n, k, alpha, dA.data(), lda, sa, dB.data(), ldb, sb, beta, dC.data(), ldc,
                                   sc, batch);
         auto expect = C.clone();
         for (int p = 0; p < batch; ++p)
@@ -160,7 +163,7 @@ TEST_CASE("GEMM interface: both transposes, row strides and strided batches agai
         CHECK(got[std::size_t(n)] == C[std::size_t(n)]);
       }
   dev::tensor<float> a({4, 4}, memory_use::workspace);
-  CHECK_THROWS_WITH(dev::gemm("q_proj: y = x W^T", dev::op::n, dev::op::n, 4, 4, 4, 1.f, a.data(), 3, a.data(), 4, 0.f,
+  CHECK_THROWS_WITH(sg::backend::cuda::gemm("q_proj: y = x W^T", dev::op::n, dev::op::n, 4, 4, 4, 1.f, a.data(), 3, a.data(), 4, 0.f,
                               a.data(), 4),
                     Catch::Contains("q_proj: y = x W^T") && Catch::Contains("lda=3"));
 }
@@ -209,6 +212,54 @@ TEST_CASE("decoder block: device output, input gradient and weight gradients equ
   }
 }
 
+TEST_CASE("decoder block: LoRA adapters on every projection run on the device as on the CPU") {
+  const sg::seq_shape sh{2, 7};
+  constexpr int r = 3;
+  for (bool bias : {false, true}) {
+    INFO("attention bias " << bias);
+    auto c = sg::test::tiny_config(bias, 1);
+    c.lora_rank = r;
+    auto attach = [](sg::nn::block_weights<float>& w) {
+      unsigned seed = 40;
+      auto adapt = [&](sg::nn::linear_weights<float>& p) {
+        p.lora.A = sg::test::random_tensor<float>({std::size_t(r), p.in_features()}, seed++, 0.3);
+        p.lora.B = sg::test::random_tensor<float>({p.out_features(), std::size_t(r)}, seed++, 0.3);  // non-zero: dA flows
+        p.lora_scale = 16.f / r;
+      };
+      for (auto* p : {&w.self_attn.q_proj, &w.self_attn.k_proj, &w.self_attn.v_proj, &w.self_attn.o_proj,
+                      &w.mlp.gate_proj, &w.mlp.up_proj, &w.mlp.down_proj})
+        adapt(*p);
+    };
+    using namespace sg::proj;
+    using all_adapters = decltype(sg::trainable<sg::lora<q>, sg::lora<k>, sg::lora<v>, sg::lora<o>, sg::lora<gate>,
+                                                sg::lora<up>, sg::lora<down>>);
+    using qv_adapters = decltype(sg::trainable<sg::lora<q>, sg::lora<v>>);
+    using adapters_and_o = decltype(sg::trainable<sg::lora<q>, o, sg::lora<down>>);
+    block_parity<all_adapters, false>(c, sh, attach);
+    block_parity<all_adapters, true>(c, sh, attach);
+    block_parity<qv_adapters, false>(c, sh, attach);
+    block_parity<adapters_and_o, true>(c, sh, attach);
+    // Frozen adapters still change the output: forward folds them in on the device too.
+    block_parity<std::remove_cv_t<decltype(sg::recipe::mlp_gate_up)>, false>(c, sh, attach);
+  }
+}
+
+TEST_CASE("decoder block: expanded activations (xSiLU, xGELU) and their range alpha on the device") {
+  const sg::seq_shape sh{2, 7};
+  const auto c = sg::test::tiny_config(false, 1);
+  auto range = [](sg::nn::block_weights<float>& w) { sg::nn::add_act_range(w.mlp, 0.35f); };
+  using namespace sg::proj;
+  using with_range = decltype(sg::trainable<gate, up, sg::group::act_range>);
+  using range_only = decltype(sg::trainable<sg::group::act_range>);
+  using xsilu = sg::nn::swiglu<sg::nn::act::xsilu>;
+  using xgelu = sg::nn::swiglu<sg::nn::act::xgelu>;
+  block_parity<with_range, false, xsilu>(c, sh, range);
+  block_parity<with_range, true, xsilu>(c, sh, range);
+  block_parity<range_only, false, xgelu>(c, sh, range);
+  block_parity<with_range, true, xgelu>(c, sh, range);
+  block_parity<std::remove_cv_t<decltype(sg::recipe::sa_proj)>, true, xgelu>(c, sh, range);
+}
+
 TEST_CASE("decoder stack: parity with the CPU and memory plan equal to the device ledger, with layer ranges") {
   const auto c = sg::test::tiny_config(true, 4);
   const sg::seq_shape sh{3, 7};
@@ -217,7 +268,7 @@ TEST_CASE("decoder stack: parity with the CPU and memory plan equal to the devic
     ledger_probe weights(memory_use::weights), constants(memory_use::constants), grads(memory_use::gradients),
         opt(memory_use::optimizer_state), saved(memory_use::saved_activations);
     auto hw = sg::test::random_trunk<float>(c, 21);
-    auto dw = sg::nn::cuda::trunk_weights<float>::upload(hw);
+    auto dw = sg::nn::to_backend<sg::backend::cuda>(hw);
     sg::nn::decoder_stack<float, R> cs(c, recipe);
     sg::nn::decoder_stack<float, R, false, sg::backend::cuda> ds(c, recipe);
     const auto plan = sg::plan_memory(ds, sh);
@@ -284,7 +335,7 @@ template <class R>
 void lm_step_parity(R recipe, sg::decoder_config c) {
   c.vocab_size = 61;
   auto hw = random_lm(c, 31);
-  auto dw = sg::model::cuda::lm_weights<float>::upload(hw);
+  auto dw = sg::model::to_backend<sg::backend::cuda>(hw);
   sg::model::decoder_lm<float, R> cm(c, recipe);
   sg::model::decoder_lm<float, R, sg::backend::cuda> dm(c, recipe);
   auto cg = cm.make_grads(hw);
@@ -322,7 +373,7 @@ void lm_step_parity(R recipe, sg::decoder_config c) {
   std::set<std::string> trainable;
   dm.for_each_trainable(dw, dg, [&](const std::string& name, auto&, auto&) { trainable.insert(name); });
   auto back = random_lm(c, 99);
-  dw.download(back);
+  sg::model::download(dw, back);
   const auto after = snapshot(back);
   for (const auto& [name, bytes] : before) {
     INFO(name);
@@ -348,7 +399,7 @@ TEST_CASE("language model: logits, soft-token prefix and its gradient equal the 
   auto c = sg::test::tiny_config(false, 2);
   c.vocab_size = 29;
   auto hw = random_lm(c, 41);
-  auto dw = sg::model::cuda::lm_weights<float>::upload(hw);
+  auto dw = sg::model::to_backend<sg::backend::cuda>(hw);
   constexpr auto r = sg::trainable<sg::group::projector, sg::proj::v>;
   sg::model::decoder_lm<float, std::remove_const_t<decltype(r)>> cm(c, r);
   sg::model::decoder_lm<float, std::remove_const_t<decltype(r)>, sg::backend::cuda> dm(c, r);
@@ -376,7 +427,7 @@ TEST_CASE("language model: logits, soft-token prefix and its gradient equal the 
 TEST_CASE("AdamW on the device: the CPU update on the same gradients, and non-finite gradients change nothing") {
   const auto c = sg::test::tiny_config(false, 1);
   auto hw = sg::test::random_trunk<float>(c, 51);
-  auto dw = sg::nn::cuda::trunk_weights<float>::upload(hw);
+  auto dw = sg::nn::to_backend<sg::backend::cuda>(hw);
   constexpr auto r = sg::recipe::mlp_down;
   sg::nn::decoder_stack<float, std::remove_const_t<decltype(r)>> cs(c, r);
   sg::nn::decoder_stack<float, std::remove_const_t<decltype(r)>, false, sg::backend::cuda> ds(c, r);
@@ -406,7 +457,7 @@ TEST_CASE("AdamW on the device: the CPU update on the same gradients, and non-fi
 TEST_CASE("bad input on the device names the tensor and the shapes") {
   const auto c = sg::test::tiny_config(false, 2);
   auto hw = sg::test::random_trunk<float>(c, 61);
-  auto dw = sg::nn::cuda::trunk_weights<float>::upload(hw);
+  auto dw = sg::nn::to_backend<sg::backend::cuda>(hw);
   sg::nn::decoder_stack<float, std::remove_const_t<decltype(sg::recipe::sa_proj)>, false, sg::backend::cuda> ds(
       c, sg::recipe::sa_proj);
   typename decltype(ds)::saved_t s;
@@ -417,12 +468,6 @@ TEST_CASE("bad input on the device names the tensor and the shapes") {
   dw.layers[1].self_attn.v_proj.weight = dev::tensor<float>({3, 16}, memory_use::weights);
   CHECK_THROWS_WITH(ds.forward(dw, x, s), Catch::Contains("model.layers.1.self_attn.v_proj.weight") &&
                                               Catch::Contains("[3, 16]") && Catch::Contains("[8, 16]"));
-  // Adapters are CPU-only for now: uploading one is refused, naming the projection.
-  auto lw = hw.layers[0].self_attn.q_proj.like(memory_use::weights);
-  lw.lora.A = sg::cpu::tensor<float>({2, 16}, memory_use::weights);
-  lw.lora.B = sg::cpu::tensor<float>({16, 2}, memory_use::weights);
-  CHECK_THROWS_WITH(sg::nn::cuda::linear_weights<float>::upload(lw, memory_use::weights, "model.layers.0.self_attn.q_proj"),
-                    Catch::Contains("model.layers.0.self_attn.q_proj") && Catch::Contains("LoRA"));
   // The loss checks targets on the host, before any device work.
   dev::tensor<float> h({1, 2, 16}, memory_use::workspace), head({5, 16}, memory_use::weights);
   auto targets = sg::token_ids::from_shape({1, 2});

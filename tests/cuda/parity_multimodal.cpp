@@ -192,7 +192,7 @@ TEST_CASE("multimodal on the device: one training step gives the CPU's loss, gra
   SECTION("sa_proj") { step_parity(sg::recipe::sa_proj, c); }
 }
 
-TEST_CASE("multimodal on the device: bad images and weights the backend cannot run are refused by name") {
+TEST_CASE("multimodal on the device: bad images and mismatched weights are refused by name") {
   const auto c = sg::test::tiny_multimodal();
   auto hw = sg::test::random_multimodal<float>(c, 31);
   auto dw = sg::model::cuda::multimodal_weights<float>::upload(hw);
@@ -210,10 +210,12 @@ TEST_CASE("multimodal on the device: bad images and weights the backend cannot r
   dw.vision.position_embedding = dev::tensor<float>({3, 8}, memory_use::weights);
   CHECK_THROWS_WITH(dm.forward(dw, ids, s, &two_images),
                     Catch::Contains("vision_tower.position_embedding") && Catch::Contains("[3, 8]"));
-  // LoRA adapters are CPU-only: uploading a model that carries one is refused, naming the projection.
-  auto& q = hw.lm.trunk.layers[1].self_attn.q_proj;
-  q.lora.A = sg::cpu::tensor<float>({2, 16}, memory_use::weights);
-  q.lora.B = sg::cpu::tensor<float>({16, 2}, memory_use::weights);
-  CHECK_THROWS_WITH(sg::model::cuda::multimodal_weights<float>::upload(hw),
-                    Catch::Contains("model.layers.1.self_attn.q_proj") && Catch::Contains("LoRA"));
+  // Downloading into host weights of another shape names the tensor and changes nothing of it.
+  auto back = sg::test::random_multimodal<float>(c, 32);
+  back.lm.norm = sg::cpu::tensor<float>({5}, memory_use::weights);
+  CHECK_THROWS_WITH(dw.download(back), Catch::Contains("model.norm.weight") && Catch::Contains("[5]"));
+  back.lm.norm = sg::cpu::tensor<float>({std::size_t(c.text.hidden)}, memory_use::weights);
+  back.lm.trunk.layers[1].self_attn.q_proj.weight = sg::cpu::tensor<float>({3, 3}, memory_use::weights);
+  CHECK_THROWS_WITH(dw.download(back), Catch::Contains("model.layers.1.self_attn.q_proj.weight") &&
+                                           Catch::Contains("[3, 3]"));
 }

@@ -14,6 +14,7 @@
 #include <string>
 
 #include "skillgraft/model/token_batch.hpp"
+#include "skillgraft/nn/backend_transfer.hpp"
 #include "skillgraft/nn/decoder_stack.hpp"
 
 namespace skillgraft::model {
@@ -21,13 +22,14 @@ namespace skillgraft::model {
 using cpu::shape_t;
 using cpu::tensor;
 
-template <class T>
+template <class T, class Backend = backend::cpu>
 struct lm_weights {
+  using tensor_t = typename Backend::template tensor<T>;
   decoder_config config;
-  tensor<T> embed_tokens;          // model.embed_tokens.weight [vocab, hidden]
-  nn::trunk_weights<T> trunk;      // model.layers.*
-  tensor<T> norm;                  // model.norm.weight [hidden]
-  tensor<T> lm_head;               // lm_head.weight [vocab, hidden]; empty when tied
+  tensor_t embed_tokens;                  // model.embed_tokens.weight [vocab, hidden]
+  nn::trunk_weights<T, Backend> trunk;    // model.layers.*
+  tensor_t norm;                          // model.norm.weight [hidden]
+  tensor_t lm_head;                       // lm_head.weight [vocab, hidden]; empty when tied
 
   lm_weights() = default;
   explicit lm_weights(const decoder_config& c, memory_use use = memory_use::weights)
@@ -35,15 +37,38 @@ struct lm_weights {
         embed_tokens({std::size_t(c.vocab_size), std::size_t(c.hidden)}, use),
         trunk(c, use),
         norm({std::size_t(c.hidden)}, use),
-        lm_head(c.tie_word_embeddings ? tensor<T>() : tensor<T>({std::size_t(c.vocab_size), std::size_t(c.hidden)}, use)) {}
-  const tensor<T>& head() const { return config.tie_word_embeddings ? embed_tokens : lm_head; }
-  tensor<T>& head() { return config.tie_word_embeddings ? embed_tokens : lm_head; }
+        lm_head(c.tie_word_embeddings ? tensor_t() : tensor_t({std::size_t(c.vocab_size), std::size_t(c.hidden)}, use)) {}
+  const tensor_t& head() const { return config.tie_word_embeddings ? embed_tokens : lm_head; }
+  tensor_t& head() { return config.tie_word_embeddings ? embed_tokens : lm_head; }
   static std::size_t elements_for(const decoder_config& c) {
     const std::size_t vd = std::size_t(c.vocab_size) * std::size_t(c.hidden);
     return vd * (c.tie_word_embeddings ? 1 : 2) + std::size_t(c.hidden) +
            std::size_t(c.n_layers) * nn::block_weights<T>::elements_for(c);
   }
 };
+
+// The language model's weights on another backend (upload), and their values back (download).
+template <class To, class T>
+lm_weights<T, To> to_backend(const lm_weights<T>& w, memory_use use = memory_use::weights) {
+  lm_weights<T, To> out;
+  out.config = w.config;
+  out.embed_tokens = To::upload(w.embed_tokens, use);
+  out.trunk = nn::to_backend<To>(w.trunk, use);
+  out.norm = To::upload(w.norm, use);
+  if (!w.config.tie_word_embeddings) out.lm_head = To::upload(w.lm_head, use);
+  return out;
+}
+template <class T, class From>
+void download(const lm_weights<T, From>& w, lm_weights<T>& host) {
+  auto one = [](const auto& a, auto& b, const char* name) {
+    expect_shape(b, a.shape(), std::string("host ") + name + " for a download");
+    From::download(a, b);
+  };
+  one(w.embed_tokens, host.embed_tokens, "model.embed_tokens.weight");
+  nn::download(w.trunk, host.trunk);
+  one(w.norm, host.norm, "model.norm.weight");
+  if (!w.config.tie_word_embeddings) one(w.lm_head, host.lm_head, "lm_head.weight");
+}
 
 namespace members {
 SKILLGRAFT_OPTIONAL_MEMBER(embed_tokens);
@@ -68,7 +93,8 @@ class decoder_lm {
   using backend_type = Backend;
   using mlp_policy = Mlp;
   using mlp_options_t = typename Mlp::options;
-  using weights_t = lm_weights<T>;
+  using weights_t = lm_weights<T, Backend>;
+  using tensor_t = typename Backend::template tensor<T>;
   static constexpr bool train_embed = trains_v<group::embed, Recipe>;
   static constexpr bool train_norm = trains_v<group::final_norm, Recipe>;
   static constexpr bool train_head = trains_v<group::lm_head, Recipe>;
@@ -77,11 +103,11 @@ class decoder_lm {
   static constexpr bool needs_input_grad = train_embed || upstream_trains;
   using stack_t = nn::decoder_stack<T, Recipe, needs_input_grad, Backend, Mlp>;
   static constexpr bool any_below_head = stack_t::any_trainable || needs_input_grad || train_norm;
-  using final_norm_t = nn::rmsnorm<T, train_norm, stack_t::any_trainable || needs_input_grad>;
+  using final_norm_t = nn::rmsnorm<T, train_norm, stack_t::any_trainable || needs_input_grad, Backend>;
 
-  struct grads_t : members::optional_embed_tokens<train_embed, tensor<T>>,
-                   members::optional_norm<train_norm, tensor<T>>,
-                   members::optional_lm_head<train_head, tensor<T>> {
+  struct grads_t : members::optional_embed_tokens<train_embed, tensor_t>,
+                   members::optional_norm<train_norm, tensor_t>,
+                   members::optional_lm_head<train_head, tensor_t> {
     typename stack_t::grads_t layers;
   };
   struct saved_t {
@@ -113,15 +139,15 @@ class decoder_lm {
     check_weights(w);
     grads_t g;
     g.layers = stack_.make_grads(w.trunk);
-    if constexpr (train_embed) g.embed_tokens = tensor<T>(w.embed_tokens.shape(), memory_use::gradients);
-    if constexpr (train_norm) g.norm = tensor<T>(w.norm.shape(), memory_use::gradients);
+    if constexpr (train_embed) g.embed_tokens = tensor_t(w.embed_tokens.shape(), memory_use::gradients);
+    if constexpr (train_norm) g.norm = tensor_t(w.norm.shape(), memory_use::gradients);
     if constexpr (train_head)
-      if (!config_.tie_word_embeddings) g.lm_head = tensor<T>(w.lm_head.shape(), memory_use::gradients);
+      if (!config_.tie_word_embeddings) g.lm_head = tensor_t(w.lm_head.shape(), memory_use::gradients);
     return g;
   }
 
   // Where the loss adds dW_head: lm_head's gradient, embed_tokens' when tied, or nowhere.
-  tensor<T>* head_grad(grads_t& g) const {
+  tensor_t* head_grad(grads_t& g) const {
     if constexpr (train_head && train_embed) {
       if (config_.tie_word_embeddings) return &g.embed_tokens;
     }
@@ -130,7 +156,7 @@ class decoder_lm {
   }
 
   // Embeds [prefix ; ids] -> [batch, prefix + seq, hidden].
-  tensor<T> embed(const weights_t& w, const token_ids& ids, const tensor<T>* prefix) const {
+  tensor_t embed(const weights_t& w, const token_ids& ids, const tensor_t* prefix) const {
     check_token_ids(ids, config_.vocab_size, "token id");
     const std::size_t B = ids.shape(0), S = ids.shape(1), d = std::size_t(config_.hidden);
     std::size_t P = 0;
@@ -140,41 +166,37 @@ class decoder_lm {
                                     ", expected [" + std::to_string(B) + ", prefix, " + std::to_string(d) + "]");
       P = prefix->dim(1);
     }
-    tensor<T> x({B, P + S, d}, memory_use::workspace);
-    for (std::size_t b = 0; b < B; ++b) {
-      if (P) std::copy_n(prefix->data() + b * P * d, P * d, x.data() + b * (P + S) * d);
-      for (std::size_t s = 0; s < S; ++s)
-        std::copy_n(w.embed_tokens.data() + std::size_t(ids(b, s)) * d, d, x.data() + (b * (P + S) + P + s) * d);
-    }
+    tensor_t x({B, P + S, d}, memory_use::workspace);
+    Backend::embed_rows(w.embed_tokens, ids.data(), B, S, P ? prefix : nullptr, x);
     return x;
   }
 
   // Final hidden states h (after the final norm), [batch, prefix + seq, hidden].
-  tensor<T> forward(const weights_t& w, const token_ids& ids, saved_t& s, const tensor<T>* prefix = nullptr) const {
+  tensor_t forward(const weights_t& w, const token_ids& ids, saved_t& s, const tensor_t* prefix = nullptr) const {
     check_weights(w);
     s = saved_t{};
     auto x = embed(w, ids, prefix);
     s.prefix = int(x.dim(1) - ids.shape(1));
     s.shape = {int(x.dim(0)), int(x.dim(1))};
     auto hs = stack_.forward(w.trunk, x, s.trunk);
-    auto h = final_norm().forward(w.norm, hs, s.norm);
+    auto h = final_norm().forward(w.norm, hs, s.norm, "model.norm");
     if constexpr (train_embed) s.ids = ids;
     s.valid = true;
     return h;
   }
 
   // logits = h W_head^T, [batch, positions, vocab] (evaluation; training uses the chunked loss).
-  tensor<T> logits(const weights_t& w, const tensor<T>& h) const {
-    shape_t ls = h.shape();
-    ls.dims[std::size_t(ls.rank - 1)] = std::size_t(config_.vocab_size);
-    tensor<T> z(ls, memory_use::workspace);
-    z.mat().noalias() = h.mat() * w.head().mat().transpose();
+  tensor_t logits(const weights_t& w, const tensor_t& h) const {
+    const int V = config_.vocab_size, d = config_.hidden;
+    tensor_t z(nn::with_last(h.shape(), std::size_t(V)), memory_use::workspace);
+    Backend::gemm("lm_head: z = h W^T", op::n, op::t, int(h.rows()), V, d, T(1), h.data(), d, w.head().data(), d, T(0),
+                  z.data(), V);
     return z;
   }
 
   // dh: gradient of the loss with respect to forward's output. Returns d prefix when
   // something upstream of the soft tokens trains, else an empty tensor.
-  tensor<T> backward(const weights_t& w, const saved_t& s, const tensor<T>& dh, grads_t& g) const {
+  tensor_t backward(const weights_t& w, const saved_t& s, const tensor_t& dh, grads_t& g) const {
     if (!s.valid) throw std::logic_error("skillgraft: decoder_lm::backward called without a forward");
     if (!(dh.shape() == shape_t{std::size_t(s.shape.batch), std::size_t(s.shape.seq), std::size_t(config_.hidden)}))
       throw std::invalid_argument("skillgraft: gradient of the hidden states has shape " + dh.shape().str() +
@@ -183,7 +205,7 @@ class decoder_lm {
     if constexpr (!any_below_head) {
       return {};
     } else {
-      tensor<T>* dnorm = nullptr;
+      tensor_t* dnorm = nullptr;
       if constexpr (train_norm) dnorm = &g.norm;
       auto dhs = final_norm_t::backward_into(w.norm, s.norm, dh, dnorm);
       if constexpr (!(stack_t::any_trainable || needs_input_grad)) {
@@ -193,20 +215,13 @@ class decoder_lm {
         if constexpr (!needs_input_grad) {
           return {};
         } else {
-          const std::size_t B = dx.dim(0), P = std::size_t(s.prefix), Tn = dx.dim(1), d = dx.dim(2);
-          if constexpr (train_embed) {
-            // Serial scatter-add: repeated ids add in a fixed order (deterministic).
-            for (std::size_t b = 0; b < B; ++b)
-              for (std::size_t t = P; t < Tn; ++t) {
-                T* row = g.embed_tokens.data() + std::size_t(s.ids(b, t - P)) * d;
-                const T* src = dx.data() + (b * Tn + t) * d;
-                for (std::size_t j = 0; j < d; ++j) row[j] += src[j];
-              }
-          }
-          tensor<T> dprefix;
+          const std::size_t B = dx.dim(0), P = std::size_t(s.prefix), d = dx.dim(2);
+          if constexpr (train_embed)  // dE[id] += dx[position of id], repeated ids in a fixed order
+            Backend::embedding_backward(s.ids.data(), s.ids.shape(0), s.ids.shape(1), dx, g.embed_tokens);
+          tensor_t dprefix;
           if (upstream_trains && P) {
-            dprefix = tensor<T>({B, P, d}, memory_use::workspace);
-            for (std::size_t b = 0; b < B; ++b) std::copy_n(dx.data() + b * Tn * d, P * d, dprefix.data() + b * P * d);
+            dprefix = tensor_t({B, P, d}, memory_use::workspace);
+            Backend::leading_positions(dx, dprefix);
           }
           return dprefix;
         }

@@ -54,13 +54,13 @@ tensor<T> cached_attention(const decoder_config& c, const nn::rope_table<T>& tab
 #pragma omp parallel for collapse(2) schedule(static)
   for (int b = 0; b < B; ++b)
     for (int head = 0; head < H; ++head) {
-      auto Q = nn::detail::head_view(q.data(), b, head, n, H, hd);
-      nn::detail::const_strided_map<T> K(kc.data() + std::size_t(b) * cap * kvd + std::size_t(head / group) * hd, L, hd,
+      auto Q = cpu::attention_detail::head_view(q.data(), b, head, n, H, hd);
+      cpu::attention_detail::const_strided_map<T> K(kc.data() + std::size_t(b) * cap * kvd + std::size_t(head / group) * hd, L, hd,
                                          Eigen::OuterStride<>(KV * hd));
-      nn::detail::const_strided_map<T> V(vc.data() + std::size_t(b) * cap * kvd + std::size_t(head / group) * hd, L, hd,
+      cpu::attention_detail::const_strided_map<T> V(vc.data() + std::size_t(b) * cap * kvd + std::size_t(head / group) * hd, L, hd,
                                          Eigen::OuterStride<>(KV * hd));
-      auto A = nn::detail::head_view(a.data(), b, head, n, H, hd);
-      nn::detail::row_matrix<T> P = (Q * K.transpose()) * scale;
+      auto A = cpu::attention_detail::head_view(a.data(), b, head, n, H, hd);
+      cpu::attention_detail::row_matrix<T> P = (Q * K.transpose()) * scale;
       for (int i = 0; i < n; ++i) {
         const int visible = p0 + i + 1;  // causal: keys 0..p0+i
         auto row = P.row(i).head(visible);

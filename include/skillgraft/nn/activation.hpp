@@ -16,47 +16,83 @@
 //
 // alpha = 0 gives SiLU (GELU) gating exactly: z ((1 + 0) gamma - 0) rounds to z gamma, so
 // an xsilu MLP with alpha = 0 computes the silu MLP bit for bit in forward.
-#include <algorithm>
-#include <cmath>
-#include <cstddef>
 #include <string_view>
+
+#include "skillgraft/backend/host_device.hpp"
 
 namespace skillgraft::nn {
 
 template <class T>
-inline T sigmoid(T z) {
-  return T(1) / (T(1) + std::exp(-z));
+SKILLGRAFT_HD inline T sigmoid(T z) {
+  return T(1) / (T(1) + scalar::exp_(-z));
 }
 
 namespace act {
 
-// SiLU (swish): the default; has no range parameter.
+// phi, dphi/dz and dphi/dalpha of an expanded gate, from the policy's gate and its derivative
+// (every backend's kernels call these: they are SKILLGRAFT_HD).
+template <class Gate>
+struct expanded {
+  static constexpr bool has_range = true;
+  template <class T>
+  SKILLGRAFT_HD static T phi(T z, T alpha) {
+    return z * ((T(1) + T(2) * alpha) * Gate::gate(z) - alpha);
+  }
+  template <class T>
+  SKILLGRAFT_HD static T dphi_dz(T z, T alpha) {
+    return (T(1) + T(2) * alpha) * (Gate::gate(z) + z * Gate::gate_grad(z)) - alpha;
+  }
+  template <class T>
+  SKILLGRAFT_HD static T dphi_dalpha(T z) {
+    return z * (T(2) * Gate::gate(z) - T(1));
+  }
+};
+
+// SiLU (swish): the default; has no range parameter. Backends compute its product and
+// backward with SiLU's own expressions (the only gate without a range).
 struct silu {
   static constexpr std::string_view name = "silu";
   static constexpr bool has_range = false;
   template <class T>
-  static T gate(T z) { return sigmoid(z); }
+  SKILLGRAFT_HD static T gate(T z) { return sigmoid(z); }
   template <class T>
-  static T gate_grad(T z) {
+  SKILLGRAFT_HD static T gate_grad(T z) {
     const T s = sigmoid(z);
     return s * (T(1) - s);
   }
+  template <class T>
+  SKILLGRAFT_HD static T phi(T z, T) { return z * sigmoid(z); }
+  template <class T>
+  SKILLGRAFT_HD static T dphi_dz(T z, T) {
+    const T s = sigmoid(z);
+    return s * (T(1) + z * (T(1) - s));
+  }
+  template <class T>
+  SKILLGRAFT_HD static T dphi_dalpha(T) { return T(0); }
 };
 
 // Expanded SiLU: SiLU's gate sigmoid(z) stretched to [-alpha, 1 + alpha].
-struct xsilu : silu {
+struct sigmoid_gate {
+  template <class T>
+  SKILLGRAFT_HD static T gate(T z) { return silu::gate(z); }
+  template <class T>
+  SKILLGRAFT_HD static T gate_grad(T z) { return silu::gate_grad(z); }
+};
+struct xsilu : sigmoid_gate, expanded<sigmoid_gate> {
   static constexpr std::string_view name = "xsilu";
-  static constexpr bool has_range = true;
+  using expanded<sigmoid_gate>::has_range;
 };
 
 // Expanded GELU (erf form): gate Phi(z) = erfc(-z / sqrt 2) / 2 stretched to [-alpha, 1 + alpha].
-struct xgelu {
+struct normal_cdf_gate {
+  template <class T>
+  SKILLGRAFT_HD static T gate(T z) { return T(0.5) * scalar::erfc_(-z * T(0.70710678118654752440)); }
+  template <class T>
+  SKILLGRAFT_HD static T gate_grad(T z) { return T(0.39894228040143267794) * scalar::exp_(T(-0.5) * z * z); }
+};
+struct xgelu : normal_cdf_gate, expanded<normal_cdf_gate> {
   static constexpr std::string_view name = "xgelu";
-  static constexpr bool has_range = true;
-  template <class T>
-  static T gate(T z) { return T(0.5) * std::erfc(-z * T(0.70710678118654752440)); }
-  template <class T>
-  static T gate_grad(T z) { return T(0.39894228040143267794) * std::exp(T(-0.5) * z * z); }
+  using expanded<normal_cdf_gate>::has_range;
 };
 
 }  // namespace act
@@ -64,32 +100,12 @@ struct xgelu {
 // phi(z; alpha) and its two partial derivatives for any gate policy.
 template <class Act, class T>
 inline T gated(T z, T alpha) {
-  return z * ((T(1) + T(2) * alpha) * Act::gate(z) - alpha);
+  return Act::phi(z, alpha);
 }
 template <class Act, class T>
 inline void gated_grad(T z, T alpha, T& dz, T& dalpha) {
-  const T gam = Act::gate(z);
-  dz = (T(1) + T(2) * alpha) * (gam + z * Act::gate_grad(z)) - alpha;
-  dalpha = z * (T(2) * gam - T(1));
-}
-
-// A sum over i < n of f(i) in a fixed order whatever the thread count: fixed chunks summed
-// in parallel, then the chunk sums in chunk order (so training stays bit-for-bit repeatable).
-template <class T, class F>
-T deterministic_sum(std::size_t n, F&& f) {
-  constexpr std::size_t chunks = 64;
-  T part[chunks] = {};
-  const std::size_t per = (n + chunks - 1) / chunks;
-#pragma omp parallel for schedule(static) if (n > 32768)
-  for (std::size_t c = 0; c < chunks; ++c) {
-    T s = T(0);
-    const std::size_t end = std::min(n, (c + 1) * per);
-    for (std::size_t i = c * per; i < end; ++i) s += f(i);
-    part[c] = s;
-  }
-  T s = T(0);
-  for (std::size_t c = 0; c < chunks; ++c) s += part[c];
-  return s;
+  dz = Act::dphi_dz(z, alpha);
+  dalpha = Act::dphi_dalpha(z);
 }
 
 }  // namespace skillgraft::nn

@@ -1,5 +1,5 @@
 #pragma once
-// Causal grouped-query self-attention with rotary embeddings (LLaMA / Qwen2).
+// Grouped-query self-attention (LLaMA / Qwen2), causal with rotary embeddings in a decoder.
 // With config.causal = false every position sees every other (no mask), and with
 // config.rotary = false q and k are not rotated: the vision encoder's (ViT) attention.
 //
@@ -14,9 +14,11 @@
 //
 // Under a recipe only the needed branches exist: with only V trainable, q and k
 // are not kept and dq, dk are never formed; with nothing trainable and no input
-// gradient wanted, forward keeps nothing at all.
+// gradient wanted, forward keeps nothing at all. The projections are nn/linear.hpp's
+// (adapters included); the core (P and a, and their backward) is Backend::attention_forward /
+// attention_backward.
 #include <cmath>
-#include <limits>
+#include <string>
 
 #include "skillgraft/nn/config.hpp"
 #include "skillgraft/nn/linear.hpp"
@@ -26,9 +28,9 @@
 
 namespace skillgraft::nn {
 
-template <class T>
+template <class T, class Backend = backend::cpu>
 struct attention_weights {
-  linear_weights<T> q_proj, k_proj, v_proj, o_proj;
+  linear_weights<T, Backend> q_proj, k_proj, v_proj, o_proj;
 
   attention_weights() = default;
   attention_weights(const decoder_config& c, memory_use use)
@@ -38,6 +40,17 @@ struct attention_weights {
         o_proj(std::size_t(c.hidden), std::size_t(c.q_dim()), false, use) {}
   std::size_t elements() const {
     return q_proj.elements() + k_proj.elements() + v_proj.elements() + o_proj.elements();
+  }
+  // Every tensor with its Hugging Face name relative to the attention ("q_proj.weight").
+  template <class Other, class F>
+  void for_each_tensor(Other& other, F&& f) const {
+    auto sub = [&](const char* name, auto& mine, auto& theirs) {
+      mine.for_each_tensor(theirs, [&](const std::string& n, auto& a, auto& b) { f(std::string(name) + "." + n, a, b); });
+    };
+    sub("q_proj", q_proj, other.q_proj);
+    sub("k_proj", k_proj, other.k_proj);
+    sub("v_proj", v_proj, other.v_proj);
+    sub("o_proj", o_proj, other.o_proj);
   }
 };
 
@@ -67,97 +80,39 @@ struct attention_plan {
 };
 
 // Gradients of the trainable projections only; the same type whether or not dh is wanted.
-template <class T, class Recipe>
-struct attention_grads : members::optional_q_proj<trains_v<proj::q, Recipe>, linear_weights<T>>,
-                         members::optional_k_proj<trains_v<proj::k, Recipe>, linear_weights<T>>,
-                         members::optional_v_proj<trains_v<proj::v, Recipe>, linear_weights<T>>,
-                         members::optional_o_proj<trains_v<proj::o, Recipe>, linear_weights<T>>,
-                         members::optional_q_lora<trains_v<lora<proj::q>, Recipe>, lora_factors<T>>,
-                         members::optional_k_lora<trains_v<lora<proj::k>, Recipe>, lora_factors<T>>,
-                         members::optional_v_lora<trains_v<lora<proj::v>, Recipe>, lora_factors<T>>,
-                         members::optional_o_lora<trains_v<lora<proj::o>, Recipe>, lora_factors<T>> {};
+template <class T, class Recipe, class Backend = backend::cpu>
+struct attention_grads
+    : members::optional_q_proj<trains_v<proj::q, Recipe>, linear_weights<T, Backend>>,
+      members::optional_k_proj<trains_v<proj::k, Recipe>, linear_weights<T, Backend>>,
+      members::optional_v_proj<trains_v<proj::v, Recipe>, linear_weights<T, Backend>>,
+      members::optional_o_proj<trains_v<proj::o, Recipe>, linear_weights<T, Backend>>,
+      members::optional_q_lora<trains_v<lora<proj::q>, Recipe>, lora_factors<T, Backend>>,
+      members::optional_k_lora<trains_v<lora<proj::k>, Recipe>, lora_factors<T, Backend>>,
+      members::optional_v_lora<trains_v<lora<proj::v>, Recipe>, lora_factors<T, Backend>>,
+      members::optional_o_lora<trains_v<lora<proj::o>, Recipe>, lora_factors<T, Backend>> {};
 
-namespace detail {
-template <class T>
-using strided_map =
-    Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, Eigen::Unaligned, Eigen::OuterStride<>>;
-template <class T>
-using row_matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-
-template <class T>
-using const_strided_map = Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>,
-                                     Eigen::Unaligned, Eigen::OuterStride<>>;
-
-// Rows of one head inside a [batch, seq, heads * hd] tensor.
-inline std::size_t head_offset(int b, int head, int seq, int heads, int hd) {
-  return (static_cast<std::size_t>(b) * seq * heads + static_cast<std::size_t>(head)) * hd;
-}
-template <class T>
-strided_map<T> head_view(T* base, int b, int head, int seq, int heads, int hd) {
-  return {base + head_offset(b, head, seq, heads, hd), seq, hd, Eigen::OuterStride<>(heads * hd)};
-}
-template <class T>
-const_strided_map<T> head_view(const T* base, int b, int head, int seq, int heads, int hd) {
-  return {base + head_offset(b, head, seq, heads, hd), seq, hd, Eigen::OuterStride<>(heads * hd)};
-}
-
-// In-place causal softmax of a seq x seq block of scores.
-template <class T, class M>
-void causal_softmax(M& p) {
-  const Eigen::Index n = p.rows();
-  for (Eigen::Index i = 0; i < n; ++i) {
-    T mx = p(i, 0);
-    for (Eigen::Index j = 1; j <= i; ++j) mx = std::max(mx, p(i, j));
-    T sum = 0;
-    for (Eigen::Index j = 0; j <= i; ++j) {
-      p(i, j) = std::exp(p(i, j) - mx);
-      sum += p(i, j);
-    }
-    const T inv = T(1) / sum;
-    for (Eigen::Index j = 0; j <= i; ++j) p(i, j) *= inv;
-    for (Eigen::Index j = i + 1; j < n; ++j) p(i, j) = T(0);
-  }
-}
-
-// In-place softmax of every row (bidirectional attention).
-template <class T, class M>
-void full_softmax(M& p) {
-  const Eigen::Index n = p.rows(), m = p.cols();
-  for (Eigen::Index i = 0; i < n; ++i) {
-    T mx = p(i, 0);
-    for (Eigen::Index j = 1; j < m; ++j) mx = std::max(mx, p(i, j));
-    T sum = 0;
-    for (Eigen::Index j = 0; j < m; ++j) {
-      p(i, j) = std::exp(p(i, j) - mx);
-      sum += p(i, j);
-    }
-    const T inv = T(1) / sum;
-    for (Eigen::Index j = 0; j < m; ++j) p(i, j) *= inv;
-  }
-}
-}  // namespace detail
-
-template <class T, class Recipe, bool NeedsInputGrad>
-struct causal_attention {
+template <class T, class Recipe, bool NeedsInputGrad, class Backend = backend::cpu>
+struct self_attention {
   using value_type = T;
-  using weights_t = attention_weights<T>;
+  using tensor_t = typename Backend::template tensor<T>;
+  using weights_t = attention_weights<T, Backend>;
   using plan = attention_plan<Recipe, NeedsInputGrad>;
   static constexpr bool needs_input_grad = NeedsInputGrad;
 
-  struct saved_t : members::optional_h<plan::save_h, tensor<T>>,
-                   members::optional_q<plan::save_q, tensor<T>>,
-                   members::optional_k<plan::save_k, tensor<T>>,
-                   members::optional_v<plan::save_v, tensor<T>>,
-                   members::optional_probs<plan::save_probs, tensor<T>>,
-                   members::optional_attn<plan::save_a, tensor<T>>,
-                   members::optional_u_q<plan::adapt_q, tensor<T>>,
-                   members::optional_u_k<plan::adapt_k, tensor<T>>,
-                   members::optional_u_v<plan::adapt_v, tensor<T>>,
-                   members::optional_u_o<plan::adapt_o, tensor<T>> {};
-  using grads_t = attention_grads<T, Recipe>;
+  struct saved_t : members::optional_h<plan::save_h, tensor_t>,
+                   members::optional_q<plan::save_q, tensor_t>,
+                   members::optional_k<plan::save_k, tensor_t>,
+                   members::optional_v<plan::save_v, tensor_t>,
+                   members::optional_probs<plan::save_probs, tensor_t>,
+                   members::optional_attn<plan::save_a, tensor_t>,
+                   members::optional_u_q<plan::adapt_q, tensor_t>,
+                   members::optional_u_k<plan::adapt_k, tensor_t>,
+                   members::optional_u_v<plan::adapt_v, tensor_t>,
+                   members::optional_u_o<plan::adapt_o, tensor_t> {};
+  using grads_t = attention_grads<T, Recipe, Backend>;
 
   decoder_config config;
-  const rope_table<T>* table = nullptr;
+  const rope_table<T, Backend>* table = nullptr;
   int first_pos = 0;
 
   grads_t make_grads(const weights_t& w) const {
@@ -173,60 +128,41 @@ struct causal_attention {
     return g;
   }
 
-  tensor<T> forward(const weights_t& w, const tensor<T>& h, saved_t& s) const {
+  tensor_t forward(const weights_t& w, const tensor_t& h, saved_t& s) const {
     const auto& c = config;
     if (h.rank() != 3 || h.dim(2) != std::size_t(c.hidden))
       throw std::invalid_argument("skillgraft: attention input has shape " + h.shape().str() +
                                   ", expected [batch, seq, " + std::to_string(c.hidden) + "]");
-    const int B = int(h.dim(0)), S = int(h.dim(1)), H = c.n_heads, KV = c.n_kv_heads, hd = c.head_dim;
+    const int B = int(h.dim(0)), S = int(h.dim(1)), H = c.n_heads, KV = c.n_kv_heads;
     if (c.rotary) table->check_positions(first_pos, S);
     auto kept = [](bool keep) { return keep ? memory_use::saved_activations : memory_use::workspace; };
+    const auto tokens = [&](int features) { return shape_t{std::size_t(B), std::size_t(S), std::size_t(features)}; };
 
-    tensor<T> q({std::size_t(B), std::size_t(S), std::size_t(c.q_dim())}, kept(plan::save_q));
-    tensor<T> k({std::size_t(B), std::size_t(S), std::size_t(c.kv_dim())}, kept(plan::save_k));
-    tensor<T> v({std::size_t(B), std::size_t(S), std::size_t(c.kv_dim())}, kept(plan::save_v));
-    auto adapter_input = [&](bool adapt, const linear_weights<T>& p, const char* name) {
-      if (!adapt) return tensor<T>();
+    tensor_t q(tokens(c.q_dim()), kept(plan::save_q));
+    tensor_t k(tokens(c.kv_dim()), kept(plan::save_k));
+    tensor_t v(tokens(c.kv_dim()), kept(plan::save_v));
+    auto adapter_input = [&](bool adapt, const linear_weights<T, Backend>& p, const char* name) {
+      if (!adapt) return tensor_t();
       require_lora(p, name);
-      return tensor<T>({std::size_t(B), std::size_t(S), p.lora.rank()}, memory_use::saved_activations);
+      return tensor_t(tokens(int(p.lora.rank())), memory_use::saved_activations);
     };
-    tensor<T> uq = adapter_input(plan::adapt_q, w.q_proj, "q_proj"), uk = adapter_input(plan::adapt_k, w.k_proj, "k_proj"),
-              uv = adapter_input(plan::adapt_v, w.v_proj, "v_proj"), uo = adapter_input(plan::adapt_o, w.o_proj, "o_proj");
-    linear_forward(w.q_proj, h, q, plan::adapt_q ? &uq : nullptr);
-    linear_forward(w.k_proj, h, k, plan::adapt_k ? &uk : nullptr);
-    linear_forward(w.v_proj, h, v, plan::adapt_v ? &uv : nullptr);
+    tensor_t uq = adapter_input(plan::adapt_q, w.q_proj, "q_proj"), uk = adapter_input(plan::adapt_k, w.k_proj, "k_proj"),
+             uv = adapter_input(plan::adapt_v, w.v_proj, "v_proj"), uo = adapter_input(plan::adapt_o, w.o_proj, "o_proj");
+    linear_forward(w.q_proj, h, q, plan::adapt_q ? &uq : nullptr, "q_proj: q = h Wq^T");
+    linear_forward(w.k_proj, h, k, plan::adapt_k ? &uk : nullptr, "k_proj: k = h Wk^T");
+    linear_forward(w.v_proj, h, v, plan::adapt_v ? &uv : nullptr, "v_proj: v = h Wv^T");
     if (c.rotary) {
       rope_apply(*table, q.data(), B, S, H, first_pos, false);
       rope_apply(*table, k.data(), B, S, KV, first_pos, false);
     }
 
-    tensor<T> a({std::size_t(B), std::size_t(S), std::size_t(c.q_dim())}, kept(plan::save_a));
-    tensor<T> probs;
+    tensor_t a(tokens(c.q_dim()), kept(plan::save_a));
+    tensor_t probs;
     if constexpr (plan::save_probs)
-      probs = tensor<T>({std::size_t(B), std::size_t(H), std::size_t(S), std::size_t(S)}, memory_use::saved_activations);
-    const T scale = T(1) / std::sqrt(T(hd));
-    const int group = H / KV;
-#pragma omp parallel
-    {
-      detail::row_matrix<T> scratch;
-      if constexpr (!plan::save_probs) scratch.resize(S, S);
-#pragma omp for collapse(2) schedule(static)
-      for (int b = 0; b < B; ++b)
-        for (int head = 0; head < H; ++head) {
-          auto Q = detail::head_view(q.data(), b, head, S, H, hd);
-          auto K = detail::head_view(k.data(), b, head / group, S, KV, hd);
-          auto V = detail::head_view(v.data(), b, head / group, S, KV, hd);
-          auto A = detail::head_view(a.data(), b, head, S, H, hd);
-          T* pp = plan::save_probs ? probs.data() + (std::size_t(b) * H + std::size_t(head)) * S * S : scratch.data();
-          Eigen::Map<detail::row_matrix<T>> P(pp, S, S);
-          P.noalias() = (Q * K.transpose()) * scale;
-          if (c.causal) detail::causal_softmax<T>(P);
-          else detail::full_softmax<T>(P);
-          A.noalias() = P * V;
-        }
-    }
-    tensor<T> out({std::size_t(B), std::size_t(S), std::size_t(c.hidden)}, memory_use::workspace);
-    linear_forward(w.o_proj, a, out, plan::adapt_o ? &uo : nullptr);
+      probs = tensor_t({std::size_t(B), std::size_t(H), std::size_t(S), std::size_t(S)}, memory_use::saved_activations);
+    Backend::attention_forward(dims(B, S), scale(), q, k, v, a, plan::save_probs ? &probs : nullptr);
+    tensor_t out(tokens(c.hidden), memory_use::workspace);
+    linear_forward(w.o_proj, a, out, plan::adapt_o ? &uo : nullptr, "o_proj: out = a Wo^T");
 
     if constexpr (plan::adapt_q) s.u_q = std::move(uq);
     if constexpr (plan::adapt_k) s.u_k = std::move(uk);
@@ -242,77 +178,44 @@ struct causal_attention {
   }
 
   // Returns dh when NeedsInputGrad, else an empty tensor.
-  tensor<T> backward(const weights_t& w, const saved_t& s, const tensor<T>& dout, grads_t& g) const {
+  tensor_t backward(const weights_t& w, const saved_t& s, const tensor_t& dout, grads_t& g) const {
     const auto& c = config;
-    const int B = int(dout.dim(0)), S = int(dout.dim(1)), H = c.n_heads, KV = c.n_kv_heads, hd = c.head_dim;
-    if constexpr (plan::train_o) linear_backward_weight(s.attn, dout, g.o_proj);
+    const int B = int(dout.dim(0)), S = int(dout.dim(1)), H = c.n_heads, KV = c.n_kv_heads;
+    if constexpr (plan::train_o) linear_backward_weight(s.attn, dout, g.o_proj, "o_proj: dWo += dout^T a");
     if constexpr (plan::adapt_o) lora_backward(w.o_proj, s.attn, s.u_o, dout, g.o_lora);
     if constexpr (!plan::need_da) {
       return {};
     } else {
-      tensor<T> da({std::size_t(B), std::size_t(S), std::size_t(c.q_dim())}, memory_use::workspace);
-      linear_backward_input(w.o_proj, dout, da, false);
-      tensor<T> dq, dk, dv;
-      if constexpr (plan::need_dq) dq = tensor<T>({std::size_t(B), std::size_t(S), std::size_t(c.q_dim())}, memory_use::workspace);
-      if constexpr (plan::need_dk) dk = tensor<T>({std::size_t(B), std::size_t(S), std::size_t(c.kv_dim())}, memory_use::workspace);
-      if constexpr (plan::need_dv) dv = tensor<T>({std::size_t(B), std::size_t(S), std::size_t(c.kv_dim())}, memory_use::workspace);
-      const T scale = T(1) / std::sqrt(T(hd));
-      const int group = H / KV;
-      // One task per (batch, kv head): the query heads sharing a kv head add into the
-      // same dk, dv rows, so they run in one task, in order, with no races.
-#pragma omp parallel
-      {
-        detail::row_matrix<T> dP(S, S);
-#pragma omp for collapse(2) schedule(static)
-        for (int b = 0; b < B; ++b)
-          for (int kvh = 0; kvh < KV; ++kvh)
-            for (int head = kvh * group; head < (kvh + 1) * group; ++head) {
-              Eigen::Map<const detail::row_matrix<T>> P(s.probs.data() + (std::size_t(b) * H + std::size_t(head)) * S * S,
-                                                       S, S);
-              auto dA = detail::head_view(da.data(), b, head, S, H, hd);
-              if constexpr (plan::need_dv) {
-                auto dV = detail::head_view(dv.data(), b, kvh, S, KV, hd);
-                dV.noalias() += P.transpose() * dA;
-              }
-              if constexpr (plan::need_dq || plan::need_dk) {
-                auto V = detail::head_view(s.v.data(), b, kvh, S, KV, hd);
-                dP.noalias() = dA * V.transpose();
-                // dS = P * (dP - rowsum(dP * P)), stored over dP (row i sees keys 0..i, or all when not causal)
-                for (int i = 0; i < S; ++i) {
-                  const int seen = c.causal ? i + 1 : S;
-                  T dot = 0;
-                  for (int j = 0; j < seen; ++j) dot += dP(i, j) * P(i, j);
-                  for (int j = 0; j < seen; ++j) dP(i, j) = P(i, j) * (dP(i, j) - dot);
-                  for (int j = seen; j < S; ++j) dP(i, j) = T(0);
-                }
-                if constexpr (plan::need_dq) {
-                  auto K = detail::head_view(s.k.data(), b, kvh, S, KV, hd);
-                  auto dQ = detail::head_view(dq.data(), b, head, S, H, hd);
-                  dQ.noalias() = (dP * K) * scale;
-                }
-                if constexpr (plan::need_dk) {
-                  auto Q = detail::head_view(s.q.data(), b, head, S, H, hd);
-                  auto dK = detail::head_view(dk.data(), b, kvh, S, KV, hd);
-                  dK.noalias() += (dP.transpose() * Q) * scale;
-                }
-              }
-            }
-      }
+      const auto tokens = [&](int features) { return shape_t{std::size_t(B), std::size_t(S), std::size_t(features)}; };
+      tensor_t da(tokens(c.q_dim()), memory_use::workspace);
+      linear_backward_input(w.o_proj, dout, da, false, "o_proj: da = dout Wo");
+      tensor_t dq, dk, dv;
+      if constexpr (plan::need_dq) dq = tensor_t(tokens(c.q_dim()), memory_use::workspace);
+      if constexpr (plan::need_dk) dk = tensor_t(tokens(c.kv_dim()), memory_use::workspace);
+      if constexpr (plan::need_dv) dv = tensor_t(tokens(c.kv_dim()), memory_use::workspace);
+      const tensor_t* q = nullptr;
+      const tensor_t* k = nullptr;
+      const tensor_t* v = nullptr;
+      if constexpr (plan::save_q) q = &s.q;
+      if constexpr (plan::save_k) k = &s.k;
+      if constexpr (plan::save_v) v = &s.v;
+      Backend::attention_backward(dims(B, S), scale(), s.probs, q, k, v, da, plan::need_dq ? &dq : nullptr,
+                                  plan::need_dk ? &dk : nullptr, plan::need_dv ? &dv : nullptr);
       if constexpr (plan::need_dq)
         if (c.rotary) rope_apply(*table, dq.data(), B, S, H, first_pos, true);
       if constexpr (plan::need_dk)
         if (c.rotary) rope_apply(*table, dk.data(), B, S, KV, first_pos, true);
-      if constexpr (plan::train_q) linear_backward_weight(s.h, dq, g.q_proj);
-      if constexpr (plan::train_k) linear_backward_weight(s.h, dk, g.k_proj);
-      if constexpr (plan::train_v) linear_backward_weight(s.h, dv, g.v_proj);
+      if constexpr (plan::train_q) linear_backward_weight(s.h, dq, g.q_proj, "q_proj: dWq += dq^T h");
+      if constexpr (plan::train_k) linear_backward_weight(s.h, dk, g.k_proj, "k_proj: dWk += dk^T h");
+      if constexpr (plan::train_v) linear_backward_weight(s.h, dv, g.v_proj, "v_proj: dWv += dv^T h");
       if constexpr (plan::adapt_q) lora_backward(w.q_proj, s.h, s.u_q, dq, g.q_lora);
       if constexpr (plan::adapt_k) lora_backward(w.k_proj, s.h, s.u_k, dk, g.k_lora);
       if constexpr (plan::adapt_v) lora_backward(w.v_proj, s.h, s.u_v, dv, g.v_lora);
       if constexpr (NeedsInputGrad) {
-        tensor<T> dh({std::size_t(B), std::size_t(S), std::size_t(c.hidden)}, memory_use::workspace);
-        linear_backward_input(w.q_proj, dq, dh, false);
-        linear_backward_input(w.k_proj, dk, dh, true);
-        linear_backward_input(w.v_proj, dv, dh, true);
+        tensor_t dh(tokens(c.hidden), memory_use::workspace);
+        linear_backward_input(w.q_proj, dq, dh, false, "q_proj: dh = dq Wq");
+        linear_backward_input(w.k_proj, dk, dh, true, "k_proj: dh += dk Wk");
+        linear_backward_input(w.v_proj, dv, dh, true, "v_proj: dh += dv Wv");
         return dh;
       } else {
         return {};
@@ -323,24 +226,21 @@ struct causal_attention {
   // Per projection: base weight (and bias), then its adapter, as for_each_parameter orders them.
   template <class F>
   static void for_each_trainable(weights_t& w, grads_t& g, F&& f) {
-    auto both = [&](const char* name, linear_weights<T>& p, linear_weights<T>& dp) {
-      f(std::string(name) + ".weight", p.weight, dp.weight);
-      if (p.has_bias()) f(std::string(name) + ".bias", p.bias, dp.bias);
-    };
-    auto factors = [&](const char* name, linear_weights<T>& p, lora_factors<T>& dp) {
-      f(std::string(name) + ".lora_A.weight", p.lora.A, dp.A);
-      f(std::string(name) + ".lora_B.weight", p.lora.B, dp.B);
-    };
-    if constexpr (plan::train_q) both("q_proj", w.q_proj, g.q_proj);
-    if constexpr (plan::adapt_q) factors("q_proj", w.q_proj, g.q_lora);
-    if constexpr (plan::train_k) both("k_proj", w.k_proj, g.k_proj);
-    if constexpr (plan::adapt_k) factors("k_proj", w.k_proj, g.k_lora);
-    if constexpr (plan::train_v) both("v_proj", w.v_proj, g.v_proj);
-    if constexpr (plan::adapt_v) factors("v_proj", w.v_proj, g.v_lora);
-    if constexpr (plan::train_o) both("o_proj", w.o_proj, g.o_proj);
-    if constexpr (plan::adapt_o) factors("o_proj", w.o_proj, g.o_lora);
+    if constexpr (plan::train_q) visit_linear("q_proj", w.q_proj, g.q_proj, f);
+    if constexpr (plan::adapt_q) visit_lora("q_proj", w.q_proj, g.q_lora, f);
+    if constexpr (plan::train_k) visit_linear("k_proj", w.k_proj, g.k_proj, f);
+    if constexpr (plan::adapt_k) visit_lora("k_proj", w.k_proj, g.k_lora, f);
+    if constexpr (plan::train_v) visit_linear("v_proj", w.v_proj, g.v_proj, f);
+    if constexpr (plan::adapt_v) visit_lora("v_proj", w.v_proj, g.v_lora, f);
+    if constexpr (plan::train_o) visit_linear("o_proj", w.o_proj, g.o_proj, f);
+    if constexpr (plan::adapt_o) visit_lora("o_proj", w.o_proj, g.o_lora, f);
   }
 
+ private:
+  attention_dims dims(int B, int S) const {
+    return {B, S, config.n_heads, config.n_kv_heads, config.head_dim, config.causal};
+  }
+  T scale() const { return T(1) / std::sqrt(T(config.head_dim)); }
 };
 
 }  // namespace skillgraft::nn

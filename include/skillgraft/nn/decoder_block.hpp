@@ -25,12 +25,13 @@
 
 namespace skillgraft::nn {
 
-template <class T>
+template <class T, class Backend = backend::cpu>
 struct block_weights {
-  tensor<T> attn_norm;            // input_layernorm.weight [hidden]
-  attention_weights<T> self_attn; // self_attn.{q,k,v,o}_proj
-  tensor<T> mlp_norm;             // post_attention_layernorm.weight [hidden]
-  mlp_weights<T> mlp;             // mlp.{gate,up,down}_proj
+  using tensor_t = typename Backend::template tensor<T>;
+  tensor_t attn_norm;                       // input_layernorm.weight [hidden]
+  attention_weights<T, Backend> self_attn;  // self_attn.{q,k,v,o}_proj
+  tensor_t mlp_norm;                        // post_attention_layernorm.weight [hidden]
+  mlp_weights<T, Backend> mlp;              // mlp.{gate,up,down}_proj
 
   block_weights() = default;
   block_weights(const decoder_config& c, memory_use use = memory_use::weights)
@@ -45,12 +46,21 @@ struct block_weights {
                       I = std::size_t(c.intermediate), bias = c.attention_bias ? qd + 2 * kvd : 0;
     return 2 * d + d * qd + 2 * d * kvd + bias + qd * d + 3 * d * I;
   }
+  // Every tensor with its Hugging Face name relative to the layer ("self_attn.q_proj.weight"),
+  // paired with the same tensor of `other`.
+  template <class Other, class F>
+  void for_each_tensor(Other& other, F&& f) const {
+    f(std::string("input_layernorm.weight"), attn_norm, other.attn_norm);
+    self_attn.for_each_tensor(other.self_attn, [&](const std::string& n, auto& a, auto& b) { f("self_attn." + n, a, b); });
+    f(std::string("post_attention_layernorm.weight"), mlp_norm, other.mlp_norm);
+    mlp.for_each_tensor(other.mlp, [&](const std::string& n, auto& a, auto& b) { f("mlp." + n, a, b); });
+  }
 };
 
 // Throws, naming the tensor, when a weight's shape does not match the config (and, for the
 // MLP, the policy Mlp with its options: a range alpha for xsilu, router and experts for moe).
-template <class Mlp = default_mlp, class T>
-void check_block_weights(const block_weights<T>& w, const decoder_config& c, const std::string& prefix = "",
+template <class Mlp = default_mlp, class T, class B>
+void check_block_weights(const block_weights<T, B>& w, const decoder_config& c, const std::string& prefix = "",
                          const typename Mlp::options& o = {}) {
   const auto d = std::size_t(c.hidden), qd = std::size_t(c.q_dim()), kvd = std::size_t(c.kv_dim());
   cpu::expect_shape(w.attn_norm, {d}, prefix + "input_layernorm.weight");
@@ -94,33 +104,35 @@ struct gradient_of_frozen_tensor {
 // Gradients of a block: members only for the recipe's trainable tensors
 // (`q_proj`, ..., `down_proj`, `attn_norm`, `mlp_norm`, and the MLP policy's `act_alpha`,
 // `router`), so naming a frozen one does not compile.
-template <class T, class Recipe, class Mlp = default_mlp>
-struct block_grads : attention_grads<T, Recipe>,
-                     Mlp::template grads<T, Recipe>,
-                     members::optional_attn_norm<trains_v<group::attn_norm, Recipe>, tensor<T>>,
-                     members::optional_mlp_norm<trains_v<group::mlp_norm, Recipe>, tensor<T>> {};
+template <class T, class Recipe, class Mlp = default_mlp, class Backend = backend::cpu>
+struct block_grads
+    : attention_grads<T, Recipe, Backend>,
+      Mlp::template grads<T, Recipe, Backend>,
+      members::optional_attn_norm<trains_v<group::attn_norm, Recipe>, typename Backend::template tensor<T>>,
+      members::optional_mlp_norm<trains_v<group::mlp_norm, Recipe>, typename Backend::template tensor<T>> {};
 
 template <class T, class Recipe, bool NeedsInputGrad, class Backend = backend::cpu, class Mlp = default_mlp>
 struct decoder_block {
-  static_assert(std::is_same_v<Backend, backend::cpu>, "skillgraft: this decoder_block is the CPU implementation");
   static_assert(check_language_model_recipe<Recipe, Mlp>());
   using value_type = T;
+  using backend_type = Backend;
+  using tensor_t = typename Backend::template tensor<T>;
   using mlp_policy = Mlp;
   using mlp_options_t = typename Mlp::options;
   using recipe_type = restrict_t<Recipe, decltype(block_tags)>;
-  using weights_t = block_weights<T>;
+  using weights_t = block_weights<T, Backend>;
   static constexpr bool needs_input_grad = NeedsInputGrad;
 
   // The flow of gradients through the block, decided by the recipe.
   static constexpr bool train_attn_norm = trains_v<group::attn_norm, recipe_type>;
   static constexpr bool train_mlp_norm = trains_v<group::mlp_norm, recipe_type>;
   static constexpr bool attention_needs_dh = train_attn_norm || NeedsInputGrad;
-  using attn_norm_t = rmsnorm<T, train_attn_norm, NeedsInputGrad>;
-  using attention_t = causal_attention<T, recipe_type, attention_needs_dh>;
+  using attn_norm_t = rmsnorm<T, train_attn_norm, NeedsInputGrad, Backend>;
+  using attention_t = self_attention<T, recipe_type, attention_needs_dh, Backend>;
   static constexpr bool attention_active = attention_t::plan::active;
   static constexpr bool need_dx2 = attention_active;  // gradient of the residual stream between the halves
-  using mlp_norm_t = rmsnorm<T, train_mlp_norm, need_dx2>;
-  using mlp_t = typename Mlp::template layer<T, recipe_type, train_mlp_norm || need_dx2>;
+  using mlp_norm_t = rmsnorm<T, train_mlp_norm, need_dx2, Backend>;
+  using mlp_t = typename Mlp::template layer<T, recipe_type, train_mlp_norm || need_dx2, Backend>;
   static constexpr bool mlp_active = mlp_t::plan::active;
   static constexpr bool any_backward = mlp_active;  // nothing trains at or below: no backward at all
 
@@ -128,69 +140,73 @@ struct decoder_block {
                    members::optional_attention<attention_active, typename attention_t::saved_t>,
                    members::optional_mlp_norm<mlp_norm_t::keeps_input, typename mlp_norm_t::saved_t>,
                    members::optional_mlp<mlp_active, typename mlp_t::saved_t> {};
-  using grads_t = block_grads<T, recipe_type, Mlp>;
+  using grads_t = block_grads<T, recipe_type, Mlp, Backend>;
   static constexpr bool keeps_nothing = std::is_empty_v<saved_t>;
 
   decoder_config config;
-  const rope_table<T>* table = nullptr;
+  const rope_table<T, Backend>* table = nullptr;
   int first_pos = 0;
   [[no_unique_address]] mlp_options_t mlp_options{};
 
   decoder_block() = default;
-  decoder_block(const decoder_config& c, const rope_table<T>& t, const mlp_options_t& o = {})
+  decoder_block(const decoder_config& c, const rope_table<T, Backend>& t, const mlp_options_t& o = {})
       : config(c), table(&t), mlp_options(o) {}
 
   grads_t make_grads(const weights_t& w) const {
     grads_t g;
     static_cast<typename attention_t::grads_t&>(g) = attention().make_grads(w.self_attn);
     static_cast<typename mlp_t::grads_t&>(g) = mlp().make_grads(w.mlp);
-    if constexpr (train_attn_norm) g.attn_norm = tensor<T>(w.attn_norm.shape(), memory_use::gradients);
-    if constexpr (train_mlp_norm) g.mlp_norm = tensor<T>(w.mlp_norm.shape(), memory_use::gradients);
+    if constexpr (train_attn_norm) g.attn_norm = tensor_t(w.attn_norm.shape(), memory_use::gradients);
+    if constexpr (train_mlp_norm) g.mlp_norm = tensor_t(w.mlp_norm.shape(), memory_use::gradients);
     return g;
   }
 
-  tensor<T> forward(const weights_t& w, const tensor<T>& x, saved_t& s) const {
+  tensor_t forward(const weights_t& w, const tensor_t& x, saved_t& s) const {
     if (x.rank() != 3 || x.dim(2) != std::size_t(config.hidden))
       throw std::invalid_argument("skillgraft: decoder block input has shape " + x.shape().str() +
                                   ", expected [batch, seq, " + std::to_string(config.hidden) + "]");
-    tensor<T> h1 = attn_norm().forward(w.attn_norm, x, part<attn_norm_t::keeps_input, typename attn_norm_t::saved_t>(
-                                                          s, [](auto& ss) -> auto& { return ss.attn_norm; }));
-    tensor<T> x2 = attention().forward(w.self_attn, h1, part<attention_active, typename attention_t::saved_t>(
-                                                            s, [](auto& ss) -> auto& { return ss.attention; }));
-    x2.vec() += x.vec();
-    tensor<T> h2 = mlp_norm().forward(w.mlp_norm, x2, part<mlp_norm_t::keeps_input, typename mlp_norm_t::saved_t>(
-                                                          s, [](auto& ss) -> auto& { return ss.mlp_norm; }));
-    tensor<T> y = mlp().forward(w.mlp, h2, part<mlp_active, typename mlp_t::saved_t>(
-                                               s, [](auto& ss) -> auto& { return ss.mlp; }));
-    y.vec() += x2.vec();
+    tensor_t h1 = attn_norm().forward(w.attn_norm, x,
+                                      part<attn_norm_t::keeps_input, typename attn_norm_t::saved_t>(
+                                          s, [](auto& ss) -> auto& { return ss.attn_norm; }),
+                                      "input_layernorm");
+    tensor_t x2 = attention().forward(w.self_attn, h1, part<attention_active, typename attention_t::saved_t>(
+                                                           s, [](auto& ss) -> auto& { return ss.attention; }));
+    Backend::add_into(x2, x);
+    tensor_t h2 = mlp_norm().forward(w.mlp_norm, x2,
+                                     part<mlp_norm_t::keeps_input, typename mlp_norm_t::saved_t>(
+                                         s, [](auto& ss) -> auto& { return ss.mlp_norm; }),
+                                     "post_attention_layernorm");
+    tensor_t y = mlp().forward(w.mlp, h2, part<mlp_active, typename mlp_t::saved_t>(
+                                              s, [](auto& ss) -> auto& { return ss.mlp; }));
+    Backend::add_into(y, x2);
     return y;
   }
 
   // Adds weight gradients into g; returns dx when NeedsInputGrad, else an empty tensor.
-  tensor<T> backward(const weights_t& w, const saved_t& s, const tensor<T>& dy, grads_t& g) const {
+  tensor_t backward(const weights_t& w, const saved_t& s, const tensor_t& dy, grads_t& g) const {
     if (dy.rank() != 3 || dy.dim(2) != std::size_t(config.hidden))
       throw std::invalid_argument("skillgraft: decoder block output gradient has shape " + dy.shape().str() +
                                   ", expected [batch, seq, " + std::to_string(config.hidden) + "]");
     if constexpr (!any_backward) {
       return {};
     } else {
-      tensor<T> dh2 = mlp().backward(w.mlp, s.mlp, dy, g);
-      tensor<T> dx2;
+      tensor_t dh2 = mlp().backward(w.mlp, s.mlp, dy, g);
+      tensor_t dx2;
       if constexpr (mlp_norm_t::keeps_input) {
-        tensor<T>* dw2 = nullptr;
+        tensor_t* dw2 = nullptr;
         if constexpr (train_mlp_norm) dw2 = &g.mlp_norm;
         dx2 = mlp_norm_t::backward_into(w.mlp_norm, s.mlp_norm, dh2, dw2);
       }
       if constexpr (!attention_active) {
         return {};
       } else {
-        dx2.vec() += dy.vec();
-        tensor<T> dh1 = attention().backward(w.self_attn, s.attention, dx2, g);
+        Backend::add_into(dx2, dy);
+        tensor_t dh1 = attention().backward(w.self_attn, s.attention, dx2, g);
         if constexpr (attention_needs_dh) {
-          tensor<T>* dw1 = nullptr;
+          tensor_t* dw1 = nullptr;
           if constexpr (train_attn_norm) dw1 = &g.attn_norm;
-          tensor<T> dx = attn_norm_t::backward_into(w.attn_norm, s.attn_norm, dh1, dw1);
-          if constexpr (NeedsInputGrad) dx.vec() += dx2.vec();
+          tensor_t dx = attn_norm_t::backward_into(w.attn_norm, s.attn_norm, dh1, dw1);
+          if constexpr (NeedsInputGrad) Backend::add_into(dx, dx2);
           return dx;
         } else {
           return {};
@@ -204,11 +220,11 @@ struct decoder_block {
   template <class F>
   static void for_each_trainable(weights_t& w, grads_t& g, F&& f) {
     if constexpr (train_attn_norm) f(std::string("input_layernorm.weight"), w.attn_norm, g.attn_norm);
-    attention_t::for_each_trainable(w.self_attn, g, [&](const std::string& n, tensor<T>& p, tensor<T>& dp) {
+    attention_t::for_each_trainable(w.self_attn, g, [&](const std::string& n, tensor_t& p, tensor_t& dp) {
       f("self_attn." + n, p, dp);
     });
     if constexpr (train_mlp_norm) f(std::string("post_attention_layernorm.weight"), w.mlp_norm, g.mlp_norm);
-    mlp_t::for_each_trainable(w.mlp, g, [&](const std::string& n, tensor<T>& p, tensor<T>& dp) { f("mlp." + n, p, dp); });
+    mlp_t::for_each_trainable(w.mlp, g, [&](const std::string& n, tensor_t& p, tensor_t& dp) { f("mlp." + n, p, dp); });
   }
 
   // Elements forward keeps for backward, from the plan (not from running it).

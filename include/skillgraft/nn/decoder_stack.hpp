@@ -19,10 +19,10 @@
 
 namespace skillgraft::nn {
 
-template <class T>
+template <class T, class Backend = backend::cpu>
 struct trunk_weights {
   decoder_config config;
-  std::vector<block_weights<T>> layers;
+  std::vector<block_weights<T, Backend>> layers;
 
   trunk_weights() = default;
   explicit trunk_weights(const decoder_config& c, memory_use use = memory_use::weights) : config(c) {
@@ -59,7 +59,9 @@ class decoder_stack {
   using lowest_t = decoder_block<T, recipe_type, NeedsInputGrad, Backend, Mlp>;
   using middle_t = decoder_block<T, recipe_type, true, Backend, Mlp>;
   using above_t = decoder_block<T, frozen_type, true, Backend, Mlp>;
-  using weights_t = trunk_weights<T>;
+  using weights_t = trunk_weights<T, Backend>;
+  using backend_type = Backend;
+  using tensor_t = typename Backend::template tensor<T>;
   using block_grads_t = typename lowest_t::grads_t;
   static_assert(std::is_same_v<block_grads_t, typename middle_t::grads_t>);
 
@@ -105,7 +107,7 @@ class decoder_stack {
 
   const decoder_config& config() const { return config_; }
   const mlp_options_t& mlp_options() const { return mlp_options_; }
-  const rope_table<T>& rope() const { return table_; }
+  const rope_table<T, Backend>& rope() const { return table_; }
   int first_trainable() const { return first_; }
   int last_trainable() const { return last_; }
   bool layer_trains(int i) const { return i >= first_ && i <= last_; }
@@ -119,11 +121,11 @@ class decoder_stack {
   }
 
   // x: [batch, seq, hidden]; token s sits at position first_pos + s.
-  tensor<T> forward(const weights_t& w, const tensor<T>& x, saved_t& s, int first_pos = 0) const {
+  tensor_t forward(const weights_t& w, const tensor_t& x, saved_t& s, int first_pos = 0) const {
     check_weights(w);
     const int n = config_.n_layers;
     s = saved_t{};
-    tensor<T> h = x.clone(memory_use::workspace);
+    tensor_t h = x.clone(memory_use::workspace);
     for (int i = 0; i < n; ++i) {
       const auto& wi = w.layers[std::size_t(i)];
       if (i < first_) {
@@ -141,13 +143,13 @@ class decoder_stack {
 
   // Walks down from the top to the lowest trainable layer (to layer 0 when the input
   // gradient is wanted), adding weight gradients into g.
-  tensor<T> backward(const weights_t& w, const saved_t& s, const tensor<T>& dy, grads_t& g, int first_pos = 0) const {
+  tensor_t backward(const weights_t& w, const saved_t& s, const tensor_t& dy, grads_t& g, int first_pos = 0) const {
     check_weights(w);
     if (!s.lowest && first_ < config_.n_layers)
       throw std::logic_error("skillgraft: decoder_stack::backward called without a forward that saved activations");
     if (g.first != first_ || int(g.layers.size()) != last_ - first_ + 1)
       throw std::invalid_argument("skillgraft: gradients were made for another recipe or layer range");
-    tensor<T> d = dy.clone(memory_use::workspace);
+    tensor_t d = dy.clone(memory_use::workspace);
     for (int i = config_.n_layers - 1; i > last_; --i) {
       typename above_t::grads_t none;
       d = block<above_t>(first_pos).backward(w.layers[std::size_t(i)], s.above[std::size_t(i - last_ - 1)], d, none);
@@ -173,7 +175,7 @@ class decoder_stack {
   void for_each_trainable(weights_t& w, grads_t& g, F&& f) const {
     for (int i = first_; i <= last_; ++i)
       lowest_t::for_each_trainable(w.layers[std::size_t(i)], g.layers[std::size_t(i - first_)],
-                                   [&](const std::string& n, tensor<T>& p, tensor<T>& dp) {
+                                   [&](const std::string& n, tensor_t& p, tensor_t& dp) {
                                      f("model.layers." + std::to_string(i) + "." + n, p, dp);
                                    });
   }
@@ -235,7 +237,7 @@ class decoder_stack {
 
   decoder_config config_;
   mlp_options_t mlp_options_;
-  rope_table<T> table_;
+  rope_table<T, Backend> table_;
   int first_ = 0;
   int last_ = -1;
 };

@@ -75,12 +75,16 @@ struct moe_plan {
 
 // Gradients: the newest expert's trainable tensors (named as in a dense MLP: `gate_proj`,
 // ..., `act_alpha`) and the router's.
-template <class T, class Recipe, class Act>
-struct moe_grads : mlp_grads<T, Recipe, Act>,
-                   members::optional_router<trains_v<group::router, Recipe>, tensor<T>> {};
+template <class T, class Recipe, class Act, class Backend = backend::cpu>
+struct moe_grads : mlp_grads<T, Recipe, Act, Backend>,
+                   members::optional_router<trains_v<group::router, Recipe>, typename Backend::template tensor<T>> {};
 
-template <class T, class Recipe, bool NeedsInputGrad, class Policy>
+// The routing (top-k selection, gathers of the routed rows) runs on the host: the mixture is a
+// CPU layer for now, and a block or stack of another backend with an nn::moe policy stops here.
+template <class T, class Recipe, bool NeedsInputGrad, class Policy, class Backend = backend::cpu>
 struct moe_mlp {
+  static_assert(std::is_same_v<Backend, backend::cpu>,
+                "skillgraft: the mixture-of-experts MLP (nn::moe) runs on the CPU backend only");
   using value_type = T;
   using weights_t = mlp_weights<T>;
   using activation = typename Policy::activation;
@@ -157,7 +161,7 @@ struct moe_mlp {
       auto m = (plan::save_m && e == newest) ? rows(sm, 0, n) : fresh(mw, n, I);
       g.noalias() = he.mat() * ex.gate_proj.weight.mat().transpose();
       u.noalias() = he.mat() * ex.up_proj.weight.mat().transpose();
-      detail::gated_product<Act>(g.data(), u.data(), detail::range_of<Act>(ex), m.data(), n * I);
+      cpu::gated_product_n<Act>(g.data(), u.data(), detail::range_value<Act>(ex), m.data(), n * I);
       tensor<T> ye({n, d}, memory_use::workspace);
       ye.mat().noalias() = m * ex.down_proj.weight.mat().transpose();
       for (std::size_t r = 0; r < n; ++r) {
@@ -209,7 +213,7 @@ struct moe_mlp {
         const bool is_newest = e == newest;
         if (n == 0 || !(NeedsInputGrad || (is_newest && plan::newest_active))) continue;
         const auto& ex = w.expert(e);
-        const T alpha = detail::range_of<Act>(ex);
+        const T alpha = detail::range_value<Act>(ex);
         const std::size_t row0 = plan::all_pairs ? grp.offset[e] : 0;
         tensor<T> de = gather(dout, grp, e);  // dout of the tokens that chose e (not yet weighted)
         std::vector<T> we(n);
@@ -229,7 +233,7 @@ struct moe_mlp {
           if constexpr (NeedsInputGrad) {  // a_te = (dout_t Wd) . m_te, m recomputed from g and u
             const auto u = rows(s.u, row0, n);
             tensor<T> m({n, I}, memory_use::workspace);
-            detail::gated_product<Act>(g.data(), u.data(), alpha, m.data(), n * I);
+            cpu::gated_product_n<Act>(g.data(), u.data(), alpha, m.data(), n * I);
             for (std::size_t r = 0; r < n; ++r)
               a[grp.token[grp.offset[e] + r] * K + grp.slot[grp.offset[e] + r]] =
                   dm.mat().row(Eigen::Index(r)).dot(m.mat().row(Eigen::Index(r)));
@@ -241,7 +245,7 @@ struct moe_mlp {
                                                                           : tensor<T>();
           if (is_newest) {
             constexpr bool dg = NeedsInputGrad || plan::train_gate, duu = NeedsInputGrad || plan::train_up;
-            const T da = detail::gated_product_backward<Act, dg, duu, plan::train_alpha>(g.data(), up, alpha, dm.data(),
+            const T da = cpu::gated_product_backward_n<Act, dg, duu, plan::train_alpha>(g.data(), up, alpha, dm.data(),
                                                                                       du.data(), n * I);
             if constexpr (plan::train_alpha) gr.act_alpha[0] += da;
             if constexpr (plan::train_gate || plan::train_up) {
@@ -250,7 +254,7 @@ struct moe_mlp {
               if constexpr (plan::train_up) gr.up_proj.weight.mat().noalias() += du.mat().transpose() * he.mat();
             }
           } else if constexpr (NeedsInputGrad) {
-            detail::gated_product_backward<Act, true, true, false>(g.data(), up, alpha, dm.data(), du.data(), n * I);
+            cpu::gated_product_backward_n<Act, true, true, false>(g.data(), up, alpha, dm.data(), du.data(), n * I);
           }
           if constexpr (NeedsInputGrad) {  // dh_t += dg Wg + du Wu
             tensor<T> dhe({n, d}, memory_use::workspace);
@@ -466,10 +470,10 @@ struct moe {
   static constexpr int top_k = TopK;
   static constexpr bool renormalise = Renormalise;
   using options = moe_options;
-  template <class T, class Recipe, bool NeedsInputGrad>
-  using layer = moe_mlp<T, Recipe, NeedsInputGrad, moe>;
-  template <class T, class Recipe>
-  using grads = moe_grads<T, Recipe, Act>;
+  template <class T, class Recipe, bool NeedsInputGrad, class Backend = backend::cpu>
+  using layer = moe_mlp<T, Recipe, NeedsInputGrad, moe, Backend>;
+  template <class T, class Recipe, class Backend = backend::cpu>
+  using grads = moe_grads<T, Recipe, Act, Backend>;
   template <class Tag>
   static constexpr bool accepts = !std::is_same_v<Tag, lora<proj::gate>> && !std::is_same_v<Tag, lora<proj::up>> &&
                                   !std::is_same_v<Tag, lora<proj::down>> &&

@@ -27,13 +27,14 @@ namespace members {
 SKILLGRAFT_OPTIONAL_MEMBER(act_alpha);
 }  // namespace members
 
-template <class T>
+template <class T, class Backend = backend::cpu>
 struct mlp_weights {
-  linear_weights<T> gate_proj, up_proj, down_proj;
-  tensor<T> act_alpha;  // act_fn.alpha [1]: the gate range of xsilu / xgelu; empty for silu
+  using tensor_t = typename Backend::template tensor<T>;
+  linear_weights<T, Backend> gate_proj, up_proj, down_proj;
+  tensor_t act_alpha;  // act_fn.alpha [1]: the gate range of xsilu / xgelu; empty for silu
   // A mixture of experts (nn/moe_mlp.hpp), empty for a dense MLP: this MLP is expert 0
   // and experts[j] is expert j + 1 (the last one is the newest, the one that trains).
-  tensor<T> router;                 // router.weight [experts, hidden]
+  tensor_t router;                  // router.weight [experts, hidden]
   std::vector<mlp_weights> experts; // experts 1 .. E-1 (no router or experts of their own)
 
   mlp_weights() = default;
@@ -53,7 +54,7 @@ struct mlp_weights {
   // Another expert with the same values (Gate, Up, Down and the range; no adapters).
   mlp_weights clone_expert(memory_use use) const {
     mlp_weights e;
-    auto copy = [&](const linear_weights<T>& from, linear_weights<T>& to) {
+    auto copy = [&](const linear_weights<T, Backend>& from, linear_weights<T, Backend>& to) {
       to.weight = from.weight.clone(use);
       to.bias = from.bias.clone(use);
     };
@@ -62,6 +63,28 @@ struct mlp_weights {
     copy(down_proj, e.down_proj);
     e.act_alpha = act_alpha.clone(use);
     return e;
+  }
+  // Every tensor with its Hugging Face name relative to the MLP ("gate_proj.weight",
+  // "act_fn.alpha", "router.weight", "experts.1.gate_proj.weight" for expert 1).
+  template <class Other, class F>
+  void for_each_tensor(Other& other, F&& f) const {
+    visit_expert(*this, other, std::string(), f);
+    if (!router.empty()) f(std::string("router.weight"), router, other.router);
+    for (std::size_t e = 0; e < experts.size() && e < other.experts.size(); ++e)
+      visit_expert(experts[e], other.experts[e], "experts." + std::to_string(e + 1) + ".", f);
+  }
+
+ private:
+  // Gate, Up, Down and the range of one expert (not recursive: experts have no experts).
+  template <class Other, class F>
+  static void visit_expert(const mlp_weights& w, Other& other, const std::string& prefix, F& f) {
+    auto sub = [&](const char* name, auto& mine, auto& theirs) {
+      mine.for_each_tensor(theirs, [&](const std::string& n, auto& a, auto& b) { f(prefix + name + "." + n, a, b); });
+    };
+    sub("gate_proj", w.gate_proj, other.gate_proj);
+    sub("up_proj", w.up_proj, other.up_proj);
+    sub("down_proj", w.down_proj, other.down_proj);
+    if (!w.act_alpha.empty()) f(prefix + "act_fn.alpha", w.act_alpha, other.act_alpha);
   }
 };
 
@@ -97,14 +120,15 @@ struct mlp_plan {
 };
 
 // Gradients of the trainable tensors only; the same type whether or not dh is wanted.
-template <class T, class Recipe, class Act = act::silu>
-struct mlp_grads : members::optional_gate_proj<trains_v<proj::gate, Recipe>, linear_weights<T>>,
-                   members::optional_up_proj<trains_v<proj::up, Recipe>, linear_weights<T>>,
-                   members::optional_down_proj<trains_v<proj::down, Recipe>, linear_weights<T>>,
-                   members::optional_gate_lora<trains_v<lora<proj::gate>, Recipe>, lora_factors<T>>,
-                   members::optional_up_lora<trains_v<lora<proj::up>, Recipe>, lora_factors<T>>,
-                   members::optional_down_lora<trains_v<lora<proj::down>, Recipe>, lora_factors<T>>,
-                   members::optional_act_alpha<mlp_plan<Recipe, false, Act>::train_alpha, tensor<T>> {};
+template <class T, class Recipe, class Act = act::silu, class Backend = backend::cpu>
+struct mlp_grads
+    : members::optional_gate_proj<trains_v<proj::gate, Recipe>, linear_weights<T, Backend>>,
+      members::optional_up_proj<trains_v<proj::up, Recipe>, linear_weights<T, Backend>>,
+      members::optional_down_proj<trains_v<proj::down, Recipe>, linear_weights<T, Backend>>,
+      members::optional_gate_lora<trains_v<lora<proj::gate>, Recipe>, lora_factors<T, Backend>>,
+      members::optional_up_lora<trains_v<lora<proj::up>, Recipe>, lora_factors<T, Backend>>,
+      members::optional_down_lora<trains_v<lora<proj::down>, Recipe>, lora_factors<T, Backend>>,
+      members::optional_act_alpha<mlp_plan<Recipe, false, Act>::train_alpha, typename Backend::template tensor<T>> {};
 
 // Runtime settings of an MLP policy (a dense MLP has none).
 struct dense_options {
@@ -114,8 +138,8 @@ struct dense_options {
 namespace detail {
 
 // Throws, naming the tensor, unless a projection has the shape the config implies.
-template <class T>
-void check_projection(const linear_weights<T>& l, std::size_t out, std::size_t in, bool bias, const std::string& name) {
+template <class T, class B>
+void check_projection(const linear_weights<T, B>& l, std::size_t out, std::size_t in, bool bias, const std::string& name) {
   cpu::expect_shape(l.weight, {out, in}, name + ".weight");
   if (l.has_lora()) {
     const std::size_t r = l.lora.rank();
@@ -127,8 +151,8 @@ void check_projection(const linear_weights<T>& l, std::size_t out, std::size_t i
 }
 
 // Gate, Up, Down and the range of one MLP (or expert) named `prefix` ("model.layers.0.mlp.").
-template <class Act, class T>
-void check_expert(const mlp_weights<T>& w, const decoder_config& c, const std::string& prefix) {
+template <class Act, class T, class B>
+void check_expert(const mlp_weights<T, B>& w, const decoder_config& c, const std::string& prefix) {
   const auto d = std::size_t(c.hidden), I = std::size_t(c.intermediate);
   check_projection(w.gate_proj, I, d, false, prefix + "gate_proj");
   check_projection(w.up_proj, I, d, false, prefix + "up_proj");
@@ -144,83 +168,46 @@ void check_expert(const mlp_weights<T>& w, const decoder_config& c, const std::s
   }
 }
 
-// m = phi(g; alpha) * u over n elements. SiLU keeps its original expression (bit for bit).
-template <class Act, class T>
-void gated_product(const T* gp, const T* up, T alpha, T* mp, std::size_t n) {
-  if constexpr (std::is_same_v<Act, act::silu>) {
-    (void)alpha;
-#pragma omp parallel for schedule(static) if (n > 32768)
-    for (std::size_t i = 0; i < n; ++i) mp[i] = gp[i] * sigmoid(gp[i]) * up[i];
-  } else {
-#pragma omp parallel for schedule(static) if (n > 32768)
-    for (std::size_t i = 0; i < n; ++i) mp[i] = gated<Act>(gp[i], alpha) * up[i];
-  }
-}
-
-// Backward of m = phi(g; alpha) * u over n elements: dm (in place) becomes dg when NeedDg,
-// du = dm * phi(g) when NeedDu; returns d alpha = sum(dm * u * dphi/dalpha) when NeedDalpha.
-template <class Act, bool NeedDg, bool NeedDu, bool NeedDalpha, class T>
-T gated_product_backward(const T* gp, const T* up, T alpha, T* dmp, T* dup, std::size_t n) {
-  T dalpha = T(0);
-  if constexpr (NeedDalpha)  // before dm is overwritten by dg
-    dalpha = deterministic_sum<T>(n, [&](std::size_t i) {
-      const T z = gp[i];
-      return dmp[i] * up[i] * z * (T(2) * Act::gate(z) - T(1));
-    });
-  if constexpr (std::is_same_v<Act, act::silu>) {
-#pragma omp parallel for schedule(static) if (n > 32768)
-    for (std::size_t i = 0; i < n; ++i) {
-      const T z = gp[i], sg = sigmoid(z), d = dmp[i];
-      if constexpr (NeedDu) dup[i] = d * z * sg;
-      if constexpr (NeedDg) dmp[i] = d * up[i] * sg * (T(1) + z * (T(1) - sg));
-    }
-  } else if constexpr (NeedDg || NeedDu) {
-#pragma omp parallel for schedule(static) if (n > 32768)
-    for (std::size_t i = 0; i < n; ++i) {
-      const T z = gp[i], d = dmp[i];
-      if constexpr (NeedDu) dup[i] = d * gated<Act>(z, alpha);
-      if constexpr (NeedDg) {
-        T dz, da;
-        gated_grad<Act>(z, alpha, dz, da);
-        dmp[i] = d * up[i] * dz;
-      }
-    }
-  }
-  return dalpha;
-}
-
-template <class Act, class T>
-T range_of(const mlp_weights<T>& w) {
+// The range tensor alpha [1] of an MLP whose activation has one (null otherwise), checked.
+template <class Act, class T, class B>
+const typename B::template tensor<T>* range_of(const mlp_weights<T, B>& w) {
   if constexpr (Act::has_range) {
     if (w.act_alpha.size() != 1)
       throw std::invalid_argument("skillgraft: mlp.act_fn.alpha has shape " + w.act_alpha.shape().str() +
                                   ", expected [1] (an " + std::string(Act::name) +
                                   " MLP needs its range: nn::add_act_range)");
-    return w.act_alpha[0];
+    return &w.act_alpha;
   } else {
-    return T(0);
+    return nullptr;
   }
+}
+// The same, read on the host (0 without a range): CPU weights only.
+template <class Act, class T>
+T range_value(const mlp_weights<T>& w) {
+  const auto* a = range_of<Act>(w);
+  return a ? (*a)[0] : T(0);
 }
 
 }  // namespace detail
 
-template <class T, class Recipe, bool NeedsInputGrad, class Act = act::silu>
+template <class T, class Recipe, bool NeedsInputGrad, class Act = act::silu, class Backend = backend::cpu>
 struct swiglu_mlp {
   using value_type = T;
-  using weights_t = mlp_weights<T>;
+  using tensor_t = typename Backend::template tensor<T>;
+  using weights_t = mlp_weights<T, Backend>;
   using activation = Act;
   using options = dense_options;
   using plan = mlp_plan<Recipe, NeedsInputGrad, Act>;
   static constexpr bool needs_input_grad = NeedsInputGrad;
 
-  struct saved_t : members::optional_h<plan::save_h, tensor<T>>,
-                   members::optional_g<plan::save_g, tensor<T>>,
-                   members::optional_u<plan::save_u, tensor<T>>,
-                   members::optional_m<plan::save_m, tensor<T>>,
-                   members::optional_u_gate<plan::adapt_gate, tensor<T>>,
-                   members::optional_u_up<plan::adapt_up, tensor<T>>,
-                   members::optional_u_down<plan::adapt_down, tensor<T>> {};
-  using grads_t = mlp_grads<T, Recipe, Act>;
+  struct saved_t : members::optional_h<plan::save_h, tensor_t>,
+                   members::optional_g<plan::save_g, tensor_t>,
+                   members::optional_u<plan::save_u, tensor_t>,
+                   members::optional_m<plan::save_m, tensor_t>,
+                   members::optional_u_gate<plan::adapt_gate, tensor_t>,
+                   members::optional_u_up<plan::adapt_up, tensor_t>,
+                   members::optional_u_down<plan::adapt_down, tensor_t> {};
+  using grads_t = mlp_grads<T, Recipe, Act, Backend>;
 
   decoder_config config;
   [[no_unique_address]] options mlp_options{};
@@ -236,33 +223,29 @@ struct swiglu_mlp {
     if constexpr (plan::adapt_down)
       g.down_lora = (require_lora(w.down_proj, "down_proj"), w.down_proj.lora.like(memory_use::gradients));
     if constexpr (plan::train_alpha)
-      g.act_alpha = (detail::range_of<Act>(w), tensor<T>({1}, memory_use::gradients));
+      g.act_alpha = (detail::range_of<Act>(w), tensor_t({1}, memory_use::gradients));
     return g;
   }
 
-  tensor<T> forward(const weights_t& w, const tensor<T>& h, saved_t& s) const {
+  tensor_t forward(const weights_t& w, const tensor_t& h, saved_t& s) const {
     check_linear_input(w.gate_proj, h, "mlp");
-    const T alpha = detail::range_of<Act>(w);
-    const std::size_t n = std::size_t(h.rows()), I = w.gate_proj.out_features();
+    const tensor_t* alpha = detail::range_of<Act>(w);
+    const shape_t inner = with_last(h.shape(), w.gate_proj.out_features());
     auto kept = [](bool keep) { return keep ? memory_use::saved_activations : memory_use::workspace; };
-    shape_t inner = h.shape();
-    inner.dims[std::size_t(inner.rank - 1)] = I;
-    tensor<T> g(inner, kept(plan::save_g)), u(inner, kept(plan::save_u)), m(inner, kept(plan::save_m));
-    auto adapter_input = [&](bool adapt, const linear_weights<T>& p, const char* name) {
-      if (!adapt) return tensor<T>();
+    tensor_t g(inner, kept(plan::save_g)), u(inner, kept(plan::save_u)), m(inner, kept(plan::save_m));
+    auto adapter_input = [&](bool adapt, const linear_weights<T, Backend>& p, const char* name) {
+      if (!adapt) return tensor_t();
       require_lora(p, name);
-      shape_t us = h.shape();
-      us.dims[std::size_t(us.rank - 1)] = p.lora.rank();
-      return tensor<T>(us, memory_use::saved_activations);
+      return tensor_t(with_last(h.shape(), p.lora.rank()), memory_use::saved_activations);
     };
-    tensor<T> ug = adapter_input(plan::adapt_gate, w.gate_proj, "gate_proj"),
-              uu = adapter_input(plan::adapt_up, w.up_proj, "up_proj"),
-              ud = adapter_input(plan::adapt_down, w.down_proj, "down_proj");
-    linear_forward(w.gate_proj, h, g, plan::adapt_gate ? &ug : nullptr);
-    linear_forward(w.up_proj, h, u, plan::adapt_up ? &uu : nullptr);
-    detail::gated_product<Act>(g.data(), u.data(), alpha, m.data(), n * I);
-    tensor<T> out(h.shape(), memory_use::workspace);
-    linear_forward(w.down_proj, m, out, plan::adapt_down ? &ud : nullptr);
+    tensor_t ug = adapter_input(plan::adapt_gate, w.gate_proj, "gate_proj"),
+             uu = adapter_input(plan::adapt_up, w.up_proj, "up_proj"),
+             ud = adapter_input(plan::adapt_down, w.down_proj, "down_proj");
+    linear_forward(w.gate_proj, h, g, plan::adapt_gate ? &ug : nullptr, "gate_proj: g = h Wg^T");
+    linear_forward(w.up_proj, h, u, plan::adapt_up ? &uu : nullptr, "up_proj: u = h Wu^T");
+    Backend::template gated_product<Act>(g, u, alpha, m);
+    tensor_t out(h.shape(), memory_use::workspace);
+    linear_forward(w.down_proj, m, out, plan::adapt_down ? &ud : nullptr, "down_proj: out = m Wd^T");
     if constexpr (plan::adapt_gate) s.u_gate = std::move(ug);
     if constexpr (plan::adapt_up) s.u_up = std::move(uu);
     if constexpr (plan::adapt_down) s.u_down = std::move(ud);
@@ -273,33 +256,32 @@ struct swiglu_mlp {
     return out;
   }
 
-  tensor<T> backward(const weights_t& w, const saved_t& s, const tensor<T>& dout, grads_t& gr) const {
-    if constexpr (plan::train_down) linear_backward_weight(s.m, dout, gr.down_proj);
+  tensor_t backward(const weights_t& w, const saved_t& s, const tensor_t& dout, grads_t& gr) const {
+    if constexpr (plan::train_down) linear_backward_weight(s.m, dout, gr.down_proj, "down_proj: dWd += dout^T m");
     if constexpr (plan::adapt_down) lora_backward(w.down_proj, s.m, s.u_down, dout, gr.down_lora);
     if constexpr (!plan::need_dm) {
       return {};
     } else {
-      const std::size_t I = w.gate_proj.out_features();
-      shape_t inner = dout.shape();
-      inner.dims[std::size_t(inner.rank - 1)] = I;
-      tensor<T> dm(inner, memory_use::workspace);
-      linear_backward_input(w.down_proj, dout, dm, false);
+      const shape_t inner = with_last(dout.shape(), w.gate_proj.out_features());
+      tensor_t dm(inner, memory_use::workspace);
+      linear_backward_input(w.down_proj, dout, dm, false, "down_proj: dm = dout Wd");
       // dg overwrites dm's buffer after du has read it; du gets its own only when needed.
-      tensor<T> du;
-      if constexpr (plan::need_du) du = tensor<T>(inner, memory_use::workspace);
-      const T* up = nullptr;
-      if constexpr (plan::save_u) up = s.u.data();
-      const T da = detail::gated_product_backward<Act, plan::need_dg, plan::need_du, plan::train_alpha>(
-          s.g.data(), up, detail::range_of<Act>(w), dm.data(), plan::need_du ? du.data() : nullptr, dm.size());
-      if constexpr (plan::train_alpha) gr.act_alpha[0] += da;
-      if constexpr (plan::train_gate) linear_backward_weight(s.h, dm, gr.gate_proj);
-      if constexpr (plan::train_up) linear_backward_weight(s.h, du, gr.up_proj);
+      tensor_t du;
+      if constexpr (plan::need_du) du = tensor_t(inner, memory_use::workspace);
+      const tensor_t* u = nullptr;
+      if constexpr (plan::save_u) u = &s.u;
+      tensor_t* dalpha = nullptr;
+      if constexpr (plan::train_alpha) dalpha = &gr.act_alpha;
+      Backend::template gated_product_backward<Act, plan::need_dg, plan::need_du, plan::train_alpha>(
+          s.g, u, detail::range_of<Act>(w), dm, plan::need_du ? &du : nullptr, dalpha);
+      if constexpr (plan::train_gate) linear_backward_weight(s.h, dm, gr.gate_proj, "gate_proj: dWg += dg^T h");
+      if constexpr (plan::train_up) linear_backward_weight(s.h, du, gr.up_proj, "up_proj: dWu += du^T h");
       if constexpr (plan::adapt_gate) lora_backward(w.gate_proj, s.h, s.u_gate, dm, gr.gate_lora);
       if constexpr (plan::adapt_up) lora_backward(w.up_proj, s.h, s.u_up, du, gr.up_lora);
       if constexpr (NeedsInputGrad) {
-        tensor<T> dh(dout.shape(), memory_use::workspace);
-        linear_backward_input(w.gate_proj, dm, dh, false);
-        linear_backward_input(w.up_proj, du, dh, true);
+        tensor_t dh(dout.shape(), memory_use::workspace);
+        linear_backward_input(w.gate_proj, dm, dh, false, "gate_proj: dh = dg Wg");
+        linear_backward_input(w.up_proj, du, dh, true, "up_proj: dh += du Wu");
         return dh;
       } else {
         return {};
@@ -311,20 +293,12 @@ struct swiglu_mlp {
   // for_each_parameter orders them.
   template <class F>
   static void for_each_trainable(weights_t& w, grads_t& g, F&& f) {
-    auto both = [&](const char* name, linear_weights<T>& p, linear_weights<T>& dp) {
-      f(std::string(name) + ".weight", p.weight, dp.weight);
-      if (p.has_bias()) f(std::string(name) + ".bias", p.bias, dp.bias);
-    };
-    auto factors = [&](const char* name, linear_weights<T>& p, lora_factors<T>& dp) {
-      f(std::string(name) + ".lora_A.weight", p.lora.A, dp.A);
-      f(std::string(name) + ".lora_B.weight", p.lora.B, dp.B);
-    };
-    if constexpr (plan::train_gate) both("gate_proj", w.gate_proj, g.gate_proj);
-    if constexpr (plan::adapt_gate) factors("gate_proj", w.gate_proj, g.gate_lora);
-    if constexpr (plan::train_up) both("up_proj", w.up_proj, g.up_proj);
-    if constexpr (plan::adapt_up) factors("up_proj", w.up_proj, g.up_lora);
-    if constexpr (plan::train_down) both("down_proj", w.down_proj, g.down_proj);
-    if constexpr (plan::adapt_down) factors("down_proj", w.down_proj, g.down_lora);
+    if constexpr (plan::train_gate) visit_linear("gate_proj", w.gate_proj, g.gate_proj, f);
+    if constexpr (plan::adapt_gate) visit_lora("gate_proj", w.gate_proj, g.gate_lora, f);
+    if constexpr (plan::train_up) visit_linear("up_proj", w.up_proj, g.up_proj, f);
+    if constexpr (plan::adapt_up) visit_lora("up_proj", w.up_proj, g.up_lora, f);
+    if constexpr (plan::train_down) visit_linear("down_proj", w.down_proj, g.down_proj, f);
+    if constexpr (plan::adapt_down) visit_lora("down_proj", w.down_proj, g.down_lora, f);
     if constexpr (plan::train_alpha) f(std::string("act_fn.alpha"), w.act_alpha, g.act_alpha);
   }
 
@@ -382,8 +356,8 @@ struct swiglu_mlp {
 
 // --- MLP policies of a decoder block ---------------------------------------------------------
 //
-// A policy is a type that names the MLP layer a decoder block builds (`layer<T, Recipe, Dx>`),
-// its gradients (`grads<T, Recipe>`), its runtime settings (`options`) and which optional
+// A policy is a type that names the MLP layer a decoder block builds (`layer<T, Recipe, Dx, Backend>`),
+// its gradients (`grads<T, Recipe, Backend>`), its runtime settings (`options`) and which optional
 // tags a recipe may name with it (`accepts<Tag>`).
 
 // The dense gated MLP with gate activation Act (default: SiLU, the LLaMA/Qwen2 MLP).
@@ -391,18 +365,18 @@ template <class Act = act::silu>
 struct swiglu {
   using activation = Act;
   using options = dense_options;
-  template <class T, class Recipe, bool NeedsInputGrad>
-  using layer = swiglu_mlp<T, Recipe, NeedsInputGrad, Act>;
-  template <class T, class Recipe>
-  using grads = mlp_grads<T, Recipe, Act>;
+  template <class T, class Recipe, bool NeedsInputGrad, class Backend = backend::cpu>
+  using layer = swiglu_mlp<T, Recipe, NeedsInputGrad, Act, Backend>;
+  template <class T, class Recipe, class Backend = backend::cpu>
+  using grads = mlp_grads<T, Recipe, Act, Backend>;
   template <class Tag>
   static constexpr bool accepts =
       !std::is_same_v<Tag, group::router> && (Act::has_range || !std::is_same_v<Tag, group::act_range>);
 
   // Throws, naming the tensor, unless w is a dense MLP of this activation for config c
   // (prefix: "model.layers.3.mlp.").
-  template <class T>
-  static void check_weights(const mlp_weights<T>& w, const decoder_config& c, const options&, const std::string& prefix) {
+  template <class T, class B>
+  static void check_weights(const mlp_weights<T, B>& w, const decoder_config& c, const options&, const std::string& prefix) {
     if (w.is_mixture() || !w.experts.empty())
       throw std::invalid_argument("skillgraft: " + prefix + "router.weight present, but the block's MLP policy is "
                                   "dense (nn::swiglu); a mixture of experts needs an nn::moe policy");

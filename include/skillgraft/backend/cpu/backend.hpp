@@ -1,11 +1,25 @@
 #pragma once
-// The CPU backend tag: Eigen for GEMMs (parallel through OpenMP when enabled),
-// plain loops for element-wise work. Implementation lives in namespace skillgraft::cpu.
+// The CPU backend: an operations policy (see backend/operations.hpp for what every backend
+// provides). Eigen for GEMMs (threaded by OpenMP when enabled), OpenMP loops for the fused
+// element-wise kernels. Each group of operations is one header in backend/cpu/.
+#include "skillgraft/backend/cpu/attention.hpp"
+#include "skillgraft/backend/cpu/elementwise.hpp"
+#include "skillgraft/backend/cpu/embedding.hpp"
+#include "skillgraft/backend/cpu/gated.hpp"
+#include "skillgraft/backend/cpu/gemm.hpp"
+#include "skillgraft/backend/cpu/rmsnorm.hpp"
+#include "skillgraft/backend/cpu/rope.hpp"
 #include "skillgraft/backend/cpu/tensor.hpp"
 
 namespace skillgraft::backend {
 
-struct cpu {
+struct cpu : skillgraft::cpu::gemm_ops,
+             skillgraft::cpu::elementwise_ops,
+             skillgraft::cpu::embedding_ops,
+             skillgraft::cpu::rmsnorm_ops,
+             skillgraft::cpu::rope_ops,
+             skillgraft::cpu::gated_ops,
+             skillgraft::cpu::attention_ops {
   template <class T>
   using tensor = skillgraft::cpu::tensor<T>;
   static constexpr const char* name = "cpu";

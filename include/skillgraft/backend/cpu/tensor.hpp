@@ -136,9 +136,10 @@ class tensor {
   memory_use use_ = memory_use::workspace;
 };
 
-// Clear messages for bad input: name the tensor, the shape expected and the shape found.
-template <class T>
-void expect_shape(const tensor<T>& t, const shape_t& expected, std::string_view what) {
+// Clear messages for bad input: name the tensor, the shape expected and the shape found
+// (any backend's tensor).
+template <class Tensor>
+void expect_shape(const Tensor& t, const shape_t& expected, std::string_view what) {
   if (!(t.shape() == expected))
     throw std::invalid_argument("skillgraft: " + std::string(what) + " has shape " + t.shape().str() +
                                 ", expected " + expected.str());

@@ -105,13 +105,9 @@ SKILLGRAFT_HD inline bool is_finite(T x) {
 }
 
 // exp, log, sqrt, erf for float and double on either side.
-SKILLGRAFT_HD inline float exp_(float x) { return expf(x); }
-SKILLGRAFT_HD inline double exp_(double x) { return exp(x); }
-SKILLGRAFT_HD inline float log_(float x) { return logf(x); }
-SKILLGRAFT_HD inline double log_(double x) { return log(x); }
-SKILLGRAFT_HD inline float sqrt_(float x) { return sqrtf(x); }
-SKILLGRAFT_HD inline double sqrt_(double x) { return sqrt(x); }
-SKILLGRAFT_HD inline float erf_(float x) { return erff(x); }
-SKILLGRAFT_HD inline double erf_(double x) { return erf(x); }
+using scalar::erf_;
+using scalar::exp_;
+using scalar::log_;
+using scalar::sqrt_;
 
 }  // namespace skillgraft::cuda

@@ -29,12 +29,8 @@
 #error "skillgraft: the CUDA backend supports Thrust's CUDA, CPP and OMP device systems"
 #endif
 
-// Functors run on the device (nvcc) or on the host (host build).
-#if defined(__CUDACC__)
-#define SKILLGRAFT_HD __host__ __device__
-#else
-#define SKILLGRAFT_HD
-#endif
+// Functors run on the device (nvcc) or on the host (host build): SKILLGRAFT_HD.
+#include "skillgraft/backend/host_device.hpp"
 
 namespace skillgraft::cuda {
 

@@ -144,11 +144,6 @@ class tensor {
   memory_use use_ = memory_use::workspace;
 };
 
-template <class T>
-void expect_shape(const tensor<T>& t, const shape_t& expected, std::string_view what) {
-  if (!(t.shape() == expected))
-    throw std::invalid_argument("skillgraft: " + std::string(what) + " has shape " + t.shape().str() + ", expected " +
-                                expected.str());
-}
+using cpu::expect_shape;
 
 }  // namespace skillgraft::cuda

@@ -12,7 +12,8 @@
 // `cuda::multimodal_weights<T>::upload(host)` and `download(host)`, the host weights
 // being model::multimodal_weights<T> of the same config (so checkpoints, evaluation and
 // generation stay on the CPU side).
-#include "skillgraft/model/cuda/decoder_lm.hpp"
+#include "skillgraft/backend/cuda/backend.hpp"
+#include "skillgraft/model/decoder_lm.hpp"
 #include "skillgraft/model/cuda/projector.hpp"
 #include "skillgraft/model/cuda/vision_encoder.hpp"
 #include "skillgraft/model/multimodal.hpp"
@@ -26,31 +27,30 @@ struct multimodal_weights {
   multimodal_config config;
   vision_weights<T> vision;
   projector_weights<T> projector;
-  lm_weights<T> lm;
+  model::lm_weights<T, backend::cuda> lm;
 
-  const tensor<T>& head() const { return lm.head(); }
-  tensor<T>& head() { return lm.head(); }
+  const skillgraft::cuda::tensor<T>& head() const { return lm.head(); }
+  skillgraft::cuda::tensor<T>& head() { return lm.head(); }
   std::size_t elements() const {
     return vision.elements() + projector.elements() + lm.embed_tokens.size() + lm.trunk.elements() + lm.norm.size() +
            lm.lm_head.size();
   }
 
-  // Host -> device. Throws, naming the tensor, for weights the CUDA backend does not run
-  // (LoRA adapters, a mixture of experts or an activation range on the language model).
+  // Host -> device.
   static multimodal_weights upload(const model::multimodal_weights<T>& h, memory_use use = memory_use::weights) {
     h.config.validate();
     multimodal_weights d;
     d.config = h.config;
     d.vision = vision_weights<T>::upload(h.vision, use);
     d.projector = projector_weights<T>::upload(h.projector, use);
-    d.lm = lm_weights<T>::upload(h.lm, use);
+    d.lm = model::to_backend<backend::cuda>(h.lm, use);
     return d;
   }
   // Device -> host, into weights of the same config.
   void download(model::multimodal_weights<T>& h) const {
     vision.download(h.vision);
     projector.download(h.projector);
-    lm.download(h.lm);
+    model::download(lm, h.lm);
   }
 };
 

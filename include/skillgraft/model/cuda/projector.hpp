@@ -12,7 +12,8 @@
 #include <string>
 
 #include "skillgraft/model/projector.hpp"
-#include "skillgraft/nn/cuda/linear.hpp"
+#include "skillgraft/backend/cuda/backend.hpp"
+#include "skillgraft/nn/backend_transfer.hpp"
 
 namespace skillgraft::model {
 
@@ -21,26 +22,26 @@ namespace cuda {
 template <class T>
 struct projector_weights {
   projector_config config;
-  nn::cuda::linear_weights<T> linear_1;  // multi_modal_projector.linear_1
-  nn::cuda::linear_weights<T> linear_2;  // multi_modal_projector.linear_2
+  nn::linear_weights<T, backend::cuda> linear_1;  // multi_modal_projector.linear_1
+  nn::linear_weights<T, backend::cuda> linear_2;  // multi_modal_projector.linear_2
 
   std::size_t elements() const { return linear_1.elements() + linear_2.elements(); }
   static projector_weights upload(const model::projector_weights<T>& h, memory_use use = memory_use::weights) {
     projector_weights d;
     d.config = h.config;
-    d.linear_1 = nn::cuda::linear_weights<T>::upload(h.linear_1, use, "multi_modal_projector.linear_1");
-    d.linear_2 = nn::cuda::linear_weights<T>::upload(h.linear_2, use, "multi_modal_projector.linear_2");
+    d.linear_1 = nn::to_backend<backend::cuda>(h.linear_1, use);
+    d.linear_2 = nn::to_backend<backend::cuda>(h.linear_2, use);
     return d;
   }
   void download(model::projector_weights<T>& h) const {
-    linear_1.download(h.linear_1);
-    linear_2.download(h.linear_2);
+    nn::download(linear_1, h.linear_1, "multi_modal_projector.linear_1.");
+    nn::download(linear_2, h.linear_2, "multi_modal_projector.linear_2.");
   }
 };
 
 template <class T>
 struct projector_grads {
-  nn::cuda::linear_weights<T> linear_1, linear_2;
+  nn::linear_weights<T, backend::cuda> linear_1, linear_2;
 };
 
 namespace kernels {
@@ -95,14 +96,14 @@ struct projector<T, Train, NeedsInputGrad, backend::cuda> {
 
   // x [..., in] -> [..., out]
   tensor_t forward(const weights_t& w, const tensor_t& x, saved_t& s) const {
-    nn::cuda::check_linear_input(w.linear_1, x, "multi_modal_projector.linear_1");
+    nn::check_linear_input(w.linear_1, x, "multi_modal_projector.linear_1");
     auto kept = [](bool keep) { return keep ? memory_use::saved_activations : memory_use::workspace; };
-    tensor_t a(nn::cuda::with_last(x.shape(), w.linear_1.out_features()), kept(active));
+    tensor_t a(nn::with_last(x.shape(), w.linear_1.out_features()), kept(active));
     tensor_t g(a.shape(), kept(Train));
-    tensor_t y(nn::cuda::with_last(x.shape(), w.linear_2.out_features()), memory_use::workspace);
-    nn::cuda::linear_forward(w.linear_1, x, a, "multi_modal_projector.linear_1");
+    tensor_t y(nn::with_last(x.shape(), w.linear_2.out_features()), memory_use::workspace);
+    nn::linear_forward(w.linear_1, x, a, nullptr, "multi_modal_projector.linear_1");
     skillgraft::cuda::for_each_index(skillgraft::cuda::index_t(a.size()), cuda::kernels::gelu_of<T>{g.data(), a.data()});
-    nn::cuda::linear_forward(w.linear_2, g, y, "multi_modal_projector.linear_2");
+    nn::linear_forward(w.linear_2, g, y, nullptr, "multi_modal_projector.linear_2");
     if constexpr (Train) s.x = x.clone(memory_use::saved_activations);
     if constexpr (active) s.h = std::move(a);
     if constexpr (Train) s.g = std::move(g);
@@ -115,15 +116,15 @@ struct projector<T, Train, NeedsInputGrad, backend::cuda> {
       (void)w, (void)s, (void)dy, (void)gr;
       return {};
     } else {
-      if constexpr (Train) nn::cuda::linear_backward_weight(s.g, dy, gr.linear_2, "multi_modal_projector.linear_2: dW");
+      if constexpr (Train) nn::linear_backward_weight(s.g, dy, gr.linear_2, "multi_modal_projector.linear_2: dW");
       tensor_t da(s.h.shape(), memory_use::workspace);
-      nn::cuda::linear_backward_input(w.linear_2, dy, da, false, "multi_modal_projector.linear_2: dx");
+      nn::linear_backward_input(w.linear_2, dy, da, false, "multi_modal_projector.linear_2: dx");
       skillgraft::cuda::for_each_index(skillgraft::cuda::index_t(da.size()),
                                        cuda::kernels::times_gelu_grad<T>{da.data(), s.h.data()});
-      if constexpr (Train) nn::cuda::linear_backward_weight(s.x, da, gr.linear_1, "multi_modal_projector.linear_1: dW");
+      if constexpr (Train) nn::linear_backward_weight(s.x, da, gr.linear_1, "multi_modal_projector.linear_1: dW");
       if constexpr (NeedsInputGrad) {
-        tensor_t dx(nn::cuda::with_last(dy.shape(), w.linear_1.in_features()), memory_use::workspace);
-        nn::cuda::linear_backward_input(w.linear_1, da, dx, false, "multi_modal_projector.linear_1: dx");
+        tensor_t dx(nn::with_last(dy.shape(), w.linear_1.in_features()), memory_use::workspace);
+        nn::linear_backward_input(w.linear_1, da, dx, false, "multi_modal_projector.linear_1: dx");
         return dx;
       } else {
         return {};
@@ -134,8 +135,8 @@ struct projector<T, Train, NeedsInputGrad, backend::cuda> {
   template <class F>
   static void for_each_trainable(weights_t& w, grads_t& g, F&& f) {
     if constexpr (Train) {
-      nn::cuda::visit_linear("multi_modal_projector.linear_1", w.linear_1, g.linear_1, f);
-      nn::cuda::visit_linear("multi_modal_projector.linear_2", w.linear_2, g.linear_2, f);
+      nn::visit_linear("multi_modal_projector.linear_1", w.linear_1, g.linear_1, f);
+      nn::visit_linear("multi_modal_projector.linear_2", w.linear_2, g.linear_2, f);
     } else {
       (void)w, (void)g, (void)f;
     }

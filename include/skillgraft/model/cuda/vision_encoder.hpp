@@ -17,7 +17,8 @@
 #include <vector>
 
 #include "skillgraft/model/vision_encoder.hpp"
-#include "skillgraft/nn/cuda/decoder_block.hpp"
+#include "skillgraft/backend/cuda/backend.hpp"
+#include "skillgraft/nn/backend_transfer.hpp"
 
 namespace skillgraft::model {
 
@@ -26,9 +27,9 @@ namespace cuda {
 template <class T>
 struct vision_weights {
   vision_config config;
-  nn::cuda::linear_weights<T> patch_embed;              // vision_tower.patch_embed
+  nn::linear_weights<T, backend::cuda> patch_embed;              // vision_tower.patch_embed
   skillgraft::cuda::tensor<T> position_embedding;       // vision_tower.position_embedding [patches, hidden]
-  std::vector<nn::cuda::block_weights<T>> layers;       // vision_tower.layers.<i>.*
+  std::vector<nn::block_weights<T, backend::cuda>> layers;       // vision_tower.layers.<i>.*
   skillgraft::cuda::tensor<T> post_norm;                // vision_tower.post_layernorm.weight [hidden]
 
   std::size_t elements() const {
@@ -39,17 +40,18 @@ struct vision_weights {
   static vision_weights upload(const model::vision_weights<T>& h, memory_use use = memory_use::weights) {
     vision_weights d;
     d.config = h.config;
-    d.patch_embed = nn::cuda::linear_weights<T>::upload(h.patch_embed, use, "vision_tower.patch_embed");
+    d.patch_embed = nn::to_backend<backend::cuda>(h.patch_embed, use);
     d.position_embedding = skillgraft::cuda::tensor<T>::from_host(h.position_embedding, use);
     for (std::size_t i = 0; i < h.layers.size(); ++i)
-      d.layers.push_back(nn::cuda::block_weights<T>::upload(h.layers[i], "vision_tower.layers." + std::to_string(i) + ".", use));
+      d.layers.push_back(nn::to_backend<backend::cuda>(h.layers[i], use));
     d.post_norm = skillgraft::cuda::tensor<T>::from_host(h.post_norm, use);
     return d;
   }
   void download(model::vision_weights<T>& h) const {
-    patch_embed.download(h.patch_embed);
+    nn::download(patch_embed, h.patch_embed, "vision_tower.patch_embed.");
     position_embedding.copy_to(h.position_embedding);
-    for (std::size_t i = 0; i < layers.size(); ++i) layers[i].download(h.layers[i]);
+    for (std::size_t i = 0; i < layers.size(); ++i)
+      nn::download(layers[i], h.layers[i], "vision_tower.layers." + std::to_string(i) + ".");
     post_norm.copy_to(h.post_norm);
   }
 };
@@ -101,9 +103,9 @@ struct merge {
 
 template <class T>
 struct vision_grads {
-  nn::cuda::linear_weights<T> patch_embed;
+  nn::linear_weights<T, backend::cuda> patch_embed;
   skillgraft::cuda::tensor<T> position_embedding;
-  std::vector<nn::cuda::block_grads<T, std::remove_cv_t<decltype(vision_block_recipe)>>> layers;
+  std::vector<nn::block_grads<T, std::remove_cv_t<decltype(vision_block_recipe)>, nn::default_mlp, backend::cuda>> layers;
   skillgraft::cuda::tensor<T> post_norm;
 };
 
@@ -121,7 +123,7 @@ class vision_encoder<T, Train, backend::cuda> {
   static constexpr bool needs_input_grad = false;  // images are data, never trained
   using block_recipe_t = typename host_encoder::block_recipe_t;
   using block_t = nn::decoder_block<T, block_recipe_t, Train, backend::cuda>;
-  using norm_t = nn::cuda::rmsnorm<T, Train, Train>;
+  using norm_t = nn::rmsnorm<T, Train, Train, backend::cuda>;
   using grads_t = std::conditional_t<Train, cuda::vision_grads<T>, no_grads>;
   struct saved_t : nn::members::optional_x<Train, tensor_t> {  // the patches, for dWe
     std::vector<typename block_t::saved_t> blocks;
@@ -160,7 +162,7 @@ class vision_encoder<T, Train, backend::cuda> {
                                                       index_t(config_.patch_size), index_t(config_.grid()), index_t(P),
                                                       index_t(pd)});
     tensor_t x({B, P, d}, memory_use::workspace);
-    nn::cuda::linear_forward(w.patch_embed, p, x, "vision_tower.patch_embed");
+    nn::linear_forward(w.patch_embed, p, x, nullptr, "vision_tower.patch_embed");
     skillgraft::cuda::for_each_index(index_t(x.size()),
                                      cuda::kernels::add_rows<T>{x.data(), w.position_embedding.data(), index_t(P * d)});
     for (std::size_t l = 0; l < w.layers.size(); ++l) x = block().forward(w.layers[l], x, s.blocks.emplace_back());
@@ -185,7 +187,7 @@ class vision_encoder<T, Train, backend::cuda> {
       tensor_t sums({std::size_t(Pd)}, memory_use::workspace);
       skillgraft::cuda::segmented_sum(Pd, B, cuda::kernels::over_batch<T>{d.data(), Pd}, sums.data());
       skillgraft::cuda::add_into(g.position_embedding.data(), sums.data(), Pd);
-      nn::cuda::linear_backward_weight(s.x, d, g.patch_embed, "vision_tower.patch_embed: dW");
+      nn::linear_backward_weight(s.x, d, g.patch_embed, "vision_tower.patch_embed: dW");
     } else {
       (void)w, (void)s, (void)dy, (void)g;
     }
@@ -196,7 +198,7 @@ class vision_encoder<T, Train, backend::cuda> {
   template <class F>
   static void for_each_trainable(weights_t& w, grads_t& g, F&& f) {
     if constexpr (Train) {
-      nn::cuda::visit_linear("vision_tower.patch_embed", w.patch_embed, g.patch_embed, f);
+      nn::visit_linear("vision_tower.patch_embed", w.patch_embed, g.patch_embed, f);
       f(std::string("vision_tower.position_embedding"), w.position_embedding, g.position_embedding);
       for (std::size_t i = 0; i < w.layers.size(); ++i)
         block_t::for_each_trainable(w.layers[i], g.layers[i], [&](const std::string& n, tensor_t& p, tensor_t& dp) {
@@ -218,7 +220,7 @@ class vision_encoder<T, Train, backend::cuda> {
       throw std::invalid_argument("skillgraft: the vision tower has " + std::to_string(w.layers.size()) +
                                   " layers, the config says " + std::to_string(config_.blocks.n_layers));
     for (std::size_t i = 0; i < w.layers.size(); ++i)
-      nn::cuda::check_block_weights(w.layers[i], config_.blocks, "vision_tower.layers." + std::to_string(i) + ".");
+      nn::check_block_weights(w.layers[i], config_.blocks, "vision_tower.layers." + std::to_string(i) + ".");
   }
 
  private:

@@ -142,7 +142,7 @@ loss_result<T> masked_cross_entropy(const tensor<T>& h, const tensor<T>& head, c
     const std::int64_t* rc = rows.data() + c0;
     const std::int64_t* yc = ys.data() + c0;
     sc::for_each_index(m * di, kernels::gather_rows<T>{hc.data(), h.data(), rc, di});
-    sc::gemm("lm_head: z = h W^T", op::n, op::t, int(m), int(V), int(d), T(1), hc.data(), int(d), head.data(), int(d), T(0),
+    sc::gemm_ops::gemm("lm_head: z = h W^T", op::n, op::t, int(m), int(V), int(d), T(1), hc.data(), int(d), head.data(), int(d), T(0),
              z.data(), int(V));
     sc::segmented_reduce(m, vi, kernels::logit<T>{z.data(), vi}, mx.data(), sc::maximum<T>());
     sc::segmented_sum(m, vi, kernels::exp_shifted<T>{z.data(), mx.data(), vi}, lse.data());
@@ -150,10 +150,10 @@ loss_result<T> masked_cross_entropy(const tensor<T>& h, const tensor<T>& head, c
     total += sc::sum_index<double>(m, kernels::row_loss<T>{lse.data(), z.data(), yc, vi});
     sc::for_each_index(m * vi, kernels::softmax_minus_onehot<T>{z.data(), lse.data(), yc, vi, n});
     if (dhead)
-      sc::gemm("lm_head: dW += dz^T h", op::t, op::n, int(V), int(d), int(m), T(1), z.data(), int(V), hc.data(), int(d), T(1),
+      sc::gemm_ops::gemm("lm_head: dW += dz^T h", op::t, op::n, int(V), int(d), int(m), T(1), z.data(), int(V), hc.data(), int(d), T(1),
                dhead->data(), int(d));
     if (opt.want_dh) {
-      sc::gemm("lm_head: dh = dz W", op::n, op::n, int(m), int(d), int(V), T(1), z.data(), int(V), head.data(), int(d), T(0),
+      sc::gemm_ops::gemm("lm_head: dh = dz W", op::n, op::n, int(m), int(d), int(V), T(1), z.data(), int(V), head.data(), int(d), T(0),
                dhc.data(), int(d));
       sc::for_each_index(m * di, kernels::scatter_rows<T>{r.dh.data(), dhc.data(), rc, di});
     }

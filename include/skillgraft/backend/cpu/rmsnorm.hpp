@@ -1,0 +1,64 @@
+#pragma once
+// RMSNorm on the CPU (math in nn/rmsnorm.hpp): rows in parallel, sums of squares in double.
+#include <cmath>
+
+#include "skillgraft/backend/cpu/tensor.hpp"
+
+namespace skillgraft::cpu {
+
+struct rmsnorm_ops {
+  // y = rmsnorm(x; w); writes r (one per row) when rstd is non-null.
+  template <class T>
+  static void rmsnorm_forward(const tensor<T>& w, const tensor<T>& x, double eps, tensor<T>& y, tensor<T>* rstd) {
+    const Eigen::Index n = x.rows(), d = x.cols();
+    const T* xp = x.data();
+    const T* wp = w.data();
+    T* yp = y.data();
+#pragma omp parallel for schedule(static) if (n * d > 32768)
+    for (Eigen::Index i = 0; i < n; ++i) {
+      const T* xr = xp + i * d;
+      double ss = 0;  // sum of squares in double: d can be thousands of terms
+      for (Eigen::Index j = 0; j < d; ++j) ss += double(xr[j]) * double(xr[j]);
+      const T r = static_cast<T>(1.0 / std::sqrt(ss / double(d) + eps));
+      T* yr = yp + i * d;
+      for (Eigen::Index j = 0; j < d; ++j) yr[j] = wp[j] * (xr[j] * r);
+      if (rstd) (*rstd)[static_cast<std::size_t>(i)] = r;
+    }
+  }
+
+  // Accumulates dw (when non-null) and writes or adds dx (when non-null).
+  template <class T>
+  static void rmsnorm_backward(const tensor<T>& w, const tensor<T>& x, const tensor<T>& rstd, const tensor<T>& dy,
+                               tensor<T>* dw, tensor<T>* dx, bool accumulate_dx) {
+    const Eigen::Index n = x.rows(), d = x.cols();
+    if (dw) {
+      // Column reduction: serial over rows keeps the sum deterministic for any thread count.
+      T* dwp = dw->data();
+      for (Eigen::Index i = 0; i < n; ++i) {
+        const T r = rstd[static_cast<std::size_t>(i)];
+        const T* xr = x.data() + i * d;
+        const T* dyr = dy.data() + i * d;
+        for (Eigen::Index j = 0; j < d; ++j) dwp[j] += dyr[j] * (xr[j] * r);
+      }
+    }
+    if (dx) {
+      const T* wp = w.data();
+#pragma omp parallel for schedule(static) if (n * d > 32768)
+      for (Eigen::Index i = 0; i < n; ++i) {
+        const T r = rstd[static_cast<std::size_t>(i)];
+        const T* xr = x.data() + i * d;
+        const T* dyr = dy.data() + i * d;
+        double dot = 0;
+        for (Eigen::Index j = 0; j < d; ++j) dot += double(wp[j]) * double(dyr[j]) * double(xr[j] * r);
+        const T mean = static_cast<T>(dot / double(d));
+        T* dxr = dx->data() + i * d;
+        for (Eigen::Index j = 0; j < d; ++j) {
+          const T g = r * (wp[j] * dyr[j] - (xr[j] * r) * mean);
+          dxr[j] = accumulate_dx ? dxr[j] + g : g;
+        }
+      }
+    }
+  }
+};
+
+}  // namespace skillgraft::cpu

@@ -1,0 +1,54 @@
+#pragma once
+// The CUDA backend's element-wise and reduction operations on whole tensors, and the crossing
+// between host and device memory.
+#include "skillgraft/backend/cuda/algorithms.hpp"
+#include "skillgraft/backend/cuda/tensor.hpp"
+
+namespace skillgraft::cuda {
+
+namespace kernels {
+template <class T>
+struct add_bias {  // y[r, j] += b[j]
+  T* y;
+  const T* b;
+  index_t out;
+  SKILLGRAFT_HD void operator()(index_t i) const { y[i] += b[i % out]; }
+};
+template <class T>
+struct column {  // element (c, r) of the column-major walk over x [rows, cols]
+  const T* x;
+  index_t cols;
+  SKILLGRAFT_HD T operator()(index_t c, index_t r) const { return x[r * cols + c]; }
+};
+}  // namespace kernels
+
+struct elementwise_ops {
+  // y += x (same number of elements)
+  template <class T>
+  static void add_into(tensor<T>& y, const tensor<T>& x) {
+    cuda::add_into(y.data(), x.data(), index_t(x.size()));
+  }
+  // y[r, j] += b[j]
+  template <class T>
+  static void add_bias(tensor<T>& y, const tensor<T>& b) {
+    for_each_index(index_t(y.size()), kernels::add_bias<T>{y.data(), b.data(), index_t(b.size())});
+  }
+  // db[j] += sum_r dy[r, j]
+  template <class T>
+  static void add_column_sums(const tensor<T>& dy, tensor<T>& db) {
+    const index_t rows = index_t(dy.rows()), cols = index_t(dy.cols());
+    tensor<T> sums({std::size_t(cols)}, memory_use::workspace);
+    segmented_sum(cols, rows, kernels::column<T>{dy.data(), cols}, sums.data());
+    cuda::add_into(db.data(), sums.data(), cols);
+  }
+  template <class T>
+  static tensor<T> upload(const cpu::tensor<T>& host, memory_use use) {
+    return tensor<T>::from_host(host, use);
+  }
+  template <class T>
+  static void download(const tensor<T>& t, cpu::tensor<T>& host) {
+    t.copy_to(host);
+  }
+};
+
+}  // namespace skillgraft::cuda

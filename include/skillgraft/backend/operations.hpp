@@ -1,0 +1,60 @@
+#pragma once
+// What a backend is: an operations policy. Layers, models, training and the continual-learning
+// methods are written once against it (`Backend::tensor<T>`, `Backend::gemm(...)`,
+// `Backend::rmsnorm_forward(...)`), so a new backend is one folder under backend/ whose type
+// passes this concept, and a new layer is one file in nn/ that works on every backend.
+//
+//   tensor<T>                     move-only, byte-accounted, row-major, up to 4 dimensions;
+//                                 (shape, memory_use) constructor, zero-filled; clone, reshape
+//   upload(host, use), download   crossing from and to a cpu::tensor (a copy on the CPU)
+//   gemm, gemm_strided_batched    backend/gemm_op.hpp's row-major interface
+//   add_into, add_bias, add_column_sums
+//   rmsnorm_forward, rmsnorm_backward
+//   rope_apply                    rotate_half rotary embeddings from cos/sin tables of this backend
+//   gated_product, gated_product_backward   m = phi(g; alpha) u for a gate policy (nn/activation.hpp)
+//   attention_forward, attention_backward   the core softmax(q k^T scale + mask) v per head
+//
+// Every operation's math is written next to the layer that calls it (nn/), and each backend's
+// header in backend/<name>/ says how it is computed there.
+#include <concepts>
+
+#include "skillgraft/backend/attention_dims.hpp"
+#include "skillgraft/backend/cpu/tensor.hpp"
+#include "skillgraft/backend/gemm_op.hpp"
+#include "skillgraft/backend/memory.hpp"
+
+namespace skillgraft::backend {
+
+// The gate policy used to check the gated operations (SiLU's shape: no range).
+struct probe_gate {
+  static constexpr bool has_range = false;
+  static float gate(float z) { return z; }
+  static float phi(float z, float) { return z; }
+  static float dphi_dz(float, float) { return 1; }
+  static float dphi_dalpha(float) { return 0; }
+};
+
+template <class B>
+concept operations_policy = requires(typename B::template tensor<float>& t, const typename B::template tensor<float>& c,
+                                     typename B::template tensor<float>* p, const cpu::tensor<float>& host,
+                                     cpu::tensor<float>& host_out, const attention_dims& dims, float* raw,
+                                     const float* craw) {
+  { B::name } -> std::convertible_to<const char*>;
+  typename B::template tensor<float>;
+  { B::template upload<float>(host, memory_use::weights) } -> std::same_as<typename B::template tensor<float>>;
+  B::download(c, host_out);
+  B::gemm("", op::n, op::t, 1, 1, 1, 1.f, craw, 1, craw, 1, 0.f, raw, 1);
+  B::gemm_strided_batched("", op::n, op::t, 1, 1, 1, 1.f, craw, 1, 1LL, craw, 1, 1LL, 0.f, raw, 1, 1LL, 1);
+  B::add_into(t, c);
+  B::add_bias(t, c);
+  B::add_column_sums(c, t);
+  B::rmsnorm_forward(c, c, 1e-6, t, p);
+  B::rmsnorm_backward(c, c, c, c, p, p, false);
+  B::rope_apply(craw, craw, raw, 1, 1, 1, 2, 0, false);
+  B::template gated_product<probe_gate>(c, c, &c, t);
+  B::template gated_product_backward<probe_gate, true, true, false>(c, &c, &c, t, p, p);
+  B::attention_forward(dims, 1.f, c, c, c, t, p);
+  B::attention_backward(dims, 1.f, c, &c, &c, &c, c, p, p, p);
+};
+
+}  // namespace skillgraft::backend
