@@ -11,7 +11,8 @@
 #include <string>
 
 #include "experiment.hpp"
-#include "skillgraft/model/cuda/multimodal.hpp"
+#include "skillgraft/backend/cuda/backend.hpp"
+#include "skillgraft/model/multimodal.hpp"
 #include "skillgraft/train/cuda/step.hpp"
 
 namespace skillgraft::reproduce {
@@ -29,7 +30,7 @@ class cuda_stage {
 
   cuda_stage(R recipe, const host_model_t&, weights_t& w, double lr, method_kind kind, const settings&)
       : mm_(w.config, recipe),
-        w_(model::cuda::multimodal_weights<float>::upload(w)),
+        w_(model::to_backend<backend::cuda>(w)),
         g_(mm_.make_grads(w_)),
         opt_(mm_, w_, g_, {.lr = lr, .weight_decay = 0.0}) {
     if (kind != method_kind::plain && kind != method_kind::wise_ft)
@@ -42,11 +43,11 @@ class cuda_stage {
     train::cuda::micro_batch<float> mb{enc.ids, enc.targets, enc.images.empty() ? nullptr : &images};
     return train::cuda::train_step(mm_, w_, g_, opt_, sched, std::span(&mb, 1));
   }
-  void sync(weights_t& w) const { w_.download(w); }
+  void sync(weights_t& w) const { model::download(w_, w); }
 
  private:
   model_t mm_;
-  model::cuda::multimodal_weights<float> w_;
+  model::multimodal_weights<float, backend::cuda> w_;
   typename model_t::grads_t g_;
   train::cuda::adamw<float> opt_;
 };
@@ -55,7 +56,7 @@ class cuda_stage {
 inline void pretrain_on_device(weights_t& w, const settings& s, const run_data& d, progress& prog) {
   model::init_weights(w, s.seed);
   model::multimodal_lm<float, full_t, backend::cuda> mm(w.config, recipe::full);
-  auto dw = model::cuda::multimodal_weights<float>::upload(w);
+  auto dw = model::to_backend<backend::cuda>(w);
   auto g = mm.make_grads(dw);
   train::cuda::adamw<float> opt(mm, dw, g, {.lr = s.pretrain_lr, .weight_decay = 0.01});
   const auto sched = pretrain_schedule(s);
@@ -70,7 +71,7 @@ inline void pretrain_on_device(weights_t& w, const settings& s, const run_data& 
     }
     return train::cuda::train_step(mm, dw, g, opt, sched, std::span<const train::cuda::micro_batch<float>>(mbs));
   });
-  dw.download(w);
+  model::download(dw, w);
 }
 
 // run_method() with the plain recipes and WiSE-FT training on the GPU.

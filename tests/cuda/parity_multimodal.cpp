@@ -15,7 +15,8 @@
 #include <vector>
 
 #include "check.hpp"
-#include "skillgraft/model/cuda/multimodal.hpp"
+#include "skillgraft/backend/cuda/backend.hpp"
+#include "skillgraft/model/multimodal.hpp"
 #include "skillgraft/policy/dispatch.hpp"
 #include "skillgraft/train/cuda/step.hpp"
 #include "skillgraft/train/schedule.hpp"
@@ -46,7 +47,7 @@ void vision_parity(const sg::model::multimodal_config& c) {
   using dev_t = sg::model::vision_encoder<float, Train, sg::backend::cuda>;
   INFO("vision trains " << Train << ", merge " << c.vision.merge);
   auto hw = sg::test::random_multimodal<float>(c, 3);
-  auto dw = sg::model::cuda::vision_weights<float>::upload(hw.vision);
+  auto dw = sg::model::to_backend<sg::backend::cuda>(hw.vision);
   const cpu_t ce(c.vision);
   const dev_t de(c.vision);
   const auto images = sg::test::random_tensor<float>({3, 8, 8, 3}, 4, 0.5);
@@ -111,7 +112,7 @@ std::map<std::string, std::vector<unsigned char>> snapshot(sg::model::multimodal
 template <class R>
 void step_parity(R recipe, const sg::model::multimodal_config& c) {
   auto hw = sg::test::random_multimodal<float>(c, 21);
-  auto dw = sg::model::cuda::multimodal_weights<float>::upload(hw);
+  auto dw = sg::model::to_backend<sg::backend::cuda>(hw);
   sg::model::multimodal_lm<float, R> cm(c, recipe);
   sg::model::multimodal_lm<float, R, sg::backend::cuda> dm(c, recipe);
   CHECK(dm.image_tokens() == cm.image_tokens());
@@ -153,7 +154,7 @@ void step_parity(R recipe, const sg::model::multimodal_config& c) {
   std::set<std::string> trainable;
   dm.for_each_trainable(dw, dg, [&](const std::string& name, auto&, auto&) { trainable.insert(name); });
   auto back = sg::test::random_multimodal<float>(c, 99);
-  dw.download(back);
+  sg::model::download(dw, back);
   const auto after = snapshot(back);
   const auto host_after = snapshot(hw);
   for (const auto& [name, bytes] : before) {
@@ -195,7 +196,7 @@ TEST_CASE("multimodal on the device: one training step gives the CPU's loss, gra
 TEST_CASE("multimodal on the device: bad images and mismatched weights are refused by name") {
   const auto c = sg::test::tiny_multimodal();
   auto hw = sg::test::random_multimodal<float>(c, 31);
-  auto dw = sg::model::cuda::multimodal_weights<float>::upload(hw);
+  auto dw = sg::model::to_backend<sg::backend::cuda>(hw);
   using R = std::remove_const_t<decltype(sg::recipe::full)>;
   sg::model::multimodal_lm<float, R, sg::backend::cuda> dm(c, sg::recipe::full);
   typename decltype(dm)::saved_t s;
@@ -210,12 +211,13 @@ TEST_CASE("multimodal on the device: bad images and mismatched weights are refus
   dw.vision.position_embedding = dev::tensor<float>({3, 8}, memory_use::weights);
   CHECK_THROWS_WITH(dm.forward(dw, ids, s, &two_images),
                     Catch::Contains("vision_tower.position_embedding") && Catch::Contains("[3, 8]"));
-  // Downloading into host weights of another shape names the tensor and changes nothing of it.
+  // Downloading into host weights of another shape names the tensor.
+  dw = sg::model::to_backend<sg::backend::cuda>(hw);
   auto back = sg::test::random_multimodal<float>(c, 32);
   back.lm.norm = sg::cpu::tensor<float>({5}, memory_use::weights);
-  CHECK_THROWS_WITH(dw.download(back), Catch::Contains("model.norm.weight") && Catch::Contains("[5]"));
+  CHECK_THROWS_WITH(sg::model::download(dw, back), Catch::Contains("model.norm.weight") && Catch::Contains("[5]"));
   back.lm.norm = sg::cpu::tensor<float>({std::size_t(c.text.hidden)}, memory_use::weights);
   back.lm.trunk.layers[1].self_attn.q_proj.weight = sg::cpu::tensor<float>({3, 3}, memory_use::weights);
-  CHECK_THROWS_WITH(dw.download(back), Catch::Contains("model.layers.1.self_attn.q_proj.weight") &&
+  CHECK_THROWS_WITH(sg::model::download(dw, back), Catch::Contains("model.layers.1.self_attn.q_proj.weight") &&
                                            Catch::Contains("[3, 3]"));
 }

@@ -19,9 +19,9 @@
 // Mlp is the language model's MLP policy, as for decoder_lm (a mixture of experts grows
 // task by task on the LM); the vision encoder keeps its dense MLP whatever the policy.
 //
-// Backend picks where the three parts run: backend::cpu (this header) or backend::cuda
-// (include model/cuda/multimodal.hpp; weights in device memory, `cuda::multimodal_weights`,
-// images and soft tokens device tensors, the dense MLP only). The composition is the same code.
+// Backend picks where the three parts run: backend::cpu or backend::cuda (include
+// backend/cuda/backend.hpp too; weights in device memory, multimodal_weights<T, backend::cuda>
+// from model::to_backend, images and soft tokens device tensors). Every part is the same code.
 #include <cmath>
 #include <random>
 #include <stdexcept>
@@ -55,24 +55,44 @@ struct multimodal_config {
   }
 };
 
-template <class T>
+template <class T, class Backend = backend::cpu>
 struct multimodal_weights {
+  using tensor_t = typename Backend::template tensor<T>;
   multimodal_config config;
-  vision_weights<T> vision;
-  projector_weights<T> projector;
-  lm_weights<T> lm;
+  vision_weights<T, Backend> vision;
+  projector_weights<T, Backend> projector;
+  lm_weights<T, Backend> lm;
 
   multimodal_weights() = default;
   explicit multimodal_weights(const multimodal_config& c, memory_use use = memory_use::weights)
       : config((c.validate(), c)), vision(c.vision, use), projector(c.projector, use), lm(c.text, use) {}
-  const tensor<T>& head() const { return lm.head(); }
-  tensor<T>& head() { return lm.head(); }
+  const tensor_t& head() const { return lm.head(); }
+  tensor_t& head() { return lm.head(); }
   std::size_t elements() const {
     std::size_t n = vision.elements() + projector.elements() + lm.embed_tokens.size() + lm.trunk.elements() +
                     lm.norm.size() + lm.lm_head.size();
     return n;
   }
 };
+
+// The model's weights on another backend (upload: the vision tower, projector and language
+// model, whole), and their values back into host weights of the same config (download).
+template <class To, class T>
+multimodal_weights<T, To> to_backend(const multimodal_weights<T>& w, memory_use use = memory_use::weights) {
+  w.config.validate();
+  multimodal_weights<T, To> out;
+  out.config = w.config;
+  out.vision = to_backend<To>(w.vision, use);
+  out.projector = to_backend<To>(w.projector, use);
+  out.lm = to_backend<To>(w.lm, use);
+  return out;
+}
+template <class T, class From>
+void download(const multimodal_weights<T, From>& w, multimodal_weights<T>& host) {
+  nn::download(w.vision, host.vision);
+  nn::download(w.projector, host.projector);
+  model::download(w.lm, host.lm);
+}
 
 // f(name, tensor&) for every tensor of the model, in checkpoint order: vision tower,
 // projector, then the language model under "language_model." (LLaVA's names).
@@ -125,13 +145,6 @@ void init_weights(multimodal_weights<T>& w, std::uint64_t seed, double stddev = 
   if (!w.config.text.tie_word_embeddings) normal(w.lm.lm_head, stddev);
 }
 
-// Where a backend keeps the model's weights: host memory here, device memory for backend::cuda
-// (model/cuda/multimodal.hpp specialises this).
-template <class T, class Backend>
-struct multimodal_weights_on {
-  using type = multimodal_weights<T>;
-};
-
 template <class T, class Recipe, class Backend = backend::cpu, class Mlp = nn::default_mlp>
 class multimodal_lm {
  public:
@@ -139,7 +152,7 @@ class multimodal_lm {
   using recipe_type = Recipe;
   using backend_type = Backend;
   using tensor_t = typename Backend::template tensor<T>;
-  using weights_t = typename multimodal_weights_on<T, Backend>::type;
+  using weights_t = multimodal_weights<T, Backend>;
   static constexpr bool train_vision = trains_v<group::vision, Recipe>;
   static constexpr bool train_projector = trains_v<group::projector, Recipe>;
   using vision_t = vision_encoder<T, train_vision, Backend>;

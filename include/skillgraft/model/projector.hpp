@@ -15,6 +15,7 @@
 #include <string>
 
 #include "skillgraft/backend/cpu/backend.hpp"
+#include "skillgraft/nn/backend_transfer.hpp"
 #include "skillgraft/nn/linear.hpp"
 #include "skillgraft/nn/optional_member.hpp"
 
@@ -29,11 +30,11 @@ struct projector_config {
   int out = 128;          // the language model's hidden size
 };
 
-template <class T>
+template <class T, class Backend = backend::cpu>
 struct projector_weights {
   projector_config config;
-  nn::linear_weights<T> linear_1;  // multi_modal_projector.linear_1.{weight [inter, in], bias}
-  nn::linear_weights<T> linear_2;  // multi_modal_projector.linear_2.{weight [out, inter], bias}
+  nn::linear_weights<T, Backend> linear_1;  // multi_modal_projector.linear_1.{weight [inter, in], bias}
+  nn::linear_weights<T, Backend> linear_2;  // multi_modal_projector.linear_2.{weight [out, inter], bias}
 
   projector_weights() = default;
   explicit projector_weights(const projector_config& c, memory_use use = memory_use::weights)
@@ -41,7 +42,26 @@ struct projector_weights {
         linear_1(std::size_t(c.intermediate), std::size_t(c.in), true, use),
         linear_2(std::size_t(c.out), std::size_t(c.intermediate), true, use) {}
   std::size_t elements() const { return linear_1.elements() + linear_2.elements(); }
+  // Every tensor with its checkpoint name, paired with the same tensor of `other`.
+  template <class Other, class F>
+  void for_each_tensor(Other& other, F&& f) const {
+    linear_1.for_each_tensor(other.linear_1, [&](const std::string& n, auto& a, auto& b) {
+      f("multi_modal_projector.linear_1." + n, a, b);
+    });
+    linear_2.for_each_tensor(other.linear_2, [&](const std::string& n, auto& a, auto& b) {
+      f("multi_modal_projector.linear_2." + n, a, b);
+    });
+  }
 };
+
+template <class To, class T>
+projector_weights<T, To> to_backend(const projector_weights<T>& w, memory_use use = memory_use::weights) {
+  projector_weights<T, To> out;
+  out.config = w.config;
+  out.linear_1 = nn::to_backend<To>(w.linear_1, use);
+  out.linear_2 = nn::to_backend<To>(w.linear_2, use);
+  return out;
+}
 
 template <class W, class F>
 void for_each_projector_parameter(W& w, F&& f) {
@@ -52,34 +72,43 @@ void for_each_projector_parameter(W& w, F&& f) {
 }
 
 template <class T>
-inline T gelu(T a) {
-  return T(0.5) * a * (T(1) + std::erf(a * T(std::numbers::sqrt2 / 2)));
+SKILLGRAFT_HD inline T gelu(T a) {
+  return T(0.5) * a * (T(1) + scalar::erf_(a * T(std::numbers::sqrt2 / 2)));
 }
 template <class T>
-inline T gelu_grad(T a) {
-  const T Phi = T(0.5) * (T(1) + std::erf(a * T(std::numbers::sqrt2 / 2)));
-  const T phi = T(std::numbers::inv_sqrtpi / std::numbers::sqrt2) * std::exp(T(-0.5) * a * a);
+SKILLGRAFT_HD inline T gelu_grad(T a) {
+  const T Phi = T(0.5) * (T(1) + scalar::erf_(a * T(std::numbers::sqrt2 / 2)));
+  const T phi = T(std::numbers::inv_sqrtpi / std::numbers::sqrt2) * scalar::exp_(T(-0.5) * a * a);
   return Phi + a * phi;
 }
-
-template <class T>
-struct projector_grads {
-  nn::linear_weights<T> linear_1, linear_2;
+// The same as element-wise functors for Backend::map (callable on every backend).
+struct gelu_fn {
+  template <class T>
+  SKILLGRAFT_HD T operator()(T a) const { return gelu(a); }
+};
+struct gelu_grad_fn {
+  template <class T>
+  SKILLGRAFT_HD T operator()(T a) const { return gelu_grad(a); }
 };
 
-// Backend: backend::cpu here; model/cuda/projector.hpp specialises backend::cuda.
+template <class T, class Backend = backend::cpu>
+struct projector_grads {
+  nn::linear_weights<T, Backend> linear_1, linear_2;
+};
+
 template <class T, bool Train, bool NeedsInputGrad, class Backend = backend::cpu>
 struct projector {
   using value_type = T;
-  using weights_t = projector_weights<T>;
+  using tensor_t = typename Backend::template tensor<T>;
+  using weights_t = projector_weights<T, Backend>;
   static constexpr bool trains = Train;
   static constexpr bool needs_input_grad = NeedsInputGrad;
   static constexpr bool active = Train || NeedsInputGrad;  // any backward at all
   // x for dW1; a for gelu'; g for dW2.
-  struct saved_t : nn::members::optional_x<Train, tensor<T>>,
-                   nn::members::optional_h<active, tensor<T>>,  // a, the pre-activation
-                   nn::members::optional_g<Train, tensor<T>> {};
-  using grads_t = std::conditional_t<Train, projector_grads<T>, nn::no_members>;
+  struct saved_t : nn::members::optional_x<Train, tensor_t>,
+                   nn::members::optional_h<active, tensor_t>,  // a, the pre-activation
+                   nn::members::optional_g<Train, tensor_t> {};
+  using grads_t = std::conditional_t<Train, projector_grads<T, Backend>, nn::no_members>;
 
   grads_t make_grads(const weights_t& w) const {
     grads_t g;
@@ -93,16 +122,15 @@ struct projector {
   }
 
   // x [..., in] -> [..., out]
-  tensor<T> forward(const weights_t& w, const tensor<T>& x, saved_t& s) const {
+  tensor_t forward(const weights_t& w, const tensor_t& x, saved_t& s) const {
     nn::check_linear_input(w.linear_1, x, "multi_modal_projector.linear_1");
     auto kept = [](bool keep) { return keep ? memory_use::saved_activations : memory_use::workspace; };
-    shape_t as = x.shape(), ys = x.shape();
-    as.dims[std::size_t(as.rank - 1)] = w.linear_1.out_features();
-    ys.dims[std::size_t(ys.rank - 1)] = w.linear_2.out_features();
-    tensor<T> a(as, kept(active)), g(as, kept(Train)), y(ys, memory_use::workspace);
-    nn::linear_forward(w.linear_1, x, a);
-    for (std::size_t i = 0; i < a.size(); ++i) g[i] = gelu(a[i]);
-    nn::linear_forward(w.linear_2, g, y);
+    const shape_t as = nn::with_last(x.shape(), w.linear_1.out_features());
+    tensor_t a(as, kept(active)), g(as, kept(Train)), y(nn::with_last(x.shape(), w.linear_2.out_features()),
+                                                       memory_use::workspace);
+    nn::linear_forward(w.linear_1, x, a, nullptr, "multi_modal_projector.linear_1");
+    Backend::map(a, g, gelu_fn{});
+    nn::linear_forward(w.linear_2, g, y, nullptr, "multi_modal_projector.linear_2");
     if constexpr (Train) s.x = x.clone(memory_use::saved_activations);
     if constexpr (active) s.h = std::move(a);
     if constexpr (Train) s.g = std::move(g);
@@ -110,21 +138,19 @@ struct projector {
   }
 
   // Returns dx when NeedsInputGrad, else an empty tensor.
-  tensor<T> backward(const weights_t& w, const saved_t& s, const tensor<T>& dy, grads_t& gr) const {
+  tensor_t backward(const weights_t& w, const saved_t& s, const tensor_t& dy, grads_t& gr) const {
     if constexpr (!active) {
       (void)w, (void)s, (void)dy, (void)gr;
       return {};
     } else {
-      if constexpr (Train) nn::linear_backward_weight(s.g, dy, gr.linear_2);
-      tensor<T> da(s.h.shape(), memory_use::workspace);
-      nn::linear_backward_input(w.linear_2, dy, da, false);
-      for (std::size_t i = 0; i < da.size(); ++i) da[i] *= gelu_grad(s.h[i]);
-      if constexpr (Train) nn::linear_backward_weight(s.x, da, gr.linear_1);
+      if constexpr (Train) nn::linear_backward_weight(s.g, dy, gr.linear_2, "multi_modal_projector.linear_2: dW");
+      tensor_t da(s.h.shape(), memory_use::workspace);
+      nn::linear_backward_input(w.linear_2, dy, da, false, "multi_modal_projector.linear_2: dx");
+      Backend::multiply_by_map(da, s.h, gelu_grad_fn{});
+      if constexpr (Train) nn::linear_backward_weight(s.x, da, gr.linear_1, "multi_modal_projector.linear_1: dW");
       if constexpr (NeedsInputGrad) {
-        shape_t xs = dy.shape();
-        xs.dims[std::size_t(xs.rank - 1)] = w.linear_1.in_features();
-        tensor<T> dx(xs, memory_use::workspace);
-        nn::linear_backward_input(w.linear_1, da, dx, false);
+        tensor_t dx(nn::with_last(dy.shape(), w.linear_1.in_features()), memory_use::workspace);
+        nn::linear_backward_input(w.linear_1, da, dx, false, "multi_modal_projector.linear_1: dx");
         return dx;
       } else {
         return {};

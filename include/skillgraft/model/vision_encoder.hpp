@@ -74,13 +74,14 @@ struct vision_config {
   }
 };
 
-template <class T>
+template <class T, class Backend = backend::cpu>
 struct vision_weights {
+  using tensor_t = typename Backend::template tensor<T>;
   vision_config config;
-  nn::linear_weights<T> patch_embed;          // vision_tower.patch_embed.{weight [hidden, patch_dim], bias}
-  tensor<T> position_embedding;               // vision_tower.position_embedding [patches, hidden]
-  std::vector<nn::block_weights<T>> layers;   // vision_tower.layers.<i>.*
-  tensor<T> post_norm;                        // vision_tower.post_layernorm.weight [hidden]
+  nn::linear_weights<T, Backend> patch_embed;         // vision_tower.patch_embed.{weight [hidden, patch_dim], bias}
+  tensor_t position_embedding;                        // vision_tower.position_embedding [patches, hidden]
+  std::vector<nn::block_weights<T, Backend>> layers;  // vision_tower.layers.<i>.*
+  tensor_t post_norm;                                 // vision_tower.post_layernorm.weight [hidden]
 
   vision_weights() = default;
   explicit vision_weights(const vision_config& c, memory_use use = memory_use::weights)
@@ -96,7 +97,31 @@ struct vision_weights {
     for (const auto& l : layers) n += l.elements();
     return n;
   }
+  // Every tensor with its checkpoint name, paired with the same tensor of `other`.
+  template <class Other, class F>
+  void for_each_tensor(Other& other, F&& f) const {
+    patch_embed.for_each_tensor(other.patch_embed, [&](const std::string& n, auto& a, auto& b) {
+      f("vision_tower.patch_embed." + n, a, b);
+    });
+    f(std::string("vision_tower.position_embedding"), position_embedding, other.position_embedding);
+    for (std::size_t i = 0; i < layers.size() && i < other.layers.size(); ++i)
+      layers[i].for_each_tensor(other.layers[i], [&](const std::string& n, auto& a, auto& b) {
+        f("vision_tower.layers." + std::to_string(i) + "." + n, a, b);
+      });
+    f(std::string("vision_tower.post_layernorm.weight"), post_norm, other.post_norm);
+  }
 };
+
+template <class To, class T>
+vision_weights<T, To> to_backend(const vision_weights<T>& w, memory_use use = memory_use::weights) {
+  vision_weights<T, To> out;
+  out.config = w.config;
+  out.patch_embed = nn::to_backend<To>(w.patch_embed, use);
+  out.position_embedding = To::upload(w.position_embedding, use);
+  for (const auto& l : w.layers) out.layers.push_back(nn::to_backend<To>(l, use));
+  out.post_norm = To::upload(w.post_norm, use);
+  return out;
+}
 
 // f(name, tensor&) for every tensor of the encoder, in checkpoint order.
 template <class W, class F>
@@ -122,56 +147,57 @@ void for_each_vision_parameter(W& w, F&& f) {
 
 // Cuts images [batch, size, size, channels] (row-major pixels, channels last) into
 // [batch, patches, patch * patch * channels]: patches in row-major grid order, each
-// patch's pixels row-major with channels innermost.
-template <class T>
-tensor<T> patchify(const tensor<T>& images, const vision_config& c, memory_use use = memory_use::workspace) {
+// patch's pixels row-major with channels innermost. A permutation of rows of patch * channels
+// pixels (Backend::gather_rows), its map computed here.
+template <class Tensor>
+Tensor patchify(const Tensor& images, const vision_config& c, memory_use use = memory_use::workspace) {
+  using backend_t = typename backend_of<Tensor>::type;
   const std::size_t S = std::size_t(c.image_size), C = std::size_t(c.channels);
   if (images.rank() != 4 || images.dim(1) != S || images.dim(2) != S || images.dim(3) != C)
     throw std::invalid_argument("skillgraft: images have shape " + images.shape().str() + ", expected [batch, " +
                                 std::to_string(S) + ", " + std::to_string(S) + ", " + std::to_string(C) + "]");
   const std::size_t B = images.dim(0), ps = std::size_t(c.patch_size), G = std::size_t(c.grid()),
                     P = std::size_t(c.patches()), pd = std::size_t(c.patch_dim());
-  tensor<T> out({B, P, pd}, use);
+  std::vector<std::int64_t> from;  // out row (b, patch, pixel row dy) <- image row segment (b, gy ps + dy, gx)
+  from.reserve(B * P * ps);
   for (std::size_t b = 0; b < B; ++b)
     for (std::size_t gy = 0; gy < G; ++gy)
-      for (std::size_t gx = 0; gx < G; ++gx) {
-        T* dst = out.data() + (b * P + gy * G + gx) * pd;
-        for (std::size_t dy = 0; dy < ps; ++dy) {
-          const T* src = images.data() + ((b * S + gy * ps + dy) * S + gx * ps) * C;
-          std::copy_n(src, ps * C, dst + dy * ps * C);
-        }
-      }
+      for (std::size_t gx = 0; gx < G; ++gx)
+        for (std::size_t dy = 0; dy < ps; ++dy) from.push_back(std::int64_t((b * S + gy * ps + dy) * G + gx));
+  Tensor out({B, P, pd}, use);
+  backend_t::gather_rows(images, ps * C, from, out);
   return out;
 }
 
 // The patch merger: [batch, G*G, d] -> [batch, (G/m)^2, m*m*d]. Output token (Y, X) of the
 // merged grid is, in order, patches (m Y + i, m X + j) for i, j = 0..m-1 row-major: the same
 // order as Qwen2-VL's merger. unmerge_patches is its inverse (and its backward, a permutation).
-template <class T>
-tensor<T> merge_patches(const tensor<T>& y, const vision_config& c, bool inverse = false,
-                        memory_use use = memory_use::workspace) {
+template <class Tensor>
+Tensor merge_patches(const Tensor& y, const vision_config& c, bool inverse = false,
+                     memory_use use = memory_use::workspace) {
+  using backend_t = typename backend_of<Tensor>::type;
   const std::size_t m = std::size_t(c.merge), G = std::size_t(c.grid()), Gm = G / m, d = std::size_t(c.hidden()),
                     B = y.dim(0);
   const shape_t expected = inverse ? shape_t{B, Gm * Gm, m * m * d} : shape_t{B, G * G, d};
   if (!(y.shape() == expected))
     throw std::invalid_argument("skillgraft: patch merger: input of shape " + y.shape().str() + ", expected " +
                                 expected.str());
-  tensor<T> out(inverse ? shape_t{B, G * G, d} : shape_t{B, Gm * Gm, m * m * d}, use);
+  std::vector<std::int64_t> from(B * G * G);  // rows of d features
   for (std::size_t b = 0; b < B; ++b)
     for (std::size_t gy = 0; gy < G; ++gy)
       for (std::size_t gx = 0; gx < G; ++gx) {
-        const std::size_t patch = b * G * G + gy * G + gx;
+        const std::size_t single = b * G * G + gy * G + gx;
         const std::size_t token = b * Gm * Gm + (gy / m) * Gm + gx / m, slot = (gy % m) * m + gx % m;
-        const std::size_t merged = (token * m * m + slot) * d, single = patch * d;
-        if (inverse)
-          std::copy_n(y.data() + merged, d, out.data() + single);
-        else
-          std::copy_n(y.data() + single, d, out.data() + merged);
+        const std::size_t merged = token * m * m + slot;
+        if (inverse) from[single] = std::int64_t(merged);
+        else from[merged] = std::int64_t(single);
       }
+  Tensor out(inverse ? shape_t{B, G * G, d} : shape_t{B, Gm * Gm, m * m * d}, use);
+  backend_t::gather_rows(y, d, from, out);
   return out;
 }
-template <class T>
-tensor<T> unmerge_patches(const tensor<T>& dy, const vision_config& c, memory_use use = memory_use::workspace) {
+template <class Tensor>
+Tensor unmerge_patches(const Tensor& dy, const vision_config& c, memory_use use = memory_use::workspace) {
   return merge_patches(dy, c, true, use);
 }
 
@@ -179,12 +205,13 @@ tensor<T> unmerge_patches(const tensor<T>& dy, const vision_config& c, memory_us
 inline constexpr auto vision_block_recipe = trainable<proj::q, proj::k, proj::v, proj::o, proj::gate, proj::up,
                                                       proj::down, group::attn_norm, group::mlp_norm>;
 
-template <class T>
+template <class T, class Backend = backend::cpu>
 struct vision_grads {
-  nn::linear_weights<T> patch_embed;
-  tensor<T> position_embedding;
-  std::vector<typename nn::decoder_block<T, std::remove_cv_t<decltype(vision_block_recipe)>, true>::grads_t> layers;
-  tensor<T> post_norm;
+  nn::linear_weights<T, Backend> patch_embed;
+  typename Backend::template tensor<T> position_embedding;
+  std::vector<typename nn::decoder_block<T, std::remove_cv_t<decltype(vision_block_recipe)>, true, Backend>::grads_t>
+      layers;
+  typename Backend::template tensor<T> post_norm;
 };
 struct no_grads {};
 
@@ -192,16 +219,17 @@ template <class T, bool Train, class Backend = backend::cpu>
 class vision_encoder {
  public:
   using value_type = T;
-  using weights_t = vision_weights<T>;
+  using tensor_t = typename Backend::template tensor<T>;
+  using weights_t = vision_weights<T, Backend>;
   static constexpr bool trains = Train;
   static constexpr bool needs_input_grad = false;  // images are data, never trained
   using block_recipe_t = std::conditional_t<Train, std::remove_cv_t<decltype(vision_block_recipe)>,
                                             std::remove_cv_t<decltype(recipe::frozen)>>;
   // With the encoder training, every block passes its input gradient down to the patch embedding.
   using block_t = nn::decoder_block<T, block_recipe_t, Train, Backend>;
-  using norm_t = nn::rmsnorm<T, Train, Train>;
-  using grads_t = std::conditional_t<Train, vision_grads<T>, no_grads>;
-  struct saved_t : nn::members::optional_x<Train, tensor<T>> {  // the patches, for dWe
+  using norm_t = nn::rmsnorm<T, Train, Train, Backend>;
+  using grads_t = std::conditional_t<Train, vision_grads<T, Backend>, no_grads>;
+  struct saved_t : nn::members::optional_x<Train, tensor_t> {  // the patches, for dWe
     std::vector<typename block_t::saved_t> blocks;
     typename norm_t::saved_t norm;
   };
@@ -214,44 +242,46 @@ class vision_encoder {
     grads_t g;
     if constexpr (Train) {
       g.patch_embed = w.patch_embed.like(memory_use::gradients);
-      g.position_embedding = tensor<T>(w.position_embedding.shape(), memory_use::gradients);
+      g.position_embedding = tensor_t(w.position_embedding.shape(), memory_use::gradients);
       for (const auto& l : w.layers) g.layers.push_back(block().make_grads(l));
-      g.post_norm = tensor<T>(w.post_norm.shape(), memory_use::gradients);
+      g.post_norm = tensor_t(w.post_norm.shape(), memory_use::gradients);
     }
     return g;
   }
 
   // images [batch, size, size, channels] -> [batch, tokens, out_features]
-  tensor<T> forward(const weights_t& w, const tensor<T>& images, saved_t& s) const {
+  tensor_t forward(const weights_t& w, const tensor_t& images, saved_t& s) const {
     check_weights(w);
     s = saved_t{};
     auto p = patchify(images, config_, Train ? memory_use::saved_activations : memory_use::workspace);
     const std::size_t B = p.dim(0), P = p.dim(1), d = std::size_t(config_.hidden());
-    tensor<T> x({B, P, d}, memory_use::workspace);
-    nn::linear_forward(w.patch_embed, p, x);
-    for (std::size_t b = 0; b < B; ++b)
-      for (std::size_t i = 0; i < P * d; ++i) x.data()[b * P * d + i] += w.position_embedding.data()[i];
+    tensor_t x({B, P, d}, memory_use::workspace);
+    nn::linear_forward(w.patch_embed, p, x, nullptr, "vision_tower.patch_embed");
+    x.reshape({B, P * d});  // x[b] += E_pos: the table is a bias over the batch's rows
+    Backend::add_bias(x, w.position_embedding);
+    x.reshape({B, P, d});
     for (std::size_t l = 0; l < w.layers.size(); ++l) x = block().forward(w.layers[l], x, s.blocks.emplace_back());
-    auto y = norm().forward(w.post_norm, x, s.norm);
+    auto y = norm().forward(w.post_norm, x, s.norm, "vision_tower.post_layernorm");
     if constexpr (Train) s.x = std::move(p);
     if (config_.merge > 1) return merge_patches(y, config_);
     return y;
   }
 
   // Adds the encoder's weight gradients into g (when it trains); returns an empty tensor.
-  tensor<T> backward(const weights_t& w, const saved_t& s, const tensor<T>& dy, grads_t& g) const {
+  tensor_t backward(const weights_t& w, const saved_t& s, const tensor_t& dy, grads_t& g) const {
     if constexpr (Train) {
       const std::size_t batch = dy.rank() > 0 ? dy.dim(0) : 0;
       cpu::expect_shape(dy, {batch, std::size_t(config_.tokens()), std::size_t(config_.out_features())},
                         "the vision encoder's output gradient");
-      tensor<T> unmerged;  // only with a merger: the gradient back in patch order
-      const tensor<T>& dn = config_.merge > 1 ? (unmerged = unmerge_patches(dy, config_)) : dy;
+      tensor_t unmerged;  // only with a merger: the gradient back in patch order
+      const tensor_t& dn = config_.merge > 1 ? (unmerged = unmerge_patches(dy, config_)) : dy;
       auto d = norm_t::backward_into(w.post_norm, s.norm, dn, &g.post_norm);
       for (std::size_t l = w.layers.size(); l-- > 0;) d = block().backward(w.layers[l], s.blocks[l], d, g.layers[l]);
-      const std::size_t B = d.dim(0), Pd = d.dim(1) * d.dim(2);
-      for (std::size_t b = 0; b < B; ++b)  // serial over the batch: a fixed summation order
-        for (std::size_t i = 0; i < Pd; ++i) g.position_embedding.data()[i] += d.data()[b * Pd + i];
-      nn::linear_backward_weight(s.x, d, g.patch_embed);
+      const shape_t ds = d.shape();
+      d.reshape({ds[0], ds[1] * ds[2]});  // dE_pos += sum over the batch: the bias gradient of the rows
+      Backend::add_column_sums(d, g.position_embedding);
+      d.reshape(ds);
+      nn::linear_backward_weight(s.x, d, g.patch_embed, "vision_tower.patch_embed: dW");
     } else {
       (void)w, (void)s, (void)dy, (void)g;
     }
@@ -266,7 +296,7 @@ class vision_encoder {
       f(std::string("vision_tower.patch_embed.bias"), w.patch_embed.bias, g.patch_embed.bias);
       f(std::string("vision_tower.position_embedding"), w.position_embedding, g.position_embedding);
       for (std::size_t i = 0; i < w.layers.size(); ++i)
-        block_t::for_each_trainable(w.layers[i], g.layers[i], [&](const std::string& n, tensor<T>& p, tensor<T>& dp) {
+        block_t::for_each_trainable(w.layers[i], g.layers[i], [&](const std::string& n, tensor_t& p, tensor_t& dp) {
           f("vision_tower.layers." + std::to_string(i) + "." + n, p, dp);
         });
       f(std::string("vision_tower.post_layernorm.weight"), w.post_norm, g.post_norm);

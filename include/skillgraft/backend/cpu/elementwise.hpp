@@ -1,7 +1,10 @@
 #pragma once
 // The CPU backend's element-wise and reduction operations on whole tensors, and the crossing
 // to and from host memory (a copy here: CPU tensors already live there).
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "skillgraft/backend/cpu/tensor.hpp"
 
@@ -22,6 +25,37 @@ struct elementwise_ops {
   template <class T>
   static void add_column_sums(const tensor<T>& dy, tensor<T>& db) {
     db.vec().noalias() += dy.mat().colwise().sum().transpose();
+  }
+  // out[i] = f(in[i]) for an element-wise functor f (SKILLGRAFT_HD, so every backend can run it).
+  template <class T, class F>
+  static void map(const tensor<T>& in, tensor<T>& out, F f) {
+    const std::size_t n = in.size();
+    const T* x = in.data();
+    T* y = out.data();
+#pragma omp parallel for schedule(static) if (n > 32768)
+    for (std::size_t i = 0; i < n; ++i) y[i] = f(x[i]);
+  }
+  // y[i] *= f(x[i])
+  template <class T, class F>
+  static void multiply_by_map(tensor<T>& y, const tensor<T>& x, F f) {
+    const std::size_t n = y.size();
+    const T* xp = x.data();
+    T* yp = y.data();
+#pragma omp parallel for schedule(static) if (n > 32768)
+    for (std::size_t i = 0; i < n; ++i) yp[i] *= f(xp[i]);
+  }
+  // Row r of out (rows of `row` elements) is row from[r] of in: patch cutting and the patch
+  // merger are such permutations, their index maps computed on the host by the caller.
+  template <class T>
+  static void gather_rows(const tensor<T>& in, std::size_t row, const std::vector<std::int64_t>& from, tensor<T>& out) {
+    for (std::size_t r = 0; r < from.size(); ++r)
+      std::copy_n(in.data() + std::size_t(from[r]) * row, row, out.data() + r * row);
+  }
+  // Row to[r] of out is row r of in (the inverse of gather_rows for a map without repeats).
+  template <class T>
+  static void scatter_rows(const tensor<T>& in, std::size_t row, const std::vector<std::int64_t>& to, tensor<T>& out) {
+    for (std::size_t r = 0; r < to.size(); ++r)
+      std::copy_n(in.data() + r * row, row, out.data() + std::size_t(to[r]) * row);
   }
   // A tensor of this backend holding the host tensor's values, and the way back.
   template <class T>

@@ -5,8 +5,10 @@
 //
 // Include from a .cu file compiled by nvcc, or from a C++ file compiled with
 // -DTHRUST_DEVICE_SYSTEM=THRUST_DEVICE_SYSTEM_CPP (or _OMP) to run the same code on the host.
+#include "skillgraft/backend/backend_of.hpp"
 #include "skillgraft/backend/cuda/algorithms.hpp"
 #include "skillgraft/backend/cuda/attention.hpp"
+#include "skillgraft/backend/cuda/cross_entropy.hpp"
 #include "skillgraft/backend/cuda/elementwise.hpp"
 #include "skillgraft/backend/cuda/embedding.hpp"
 #include "skillgraft/backend/cuda/gated.hpp"
@@ -23,10 +25,18 @@ struct cuda : skillgraft::cuda::gemm_ops,
               skillgraft::cuda::rmsnorm_ops,
               skillgraft::cuda::rope_ops,
               skillgraft::cuda::gated_ops,
-              skillgraft::cuda::attention_ops {
+              skillgraft::cuda::attention_ops,
+              skillgraft::cuda::cross_entropy_ops {
   template <class T>
   using tensor = skillgraft::cuda::tensor<T>;
   static constexpr const char* name = "cuda";
 };
 
 }  // namespace skillgraft::backend
+
+namespace skillgraft {
+template <class T>
+struct backend_of<cuda::tensor<T>> {
+  using type = backend::cuda;
+};
+}  // namespace skillgraft

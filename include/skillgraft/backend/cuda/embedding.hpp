@@ -58,7 +58,7 @@ struct embedding_ops {
   static void embed_rows(const tensor<T>& E, const std::int64_t* ids, std::size_t B, std::size_t S,
                          const tensor<T>* prefix, tensor<T>& x) {
     const std::size_t d = E.dim(1), P = x.dim(1) - S;
-    const auto dev_ids = upload_ids(std::vector<std::int64_t>(ids, ids + B * S));
+    const auto dev_ids = upload_indices(std::vector<std::int64_t>(ids, ids + B * S));
     for_each_index(index_t(x.size()), kernels::embed_rows<T>{x.data(), E.data(), P ? prefix->data() : nullptr,
                                                              dev_ids.data(), index_t(P), index_t(S), index_t(d)});
   }
@@ -80,7 +80,7 @@ struct embedding_ops {
       pos.push_back(std::int64_t((flat / S) * Tn + P + flat % S));
     }
     offsets.push_back(std::int64_t(n));
-    const auto d_ids = upload_ids(distinct), d_offsets = upload_ids(offsets), d_pos = upload_ids(pos);
+    const auto d_ids = upload_indices(distinct), d_offsets = upload_indices(offsets), d_pos = upload_indices(pos);
     for_each_index(index_t(distinct.size() * d), kernels::embed_grad<T>{dE.data(), dx.data(), d_ids.data(),
                                                                         d_offsets.data(), d_pos.data(), index_t(d)});
   }
@@ -89,13 +89,6 @@ struct embedding_ops {
   static void leading_positions(const tensor<T>& x, tensor<T>& out) {
     for_each_index(index_t(out.size()), kernels::leading_positions<T>{out.data(), x.data(), index_t(out.dim(1)),
                                                                       index_t(x.dim(1)), index_t(x.dim(2))});
-  }
-
- private:
-  static tensor<std::int64_t> upload_ids(const std::vector<std::int64_t>& v) {
-    cpu::tensor<std::int64_t> h({v.size()}, memory_use::workspace);
-    std::copy(v.begin(), v.end(), h.data());
-    return tensor<std::int64_t>::from_host(h, memory_use::workspace);
   }
 };
 

@@ -6,10 +6,13 @@
 // purpose it is allocated for. Element access from the host is deliberately absent: data
 // crosses between host and device only through upload (`from_host`, `copy_from`) and
 // download (`to_host`, `copy_to`).
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <string>
 #include <string_view>
 #include <utility>
+#include <vector>
 
 #include <thrust/fill.h>
 
@@ -145,5 +148,12 @@ class tensor {
 };
 
 using cpu::expect_shape;
+
+// Host indices (token ids, row maps) in device memory, for the kernels that read them.
+inline tensor<std::int64_t> upload_indices(const std::vector<std::int64_t>& v) {
+  cpu::tensor<std::int64_t> h({v.size()}, memory_use::workspace);
+  std::copy(v.begin(), v.end(), h.data());
+  return tensor<std::int64_t>::from_host(h, memory_use::workspace);
+}
 
 }  // namespace skillgraft::cuda
