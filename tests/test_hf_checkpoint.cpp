@@ -302,7 +302,7 @@ TEST_CASE("save: F32 checkpoints are byte-identical to transformers' and load ba
     const auto j = io::read_json_file(tmp / "config.json");
     CHECK(j.at("rope_theta") == j.at("rope_parameters").at("rope_theta"));
     CHECK(j.at("dtype") == "float32");
-    CHECK(io::decoder_config_to_hf(back.config) == io::decoder_config_to_hf(w.config));
+    CHECK(sg::model::decoder_config_to_hf(back.config) == sg::model::decoder_config_to_hf(w.config));
     CHECK(back.config.tie_word_embeddings == (dir == qwen2_dir));
   }
 }
@@ -642,7 +642,7 @@ TEST_CASE("task checkpoint: a recipe that trains nothing, and a model with an ac
 namespace {
 std::string config_error(const nlohmann::json& j) {
   try {
-    io::decoder_config_from_hf(j, "config.json");
+    sg::model::decoder_config_from_hf(j, "config.json");
   } catch (const std::invalid_argument& e) {
     return e.what();
   }
@@ -651,7 +651,7 @@ std::string config_error(const nlohmann::json& j) {
 }  // namespace
 
 TEST_CASE("config: the golden configs read as the models they describe") {
-  const auto l = io::read_hf_config(llama_dir / "config.json");
+  const auto l = sg::model::read_hf_config(llama_dir / "config.json");
   CHECK(l.hidden == 32);
   CHECK(l.n_heads == 4);
   CHECK(l.n_kv_heads == 2);
@@ -664,14 +664,14 @@ TEST_CASE("config: the golden configs read as the models they describe") {
   CHECK(l.rms_norm_eps == 1e-6);
   CHECK(!l.attention_bias);
   CHECK(!l.tie_word_embeddings);
-  const auto q = io::read_hf_config(qwen2_dir / "config.json");
+  const auto q = sg::model::read_hf_config(qwen2_dir / "config.json");
   CHECK(q.rope_theta == 1e6);  // only inside rope_parameters (transformers 5.x)
   CHECK(q.attention_bias);
   CHECK(q.tie_word_embeddings);
   CHECK(q.head_dim == 8);  // not in the file: hidden / heads
   for (const auto& c : {l, q}) {
-    const auto back = io::decoder_config_from_hf(io::decoder_config_to_hf(c));
-    CHECK(io::decoder_config_to_hf(back) == io::decoder_config_to_hf(c));
+    const auto back = sg::model::decoder_config_from_hf(sg::model::decoder_config_to_hf(c));
+    CHECK(sg::model::decoder_config_to_hf(back) == sg::model::decoder_config_to_hf(c));
   }
 }
 
@@ -682,12 +682,12 @@ TEST_CASE("config: rope_parameters (5.x) and top-level rope_theta (4.x) read the
   old.erase("rope_parameters");
   old["rope_theta"] = 1e6;
   old["rope_scaling"] = nullptr;
-  CHECK(io::decoder_config_from_hf(old).rope_theta == 1e6);
+  CHECK(sg::model::decoder_config_from_hf(old).rope_theta == 1e6);
   old.erase("rope_theta");
-  CHECK(io::decoder_config_from_hf(old).rope_theta == 1e4);  // transformers' default
+  CHECK(sg::model::decoder_config_from_hf(old).rope_theta == 1e4);  // transformers' default
   auto both = j;
   both["rope_theta"] = 1e6;
-  CHECK(io::decoder_config_from_hf(both).rope_theta == 1e6);
+  CHECK(sg::model::decoder_config_from_hf(both).rope_theta == 1e6);
   both["rope_theta"] = 5e5;
   CHECK(config_error(both) == "skillgraft: config.json has rope_theta 500000.0 at the top level but 1000000.0 in "
                               "rope_parameters; which one applies depends on the transformers version, so the file "
