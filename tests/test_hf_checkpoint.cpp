@@ -477,7 +477,7 @@ TEST_CASE("load: missing, misshapen, unexpected and mistyped tensors are named w
     CHECK(load_error(tmp.path) ==
           "skillgraft: " + tmp.path.string() + " has neither model.safetensors nor model.safetensors.index.json");
     fs::remove(tmp / "config.json");
-    CHECK(load_error(tmp.path) == "skillgraft: cannot open " + (tmp / "config.json").string());
+    CHECK(load_error(tmp.path) == "skillgraft: cannot open " + (tmp / "config.json").string() + ": No such file or directory");
   }
 }
 
@@ -522,7 +522,7 @@ TEST_CASE("save: a failed save leaves the previous checkpoint intact and no temp
     }
     ::setrlimit(RLIMIT_FSIZE, &old);
     ::signal(SIGXFSZ, old_handler);
-    CHECK_THAT(message, Contains("skillgraft: cannot write " + (tmp / "model.safetensors").string()));
+    CHECK_THAT(message, Contains("skillgraft: cannot save " + tmp.path.string() + " (it was left unchanged)"));
     CHECK_THAT(message, Contains("File too large"));
   }
   SECTION("weights that do not fit their config are refused before anything is written") {
@@ -724,7 +724,8 @@ TEST_CASE("config: models the decoder cannot compute are refused by what they us
   no_hidden.erase("hidden_size");
   CHECK(config_error(no_hidden) == "skillgraft: config.json has no \"hidden_size\"");
   CHECK_THAT(config_error(with(llama, "num_key_value_heads", 3)), Contains("is not a multiple of num_key_value_heads (3)"));
-  CHECK_THAT(config_error(with(llama, "hidden_size", "32")), Contains("skillgraft: config.json: [json.exception.type_error"));
+  CHECK(config_error(with(llama, "hidden_size", "32")) ==
+        "skillgraft: config.json has hidden_size \"32\" (string); expected an integer in [1, 2147483647]");
 }
 
 // ---- PEFT LoRA adapters ------------------------------------------------------------------------

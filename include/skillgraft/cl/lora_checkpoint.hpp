@@ -162,10 +162,10 @@ void save_lora_adapter(const std::filesystem::path& dir, const model::lm_weights
       {"task_type", "CAUSAL_LM"},
       {"use_dora", false},
       {"use_rslora", false}};
-  io::atomic_directory staged(dir);
-  out.write(staged.staging() / "adapter_model.safetensors");
-  io::write_json_file(staged.staging() / "adapter_config.json", config);
-  staged.commit();
+  io::save_directory(dir, [&](const std::filesystem::path& staging) {
+    out.write(staging / "adapter_model.safetensors");
+    io::write_json_file(staging / "adapter_config.json", config);
+  });
 }
 
 // Loads a PEFT LoRA adapter directory into the adapters attached to w; returns how many.

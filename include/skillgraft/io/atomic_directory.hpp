@@ -35,6 +35,7 @@
 #include <charconv>
 #include <cstdio>
 #include <filesystem>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -218,5 +219,31 @@ class atomic_directory {
   std::filesystem::path staging_;
   bool committed_ = false;
 };
+
+// Writes a directory atomically: write(staging) puts every file into the staging
+// directory, then it replaces `target` in one switch. Any failure leaves `target` as it
+// was and is rethrown with the target named ("cannot save <target> (it was left
+// unchanged): ..."), keeping the exception's type for std::system_error and
+// std::invalid_argument.
+template <class Write>
+void save_directory(const std::filesystem::path& target, Write&& write) {
+  const std::string prefix = "skillgraft: cannot save " + target.string() + " (it was left unchanged): ";
+  auto strip = [](std::string what) {
+    if (what.rfind("skillgraft: ", 0) == 0) what.erase(0, 12);
+    return what;
+  };
+  try {
+    atomic_directory staged(target);
+    write(staged.staging());
+    staged.commit();
+  } catch (const std::system_error& e) {
+    std::string what = strip(e.what());
+    const std::string tail = ": " + e.code().message();  // system_error appends it again
+    if (what.ends_with(tail)) what.erase(what.size() - tail.size());
+    throw std::system_error(e.code(), prefix + what);
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument(prefix + strip(e.what()));
+  }
+}
 
 }  // namespace skillgraft::io

@@ -365,10 +365,10 @@ void write_checkpoint(const fs::path& dir, const lm_weights<T>& w, hf_save_optio
   if (task_only) out.set_metadata(task_checkpoint_key, "trainable");
   select([&](const std::string& name, const cpu::tensor<T>& t) { out.add(name, t, o.dtype); });
   const nlohmann::json config = decoder_config_to_hf(w.config, dtype);
-  io::atomic_directory staged(dir);
-  out.write(staged.staging() / "model.safetensors");
-  io::write_json_file(staged.staging() / "config.json", config);
-  staged.commit();
+  io::save_directory(dir, [&](const fs::path& staging) {
+    out.write(staging / "model.safetensors");
+    io::write_json_file(staging / "config.json", config);
+  });
 }
 
 }  // namespace detail
