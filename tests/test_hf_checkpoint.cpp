@@ -24,6 +24,7 @@
 #include "skillgraft/model/generate.hpp"
 #include "skillgraft/model/hf_checkpoint.hpp"
 #include "skillgraft/train/cross_entropy.hpp"
+#include "support/temp_dir.hpp"
 
 namespace sg = skillgraft;
 namespace io = skillgraft::io;
@@ -37,32 +38,9 @@ namespace {
 const fs::path llama_dir = fs::path(SKILLGRAFT_TEST_DATA) / "lm_llama";
 const fs::path qwen2_dir = fs::path(SKILLGRAFT_TEST_DATA) / "lm_qwen2";
 
-// A fresh directory (mkdtemp: unique even across concurrent test processes), removed
-// with its contents at the end of the test.
-struct temp_dir {
-  fs::path path;
-  temp_dir() {
-    std::string pattern = (fs::temp_directory_path() / "skillgraft-hf-XXXXXX").string();
-    REQUIRE(::mkdtemp(pattern.data()) != nullptr);
-    path = pattern;
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  fs::path operator/(const std::string& name) const { return path / name; }
-};
-
-std::string read_text(const fs::path& file) {
-  std::ifstream in(file, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-std::vector<std::string> dir_names(const fs::path& dir) {
-  std::vector<std::string> out;
-  for (const auto& e : fs::directory_iterator(dir)) out.push_back(e.path().filename().string());
-  std::sort(out.begin(), out.end());
-  return out;
-}
+using sg::test::temp_dir;
+using sg::test::read_text;
+using sg::test::dir_names;
 
 token_ids load_token_ids(const io::safetensors_file& f, const std::string& name) {
   const auto& info = f.info(name);
