@@ -17,6 +17,7 @@
 #include <string_view>
 
 #include "skillgraft/io/atomic_file.hpp"
+#include "skillgraft/io/printable.hpp"
 #include "skillgraft/io/regular_file.hpp"
 
 namespace skillgraft::io {
@@ -26,7 +27,7 @@ inline nlohmann::json parse_json(std::string_view text, const std::string& where
   try {
     return nlohmann::json::parse(text.begin(), text.end());
   } catch (const nlohmann::json::exception& e) {
-    throw std::invalid_argument("skillgraft: " + where + " is not valid JSON: " + e.what());
+    throw std::invalid_argument("skillgraft: " + where + " is not valid JSON: " + printable(e.what()));
   }
 }
 
