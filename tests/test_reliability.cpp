@@ -507,6 +507,12 @@ TEST_CASE("save: leftovers of killed saves are removed by the next save, those o
   CHECK(fs::exists(live_file) == false);  // not carried into the new directory either
   CHECK(dir_names(tmp.path) == std::vector<std::string>{"ckpt"});
   CHECK(same(sg::model::load_hf_checkpoint<float>(dir), v.new_w));
+  // A single file written atomically removes the temporaries killed writers left beside it.
+  const fs::path stale_single = tmp / ("single.safetensors.tmp-" + std::to_string(gone));
+  std::ofstream(stale_single) << "half";
+  io::write_json_file(tmp / "single.safetensors", {{"x", 1}});
+  CHECK(!fs::exists(stale_single));
+  fs::remove(tmp / "single.safetensors");
   // A file in place of the directory is refused, not replaced.
   std::ofstream(tmp / "file") << "x";
   CHECK_THROWS_WITH(sg::model::save_hf_checkpoint(tmp / "file", v.new_w),

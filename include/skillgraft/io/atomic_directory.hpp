@@ -42,31 +42,11 @@
 #include <utility>
 #include <vector>
 
+#include "skillgraft/io/atomic_file.hpp"
+
 namespace skillgraft::io {
 
 namespace detail {
-
-// The pid in "<prefix><pid>" or "<prefix><pid>-<n>", or -1.
-inline long pid_after(std::string_view name, std::string_view prefix) {
-  if (!name.starts_with(prefix)) return -1;
-  name.remove_prefix(prefix.size());
-  long pid = -1;
-  const auto [end, ec] = std::from_chars(name.data(), name.data() + name.size(), pid);
-  if (ec != std::errc{} || pid <= 0) return -1;
-  if (end != name.data() + name.size() && *end != '-') return -1;
-  return pid;
-}
-
-inline bool process_gone(long pid) {
-  return pid != static_cast<long>(::getpid()) && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH;
-}
-
-// An atomic_file temporary ("<file>.tmp-<pid>") inside a checkpoint directory.
-inline long temp_file_pid(const std::string& name) {
-  const auto at = name.rfind(".tmp-");
-  if (at == std::string::npos) return -1;
-  return pid_after(std::string_view(name).substr(at), ".tmp-");
-}
 
 inline void fsync_path(const std::filesystem::path& p, bool directory) {
   const int fd = ::open(p.c_str(), (directory ? O_RDONLY | O_DIRECTORY : O_RDONLY) | O_CLOEXEC);
