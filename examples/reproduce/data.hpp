@@ -72,12 +72,15 @@ class example_stream {
   std::mt19937_64 rng_;
 };
 
-// A stable 64-bit hash of a name (FNV-1a), for per-task seeds.
-inline std::uint64_t name_hash(const std::string& s) {
-  std::uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+// FNV-1a over n bytes, continuing from h: a stable 64-bit hash.
+inline std::uint64_t fnv1a(const void* data, std::size_t n, std::uint64_t h = 1469598103934665603ull) {
+  const auto* p = static_cast<const unsigned char*>(data);
+  for (std::size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 1099511628211ull;
   return h;
 }
+
+// A stable 64-bit hash of a name, for per-task seeds.
+inline std::uint64_t name_hash(const std::string& s) { return fnv1a(s.data(), s.size()); }
 
 // Seeds of the fixed splits: the test set and the probe set never share a seed with training.
 inline std::uint64_t train_seed(std::uint64_t run_seed, const std::string& task, int stream = 0) {

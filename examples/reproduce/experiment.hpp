@@ -300,24 +300,74 @@ class basic_evaluator {
 using evaluator = basic_evaluator<>;
 
 // --- checkpoints ---------------------------------------------------------------------
+//
+// The pretrained base model is cached as a safetensors file whose metadata carries the
+// settings it was made with (skillgraft.reproduce) and a checksum of its content
+// (skillgraft.reproduce.checksum: FNV-1a over every tensor's name and float bytes, in
+// model order). A file at the cache path that is not such a cache is never overwritten;
+// a cache whose content does not match its checksum (zeroed, swapped or scaled tensors,
+// NaNs) is refused with the file named.
+
+inline constexpr const char* cache_settings_key = "skillgraft.reproduce";
+inline constexpr const char* cache_checksum_key = "skillgraft.reproduce.checksum";
+
+inline std::string content_checksum(const weights_t& w) {
+  std::uint64_t h = fnv1a("", 0);
+  model::for_each_multimodal_parameter(const_cast<weights_t&>(w), [&](const std::string& name, cpu::tensor<float>& t) {
+    h = fnv1a(name.data(), name.size() + 1, h);  // with the terminating NUL: names cannot run into data
+    h = fnv1a(t.data(), t.bytes(), h);
+  });
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
+  return hex;
+}
 
 inline void save_checkpoint(const weights_t& w, const std::filesystem::path& path, const std::string& fp) {
   io::safetensors_writer out;
   out.set_metadata("format", "pt");
-  out.set_metadata("skillgraft.reproduce", fp);
+  out.set_metadata(cache_settings_key, fp);
+  out.set_metadata(cache_checksum_key, content_checksum(w));
   model::for_each_multimodal_parameter(const_cast<weights_t&>(w),
                                        [&](const std::string& name, cpu::tensor<float>& t) { out.add(name, t); });
   std::filesystem::create_directories(path.parent_path().empty() ? "." : path.parent_path());
   out.write(path);
 }
 
-// Loads the checkpoint when it exists and was made with the same settings.
+// The cache file at `path` opened, or nullopt when there is none. Anything else at that
+// path -- a file that is not safetensors, a safetensors file without the cache's
+// metadata, a directory, a FIFO -- is refused, so that pretraining never overwrites it.
+inline std::optional<io::safetensors_file> open_cache(const std::filesystem::path& path) {
+  std::error_code ec;
+  if (!std::filesystem::exists(std::filesystem::symlink_status(path, ec))) return std::nullopt;
+  const std::string refuse = "reproduce: --checkpoint " + path.string() +
+                             " is not a base-model cache of this program, so it is not overwritten (choose another "
+                             "path, or delete it): ";
+  std::optional<io::safetensors_file> f;
+  try {
+    f.emplace(path);
+  } catch (const std::exception& e) {
+    std::string why = e.what();
+    if (why.rfind("skillgraft: ", 0) == 0) why.erase(0, 12);
+    throw std::invalid_argument(refuse + why);
+  }
+  if (!f->metadata().contains(cache_settings_key))
+    throw std::invalid_argument(refuse + "it is a safetensors file without the " + cache_settings_key + " metadata");
+  return f;
+}
+
+// Loads the checkpoint when it exists and was made with the same settings; false when
+// there is none or it was made with other settings (it is then pretrained again).
 inline bool load_checkpoint(weights_t& w, const std::filesystem::path& path, const std::string& fp) {
-  if (!std::filesystem::exists(path)) return false;
-  io::safetensors_file f(path);
-  auto it = f.metadata().find("skillgraft.reproduce");
-  if (it == f.metadata().end() || it->second != fp) return false;
-  model::for_each_multimodal_parameter(w, [&](const std::string& name, cpu::tensor<float>& t) { f.load_into(name, t); });
+  auto f = open_cache(path);
+  if (!f) return false;
+  if (f->metadata().at(cache_settings_key) != fp) return false;
+  const auto sum = f->metadata().find(cache_checksum_key);
+  if (sum == f->metadata().end()) return false;  // a cache from before checksums: pretrained again
+  model::for_each_multimodal_parameter(w, [&](const std::string& name, cpu::tensor<float>& t) { f->load_into(name, t); });
+  if (const std::string found = content_checksum(w); found != sum->second)
+    throw std::runtime_error("reproduce: the cached base model " + path.string() +
+                             " is damaged: its content checksum is " + found + ", but the file records " +
+                             sum->second + " (delete it to pretrain again)");
   return true;
 }
 

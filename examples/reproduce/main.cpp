@@ -10,6 +10,7 @@
 // Writes report.md, summary.csv, accuracy_<method>.csv, probe.csv, curves.csv and four SVG
 // pictures under --out (default reproduce-out/). The pretrained base model is cached there
 // as base.safetensors; a rerun with the same settings skips pretraining.
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstdint>
@@ -20,6 +21,7 @@
 #include <sstream>
 #include <string>
 #include <system_error>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -49,7 +51,8 @@ void usage() {
             << "\n"
                "  --order a,b,...        target curriculum (default birds,count,tissue,sign,clock)\n"
                "  --out DIR              output directory (default reproduce-out)\n"
-               "  --checkpoint FILE      base-model checkpoint (default DIR/base.safetensors)\n"
+               "  --checkpoint FILE      base-model cache (default DIR/base.safetensors); a file there that is not\n"
+               "                         one is refused, never overwritten\n"
                "  --seed N               training-data and initialisation seed (default 1)\n"
                "  --no-restrict          free decoding everywhere (default: restricted where a task has a format)\n"
                "  --pretrain-steps N --pretrain-batch N --pretrain-lr X\n"
@@ -57,7 +60,8 @@ void usage() {
                "  --pretrain-threads N   threads of the pretraining process (default: one per core)\n"
                "  --vision-hidden N --vision-layers N   a wider/deeper vision encoder (default 64, 2)\n"
                "  --jobs N               methods run at once, each in its own process (default: one per core)\n"
-               "  --threads N            threads inside each process (default 1; more than 1 runs methods in turn)\n"
+               "  --threads N            threads inside each process (default 1; more than 1 runs methods in turn;\n"
+               "                         --threads, --jobs and --pretrain-threads: at most 4 per core, at least 8)\n"
                "  --device cpu|cuda      where pretraining and the plain recipes train (cuda: a build with\n"
                "                         SKILLGRAFT_REPRODUCE_CUDA; LwF, LoRA, MoE and evaluation stay on the CPU)\n"
                "  --quiet                no progress display\n";
@@ -96,10 +100,13 @@ int main(int argc, char** argv) {
       } else if (a == "--full") {
       } else if (a == "--methods") {
         s.methods = split(value());
+        if (s.methods.empty())
+          throw std::invalid_argument("option --methods needs at least one method name (see --help)");
         for (const auto& m : s.methods)
           if (!rp::method_available(m)) throw std::invalid_argument("unknown method '" + m + "'");
       } else if (a == "--order") {
         s.order = split(value());
+        if (s.order.empty()) throw std::invalid_argument("option --order needs at least one task name");
       } else if (a == "--out") {
         s.out = value();
       } else if (a == "--checkpoint") {
@@ -167,6 +174,16 @@ int main(int argc, char** argv) {
     if (s.threads < 1) throw std::invalid_argument("option --threads must be at least 1");
     if (s.jobs < 0 || s.pretrain_threads < 0)
       throw std::invalid_argument("options --jobs and --pretrain-threads must not be negative (0: one per core)");
+    // Far more threads or processes than cores only slows the run down, and the OpenMP
+    // runtime fails or hangs creating thousands of threads: bounded, with the bound named.
+    const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+    const int most = int(std::max(8u, 4 * cores));
+    for (const auto& [opt, v] : {std::pair{"--threads", s.threads}, std::pair{"--jobs", s.jobs},
+                                 std::pair{"--pretrain-threads", s.pretrain_threads}})
+      if (v > most)
+        throw std::invalid_argument("option " + std::string(opt) + " must be at most " + std::to_string(most) +
+                                    " (four per core, at least 8; this machine has " + std::to_string(cores) +
+                                    " cores), got " + std::to_string(v));
     rp::resize_vision(s.model, vision_hidden, vision_layers);
     rp::progress prog(s.quiet);
     auto res = rp::run_pipeline(s, prog);

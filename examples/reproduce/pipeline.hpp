@@ -229,6 +229,7 @@ inline pipeline_result run_pipeline(const settings& s, progress& prog) {
   const auto t_start = clock::now();
   pipeline_result res;
   check_device(s);  // before anything is written
+  open_cache(s.checkpoint_path());  // refuses a file that is not this program's cache, before anything is written
   std::filesystem::create_directories(s.out);
   const int threads = std::max(1, s.threads);
 #ifdef _OPENMP

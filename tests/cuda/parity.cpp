@@ -308,6 +308,35 @@ TEST_CASE("decoder stack: parity with the CPU and memory plan equal to the devic
   SECTION("frozen") { run(sg::recipe::frozen); }
 }
 
+TEST_CASE("AdamW on the device: a finite gradient that would overflow a moment is refused before anything changes") {
+  const auto c = sg::test::tiny_config(false, 1);
+  using R = std::remove_const_t<decltype(sg::recipe::mlp_down)>;
+  auto hw = sg::test::random_trunk<float>(c, 9);
+  auto dw = sg::nn::cuda::trunk_weights<float>::upload(hw), dw2 = sg::nn::cuda::trunk_weights<float>::upload(hw);
+  sg::nn::decoder_stack<float, R, false, sg::backend::cuda> ds(c, sg::recipe::mlp_down);
+  auto dg = ds.make_grads(dw);
+  sg::train::cuda::adamw<float> adam(ds, dw, dg), fresh(ds, dw2, dg);
+  auto g = sg::test::random_tensor<float>(dg.layer(0).down_proj.weight.shape(), 5);
+  const float ok = g[5];
+  g[5] = 1e30f;  // finite, but its square is not
+  dg.layer(0).down_proj.weight.copy_from(g);
+  const auto before = dw.layers[0].mlp.down_proj.weight.to_host();
+  CHECK_THROWS_WITH(adam.step(ds, dw, dg),
+                    "skillgraft: the gradient of model.layers.0.mlp.down_proj.weight at element 5 makes the AdamW "
+                    "moments or the weight overflow; no weight was changed (clip the gradients, or lower the loss scale)");
+  const auto after = dw.layers[0].mlp.down_proj.weight.to_host();
+  CHECK(std::memcmp(after.data(), before.data(), before.bytes()) == 0);
+  CHECK(adam.steps() == 0);
+  // Nothing changed: the next good step is bit for bit the first step of a fresh optimizer.
+  g[5] = ok;
+  dg.layer(0).down_proj.weight.copy_from(g);
+  adam.step(ds, dw, dg);
+  fresh.step(ds, dw2, dg);
+  const auto a = dw.layers[0].mlp.down_proj.weight.to_host(), b = dw2.layers[0].mlp.down_proj.weight.to_host();
+  CHECK(std::memcmp(a.data(), b.data(), a.bytes()) == 0);
+  CHECK(a[5] != before[5]);
+}
+
 namespace {
 
 sg::model::lm_weights<float> random_lm(const sg::decoder_config& c, unsigned seed) {

@@ -20,17 +20,10 @@
 #include <string>
 #include <vector>
 
+#include "fuzz_check.hpp"
 #include "skillgraft/io/safetensors_format.hpp"
 
 namespace io = skillgraft::io;
-
-#define FUZZ_CHECK(cond)                                          \
-  do {                                                            \
-    if (!(cond)) {                                                \
-      std::fprintf(stderr, "invariant failed: %s\n", #cond);      \
-      std::abort();                                               \
-    }                                                             \
-  } while (0)
 
 namespace {
 

@@ -13,8 +13,15 @@
 // Loading fills adapters that are already attached (attach_lora with the recipe that
 // trains them); it checks the rank, the targeted modules and layers, and every shape
 // against them before it writes anything, and sets each adapter's scale from the file
-// (lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora).
+// (lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora). r and the layer numbers must be
+// integers in range and lora_alpha a finite number.
+//
+// Saving is atomic for the directory: both files go to a staging directory that replaces
+// the target in one rename (io/atomic_directory.hpp), so an interrupted save leaves the
+// previous adapter -- weights and adapter_config.json together -- as it was.
+#include <climits>
 #include <cmath>
+#include <cstdint>
 #include <filesystem>
 #include <map>
 #include <set>
@@ -22,7 +29,9 @@
 #include <vector>
 
 #include "skillgraft/cl/lora.hpp"
-#include "skillgraft/io/hf_config.hpp"
+#include "skillgraft/io/atomic_directory.hpp"
+#include "skillgraft/io/json_file.hpp"
+#include "skillgraft/io/printable.hpp"
 #include "skillgraft/io/safetensors.hpp"
 
 namespace skillgraft::cl {
@@ -153,9 +162,10 @@ void save_lora_adapter(const std::filesystem::path& dir, const model::lm_weights
       {"task_type", "CAUSAL_LM"},
       {"use_dora", false},
       {"use_rslora", false}};
-  std::filesystem::create_directories(dir);
-  out.write(dir / "adapter_model.safetensors");
-  io::write_json_file(dir / "adapter_config.json", config);
+  io::save_directory(dir, [&](const std::filesystem::path& staging) {
+    out.write(staging / "adapter_model.safetensors");
+    io::write_json_file(staging / "adapter_config.json", config);
+  });
 }
 
 // Loads a PEFT LoRA adapter directory into the adapters attached to w; returns how many.
@@ -167,7 +177,7 @@ int load_lora_adapter(const std::filesystem::path& dir, model::lm_weights<T>& w)
   auto refuse = [&](const std::string& what) { throw std::invalid_argument("skillgraft: " + where + " " + what); };
   if (!j.is_object()) refuse("is not a JSON object");
   const std::string type = j.value("peft_type", std::string());
-  if (type != "LORA") refuse("has peft_type \"" + type + "\"; only LORA adapters load");
+  if (type != "LORA") refuse("has peft_type \"" + io::printable(type) + "\"; only LORA adapters load");
   // What plain LoRA on the seven projections cannot express is refused, not ignored.
   if (j.value("use_dora", false)) refuse("uses DoRA (use_dora), which is not supported");
   if (j.value("fan_in_fan_out", false)) refuse("sets fan_in_fan_out, which is for GPT-2's Conv1D layers");
@@ -182,7 +192,7 @@ int load_lora_adapter(const std::filesystem::path& dir, model::lm_weights<T>& w)
     if (j.contains(key)) {
       const auto& v = j.at(key);
       if (!(v.is_null() || v == false || (v.is_structured() && v.empty())))
-        refuse(std::string("sets ") + key + " (" + v.dump() + "), which is not supported");
+        refuse(std::string("sets ") + key + " (" + io::printable(v.dump()) + "), which is not supported");
     }
 
   std::size_t r = 0;
@@ -192,27 +202,30 @@ int load_lora_adapter(const std::filesystem::path& dir, model::lm_weights<T>& w)
   bool all_layers = true;
   try {
     if (!j.contains("r")) refuse("has no \"r\"");
-    const long long rr = j.at("r").get<long long>();
-    if (rr <= 0) refuse("has r " + std::to_string(rr) + "; the rank must be positive");
-    r = std::size_t(rr);
-    alpha = j.value("lora_alpha", 8.0);  // PEFT's default
+    r = std::size_t(io::json_integer(j.at("r"), "r", where, 1, INT_MAX));
+    alpha = j.contains("lora_alpha") ? io::json_real(j.at("lora_alpha"), "lora_alpha", where) : 8.0;  // PEFT's default
     if (!j.contains("target_modules") || !j.at("target_modules").is_array())
       refuse("has no list of target_modules (a regular expression is not supported)");
     for (const auto& m : j.at("target_modules")) {
       const std::string name = m.get<std::string>();
       if (!detail::is_projection_name(name))
-        refuse("targets \"" + name + "\"; adapters go on q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj");
+        refuse("targets \"" + io::printable(name) + "\"; adapters go on q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj");
       targets.insert(name);
     }
     if (j.contains("layers_to_transform") && !j.at("layers_to_transform").is_null()) {
       all_layers = false;
       const auto& lt = j.at("layers_to_transform");
-      if (lt.is_number_integer()) chosen_layers.insert(lt.get<int>());
+      auto layer = [&](const nlohmann::json& l) {
+        chosen_layers.insert(int(io::json_integer(l, "a layers_to_transform entry", where, INT_MIN, INT_MAX)));
+      };
+      if (lt.is_number()) layer(lt);
+      else if (lt.is_array())
+        for (const auto& l : lt) layer(l);
       else
-        for (const auto& l : lt) chosen_layers.insert(l.get<int>());
+        refuse("has layers_to_transform " + io::printable(lt.dump()) + "; expected a layer number or a list of them");
     }
   } catch (const nlohmann::json::exception& e) {
-    refuse(std::string("has a field of the wrong type: ") + e.what());
+    refuse(std::string("has a field of the wrong type: ") + io::printable(e.what()));
   }
   const T scale = T(j.value("use_rslora", false) ? alpha / std::sqrt(double(r)) : alpha / double(r));
 
@@ -248,21 +261,22 @@ int load_lora_adapter(const std::filesystem::path& dir, model::lm_weights<T>& w)
     for (auto [suffix, dst] : {std::pair{".lora_A.weight", &l->lora.A}, std::pair{".lora_B.weight", &l->lora.B}}) {
       const std::string name = prefix + suffix;
       if (!in_file.contains(name))
-        throw std::invalid_argument("skillgraft: " + file.path().string() + " has no tensor " + name + " (expected " +
+        throw std::invalid_argument("skillgraft: " + file.path().string() + " has no tensor " + io::printable(name) + " (expected " +
                                     dst->shape().str() + ")");
       const io::tensor_info& t = file.info(name);
       if (io::shape_string(t.shape) != dst->shape().str())
-        throw std::invalid_argument("skillgraft: " + name + " has shape " + io::shape_string(t.shape) + " in " +
+        throw std::invalid_argument("skillgraft: " + io::printable(name) + " has shape " + io::shape_string(t.shape) + " in " +
                                     file.path().string() + ", expected " + dst->shape().str());
       if (t.type != io::dtype::f32 && t.type != io::dtype::bf16 && t.type != io::dtype::f16 && t.type != io::dtype::f64)
-        throw std::invalid_argument("skillgraft: " + name + " in " + file.path().string() + " is " +
+        throw std::invalid_argument("skillgraft: " + io::printable(name) + " in " + file.path().string() + " is " +
                                     std::string(io::dtype_name(t.type)) + "; adapters load from F32, BF16, F16 or F64");
       in_file.erase(name);
       plan.emplace_back(name, dst);
     }
   if (!in_file.empty())
     throw std::invalid_argument("skillgraft: " + file.path().string() + " has " + std::to_string(in_file.size()) +
-                                " tensors no attached adapter takes, e.g. " + *in_file.begin());
+                                " tensors no attached adapter takes, e.g. " + io::printable(*in_file.begin()));
+  for (const auto& [name, dst] : plan) file.check_range<T>(name);  // nothing is written if one fails
   for (const auto& [name, dst] : plan) file.load_into(name, *dst);
   for (auto& [prefix, l] : expected) l->lora_scale = scale;
   return int(expected.size());

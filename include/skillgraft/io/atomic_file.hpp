@@ -7,31 +7,63 @@
 // survives a crash. Until the rename the old target is never opened, so any failure
 // before it -- a full disk, a size limit, an exception thrown while producing the
 // bytes -- leaves the last good file byte-identical. The destructor of an
-// uncommitted file removes the temporary, so no half-written file is left behind.
+// uncommitted file removes the temporary, so no half-written file is left behind; the
+// temporaries of killed processes (which no destructor removed) are removed by the next
+// atomic_file for the same target.
 //
 // The new file gets default permissions (0666 minus the umask), not those of the
 // file it replaces; a symbolic link at the target is replaced, not followed.
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <charconv>
 #include <cstddef>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <string>
+#include <string_view>
 #include <system_error>
 #include <utility>
 #include <vector>
 
 namespace skillgraft::io {
 
+namespace detail {
+
+// The pid in "<prefix><pid>" or "<prefix><pid>-<n>", or -1.
+inline long pid_after(std::string_view name, std::string_view prefix) {
+  if (!name.starts_with(prefix)) return -1;
+  name.remove_prefix(prefix.size());
+  long pid = -1;
+  const auto [end, ec] = std::from_chars(name.data(), name.data() + name.size(), pid);
+  if (ec != std::errc{} || pid <= 0) return -1;
+  if (end != name.data() + name.size() && *end != '-') return -1;
+  return pid;
+}
+
+inline bool process_gone(long pid) {
+  return pid != static_cast<long>(::getpid()) && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH;
+}
+
+// An atomic_file temporary ("<file>.tmp-<pid>") inside a checkpoint directory.
+inline long temp_file_pid(const std::string& name) {
+  const auto at = name.rfind(".tmp-");
+  if (at == std::string::npos) return -1;
+  return pid_after(std::string_view(name).substr(at), ".tmp-");
+}
+
+}  // namespace detail
+
 class atomic_file {
  public:
   // Creates (or truncates a stale) "<target>.tmp-<pid>". Throws std::system_error
   // naming the target when the directory does not exist or is not writable.
   explicit atomic_file(std::filesystem::path target) : target_(std::move(target)) {
+    remove_stale_temporaries();
     temp_ = target_;
     temp_ += ".tmp-" + std::to_string(::getpid());
     fd_ = ::open(temp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
@@ -71,6 +103,18 @@ class atomic_file {
 
  private:
   static constexpr std::size_t buffer_bytes = std::size_t{1} << 20;
+
+  // "<target>.tmp-<pid>" files of processes that no longer run (a save killed before its
+  // rename) are removed, so killed saves do not pile up copies of the file.
+  void remove_stale_temporaries() const {
+    std::error_code ec;
+    const std::filesystem::path dir = target_.parent_path().empty() ? "." : target_.parent_path();
+    const std::string prefix = target_.filename().string() + ".tmp-";
+    for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+      const long pid = detail::pid_after(e.path().filename().string(), prefix);
+      if (pid > 0 && detail::process_gone(pid)) std::filesystem::remove(e.path(), ec);
+    }
+  }
 
   void flush() {
     if (!buffer_.empty()) write_fully(buffer_.data(), buffer_.size());

@@ -27,29 +27,22 @@
 #include <system_error>
 #include <utility>
 
+#include "skillgraft/io/regular_file.hpp"
+
 namespace skillgraft::io {
 
 class mapped_file {
  public:
-  // Throws std::invalid_argument when the file cannot be opened (missing, no
-  // permission) or is not a regular file, std::system_error when mapping fails.
+  // Throws std::invalid_argument naming the file when it cannot be opened (missing, no
+  // permission) or is not a regular file (a directory, a FIFO), std::system_error when
+  // mapping fails.
   explicit mapped_file(std::filesystem::path file) : path_(std::move(file)) {
-    const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-      throw std::invalid_argument("skillgraft: cannot open " + path_.string() + ": " + std::strerror(errno));
-    // The descriptor is only needed until the mapping exists.
-    struct closer {
-      int fd;
-      ~closer() { ::close(fd); }
-    } close_on_exit{fd};
-
-    struct stat st {};
-    if (::fstat(fd, &st) != 0)
-      throw std::system_error(errno, std::generic_category(), "skillgraft: cannot stat " + path_.string());
-    if (!S_ISREG(st.st_mode)) throw std::invalid_argument("skillgraft: " + path_.string() + " is not a regular file");
-    if (static_cast<std::uintmax_t>(st.st_size) > std::numeric_limits<std::size_t>::max())
+    // Checked as a regular file before anything reads it: a FIFO would block forever.
+    const regular_file f(path_);
+    if (f.size() > std::numeric_limits<std::size_t>::max())
       throw std::invalid_argument("skillgraft: " + path_.string() + " is too large to map");
-    size_ = static_cast<std::size_t>(st.st_size);
+    const int fd = f.fd();
+    size_ = static_cast<std::size_t>(f.size());
     if (size_ == 0) return;  // mmap rejects length 0; an empty file is an empty span
     void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
     if (p == MAP_FAILED)

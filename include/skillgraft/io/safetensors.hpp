@@ -20,6 +20,8 @@
 #include <bit>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <limits>
 #include <filesystem>
 #include <functional>
 #include <map>
@@ -35,6 +37,7 @@
 #include "skillgraft/io/atomic_file.hpp"
 #include "skillgraft/io/half.hpp"
 #include "skillgraft/io/mapped_file.hpp"
+#include "skillgraft/io/printable.hpp"
 #include "skillgraft/io/safetensors_format.hpp"
 
 namespace skillgraft::io {
@@ -58,7 +61,7 @@ class safetensors_file {
   const tensor_info& info(std::string_view name) const {
     const auto it = index_.find(name);
     if (it == index_.end())
-      throw safetensors_error("skillgraft: no tensor named " + std::string(name) + " in " + path().string());
+      throw safetensors_error("skillgraft: no tensor named " + printable(name) + " in " + path().string());
     return header_.tensors[it->second];
   }
 
@@ -84,7 +87,7 @@ class safetensors_file {
   void load_into(std::string_view name, cpu::tensor<T>& dst) const {
     const tensor_info& t = info(name);
     if (!same_shape(t, dst.shape()))
-      throw safetensors_error("skillgraft: " + t.name + " has shape " + shape_string(t.shape) + " in " +
+      throw safetensors_error("skillgraft: " + printable(t.name) + " has shape " + shape_string(t.shape) + " in " +
                               path().string() + ", expected " + dst.shape().str());
     // Convert into scratch first only when a failure could happen half-way (an
     // integer that does not fit): dst must not be left half-written.
@@ -97,12 +100,30 @@ class safetensors_file {
     }
   }
 
+  // Throws, as load_into would, when the named tensor holds a value T cannot take (an
+  // integer T cannot hold exactly, a finite F64 beyond float's range), without writing
+  // anything: loaders check every tensor first so that a failure changes nothing.
+  template <loadable_element T>
+  void check_range(std::string_view name) const {
+    const tensor_info& t = info(name);
+    if (!can_fail_midway<T>(t.type)) return;
+    constexpr std::size_t block = 4096;
+    std::vector<T> scratch(std::min<std::size_t>(block, t.elements()));
+    for (std::size_t start = 0; start < t.elements(); start += block) {
+      const std::size_t n = std::min(block, t.elements() - start);
+      const std::size_t width = static_cast<std::size_t>(dtype_bits(t.type) / 8);
+      const conversion_result r =
+          convert_elements<T>(t.type, map_.data() + header_.data_start + t.begin + start * width, n, scratch.data());
+      report<T>(t, r, start);
+    }
+  }
+
   // Token ids and other integer tensors of any rank, flattened row-major. Any
   // integer dtype (U64 values above 2^63 - 1 are rejected).
   std::vector<std::int64_t> load_ids(std::string_view name) const {
     const tensor_info& t = info(name);
     if (!converts_to<std::int64_t>(t.type))
-      throw safetensors_error("skillgraft: " + t.name + " in " + path().string() + " is " +
+      throw safetensors_error("skillgraft: " + printable(t.name) + " in " + path().string() + " is " +
                               std::string(dtype_name(t.type)) + "; load_ids reads integer tensors (I64, I32, ...)");
     std::vector<std::int64_t> ids(t.elements());
     convert(t, ids.data());
@@ -113,7 +134,7 @@ class safetensors_file {
   // [] (a scalar) -> [1]; more than 4 dimensions cannot be a cpu::tensor.
   cpu::shape_t tensor_shape(const tensor_info& t) const {
     if (t.shape.size() > 4)
-      throw safetensors_error("skillgraft: " + t.name + " has shape " + shape_string(t.shape) + " in " +
+      throw safetensors_error("skillgraft: " + printable(t.name) + " has shape " + shape_string(t.shape) + " in " +
                               path().string() + "; tensors have at most 4 dimensions");
     cpu::shape_t s;
     if (t.shape.empty()) {
@@ -134,21 +155,37 @@ class safetensors_file {
   }
   template <class T>
   static bool can_fail_midway(dtype from) {
-    return from != dtype::f32 && from != dtype::f64 && from != dtype::f16 && from != dtype::bf16 &&
+    if (from == dtype::f64) return !std::is_same_v<T, double>;  // a value beyond float's range
+    return from != dtype::f32 && from != dtype::f16 && from != dtype::bf16 &&
            !(std::is_same_v<T, std::int64_t> && from == dtype::i64);
   }
   template <loadable_element T>
   void convert(const tensor_info& t, T* dst) const {
     const std::uint8_t* src = map_.data() + header_.data_start + t.begin;
-    const conversion_result r = convert_elements<T>(t.type, src, t.elements(), dst);
+    report<T>(t, convert_elements<T>(t.type, src, t.elements(), dst));
+  }
+  // Throws for a failed conversion; `first` is the index of the first converted element.
+  template <loadable_element T>
+  void report(const tensor_info& t, const conversion_result& r, std::size_t first = 0) const {
     if (!r.supported)
-      throw safetensors_error("skillgraft: " + t.name + " in " + path().string() + " is " +
+      throw safetensors_error("skillgraft: " + printable(t.name) + " in " + path().string() + " is " +
                               std::string(dtype_name(t.type)) + ", which does not convert to " +
                               std::string(element_name<T>()));
-    if (r.inexact_index != conversion_result::none)
-      throw safetensors_error("skillgraft: element " + std::to_string(r.inexact_index) + " of " + t.name + " in " +
-                              path().string() + " (" + std::string(dtype_name(t.type)) +
-                              ") is not exactly representable as " + std::string(element_name<T>()));
+    if (r.inexact_index == conversion_result::none) return;
+    const std::size_t i = first + r.inexact_index;
+    if (r.out_of_range) {
+      const double x = std::bit_cast<double>(
+          detail::load_le<std::uint64_t>(map_.data() + header_.data_start + t.begin + 8 * i));
+      char value[32], largest[32];
+      std::snprintf(value, sizeof value, "%.17g", x);
+      std::snprintf(largest, sizeof largest, "%.9g", double(std::numeric_limits<T>::max()));
+      throw safetensors_error("skillgraft: element " + std::to_string(i) + " of " + printable(t.name) + " in " +
+                              path().string() + " (F64) is " + value + ", outside the range of " +
+                              std::string(element_name<T>()) + " (largest " + largest + "); it would load as infinity");
+    }
+    throw safetensors_error("skillgraft: element " + std::to_string(i) + " of " + printable(t.name) + " in " +
+                            path().string() + " (" + std::string(dtype_name(t.type)) +
+                            ") is not exactly representable as " + std::string(element_name<T>()));
   }
 
   mapped_file map_;
@@ -172,17 +209,17 @@ class safetensors_writer {
     requires std::is_same_v<T, float> || std::is_same_v<T, double>
   void add(std::string name, const cpu::tensor<T>& t, dtype as = dtype::f32) {
     if (as != dtype::f32 && as != dtype::f64 && as != dtype::f16 && as != dtype::bf16)
-      throw std::invalid_argument("skillgraft: cannot write " + name + " as " + std::string(dtype_name(as)) +
+      throw std::invalid_argument("skillgraft: cannot write " + printable(name) + " as " + std::string(dtype_name(as)) +
                                   "; tensors are written as F32, F64, F16 or BF16");
     if (t.rank() == 0)
-      throw std::invalid_argument("skillgraft: cannot write " + name + ": the tensor is empty (rank 0)");
+      throw std::invalid_argument("skillgraft: cannot write " + printable(name) + ": the tensor is empty (rank 0)");
     std::vector<std::size_t> shape(t.shape().dims.begin(), t.shape().dims.begin() + t.rank());
     const cpu::shape_t added = t.shape();
     const cpu::tensor<T>* source = &t;
     const std::string label = name;
     insert(std::move(name), as, std::move(shape), [source, added, as, label](atomic_file& out) {
       if (!(source->shape() == added))
-        throw std::invalid_argument("skillgraft: " + label + " changed shape from " + added.str() + " to " +
+        throw std::invalid_argument("skillgraft: " + printable(label) + " changed shape from " + added.str() + " to " +
                                     source->shape().str() + " between add() and write()");
       write_elements(out, source->data(), source->size(), as);
     });
@@ -194,9 +231,9 @@ class safetensors_writer {
   void add_ids(std::string name, std::vector<std::int64_t> ids, std::vector<std::size_t> shape) {
     std::size_t n = 1;
     for (std::size_t d : shape)
-      if (!detail::checked_mul(n, d, n)) throw std::invalid_argument("skillgraft: shape of " + name + " overflows");
+      if (!detail::checked_mul(n, d, n)) throw std::invalid_argument("skillgraft: shape of " + printable(name) + " overflows");
     if (n != ids.size())
-      throw std::invalid_argument("skillgraft: " + name + " has " + std::to_string(ids.size()) +
+      throw std::invalid_argument("skillgraft: " + printable(name) + " has " + std::to_string(ids.size()) +
                                   " ids, but shape " + shape_string(shape) + " holds " + std::to_string(n));
     insert(std::move(name), dtype::i64, std::move(shape), [ids = std::move(ids)](atomic_file& out) {
       write_integers(out, ids);
@@ -205,7 +242,7 @@ class safetensors_writer {
 
   void set_metadata(std::string key, std::string value) {
     if (!detail::is_valid_utf8(key) || !detail::is_valid_utf8(value))
-      throw std::invalid_argument("skillgraft: safetensors metadata must be UTF-8 (key " + key + ")");
+      throw std::invalid_argument("skillgraft: safetensors metadata must be UTF-8 (key " + printable(key) + ")");
     metadata_[std::move(key)] = std::move(value);
   }
 
@@ -254,7 +291,7 @@ class safetensors_writer {
     if (name == "__metadata__")
       throw std::invalid_argument("skillgraft: __metadata__ is reserved and cannot name a tensor");
     if (!detail::is_valid_utf8(name)) throw std::invalid_argument("skillgraft: tensor names must be UTF-8");
-    if (names_.contains(name)) throw std::invalid_argument("skillgraft: the writer already has a tensor named " + name);
+    if (names_.contains(name)) throw std::invalid_argument("skillgraft: the writer already has a tensor named " + printable(name));
     names_.insert(name);
     entry e;
     e.info.name = std::move(name);

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <array>
 #include <bit>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -35,6 +36,7 @@
 #include <vector>
 
 #include "skillgraft/io/half.hpp"
+#include "skillgraft/io/printable.hpp"
 #include "skillgraft/io/safetensors_json.hpp"
 
 namespace skillgraft::io {
@@ -161,10 +163,10 @@ inline void read_metadata(json_reader& r, std::map<std::string, std::string>& me
   r.read_object(
       [&](const std::string& key, std::size_t key_position) {
         if (r.peek() != '"')
-          r.fail("__metadata__ value of " + key + " must be a string, found " + std::string(r.peek_kind()));
+          r.fail("__metadata__ value of " + printable(key) + " must be a string, found " + std::string(r.peek_kind()));
         std::string value = r.read_string();
         if (!metadata.emplace(key, std::move(value)).second)
-          r.fail_at(key_position, "duplicate __metadata__ key " + key);
+          r.fail_at(key_position, "duplicate __metadata__ key " + printable(key));
       },
       1);
 }
@@ -172,7 +174,7 @@ inline void read_metadata(json_reader& r, std::map<std::string, std::string>& me
 // One "<name>": {...} entry, checked against itself and the size of the data section.
 inline tensor_info read_tensor_entry(json_reader& r, const std::string& name, std::size_t key_position,
                                      std::size_t data_size) {
-  const std::string what = "tensor " + name;
+  const std::string what = "tensor " + printable(name);
   if (r.peek() != '{')
     r.fail(what + ": expected an object with dtype, shape and data_offsets, found " + std::string(r.peek_kind()));
   std::optional<dtype> type;
@@ -181,7 +183,7 @@ inline tensor_info read_tensor_entry(json_reader& r, const std::string& name, st
   r.read_object(
       [&](const std::string& key, std::size_t field_position) {
         auto once = [&](bool seen) {
-          if (seen) r.fail_at(field_position, what + ": duplicate key " + key);
+          if (seen) r.fail_at(field_position, what + ": duplicate key " + printable(key));
         };
         if (key == "dtype") {
           once(type.has_value());
@@ -189,7 +191,7 @@ inline tensor_info read_tensor_entry(json_reader& r, const std::string& name, st
           const std::size_t at = r.position();
           const std::string s = r.read_string();
           type = parse_dtype(s);
-          if (!type) r.fail_at(at, what + ": unknown dtype \"" + s + "\"");
+          if (!type) r.fail_at(at, what + ": unknown dtype \"" + printable(s) + "\"");
         } else if (key == "shape") {
           once(shape.has_value());
           if (r.peek() != '[') r.fail(what + ": shape must be an array, found " + std::string(r.peek_kind()));
@@ -288,7 +290,7 @@ inline safetensors_header parse_safetensors(const std::uint8_t* bytes, std::size
         seen_metadata = true;
         detail::read_metadata(r, h.metadata);
       } else {
-        if (!names.insert(key).second) r.fail_at(key_position, "duplicate tensor name " + key);
+        if (!names.insert(key).second) r.fail_at(key_position, "duplicate tensor name " + printable(key));
         h.tensors.push_back(detail::read_tensor_entry(r, key, key_position, h.data_size));
       }
     });
@@ -307,12 +309,12 @@ inline safetensors_header parse_safetensors(const std::uint8_t* bytes, std::size
   const tensor_info* previous = nullptr;
   for (const auto& t : h.tensors) {
     if (t.begin < covered)
-      fail(h.data_start + t.begin, "tensors " + previous->name + " and " + t.name + " overlap (data_offsets [" +
+      fail(h.data_start + t.begin, "tensors " + printable(previous->name) + " and " + printable(t.name) + " overlap (data_offsets [" +
                                        std::to_string(previous->begin) + ", " + std::to_string(previous->end) +
                                        "] and [" + std::to_string(t.begin) + ", " + std::to_string(t.end) + "])");
     if (t.begin > covered)
       fail(h.data_start + covered, "bytes [" + std::to_string(covered) + ", " + std::to_string(t.begin) +
-                                       ") of the data section belong to no tensor (a gap before " + t.name + ")");
+                                       ") of the data section belong to no tensor (a gap before " + printable(t.name) + ")");
     covered = t.end;
     previous = &t;
   }
@@ -342,11 +344,13 @@ struct conversion_result {
   static constexpr std::size_t none = static_cast<std::size_t>(-1);
   bool supported = true;            // false: no conversion from this dtype to T
   std::size_t inexact_index = none;  // first element whose value T cannot hold exactly
+  bool out_of_range = false;         // that element is a finite F64 beyond T's range
   bool ok() const { return supported && inexact_index == none; }
 };
 
 // Which stored dtypes convert to T. Floating T: the floating dtypes (exact, except
-// F64 to float, which rounds to nearest) and the integers (checked exact).
+// F64 to float, which rounds to nearest and refuses finite values beyond float's range,
+// which would become infinity) and the integers (checked exact).
 // Integer T: the integer dtypes (range-checked). Nothing converts from the 8/6/4-bit
 // floats, C64 or BOOL.
 template <loadable_element T>
@@ -407,8 +411,17 @@ conversion_result convert_elements(dtype from, const std::uint8_t* src, std::siz
       return {};
     case dtype::f64:
       if constexpr (std::is_floating_point_v<T>)
-        for (std::size_t i = 0; i < count; ++i)
-          dst[i] = static_cast<T>(std::bit_cast<double>(load_le<std::uint64_t>(src + 8 * i)));
+        for (std::size_t i = 0; i < count; ++i) {
+          const double x = std::bit_cast<double>(load_le<std::uint64_t>(src + 8 * i));
+          // A finite value that would round to infinity (at or beyond T's largest value plus
+          // half an ulp) is refused, not converted.
+          if constexpr (!std::is_same_v<T, double>) {
+            constexpr int half_ulp_exp = std::numeric_limits<T>::max_exponent - 1 - std::numeric_limits<T>::digits;
+            if (std::isfinite(x) && std::fabs(x) >= double(std::numeric_limits<T>::max()) + std::ldexp(1.0, half_ulp_exp))
+              return {true, i, true};
+          }
+          dst[i] = static_cast<T>(x);
+        }
       return {};
     case dtype::f16:
       if constexpr (std::is_floating_point_v<T>)

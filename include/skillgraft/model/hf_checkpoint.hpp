@@ -9,26 +9,37 @@
 //   model::apply_task_checkpoint("task", base);    // those tensors over a base model
 //
 // Loading checks the whole checkpoint -- every tensor present, none unexpected, every
-// shape and dtype -- before it writes a single value, so a bad checkpoint never leaves a
-// model half-loaded. Saving writes each file to a temporary name and renames it over the
-// old one: an interrupted save keeps the previous checkpoint. The weights file comes
-// first and config.json after it, so a failure in the weights leaves both files as
-// they were.
+// shape and dtype -- against the safetensors headers before it allocates the model or
+// writes a single value, so a config.json that describes another (larger) model than the
+// weights costs nothing, and a bad checkpoint never leaves a model half-loaded. Every
+// file it opens must be a regular file (a FIFO is refused, never waited on).
+//
+// Saving is atomic for the directory as a whole (io/atomic_directory.hpp): the weights
+// and config.json are written and synced in a staging directory beside the target, which
+// then replaces the target in one rename. A save that fails or is killed at any point
+// leaves the previous checkpoint -- weights and config.json together -- as it was; other
+// files in the directory (tokenizer, README) are kept.
 //
 // Adapters are not part of a model checkpoint: save them with cl::save_lora_adapter,
 // or merge them (cl::lora_merge, then commit()) before saving the model.
 #include <algorithm>
 #include <filesystem>
 #include <functional>
+#include <limits>
 #include <map>
 #include <set>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <utility>
 #include <vector>
 
-#include "skillgraft/io/hf_config.hpp"
+#include "skillgraft/io/atomic_directory.hpp"
+#include "skillgraft/io/json_file.hpp"
+#include "skillgraft/io/printable.hpp"
 #include "skillgraft/io/safetensors.hpp"
+#include "skillgraft/io/safetensors_index.hpp"
+#include "skillgraft/model/hf_config.hpp"
 #include "skillgraft/model/parameters.hpp"
 
 namespace skillgraft::model {
@@ -61,7 +72,8 @@ class hf_tensors {
   bool contains(std::string_view name) const { return owner_.find(name) != owner_.end(); }
   const io::safetensors_file& file_of(std::string_view name) const {
     const auto it = owner_.find(name);
-    if (it == owner_.end()) throw std::invalid_argument("skillgraft: " + origin_.string() + " has no tensor " + std::string(name));
+    if (it == owner_.end())
+      throw std::invalid_argument("skillgraft: " + origin_.string() + " has no tensor " + io::printable(name));
     return files_[it->second];
   }
   const io::tensor_info& info(std::string_view name) const { return file_of(name).info(name); }
@@ -86,42 +98,28 @@ class hf_tensors {
   // is caught instead of loading a mixture of two checkpoints.
   void open_sharded(const fs::path& dir, const fs::path& index) {
     origin_ = index;
-    const nlohmann::json j = io::read_json_file(index);
-    if (!j.is_object() || !j.contains("weight_map") || !j.at("weight_map").is_object())
-      throw std::invalid_argument("skillgraft: " + index.string() + " has no \"weight_map\" object");
+    const auto listed = io::parse_safetensors_index(io::read_json_file(index), index.string());
     std::map<std::string, std::size_t> shard_index;  // shard file name -> files_
-    std::map<std::string, std::string, std::less<>> listed;  // tensor -> shard file name
-    for (const auto& [name, shard] : j.at("weight_map").items()) {
-      if (!shard.is_string())
-        throw std::invalid_argument("skillgraft: " + index.string() + " maps " + name + " to " + shard.dump() +
-                                    ", not to a shard file name");
-      const std::string s = shard.get<std::string>();
-      // Shards live beside the index; a name with a path in it could read any file.
-      if (s.empty() || s == "." || s == ".." || s.find('/') != std::string::npos)
-        throw std::invalid_argument("skillgraft: " + index.string() + " maps " + name + " to \"" + s +
-                                    "\"; shards must be file names in the checkpoint's directory");
+    for (const auto& [name, s] : listed)
       if (!shard_index.contains(s)) {
         shard_index.emplace(s, files_.size());
         files_.emplace_back(dir / s);
       }
-      listed.emplace(name, s);
-    }
-    if (files_.empty()) throw std::invalid_argument("skillgraft: " + index.string() + " lists no tensors");
     for (const auto& [s, i] : shard_index)
       for (const auto& t : files_[i].header().tensors) {
         const auto it = listed.find(t.name);
         if (it == listed.end())
-          throw std::invalid_argument("skillgraft: shard " + (dir / s).string() + " holds " + t.name + ", which " +
-                                      index.string() + " does not list");
+          throw std::invalid_argument("skillgraft: shard " + (dir / s).string() + " holds " + io::printable(t.name) +
+                                      ", which " + index.string() + " does not list");
         if (it->second != s)
-          throw std::invalid_argument("skillgraft: shard " + (dir / s).string() + " holds " + t.name + ", which " +
-                                      index.string() + " places in " + it->second);
+          throw std::invalid_argument("skillgraft: shard " + (dir / s).string() + " holds " + io::printable(t.name) +
+                                      ", which " + index.string() + " places in " + io::printable(it->second));
         owner_.emplace(t.name, i);
       }
     for (const auto& [name, s] : listed)
       if (!owner_.contains(name))
-        throw std::invalid_argument("skillgraft: " + index.string() + " places " + name + " in " + s +
-                                    ", but that shard does not hold it");
+        throw std::invalid_argument("skillgraft: " + index.string() + " places " + io::printable(name) + " in " +
+                                    io::printable(s) + ", but that shard does not hold it");
   }
 
   std::vector<io::safetensors_file> files_;
@@ -139,6 +137,37 @@ struct hf_load_options {
 struct hf_save_options {
   io::dtype dtype = io::dtype::f32;  // f32, bf16, f16 or f64
 };
+
+// Name -> shape of every tensor of a decoder LM with config c, as lm_weights<T>(c) holds
+// them (the tied head omitted), computed without allocating anything. `layers`: only
+// these layers (all when empty).
+inline std::map<std::string, cpu::shape_t, std::less<>> hf_tensor_shapes(const decoder_config& c,
+                                                                          const std::vector<int>& layers = {}) {
+  c.validate();
+  const std::size_t V = std::size_t(c.vocab_size), d = std::size_t(c.hidden), I = std::size_t(c.intermediate),
+                    q = std::size_t(c.q_dim()), kv = std::size_t(c.kv_dim());
+  std::map<std::string, cpu::shape_t, std::less<>> m;
+  m.emplace("model.embed_tokens.weight", cpu::shape_t{V, d});
+  m.emplace("model.norm.weight", cpu::shape_t{d});
+  if (!c.tie_word_embeddings) m.emplace("lm_head.weight", cpu::shape_t{V, d});
+  auto layer = [&](int i) {
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    m.emplace(p + "input_layernorm.weight", cpu::shape_t{d});
+    m.emplace(p + "post_attention_layernorm.weight", cpu::shape_t{d});
+    for (const auto& [n, rows, cols] : {std::tuple{"self_attn.q_proj", q, d}, std::tuple{"self_attn.k_proj", kv, d},
+                                        std::tuple{"self_attn.v_proj", kv, d}, std::tuple{"self_attn.o_proj", d, q},
+                                        std::tuple{"mlp.gate_proj", I, d}, std::tuple{"mlp.up_proj", I, d},
+                                        std::tuple{"mlp.down_proj", d, I}}) {
+      m.emplace(p + n + ".weight", cpu::shape_t{rows, cols});
+      if (c.attention_bias && std::string_view(n) != "self_attn.o_proj" && std::string_view(n).starts_with("self_attn"))
+        m.emplace(p + n + ".bias", cpu::shape_t{rows});
+    }
+  };
+  if (layers.empty())
+    for (int i = 0; i < c.n_layers; ++i) layer(i);
+  for (int i : layers) layer(i);
+  return m;
+}
 
 // Metadata key that marks a checkpoint holding only the trainable tensors of a recipe.
 inline constexpr const char* task_checkpoint_key = "skillgraft.tensors";
@@ -186,17 +215,25 @@ inline std::string name_list(const std::vector<std::string>& items) {
   return s;
 }
 
-// Checks the checkpoint against `targets` and returns what to load where; throws, naming
-// tensors and shapes, before anything is written. `require_all`: every target must be in
-// the checkpoint. `skip`: names the caller handles itself.
+using shape_map = std::map<std::string, cpu::shape_t, std::less<>>;
+
 template <class T>
-std::vector<std::pair<std::string, cpu::tensor<T>*>> plan_load(const hf_tensors& src, const target_map<T>& targets,
-                                                                bool require_all, bool ignore_unexpected,
-                                                                const std::set<std::string>& skip = {}) {
+shape_map shapes_of(const target_map<T>& targets) {
+  shape_map m;
+  for (const auto& [name, dst] : targets) m.emplace(name, dst->shape());
+  return m;
+}
+
+// Checks the checkpoint's headers against `expected` (name -> shape) and returns the
+// names to load; throws, naming tensors, files and shapes, before anything is allocated
+// or written. `require_all`: every expected tensor must be in the checkpoint. `skip`:
+// names the caller handles itself.
+inline std::vector<std::string> check_plan(const hf_tensors& src, const shape_map& expected, bool require_all,
+                                           bool ignore_unexpected, const std::set<std::string>& skip = {}) {
   std::vector<std::string> missing, unexpected;
   if (require_all)
-    for (const auto& [name, dst] : targets)
-      if (!src.contains(name)) missing.push_back(name + " (expected " + dst->shape().str() + ")");
+    for (const auto& [name, shape] : expected)
+      if (!src.contains(name)) missing.push_back(io::printable(name) + " (expected " + shape.str() + ")");
   if (!missing.empty()) {
     std::string why = "skillgraft: " + src.origin().string() + " is missing " + std::to_string(missing.size()) +
                       (missing.size() == 1 ? " tensor" : " tensors") + " the model needs: " + name_list(missing);
@@ -204,31 +241,32 @@ std::vector<std::pair<std::string, cpu::tensor<T>*>> plan_load(const hf_tensors&
     if (const auto it = meta.find(task_checkpoint_key); it != meta.end() && it->second == "trainable")
       why += "; this checkpoint holds only the tensors a recipe trains: load it over a base model with "
              "apply_task_checkpoint";
-    else if (targets.contains("lm_head.weight") && !src.contains("lm_head.weight"))
+    else if (expected.contains("lm_head.weight") && !src.contains("lm_head.weight"))
       why += "; the config does not tie word embeddings, so lm_head.weight must be in the checkpoint";
     throw std::invalid_argument(why);
   }
-  std::vector<std::pair<std::string, cpu::tensor<T>*>> plan;
+  std::vector<std::string> plan;
   for (const std::string& name : src.names()) {
     if (skip.contains(name)) continue;
     // Old Llama checkpoints stored the rotary frequencies; they are recomputed.
     if (name.ends_with("rotary_emb.inv_freq")) continue;
     const io::tensor_info& t = src.info(name);
-    const auto it = targets.find(name);
-    if (it == targets.end()) {
-      unexpected.push_back(name + " " + io::shape_string(t.shape));
+    const auto it = expected.find(name);
+    if (it == expected.end()) {
+      unexpected.push_back(io::printable(name) + " " + io::shape_string(t.shape));
       continue;
     }
-    cpu::tensor<T>& dst = *it->second;
-    const bool same = t.shape.size() == std::size_t(dst.rank()) &&
-                      std::equal(t.shape.begin(), t.shape.end(), dst.shape().dims.begin());
+    const cpu::shape_t& want = it->second;
+    const bool same = t.shape.size() == std::size_t(want.rank) &&
+                      std::equal(t.shape.begin(), t.shape.end(), want.dims.begin());
     if (!same)
-      throw std::invalid_argument("skillgraft: " + name + " has shape " + io::shape_string(t.shape) + " in " +
-                                  src.file_of(name).path().string() + ", expected " + dst.shape().str());
+      throw std::invalid_argument("skillgraft: " + io::printable(name) + " has shape " + io::shape_string(t.shape) +
+                                  " in " + src.file_of(name).path().string() + ", expected " + want.str());
     if (!is_float_dtype(t.type))
-      throw std::invalid_argument("skillgraft: " + name + " in " + src.file_of(name).path().string() + " is " +
-                                  std::string(io::dtype_name(t.type)) + "; weights load from F32, BF16, F16 or F64");
-    plan.emplace_back(name, &dst);
+      throw std::invalid_argument("skillgraft: " + io::printable(name) + " in " + src.file_of(name).path().string() +
+                                  " is " + std::string(io::dtype_name(t.type)) +
+                                  "; weights load from F32, BF16, F16 or F64");
+    plan.push_back(name);
   }
   if (!unexpected.empty() && !ignore_unexpected)
     throw std::invalid_argument("skillgraft: " + src.origin().string() + " has " + std::to_string(unexpected.size()) +
@@ -238,10 +276,48 @@ std::vector<std::pair<std::string, cpu::tensor<T>*>> plan_load(const hf_tensors&
   return plan;
 }
 
+// check_plan against the tensors `targets` point to; returns what to load where.
+template <class T>
+std::vector<std::pair<std::string, cpu::tensor<T>*>> plan_load(const hf_tensors& src, const target_map<T>& targets,
+                                                                bool require_all, bool ignore_unexpected,
+                                                                const std::set<std::string>& skip = {}) {
+  std::vector<std::pair<std::string, cpu::tensor<T>*>> plan;
+  for (const auto& name : check_plan(src, shapes_of(targets), require_all, ignore_unexpected, skip))
+    plan.emplace_back(name, targets.find(name)->second);
+  return plan;
+}
+
 template <class T>
 void run_plan(const hf_tensors& src, const std::vector<std::pair<std::string, cpu::tensor<T>*>>& plan) {
-  // F32/F16/BF16/F64 -> T cannot fail half-way, so every tensor is either loaded or untouched.
+  // F32/F16/BF16 -> T cannot fail; F64 -> float can (a value beyond float's range), so
+  // those tensors are checked first: every tensor is either loaded or untouched.
+  for (const auto& [name, dst] : plan) src.file_of(name).template check_range<T>(name);
   for (const auto& [name, dst] : plan) src.file_of(name).load_into(name, *dst);
+}
+
+// Checks a checkpoint's headers against the model config.json describes before the
+// model is allocated: a config of a larger model than the weights (or sizes near the
+// limits) is refused with the tensor and shapes, not after gigabytes of allocation.
+// When the config describes more values than the files hold, only the tensors outside
+// the layers and the first and last layer are compared (enough to name a difference
+// without listing billions of names).
+inline void check_before_allocating(const hf_tensors& src, const decoder_config& c, bool ignore_unexpected,
+                                    const std::set<std::string>& skip) {
+  const std::int64_t values = hf_parameter_count(c, src.origin().string());
+  std::uint64_t held = 0;
+  for (const auto& name : src.names()) {
+    const std::uint64_t n = src.info(name).elements();
+    held = held + n < held ? std::numeric_limits<std::uint64_t>::max() : held + n;
+  }
+  if (static_cast<std::uint64_t>(values) <= held) {
+    check_plan(src, hf_tensor_shapes(c), true, ignore_unexpected, skip);
+    return;
+  }
+  std::vector<int> layers;
+  if (c.n_layers > 0) layers = {0, c.n_layers - 1};
+  check_plan(src, hf_tensor_shapes(c, layers), true, true, skip);
+  throw std::invalid_argument("skillgraft: the config describes a model of " + std::to_string(values) +
+                              " values, but " + src.origin().string() + " holds only " + std::to_string(held));
 }
 
 // Throws, naming the tensor, when w's tensors do not have the shapes its config gives.
@@ -267,7 +343,7 @@ void check_lm_weights(const lm_weights<T>& w) {
 
 // Throws when the config.json of a checkpoint describes another model than `base`.
 inline void check_same_model(const decoder_config& file, const decoder_config& base, const fs::path& where) {
-  auto a = io::decoder_config_to_hf(file), b = io::decoder_config_to_hf(base);
+  auto a = decoder_config_to_hf(file), b = decoder_config_to_hf(base);
   std::vector<std::string> diff;
   for (const auto& [key, value] : a.items())
     if (b[key] != value) diff.push_back(key + " " + value.dump() + " (base " + b[key].dump() + ")");
@@ -278,7 +354,8 @@ inline void check_same_model(const decoder_config& file, const decoder_config& b
                                 name_list(diff));
 }
 
-// add(name, tensor) for each tensor to save; writes model.safetensors, then config.json.
+// add(name, tensor) for each tensor to save; writes model.safetensors and config.json
+// into a staging directory that replaces `dir` in one rename.
 template <class T, class Select>
 void write_checkpoint(const fs::path& dir, const lm_weights<T>& w, hf_save_options o, bool task_only, Select&& select) {
   const std::string dtype = torch_dtype_name(o.dtype);
@@ -287,10 +364,11 @@ void write_checkpoint(const fs::path& dir, const lm_weights<T>& w, hf_save_optio
   out.set_metadata("format", "pt");  // transformers refuses safetensors files without it
   if (task_only) out.set_metadata(task_checkpoint_key, "trainable");
   select([&](const std::string& name, const cpu::tensor<T>& t) { out.add(name, t, o.dtype); });
-  const nlohmann::json config = io::decoder_config_to_hf(w.config, dtype);
-  fs::create_directories(dir);
-  out.write(dir / "model.safetensors");
-  io::write_json_file(dir / "config.json", config);
+  const nlohmann::json config = decoder_config_to_hf(w.config, dtype);
+  io::save_directory(dir, [&](const fs::path& staging) {
+    out.write(staging / "model.safetensors");
+    io::write_json_file(staging / "config.json", config);
+  });
 }
 
 }  // namespace detail
@@ -298,14 +376,20 @@ void write_checkpoint(const fs::path& dir, const lm_weights<T>& w, hf_save_optio
 // Reads config.json and the weights of a Hugging Face checkpoint directory.
 template <class T>
 lm_weights<T> load_hf_checkpoint(const fs::path& dir, hf_load_options o = {}) {
-  const decoder_config c = io::read_hf_config(dir / "config.json");
+  const decoder_config c = read_hf_config(dir / "config.json");
   hf_tensors src(dir);
-  lm_weights<T> w(c);
-  const auto targets = detail::parameter_targets(w);
   // Some exports of tied models still carry lm_head.weight; it must then be the embedding.
   const bool head_copy = c.tie_word_embeddings && src.contains("lm_head.weight");
-  detail::run_plan(src, detail::plan_load(src, targets, true, o.ignore_unexpected,
-                                          head_copy ? std::set<std::string>{"lm_head.weight"} : std::set<std::string>{}));
+  const std::set<std::string> skip = head_copy ? std::set<std::string>{"lm_head.weight"} : std::set<std::string>{};
+  if (head_copy && !(src.info("lm_head.weight").shape ==
+                     std::vector<std::size_t>{std::size_t(c.vocab_size), std::size_t(c.hidden)}))
+    throw std::invalid_argument("skillgraft: lm_head.weight has shape " + io::shape_string(src.info("lm_head.weight").shape) +
+                                " in " + src.file_of("lm_head.weight").path().string() + ", expected [" +
+                                std::to_string(c.vocab_size) + ", " + std::to_string(c.hidden) + "]");
+  detail::check_before_allocating(src, c, o.ignore_unexpected, skip);
+  lm_weights<T> w(c);
+  const auto targets = detail::parameter_targets(w);
+  detail::run_plan(src, detail::plan_load(src, targets, true, o.ignore_unexpected, skip));
   if (head_copy) {
     cpu::tensor<T> head(w.embed_tokens.shape(), memory_use::workspace);
     src.file_of("lm_head.weight").load_into("lm_head.weight", head);
@@ -356,7 +440,7 @@ std::vector<std::string> apply_task_checkpoint(const fs::path& path, lm_weights<
   detail::check_lm_weights(base);
   hf_tensors src(path);
   if (fs::is_directory(path) && fs::exists(path / "config.json"))
-    detail::check_same_model(io::read_hf_config(path / "config.json"), base.config, path / "config.json");
+    detail::check_same_model(read_hf_config(path / "config.json"), base.config, path / "config.json");
   const auto plan = detail::plan_load(src, detail::parameter_targets(base), false, o.ignore_unexpected);
   detail::run_plan(src, plan);
   std::vector<std::string> names;

@@ -8,6 +8,7 @@
 // built by visiting the model's trainable (name, weight, gradient) triples, so a
 // frozen tensor has no state, is never read, and is never written.
 #include <cmath>
+#include <cstdio>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -45,10 +46,14 @@ class adamw {
     return b;
   }
 
-  // One update. Non-finite gradients throw before any weight changes.
+  // One update. A non-finite gradient, or a finite one so large that a moment or the
+  // weight would overflow (a gradient of 1e30 squared is infinite in float, and a weight
+  // with an infinite second moment never moves again), throws std::domain_error naming
+  // the tensor and the element before any weight or moment changes.
   template <class Model, class Weights, class Grads>
   void step(const Model& model, Weights& w, Grads& g) {
     std::size_t i = 0;
+    const coefficients k = next_coefficients();
     model.for_each_trainable(w, g, [&](const std::string& name, cpu::tensor<T>& p, cpu::tensor<T>& dp) {
       if (i >= slots_.size() || slots_[i].name != name || !(slots_[i].m.shape() == p.shape()))
         throw std::logic_error("skillgraft: adamw state was built for another model or recipe (at " + name + ")");
@@ -56,13 +61,19 @@ class adamw {
         if (!std::isfinite(dp[j]))
           throw std::domain_error("skillgraft: non-finite gradient in " + name + " at element " + std::to_string(j) +
                                   "; no weight was changed");
+      const auto& s = slots_[i];
+      for (std::size_t j = 0; j < dp.size(); ++j) {
+        const element e = update(k, p[j], s.m[j], s.v[j], dp[j]);
+        if (!std::isfinite(e.m) || !std::isfinite(e.v) || !std::isfinite(e.p))
+          throw std::domain_error("skillgraft: the gradient of " + name + " at element " + std::to_string(j) + " (" +
+                                  number(dp[j]) + ") makes the AdamW " +
+                                  (!std::isfinite(e.m) ? "first moment" : !std::isfinite(e.v) ? "second moment" : "update") +
+                                  " overflow; no weight was changed (clip the gradients, or lower the loss scale)");
+      }
       ++i;
     });
     if (i != slots_.size()) throw std::logic_error("skillgraft: adamw state was built for another model or recipe");
     ++t_;
-    const double bc1 = 1.0 - std::pow(opt_.beta1, double(t_)), bc2 = 1.0 - std::pow(opt_.beta2, double(t_));
-    const T b1 = T(opt_.beta1), b2 = T(opt_.beta2), lr = T(opt_.lr), wd = T(opt_.weight_decay), eps = T(opt_.eps);
-    const T step = T(opt_.lr / bc1), inv_sqrt_bc2 = T(1.0 / std::sqrt(bc2));
     i = 0;
     model.for_each_trainable(w, g, [&](const std::string&, cpu::tensor<T>& p, cpu::tensor<T>& dp) {
       auto& s = slots_[i++];
@@ -71,9 +82,10 @@ class adamw {
       T* v = s.v.data();
       const T* gr = dp.data();
       for (std::size_t j = 0; j < p.size(); ++j) {
-        m[j] = b1 * m[j] + (T(1) - b1) * gr[j];
-        v[j] = b2 * v[j] + (T(1) - b2) * gr[j] * gr[j];
-        pw[j] -= step * m[j] / (std::sqrt(v[j]) * inv_sqrt_bc2 + eps) + lr * wd * pw[j];
+        const element e = update(k, pw[j], m[j], v[j], gr[j]);
+        m[j] = e.m;
+        v[j] = e.v;
+        pw[j] = e.p;
       }
     });
   }
@@ -83,6 +95,32 @@ class adamw {
     std::string name;
     cpu::tensor<T> m, v;
   };
+  struct coefficients {
+    T b1, b2, lr_wd, step, inv_sqrt_bc2, eps;
+  };
+  struct element {
+    T m, v, p;
+  };
+  static std::string number(T x) {
+    char b[32];
+    std::snprintf(b, sizeof b, "%g", double(x));
+    return b;
+  }
+  // The constants of the next step (t + 1).
+  coefficients next_coefficients() const {
+    const double t = double(t_ + 1);
+    const double bc1 = 1.0 - std::pow(opt_.beta1, t), bc2 = 1.0 - std::pow(opt_.beta2, t);
+    return {T(opt_.beta1), T(opt_.beta2), T(opt_.lr) * T(opt_.weight_decay), T(opt_.lr / bc1),
+            T(1.0 / std::sqrt(bc2)), T(opt_.eps)};
+  }
+  // One element's new first moment, second moment and weight.
+  static element update(const coefficients& k, T p, T m, T v, T g) {
+    element e;
+    e.m = k.b1 * m + (T(1) - k.b1) * g;
+    e.v = k.b2 * v + (T(1) - k.b2) * g * g;
+    e.p = p - (k.step * e.m / (std::sqrt(e.v) * k.inv_sqrt_bc2 + k.eps) + k.lr_wd * p);
+    return e;
+  }
   adamw_options opt_;
   std::vector<slot> slots_;
   long t_ = 0;

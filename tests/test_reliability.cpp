@@ -1,0 +1,607 @@
+// Bad input and crashes: checkpoints survive them as documented (docs/checkpoints.md).
+//
+// Each test case here was a failure once: a config.json number that divided by zero or
+// wrapped, a config of a large model beside small weights that allocated gigabytes, a
+// FIFO that blocked the loader, a save killed half-way that left new weights beside an
+// old config.json, an AdamW step whose second moment overflowed, a tensor name whose
+// escape sequence reached the terminal, an F64 value that loaded as infinity.
+#include <catch2/catch.hpp>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <climits>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <limits>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "skillgraft/cl/lora_checkpoint.hpp"
+#include "skillgraft/io/atomic_directory.hpp"
+#include "skillgraft/io/printable.hpp"
+#include "skillgraft/model/hf_checkpoint.hpp"
+#include "skillgraft/train/adamw.hpp"
+#include "support/random.hpp"
+#include "support/temp_dir.hpp"
+
+namespace sg = skillgraft;
+namespace io = skillgraft::io;
+namespace fs = std::filesystem;
+using Catch::Contains;
+using sg::test::dir_names;
+using sg::test::read_text;
+using sg::test::temp_dir;
+
+namespace {
+
+const fs::path llama_dir = fs::path(SKILLGRAFT_TEST_DATA) / "lm_llama";
+const fs::path qwen2_dir = fs::path(SKILLGRAFT_TEST_DATA) / "lm_qwen2";
+
+nlohmann::json llama_config() { return io::read_json_file(llama_dir / "config.json"); }
+
+// The message of what f throws ("" when it does not).
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+std::string config_error(const nlohmann::json& j) {
+  return error_of([&] { sg::model::decoder_config_from_hf(j, "config.json"); });
+}
+
+// Runs f in a forked child and returns its exit status (or 128 + the signal that ended
+// it). The child is killed after `seconds`, so a call that blocks fails the test
+// instead of hanging it.
+int in_child(const std::function<int()>& f, unsigned seconds = 20) {
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::alarm(seconds);
+    int rc = 99;
+    try {
+      rc = f();
+    } catch (...) {
+      rc = 98;
+    }
+    ::_exit(rc);
+  }
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+  return WEXITSTATUS(status);
+}
+
+// A pid that no process has now (a child that has exited and been reaped).
+long dead_pid() {
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) ::_exit(0);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return long(pid);
+}
+
+void write_config(const fs::path& dir, const nlohmann::json& j) {
+  fs::create_directories(dir);
+  std::ofstream(dir / "config.json") << j.dump(2);
+}
+
+}  // namespace
+
+// ---- 1. config.json numbers ------------------------------------------------------------------
+
+TEST_CASE("config: every number is an integer in range before it is used") {
+  const auto llama = llama_config();
+  auto with = [&](const char* key, nlohmann::json v) {
+    auto j = llama;
+    j[key] = std::move(v);
+    return j;
+  };
+  // No head_dim and zero heads: refused before hidden_size / num_attention_heads.
+  auto no_heads = with("num_attention_heads", 0);
+  no_heads.erase("head_dim");
+  CHECK(config_error(no_heads) ==
+        "skillgraft: config.json has num_attention_heads 0; expected an integer in [1, 2147483647]");
+  // heads x head_dim would wrap in int (4 x 1073741832 = 32 mod 2^32).
+  auto wide = with("head_dim", 1073741832);
+  wide["num_attention_heads"] = 4;
+  wide["num_key_value_heads"] = 4;
+  CHECK(config_error(wide) == "skillgraft: config.json has num_attention_heads 4 x head_dim 1073741832 = 4294967328, "
+                              "more than 2147483647");
+  CHECK(config_error(with("hidden_size", 4294967328LL)) ==
+        "skillgraft: config.json has hidden_size 4294967328; expected an integer in [1, 2147483647]");
+  CHECK(config_error(with("hidden_size", 32.7)) ==
+        "skillgraft: config.json has hidden_size 32.7; expected an integer in [1, 2147483647]");
+  CHECK(config_error(with("hidden_size", 1e300)) ==
+        "skillgraft: config.json has hidden_size 1e+300; expected an integer in [1, 2147483647]");
+  CHECK(config_error(with("vocab_size", -5)) ==
+        "skillgraft: config.json has vocab_size -5; expected an integer in [1, 2147483647]");
+  CHECK(config_error(with("num_hidden_layers", true)) ==
+        "skillgraft: config.json has num_hidden_layers true (boolean); expected an integer in [0, 2147483647]");
+  CHECK(config_error(with("rms_norm_eps", "small")) ==
+        "skillgraft: config.json has rms_norm_eps \"small\"; expected a finite number");
+  CHECK_THAT(config_error(with("max_position_embeddings", 2147483647)),
+             Contains("a rotary table of more than 2^30 values"));
+  // Sizes that each fit but whose tensors or model do not fit in 64 bits (bytes).
+  auto huge = llama;
+  huge["hidden_size"] = huge["vocab_size"] = huge["intermediate_size"] = INT_MAX;
+  huge["head_dim"] = 2;
+  huge["num_attention_heads"] = huge["num_key_value_heads"] = 1;
+  CHECK(config_error(huge) == "skillgraft: config.json describes a model whose size does not fit in 64 bits");
+  // A whole number written as a real is fine.
+  CHECK(sg::model::decoder_config_from_hf(with("hidden_size", 32.0)).hidden == 32);
+  CHECK(sg::model::decoder_config_from_hf(llama).hidden == 32);
+}
+
+TEST_CASE("config: the tensor shapes a config implies are the ones the model allocates") {
+  for (const auto& dir : {llama_dir, qwen2_dir})
+    for (bool tied : {false, true}) {
+      auto c = sg::model::read_hf_config(dir / "config.json");
+      c.tie_word_embeddings = tied;
+      sg::model::lm_weights<float> w(c);
+      std::map<std::string, sg::cpu::shape_t, std::less<>> allocated;
+      sg::model::for_each_parameter(w, [&](const std::string& name, sg::cpu::tensor<float>& t, auto, int) {
+        allocated.emplace(name, t.shape());
+      });
+      CHECK(sg::model::hf_tensor_shapes(c) == allocated);
+    }
+}
+
+// ---- 2. shapes against the headers before allocating ------------------------------------------
+
+TEST_CASE("load: a config of a larger model than the weights is refused before anything is allocated") {
+  temp_dir tmp;
+  fs::copy_file(llama_dir / "model.safetensors", tmp / "model.safetensors");
+  auto big = llama_config();  // about 70 billion values: 280 GB as float
+  big["hidden_size"] = 8192;
+  big["intermediate_size"] = 28672;
+  big["num_attention_heads"] = 64;
+  big["num_key_value_heads"] = 8;
+  big["head_dim"] = 128;
+  big["vocab_size"] = 128256;
+  SECTION("more layers too") {
+    big["num_hidden_layers"] = 80;
+    write_config(tmp.path, big);
+    CHECK_THAT(error_of([&] { sg::model::load_hf_checkpoint<float>(tmp.path); }),
+               Contains("is missing 9 tensors the model needs: model.layers.79.input_layernorm.weight (expected [8192])"));
+  }
+  SECTION("the same layers") {
+    write_config(tmp.path, big);
+    CHECK(error_of([&] { sg::model::load_hf_checkpoint<float>(tmp.path); }) ==
+          "skillgraft: lm_head.weight has shape [64, 32] in " + (tmp / "model.safetensors").string() +
+              ", expected [128256, 8192]");
+  }
+  SECTION("sizes near INT_MAX") {
+    auto near = llama_config();
+    near["hidden_size"] = INT_MAX - 1;
+    near["head_dim"] = 2;
+    near["num_attention_heads"] = near["num_key_value_heads"] = 1;
+    write_config(tmp.path, near);
+    CHECK_THAT(error_of([&] { sg::model::load_hf_checkpoint<float>(tmp.path); }),
+               Contains("expected [64, 2147483646]"));
+  }
+  // With the address space limited to what the process has plus 512 MB, the load must
+  // fail with the shape message, not with bad_alloc after trying to allocate.
+  const int rc = in_child([&] {
+    std::ifstream statm("/proc/self/statm");
+    std::size_t pages = 0;
+    statm >> pages;
+    struct rlimit lim {};
+    lim.rlim_cur = lim.rlim_max = pages * std::size_t(::sysconf(_SC_PAGESIZE)) + (std::size_t{512} << 20);
+    ::setrlimit(RLIMIT_AS, &lim);
+    try {
+      sg::model::load_hf_checkpoint<float>(tmp.path);
+    } catch (const std::bad_alloc&) {
+      return 1;
+    } catch (const std::invalid_argument&) {
+      return 0;
+    }
+    return 2;
+  });
+  CHECK(rc == 0);
+}
+
+// ---- 3. regular files only ---------------------------------------------------------------------
+
+TEST_CASE("load: a FIFO or a directory in place of a checkpoint file is refused by name, never waited on") {
+  temp_dir tmp;
+  fs::copy_file(llama_dir / "config.json", tmp / "config.json");
+  fs::copy_file(llama_dir / "model.safetensors", tmp / "model.safetensors");
+  auto load_message = [&](const fs::path& dir) {
+    return error_of([&] { sg::model::load_hf_checkpoint<float>(dir); });
+  };
+  // Each load runs in a child with an alarm: blocking on the FIFO would end it by SIGALRM.
+  auto refused_in_time = [&](const fs::path& dir, const std::string& expected) {
+    return in_child([&] { return load_message(dir) == expected ? 0 : 1; }, 10);
+  };
+  SECTION("config.json") {
+    fs::remove(tmp / "config.json");
+    REQUIRE(::mkfifo((tmp / "config.json").c_str(), 0600) == 0);
+    CHECK(refused_in_time(tmp.path, "skillgraft: " + (tmp / "config.json").string() +
+                                        " is not a regular file (it is a named pipe (FIFO))") == 0);
+    fs::remove(tmp / "config.json");
+    fs::create_directory(tmp / "config.json");
+    CHECK(load_message(tmp.path) ==
+          "skillgraft: " + (tmp / "config.json").string() + " is not a regular file (it is a directory)");
+  }
+  SECTION("model.safetensors") {
+    fs::remove(tmp / "model.safetensors");
+    REQUIRE(::mkfifo((tmp / "model.safetensors").c_str(), 0600) == 0);
+    CHECK(refused_in_time(tmp.path, "skillgraft: " + (tmp / "model.safetensors").string() +
+                                        " is not a regular file (it is a named pipe (FIFO))") == 0);
+  }
+  SECTION("a shard") {
+    fs::remove(tmp / "model.safetensors");
+    io::write_json_file(tmp / "model.safetensors.index.json",
+                        {{"weight_map", {{"model.norm.weight", "model-00001-of-00001.safetensors"}}}});
+    REQUIRE(::mkfifo((tmp / "model-00001-of-00001.safetensors").c_str(), 0600) == 0);
+    CHECK(refused_in_time(tmp.path, "skillgraft: " + (tmp / "model-00001-of-00001.safetensors").string() +
+                                        " is not a regular file (it is a named pipe (FIFO))") == 0);
+  }
+  SECTION("the index") {
+    fs::remove(tmp / "model.safetensors");
+    REQUIRE(::mkfifo((tmp / "model.safetensors.index.json").c_str(), 0600) == 0);
+    CHECK(refused_in_time(tmp.path, "skillgraft: " + (tmp / "model.safetensors.index.json").string() +
+                                        " is not a regular file (it is a named pipe (FIFO))") == 0);
+  }
+}
+
+// ---- 4. atomic saves of whole directories ------------------------------------------------------
+
+namespace {
+
+// Two versions of one model that differ in every tensor and in config.json.
+struct two_versions {
+  sg::model::lm_weights<float> old_w, new_w;
+  two_versions() : old_w(config(10000.0)), new_w(config(20000.0)) {
+    auto fill = [&](sg::model::lm_weights<float>& w, float offset) {
+      std::mt19937 r(7);
+      sg::model::for_each_parameter(w, [&](const std::string&, sg::cpu::tensor<float>& t, auto, int) {
+        std::normal_distribution<float> n(offset, 1.0f);
+        for (std::size_t i = 0; i < t.size(); ++i) t[i] = n(r);
+      });
+    };
+    fill(old_w, 0.0f);
+    fill(new_w, 5.0f);
+  }
+  // Large enough (about 5 MB) that a save takes a while to kill in the middle of.
+  static sg::decoder_config config(double theta) {
+    auto c = sg::test::tiny_config(false, 2);
+    c.vocab_size = 20000;
+    c.rope_theta = theta;
+    return c;
+  }
+};
+
+// A copy of w (tensors are not copyable by accident; adapters are not copied).
+sg::model::lm_weights<float> copy_of(const sg::model::lm_weights<float>& w) {
+  sg::model::lm_weights<float> out(w.config);
+  std::vector<const sg::cpu::tensor<float>*> from;
+  sg::model::for_each_parameter(const_cast<sg::model::lm_weights<float>&>(w),
+                                [&](const std::string&, sg::cpu::tensor<float>& t, auto, int) { from.push_back(&t); });
+  std::size_t i = 0;
+  sg::model::for_each_parameter(out, [&](const std::string&, sg::cpu::tensor<float>& t, auto, int) {
+    REQUIRE(from[i]->shape() == t.shape());
+    std::copy_n(from[i++]->data(), t.size(), t.data());
+  });
+  return out;
+}
+
+bool same(const sg::model::lm_weights<float>& a, const sg::model::lm_weights<float>& b) {
+  if (!(a.config.rope_theta == b.config.rope_theta)) return false;
+  std::vector<const sg::cpu::tensor<float>*> ta;
+  sg::model::for_each_parameter(const_cast<sg::model::lm_weights<float>&>(a),
+                                [&](const std::string&, sg::cpu::tensor<float>& t, auto, int) { ta.push_back(&t); });
+  std::size_t i = 0;
+  bool equal = true;
+  sg::model::for_each_parameter(const_cast<sg::model::lm_weights<float>&>(b),
+                                [&](const std::string&, sg::cpu::tensor<float>& t, auto, int) {
+                                  const auto* o = ta[i++];
+                                  equal = equal && o->shape() == t.shape() &&
+                                          std::memcmp(o->data(), t.data(), t.bytes()) == 0;
+                                });
+  return equal && i == ta.size();
+}
+
+// Saves `save_new` in a child killed after `delay`; returns true when the child finished.
+bool save_killed_after(const std::function<void()>& save_new, std::chrono::microseconds delay) {
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    try {
+      save_new();
+    } catch (...) {
+      ::_exit(3);
+    }
+    ::_exit(0);
+  }
+  const struct timespec ts{time_t(delay.count() / 1000000), long(delay.count() % 1000000) * 1000};
+  ::nanosleep(&ts, nullptr);
+  ::kill(pid, SIGKILL);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+// How long f takes in a child (fork included), in microseconds.
+long child_duration(const std::function<void()>& f) {
+  const auto t0 = std::chrono::steady_clock::now();
+  CHECK(in_child([&] {
+          f();
+          return 0;
+        }) == 0);
+  return long(std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - t0).count());
+}
+
+// Kills `save_new` at `tries` points spread over its duration (and as long again past it) and
+// checks after each that `which()` finds the old or the new version, never a mixture
+// or nothing; `restore` puts the old version back. Returns {old seen, new seen}.
+std::pair<int, int> crash_points(const std::function<void()>& save_new, const std::function<int()>& which,
+                                 const std::function<void()>& restore, int tries) {
+  const long duration = std::max(1L, child_duration(save_new));
+  restore();
+  int olds = 0, news = 0;
+  for (int k = 0; k < tries; ++k) {
+    const long delay = duration * k * 2 / (tries - 1);
+    INFO("killed after " << delay << " us of a save that takes " << duration << " us");
+    save_killed_after(save_new, std::chrono::microseconds(delay));
+    const int v = which();
+    REQUIRE((v == 0 || v == 1));
+    (v == 0 ? olds : news)++;
+    if (v == 1) restore();
+  }
+  return {olds, news};
+}
+
+// Only the target: no staging directory beside it, no temporary inside it.
+void check_no_leftovers(const fs::path& target) {
+  for (const auto& e : fs::directory_iterator(target.parent_path()))
+    CHECK(e.path().filename().string().find(".saving-") == std::string::npos);
+  for (const auto& e : fs::directory_iterator(target))
+    CHECK(e.path().filename().string().find(".tmp-") == std::string::npos);
+}
+
+}  // namespace
+
+TEST_CASE("save: a checkpoint killed at any point of a save loads as the old or the new one, never a mixture") {
+  temp_dir tmp;
+  const fs::path dir = tmp / "ckpt";
+  const two_versions v;
+  std::ofstream(tmp / "tokenizer.json") << "{}";
+  auto restore = [&] {
+    sg::model::save_hf_checkpoint(dir, v.old_w);
+    fs::copy_file(tmp / "tokenizer.json", dir / "tokenizer.json", fs::copy_options::overwrite_existing);
+  };
+  auto which = [&] {
+    const auto w = sg::model::load_hf_checkpoint<float>(dir);
+    CHECK(fs::exists(dir / "tokenizer.json"));  // other files of the directory survive too
+    return same(w, v.old_w) ? 0 : same(w, v.new_w) ? 1 : 2;
+  };
+  const auto [olds, news] = crash_points([&] { sg::model::save_hf_checkpoint(dir, v.new_w); }, which, restore, 40);
+  INFO(olds << " kills left the old checkpoint, " << news << " the new one");
+  CHECK(olds + news == 40);
+  // The next save removes what killed saves left behind.
+  sg::model::save_hf_checkpoint(dir, v.new_w);
+  check_no_leftovers(dir);
+  CHECK(which() == 1);
+}
+
+TEST_CASE("save: task checkpoints and PEFT adapters killed at any point load as the old or the new one") {
+  temp_dir tmp;
+  const two_versions v;
+  SECTION("task checkpoint") {
+    const fs::path dir = tmp / "task";
+    using R = std::remove_cv_t<decltype(sg::recipe::sa_proj)>;
+    sg::model::decoder_lm<float, R> lm(v.old_w.config, sg::recipe::sa_proj);
+    // config.json says which version the directory claims to be; the weights must be it.
+    auto which = [&] {
+      const bool is_new = sg::model::read_hf_config(dir / "config.json").rope_theta == 20000.0;
+      const auto& claimed = is_new ? v.new_w : v.old_w;
+      auto base = copy_of(claimed);
+      for (auto& l : base.trunk.layers) l.self_attn.q_proj.weight.fill(0.0f);
+      sg::model::apply_task_checkpoint(dir, base);
+      return same(base, claimed) ? int(is_new) : 2;
+    };
+    auto save = [&](const sg::model::lm_weights<float>& w) {
+      sg::model::decoder_lm<float, R> m(w.config, sg::recipe::sa_proj);
+      sg::model::save_task_checkpoint(dir, m, w);
+    };
+    const auto [olds, news] = crash_points([&] { save(v.new_w); }, which, [&] { save(v.old_w); }, 15);
+    CHECK(olds + news == 15);
+    save(v.new_w);  // removes what the killed saves left
+    check_no_leftovers(dir);
+    CHECK(which() == 1);
+  }
+  SECTION("PEFT adapter") {
+    const fs::path dir = tmp / "adapter";
+    using R = std::remove_cv_t<decltype(sg::trainable<sg::lora<sg::proj::q>, sg::lora<sg::proj::v>>)>;
+    auto with_adapter = [&](std::uint64_t seed, double alpha) {
+      auto w = copy_of(v.old_w);
+      auto c = w.config;
+      c.lora_rank = 4;
+      sg::model::decoder_lm<float, R> lm(c, R{});
+      sg::cl::attach_lora(lm, w, {.rank = 4, .alpha = alpha, .seed = seed});
+      std::mt19937 rng{unsigned(seed)};
+      std::normal_distribution<float> n(0.0f, 1.0f);
+      for (auto& l : w.trunk.layers)
+        for (auto* p : {&l.self_attn.q_proj, &l.self_attn.v_proj})
+          for (std::size_t i = 0; i < p->lora.B.size(); ++i) p->lora.B[i] = n(rng);
+      return w;
+    };
+    const auto a = with_adapter(1, 8.0), b = with_adapter(2, 16.0);
+    auto which = [&] {
+      auto w = with_adapter(3, 4.0);
+      sg::cl::load_lora_adapter(dir, w);
+      const auto& got = w.trunk.layers[1].self_attn.v_proj;
+      const auto& la = a.trunk.layers[1].self_attn.v_proj;
+      const auto& lb = b.trunk.layers[1].self_attn.v_proj;
+      if (std::memcmp(got.lora.B.data(), la.lora.B.data(), la.lora.B.bytes()) == 0 && got.lora_scale == la.lora_scale)
+        return 0;
+      if (std::memcmp(got.lora.B.data(), lb.lora.B.data(), lb.lora.B.bytes()) == 0 && got.lora_scale == lb.lora_scale)
+        return 1;
+      return 2;
+    };
+    const auto [olds, news] = crash_points([&] { sg::cl::save_lora_adapter(dir, b); }, which,
+                                           [&] { sg::cl::save_lora_adapter(dir, a); }, 15);
+    CHECK(olds + news == 15);
+    sg::cl::save_lora_adapter(dir, b);  // removes what the killed saves left
+    check_no_leftovers(dir);
+    CHECK(which() == 1);
+  }
+}
+
+TEST_CASE("save: a save that fails after the weights were written leaves the old directory as it was") {
+  temp_dir tmp;
+  const fs::path dir = tmp / "ckpt";
+  const two_versions v;
+  sg::model::save_hf_checkpoint(dir, v.old_w);
+  const std::string weights = read_text(dir / "model.safetensors"), config = read_text(dir / "config.json");
+  // The failure of config.json on a full disk, after model.safetensors is complete.
+  CHECK_THROWS_WITH(io::save_directory(dir,
+                                       [&](const fs::path& staging) {
+                                         std::ofstream(staging / "model.safetensors") << "new weights";
+                                         throw std::system_error(ENOSPC, std::generic_category(),
+                                                                 "skillgraft: cannot write config.json");
+                                       }),
+                    "skillgraft: cannot save " + dir.string() +
+                        " (it was left unchanged): cannot write config.json: No space left on device");
+  CHECK(read_text(dir / "model.safetensors") == weights);
+  CHECK(read_text(dir / "config.json") == config);
+  CHECK(dir_names(tmp.path) == std::vector<std::string>{"ckpt"});
+}
+
+TEST_CASE("save: leftovers of killed saves are removed by the next save, those of running ones kept") {
+  temp_dir tmp;
+  const fs::path dir = tmp / "ckpt";
+  const two_versions v;
+  sg::model::save_hf_checkpoint(dir, v.old_w);
+  const long gone = dead_pid();
+  const fs::path stale_dir = tmp / ("ckpt.saving-" + std::to_string(gone) + "-0");
+  const fs::path stale_file = dir / ("model.safetensors.tmp-" + std::to_string(gone));
+  const fs::path live_file = dir / ("model.safetensors.tmp-" + std::to_string(::getppid()));
+  fs::create_directory(stale_dir);
+  std::ofstream(stale_dir / "model.safetensors") << "half";
+  std::ofstream(stale_file) << "half";
+  std::ofstream(live_file) << "someone else's";
+  const auto stale = io::stale_leftovers(dir);
+  CHECK(std::set<fs::path>(stale.begin(), stale.end()) == std::set<fs::path>{stale_dir, stale_file});
+  sg::model::save_hf_checkpoint(dir, v.new_w);
+  CHECK(!fs::exists(stale_dir));
+  CHECK(!fs::exists(stale_file));
+  CHECK(fs::exists(live_file) == false);  // not carried into the new directory either
+  CHECK(dir_names(tmp.path) == std::vector<std::string>{"ckpt"});
+  CHECK(same(sg::model::load_hf_checkpoint<float>(dir), v.new_w));
+  // A single file written atomically removes the temporaries killed writers left beside it.
+  const fs::path stale_single = tmp / ("single.safetensors.tmp-" + std::to_string(gone));
+  std::ofstream(stale_single) << "half";
+  io::write_json_file(tmp / "single.safetensors", {{"x", 1}});
+  CHECK(!fs::exists(stale_single));
+  fs::remove(tmp / "single.safetensors");
+  // A file in place of the directory is refused, not replaced.
+  std::ofstream(tmp / "file") << "x";
+  CHECK_THROWS_WITH(sg::model::save_hf_checkpoint(tmp / "file", v.new_w),
+                    "skillgraft: cannot save " + (tmp / "file").string() +
+                        " (it was left unchanged): cannot save a checkpoint to " + (tmp / "file").string() +
+                        ": it exists and is not a directory");
+}
+
+// ---- 6. AdamW moments --------------------------------------------------------------------------
+
+TEST_CASE("AdamW: a finite gradient that would overflow a moment is refused before anything changes") {
+  const auto c = sg::test::tiny_config(false, 1);
+  auto w = sg::test::random_trunk<float>(c, 9);
+  sg::nn::decoder_stack<float, decltype(sg::recipe::mlp_down)> stack(c, sg::recipe::mlp_down);
+  auto g = stack.make_grads(w);
+  auto& dw = g.layer(0).down_proj.weight;
+  auto& pw = w.layers[0].mlp.down_proj.weight;
+  for (std::size_t i = 0; i < dw.size(); ++i) dw[i] = float(std::sin(0.37 * double(i)));
+  auto w2 = sg::test::random_trunk<float>(c, 9);
+  sg::train::adamw<float> adam(stack, w, g), fresh(stack, w2, g);
+  const std::vector<float> before(pw.data(), pw.data() + pw.size());
+  const float ok = dw[5];
+  dw[5] = 1e30f;  // finite, but its square is not
+  CHECK(error_of([&] { adam.step(stack, w, g); }) ==
+        "skillgraft: the gradient of model.layers.0.mlp.down_proj.weight at element 5 (1e+30) makes the AdamW second "
+        "moment overflow; no weight was changed (clip the gradients, or lower the loss scale)");
+  CHECK(std::vector<float>(pw.data(), pw.data() + pw.size()) == before);
+  CHECK(adam.steps() == 0);
+  // Nothing changed: the next good step is bit for bit the first step of a fresh optimizer.
+  dw[5] = ok;
+  adam.step(stack, w, g);
+  fresh.step(stack, w2, g);
+  CHECK(std::memcmp(pw.data(), w2.layers[0].mlp.down_proj.weight.data(), pw.bytes()) == 0);
+  for (std::size_t i = 0; i < pw.size(); ++i) REQUIRE(std::isfinite(pw[i]));
+  CHECK(pw[5] != before[5]);
+}
+
+// ---- 7. names in messages, F64 range -----------------------------------------------------------
+
+TEST_CASE("messages: names from files are escaped") {
+  CHECK(io::printable("model.norm.weight") == "model.norm.weight");
+  CHECK(io::printable("h\xC3\xA9llo") == "h\xC3\xA9llo");                   // UTF-8 stays
+  CHECK(io::printable(std::string("a\x1b[31mb\0c", 9)) == "a\\x1b[31mb\\x00c");  // ESC and NUL do not
+  CHECK(io::printable("\xC2\x9B" "2J") == "\\xc2\\x9b2J");                   // a C1 control (CSI)
+  CHECK(io::printable("bad\xFF\\") == "bad\\xff\\\\");
+
+  temp_dir tmp;
+  fs::copy_file(llama_dir / "config.json", tmp / "config.json");
+  auto tensors = io::safetensors_file(llama_dir / "model.safetensors");
+  io::safetensors_writer out;
+  std::vector<sg::cpu::tensor<float>> keep;
+  keep.reserve(tensors.header().tensors.size() + 1);
+  for (const auto& t : tensors.header().tensors) {
+    keep.push_back(tensors.load<float>(t.name));
+    out.add(t.name, keep.back());
+  }
+  keep.push_back(sg::cpu::tensor<float>({2}, sg::memory_use::workspace));
+  keep.back().fill(1.0f);
+  const std::string evil("x\x1b]0;owned\x07\0tail", 16);
+  out.add(evil, keep.back());
+  out.write(tmp / "model.safetensors");
+  const std::string message = error_of([&] { sg::model::load_hf_checkpoint<float>(tmp.path); });
+  CHECK_THAT(message, Contains("has 1 tensor the model does not have: x\\x1b]0;owned\\x07\\x00tail [2]"));
+  CHECK(message.find('\x1b') == std::string::npos);
+  CHECK_THAT(error_of([&] { io::safetensors_file(tmp / "model.safetensors").info("no\x1b[2J"); }),
+             Contains("no tensor named no\\x1b[2J in"));
+}
+
+TEST_CASE("load: F64 values beyond float's range are refused, naming the element, and change nothing") {
+  temp_dir tmp;
+  auto w = sg::model::load_hf_checkpoint<float>(llama_dir);
+  // F64 weights within range load exactly as float.
+  sg::model::save_hf_checkpoint(tmp / "f64", w, {.dtype = io::dtype::f64});
+  CHECK(same(sg::model::load_hf_checkpoint<float>(tmp / "f64"), w));
+
+  io::safetensors_writer out;
+  sg::cpu::tensor<double> norm({32}, sg::memory_use::workspace), head({64, 32}, sg::memory_use::workspace);
+  norm.fill(2.0);
+  head.fill(0.5);
+  head[7] = 1e300;
+  out.add("model.norm.weight", norm, io::dtype::f64);
+  out.add("lm_head.weight", head, io::dtype::f64);
+  out.write(tmp / "task.safetensors");
+  auto base = copy_of(w);
+  CHECK(error_of([&] { sg::model::apply_task_checkpoint(tmp / "task.safetensors", base); }) ==
+        "skillgraft: element 7 of lm_head.weight in " + (tmp / "task.safetensors").string() +
+            " (F64) is 1.0000000000000001e+300, outside the range of float (largest 3.40282347e+38); it would load "
+            "as infinity");
+  CHECK(same(base, w));  // model.norm.weight, which is in range, was not written either
+  // As double, the same file loads.
+  CHECK(io::safetensors_file(tmp / "task.safetensors").load<double>("lm_head.weight")[7] == 1e300);
+}

@@ -1,0 +1,131 @@
+// The reproduction's cached base model (examples/reproduce, base.safetensors): a file that
+// is not the program's own cache is never overwritten, and a cache whose values were
+// damaged is refused with the file named instead of being used.
+#include <catch2/catch.hpp>
+#include <sys/stat.h>
+
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../examples/reproduce/experiment.hpp"
+#include "support/temp_dir.hpp"
+
+namespace sg = skillgraft;
+namespace rp = skillgraft::reproduce;
+namespace io = skillgraft::io;
+namespace fs = std::filesystem;
+using Catch::Contains;
+
+namespace {
+
+// A base model with seeded random values (pretraining is not needed to test the cache).
+rp::weights_t random_base(const rp::settings& s, unsigned seed) {
+  rp::weights_t w(s.model);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n(0.0f, 0.5f);
+  sg::model::for_each_multimodal_parameter(w, [&](const std::string&, sg::cpu::tensor<float>& t) {
+    for (std::size_t i = 0; i < t.size(); ++i) t[i] = n(rng);
+  });
+  return w;
+}
+
+// Rewrites `file` with the same metadata after `edit` changed its tensors.
+void rewrite(const fs::path& file, const std::function<void(std::map<std::string, sg::cpu::tensor<float>>&)>& edit) {
+  std::map<std::string, sg::cpu::tensor<float>> tensors;
+  std::map<std::string, std::string> metadata;
+  {
+    io::safetensors_file f(file);
+    metadata = f.metadata();
+    for (const auto& t : f.header().tensors) tensors.emplace(t.name, f.load<float>(t.name));
+  }
+  edit(tensors);
+  io::safetensors_writer out;
+  for (const auto& [k, v] : metadata) out.set_metadata(k, v);
+  for (const auto& [name, t] : tensors) out.add(name, t);
+  out.write(file);
+}
+
+std::string load_error(const rp::settings& s, const fs::path& file) {
+  rp::weights_t w(s.model);
+  try {
+    rp::load_checkpoint(w, file, rp::fingerprint(s));
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
+TEST_CASE("reproduce cache: a saved base model loads back, and other settings mean pretraining again") {
+  sg::test::temp_dir tmp;
+  const auto s = rp::default_settings();
+  const auto w = random_base(s, 1);
+  const fs::path file = tmp / "base.safetensors";
+  rp::save_checkpoint(w, file, rp::fingerprint(s));
+  rp::weights_t back(s.model);
+  CHECK(rp::load_checkpoint(back, file, rp::fingerprint(s)));
+  CHECK(rp::content_checksum(back) == rp::content_checksum(w));
+  auto other = s;
+  other.seed = 2;
+  CHECK_FALSE(rp::load_checkpoint(back, file, rp::fingerprint(other)));
+  CHECK_FALSE(rp::load_checkpoint(back, tmp / "none.safetensors", rp::fingerprint(s)));
+}
+
+TEST_CASE("reproduce cache: damaged values are refused, naming the file") {
+  sg::test::temp_dir tmp;
+  const auto s = rp::default_settings();
+  const fs::path file = tmp / "base.safetensors";
+  rp::save_checkpoint(random_base(s, 1), file, rp::fingerprint(s));
+  const std::string damaged = "reproduce: the cached base model " + file.string() + " is damaged";
+  SECTION("a tensor zeroed") {
+    rewrite(file, [](auto& t) { t.begin()->second.fill(0.0f); });
+  }
+  SECTION("two tensors of one shape swapped") {
+    rewrite(file, [](auto& t) {
+      auto& a = t.at("model.layers.0.self_attn.q_proj.weight");
+      auto& b = t.at("model.layers.1.self_attn.q_proj.weight");
+      REQUIRE(a.shape() == b.shape());
+      std::swap_ranges(a.data(), a.data() + a.size(), b.data());
+    });
+  }
+  SECTION("a tensor scaled by 1000") {
+    rewrite(file, [](auto& t) {
+      auto& x = t.at("model.norm.weight");
+      for (std::size_t i = 0; i < x.size(); ++i) x[i] *= 1000.0f;
+    });
+  }
+  SECTION("a NaN") {
+    rewrite(file, [](auto& t) { t.rbegin()->second[3] = std::numeric_limits<float>::quiet_NaN(); });
+  }
+  CHECK_THAT(load_error(s, file), Contains(damaged) && Contains("delete it to pretrain again"));
+}
+
+TEST_CASE("reproduce cache: a file that is not the program's cache is refused, never overwritten") {
+  sg::test::temp_dir tmp;
+  const auto s = rp::default_settings();
+  const std::string refused = " is not a base-model cache of this program, so it is not overwritten";
+  SECTION("a text file") {
+    std::ofstream(tmp / "notes.txt") << "my notes\n";
+    CHECK_THAT(load_error(s, tmp / "notes.txt"), Contains("--checkpoint " + (tmp / "notes.txt").string() + refused));
+  }
+  SECTION("another program's safetensors file") {
+    io::safetensors_writer out;
+    sg::cpu::tensor<float> x({2}, sg::memory_use::workspace);
+    x.fill(1.0f);
+    out.add("x", x);
+    out.write(tmp / "model.safetensors");
+    CHECK_THAT(load_error(s, tmp / "model.safetensors"),
+               Contains(refused + " (choose another path, or delete it): it is a safetensors file without the "
+                                  "skillgraft.reproduce metadata"));
+  }
+  SECTION("a directory or a FIFO") {
+    fs::create_directory(tmp / "dir");
+    CHECK_THAT(load_error(s, tmp / "dir"), Contains("(it is a directory)"));
+    REQUIRE(::mkfifo((tmp / "fifo").c_str(), 0600) == 0);
+    CHECK_THAT(load_error(s, tmp / "fifo"), Contains("(it is a named pipe (FIFO))"));
+  }
+}
