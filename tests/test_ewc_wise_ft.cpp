@@ -271,7 +271,7 @@ double example_loglik(const Model& lm, const sg::model::lm_weights<double>& w, c
   auto h = lm.forward(w, mb.ids, s, mb.prefix);
   token_ids only = xt::full_like(tg, sg::ignore_index);
   for (std::size_t t = 0; t < tg.shape(1); ++t) only(row, t) = tg(row, t);
-  auto r = sg::train::masked_cross_entropy<double>(h, w.head(), only, nullptr, {.want_dh = false, .normaliser = 1});
+  auto r = sg::train::masked_cross_entropy<double>(h, w.head(), only, sg::train::no_head_grad, {.want_dh = false, .normaliser = 1});
   return -r.loss;
 }
 }  // namespace
@@ -432,7 +432,7 @@ TEST_CASE("EWC: penalty and its gradient by finite differences, in train_step, o
   auto total = [&] {
     typename decltype(lm)::saved_t s;
     auto h = lm.forward(w, mb.ids, s);
-    return sg::train::masked_cross_entropy<double>(h, w.head(), mb.targets, nullptr, {.want_dh = false}).loss +
+    return sg::train::masked_cross_entropy<double>(h, w.head(), mb.targets, sg::train::no_head_grad, {.want_dh = false}).loss +
            e.penalty(lm, w);
   };
   sg::train::zero_grads(lm, w, g);
@@ -518,7 +518,7 @@ TEST_CASE("EWC: a large lambda keeps the weights near theta* and the first task'
   auto loss_on = [&](sg::model::lm_weights<float>& w, const sg::train::micro_batch<float>& mb) {
     typename decltype(lm)::saved_t s;
     auto h = lm.forward(w, mb.ids, s);
-    return sg::train::masked_cross_entropy<float>(h, w.head(), mb.targets, nullptr, {.want_dh = false}).loss;
+    return sg::train::masked_cross_entropy<float>(h, w.head(), mb.targets, sg::train::no_head_grad, {.want_dh = false}).loss;
   };
   const auto a = task_batch(1, 1), b = task_batch(2, 5);
   auto run = [&](double lambda) {

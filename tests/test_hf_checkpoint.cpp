@@ -104,7 +104,7 @@ struct golden {
 };
 
 // Tolerances, fixed before comparing: logits and log-probabilities of a float32 model
-// agree to 1e-4 (the bound); the loss (about 4.8) to 1e-5; gradients (at most
+// agree to 1e-4; the loss (about 4.8) to 1e-5; gradients (at most
 // about 2) to 1e-5, about eight float32 ulps of their largest entries.
 constexpr double logits_tol = 1e-4, loss_tol = 1e-5, grad_tol = 1e-5;
 

@@ -54,7 +54,7 @@ void check_lm(R recipe, const sg::decoder_config& c, std::set<std::string> expec
   auto loss = [&] {
     typename decltype(lm)::saved_t s;
     auto h = lm.forward(w, ids, s, pre);
-    return sg::train::masked_cross_entropy<double>(h, w.head(), tg, nullptr, {.chunk = 3, .want_dh = false}).loss;
+    return sg::train::masked_cross_entropy<double>(h, w.head(), tg, sg::train::no_head_grad, {.chunk = 3, .want_dh = false}).loss;
   };
   typename decltype(lm)::saved_t s;
   auto g = lm.make_grads(w);
@@ -121,8 +121,8 @@ TEST_CASE("LM: chunking the loss does not change it") {
   sg::model::decoder_lm<double, decltype(sg::recipe::frozen)> lm(c, sg::recipe::frozen);
   decltype(lm)::saved_t s;
   auto h = lm.forward(w, ids, s);
-  auto a = sg::train::masked_cross_entropy<double>(h, w.head(), targets, nullptr, {.chunk = 1});
-  auto b = sg::train::masked_cross_entropy<double>(h, w.head(), targets, nullptr, {.chunk = 1000});
+  auto a = sg::train::masked_cross_entropy<double>(h, w.head(), targets, sg::train::no_head_grad, {.chunk = 1});
+  auto b = sg::train::masked_cross_entropy<double>(h, w.head(), targets, sg::train::no_head_grad, {.chunk = 1000});
   CHECK(a.count == 6);
   CHECK(a.loss == Approx(b.loss).epsilon(1e-13));
   CHECK((a.dh.vec() - b.dh.vec()).cwiseAbs().maxCoeff() < 1e-14);
@@ -140,7 +140,7 @@ TEST_CASE("LM: chunking the loss does not change it") {
   CHECK(a.loss == Approx(ref / 6).epsilon(1e-12));
   token_ids bad = targets;
   bad(0, 4) = 13;
-  CHECK_THROWS_WITH(sg::train::masked_cross_entropy<double>(h, w.head(), bad, nullptr),
+  CHECK_THROWS_WITH(sg::train::masked_cross_entropy<double>(h, w.head(), bad, sg::train::no_head_grad),
                     Catch::Contains("target [0, 4] is 13, outside the vocabulary [0, 13)"));
 }
 

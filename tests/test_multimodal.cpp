@@ -190,7 +190,7 @@ std::set<std::string> check_multimodal(R recipe, const sg::model::multimodal_con
   auto loss = [&] {
     typename decltype(mm)::saved_t s;
     auto h = mm.forward(w, ids, s, &images);
-    return sg::train::masked_cross_entropy<D>(h, w.head(), tg, nullptr, {.want_dh = false}).loss;
+    return sg::train::masked_cross_entropy<D>(h, w.head(), tg, sg::train::no_head_grad, {.want_dh = false}).loss;
   };
   typename decltype(mm)::saved_t s;
   auto g = mm.make_grads(w);

@@ -37,16 +37,5 @@ file(REMOVE_RECURSE "${CURRENT_PACKAGES_DIR}/lib" "${CURRENT_PACKAGES_DIR}/debug
 
 file(INSTALL "${CMAKE_CURRENT_LIST_DIR}/usage" DESTINATION "${CURRENT_PACKAGES_DIR}/share/${PORT}")
 
-# The repository has no license file yet; vcpkg requires share/skillgraft/copyright, so
-# install the license when there is one and a note saying so when there is not.
-set(license_files "")
-foreach(candidate LICENSE LICENSE.txt LICENSE.md COPYING)
-  if(EXISTS "${SOURCE_PATH}/${candidate}")
-    list(APPEND license_files "${SOURCE_PATH}/${candidate}")
-  endif()
-endforeach()
-if(NOT license_files)
-  message(WARNING "skillgraft: no LICENSE file in ${SOURCE_PATH}; installing a placeholder copyright note")
-  set(license_files "${CMAKE_CURRENT_LIST_DIR}/no-license-file.txt")
-endif()
-vcpkg_install_copyright(FILE_LIST ${license_files})
+# Apache-2.0: the repository's LICENSE becomes share/skillgraft/copyright.
+vcpkg_install_copyright(FILE_LIST "${SOURCE_PATH}/LICENSE")

@@ -1,5 +1,5 @@
-// expect: gradient requested for a tag .first template argument. that the recipe .second. does not train
-// grad<Tag> on a frozen tag stops with a static_assert naming the tag and the recipe.
+// expect: In instantiation of .+struct skillgraft::nn::gradient_of_frozen_tensor<skillgraft::proj::down, skillgraft::trainable_set<skillgraft::tag_list<skillgraft::proj::gate, skillgraft::proj::up> > >.*gradient requested for a tag .first template argument. that the recipe .second. does not train
+// grad<Tag> on a frozen tag stops with a static_assert; the line above it names the tag and the recipe (as its tags).
 #include "skillgraft/nn/decoder_block.hpp"
 #include "skillgraft/policy/recipes.hpp"
 namespace sg = skillgraft;

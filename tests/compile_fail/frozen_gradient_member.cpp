@@ -1,5 +1,5 @@
-// expect: has no member named .+gate_proj
-// grads_t of an attention-only recipe has no member for the frozen Gate projection.
+// expect: trainable_set<skillgraft::tag_list<skillgraft::proj::q, skillgraft::proj::k, skillgraft::proj::v, skillgraft::proj::o> >.* has no member named .+gate_proj
+// grads_t of an attention-only recipe has no member for the frozen Gate projection; the message spells the recipe as its tags.
 #include "skillgraft/nn/decoder_block.hpp"
 #include "skillgraft/policy/recipes.hpp"
 namespace sg = skillgraft;

@@ -86,5 +86,7 @@ PY
 cmake -DSOURCE_DIR="$src" -DWORK_DIR="$work/check" -DINSTALLED_INCLUDE="$pkg/include" \
   -P "$src/tests/packaging/check_headers.cmake" || fail "headers missing from the Conan package"
 [[ -f "$pkg/share/cmake/skillgraft/skillgraftConfig.cmake" ]] || fail "no CMake package config in $pkg"
+cmp -s "$src/LICENSE" "$pkg/licenses/LICENSE" || fail "the package's licenses/LICENSE is not the repository's LICENSE"
+grep -q 'license = "Apache-2.0"' "$src/conanfile.py" || fail "conanfile.py does not declare Apache-2.0"
 sed -n '/Testing the package: Executing test/,$p' "$log"
 say "Conan create + test_package: PASSED"

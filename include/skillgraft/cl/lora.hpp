@@ -18,9 +18,12 @@ namespace skillgraft::cl {
 
 using cpu::tensor;
 
+// The rank and alpha of the adapters are the model's: decoder_config::lora_rank (PEFT "r",
+// which the blocks and the memory plan size their buffers by) and lora_alpha. Leave them
+// 0 here; a non-zero value is only a check that must agree with the config.
 struct lora_options {
-  int rank = 8;
-  double alpha = 16.0;
+  int rank = 0;         // 0: the model config's lora_rank
+  double alpha = 0;     // 0: the model config's lora_alpha
   std::uint64_t seed = 0;
 };
 
@@ -57,15 +60,19 @@ void for_each_projection(nn::trunk_weights<T>& trunk, F&& f) {
 }  // namespace detail
 
 // Attaches fresh adapters (B = 0) to every projection the model's recipe adapts, on its
-// layer range; returns how many. The model's config must carry the same rank
-// (lora_rank), which its memory plan uses.
+// layer range; returns how many. Rank and alpha come from the model's config.
 template <class Model, class T>
-int attach_lora(const Model& model, model::lm_weights<T>& w, lora_options o) {
-  if (o.rank <= 0) throw std::invalid_argument("skillgraft: LoRA rank must be positive");
-  if (model.config().lora_rank != o.rank)
-    throw std::invalid_argument("skillgraft: the model's config has lora_rank " +
-                                std::to_string(model.config().lora_rank) + " but adapters of rank " +
-                                std::to_string(o.rank) + " were asked for");
+int attach_lora(const Model& model, model::lm_weights<T>& w, lora_options o = {}) {
+  const int config_rank = model.config().lora_rank;
+  if (config_rank <= 0)
+    throw std::invalid_argument("skillgraft: the model's config has lora_rank " + std::to_string(config_rank) +
+                                "; set decoder_config::lora_rank (PEFT r) to the adapters' rank before building the model");
+  if (o.rank != 0 && o.rank != config_rank)
+    throw std::invalid_argument("skillgraft: the model's config has lora_rank " + std::to_string(config_rank) +
+                                " but adapters of rank " + std::to_string(o.rank) +
+                                " were asked for (leave lora_options::rank 0: the config's rank is used)");
+  o.rank = config_rank;
+  if (o.alpha == 0) o.alpha = model.config().lora_alpha;
   std::mt19937_64 rng(o.seed);
   int n = 0;
   const auto& st = model.stack();

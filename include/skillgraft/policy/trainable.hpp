@@ -51,10 +51,18 @@ struct reject_unknown_tag {
   static constexpr bool value = true;
 };
 
-// The canonical form of any Hana set of tags: the tags of `all_tags` it contains, in that order.
+// A recipe's tags as a plain list type. Recipes are spelled with it, so compiler messages
+// print a recipe as `trainable_set<skillgraft::tag_list<skillgraft::proj::gate,
+// skillgraft::proj::up>>` rather than as nested Hana types.
+template <class... Tags>
+struct tag_list {};
+
+// The canonical form of any Hana set of tags: the tags of `all_tags` it contains, in that
+// order, as a tag_list.
 template <class Set>
 constexpr auto canonical(Set s) {
-  return hana::to_set(hana::filter(all_tags, [s](auto t) { return hana::contains(s, t); }));
+  return hana::unpack(hana::filter(all_tags, [s](auto t) { return hana::contains(s, t); }),
+                      [](auto... t) { return tag_list<typename decltype(t)::type...>{}; });
 }
 template <class Set>
 using canonical_t = decltype(canonical(std::declval<Set>()));
@@ -67,16 +75,21 @@ struct layer_range {
   constexpr bool operator==(const layer_range&) const = default;
 };
 
-// A recipe: a canonical trainable set (the type) and the layers it applies to (a value).
-template <class Set>
-struct trainable_set {
-  using set_type = Set;
-  static constexpr Set set{};
+// A recipe: a canonical list of trainable tags (the type) and the layers it applies to (a
+// value). `set` is the same tags as a Hana set, for algorithms over them.
+template <class List>
+struct trainable_set;
+
+template <class... Tags>
+struct trainable_set<tag_list<Tags...>> {
+  using tags_type = tag_list<Tags...>;
+  using set_type = decltype(hana::make_set(hana::type_c<Tags>...));
+  static constexpr set_type set{};
   layer_range layers{};
 
   template <class Tag>
-  static constexpr bool trains = decltype(hana::contains(Set{}, hana::type_c<Tag>))::value;
-  static constexpr bool empty = decltype(hana::length(Set{}))::value == 0;
+  static constexpr bool trains = (std::is_same_v<Tag, Tags> || ...);
+  static constexpr bool empty = sizeof...(Tags) == 0;
 
   template <class Tag>
   constexpr bool contains(Tag) const { return trains<Tag>; }
@@ -127,19 +140,19 @@ inline constexpr layer_range combine(layer_range a, layer_range b) {
 
 template <class A, class B>
 constexpr auto operator|(trainable_set<A> a, trainable_set<B> b) {
-  auto r = detail::make_recipe(hana::union_(A{}, B{}));
+  auto r = detail::make_recipe(hana::union_(a.set, b.set));
   r.layers = detail::combine(a.layers, b.layers);
   return r;
 }
 template <class A, class B>
 constexpr auto operator&(trainable_set<A> a, trainable_set<B> b) {
-  auto r = detail::make_recipe(hana::intersection(A{}, B{}));
+  auto r = detail::make_recipe(hana::intersection(a.set, b.set));
   r.layers = detail::combine(a.layers, b.layers);
   return r;
 }
 template <class A, class B>
-constexpr auto operator-(trainable_set<A> a, trainable_set<B>) {
-  auto r = detail::make_recipe(hana::difference(A{}, B{}));
+constexpr auto operator-(trainable_set<A> a, trainable_set<B> b) {
+  auto r = detail::make_recipe(hana::difference(a.set, b.set));
   r.layers = a.layers;
   return r;
 }

@@ -9,9 +9,25 @@
 // Positions without a target (prompts, soft tokens, padding) never reach the head.
 // The others are processed `chunk` rows at a time, so the logits and their gradient
 // share one [chunk, vocab] buffer: the full [tokens, vocab] matrix is never held.
+//
+// With a model, the head and its gradient come from the model, so a recipe that trains
+// the head (or a tied embedding) always gets its gradient:
+//
+//   typename Model::saved_t saved;
+//   auto h = model.forward(w, ids, saved);                        // hidden states, not logits
+//   auto r = masked_cross_entropy(model, w, g, h, targets);       // adds d loss / d head into g
+//   model.backward(w, saved, r.dh, g);
+//   double eval = masked_cross_entropy(model, w, h, targets).loss; // no gradient at all
+//
+// The lower-level form takes the head and where its gradient goes explicitly:
+// masked_cross_entropy(h, w.head(), targets, model.head_grad(g)), or `no_head_grad` to say
+// there is none. A bare `nullptr` does not compile: it would leave a trained head's
+// gradient at zero without a word.
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "skillgraft/backend/cpu/tensor.hpp"
@@ -95,6 +111,49 @@ loss_result<T> masked_cross_entropy(const cpu::tensor<T>& h, const cpu::tensor<T
   if (!std::isfinite(r.loss))
     throw std::domain_error("skillgraft: the loss is not finite (" + std::to_string(r.loss) + "); no weight was changed");
   return r;
+}
+
+// "No gradient for the head", said explicitly: evaluation, or a head the recipe freezes.
+struct no_head_grad_t {
+  explicit constexpr no_head_grad_t() = default;
+};
+inline constexpr no_head_grad_t no_head_grad{};
+
+template <class T>
+loss_result<T> masked_cross_entropy(const cpu::tensor<T>& h, const cpu::tensor<T>& head, const token_ids& targets,
+                                    no_head_grad_t, cross_entropy_options opt = {}) {
+  return masked_cross_entropy(h, head, targets, static_cast<cpu::tensor<T>*>(nullptr), opt);
+}
+
+template <class T>
+inline constexpr bool head_gradient_given_as_nullptr = false;
+
+template <class T>
+loss_result<T> masked_cross_entropy(const cpu::tensor<T>&, const cpu::tensor<T>&, const token_ids&, std::nullptr_t,
+                                    cross_entropy_options = {}) {
+  static_assert(head_gradient_given_as_nullptr<T>,
+                "skillgraft: masked_cross_entropy(h, head, targets, nullptr): pass model.head_grad(g) (or call "
+                "masked_cross_entropy(model, w, g, h, targets)), or no_head_grad to say the head gets no gradient");
+  return {};
+}
+
+// The loss of a model's hidden states; the head's gradient goes where the model's recipe
+// says (lm_head, the tied embedding, or nowhere when the head is frozen).
+template <class Model>
+loss_result<typename Model::value_type> masked_cross_entropy(const Model& model, const typename Model::weights_t& w,
+                                                             typename Model::grads_t& g,
+                                                             const cpu::tensor<typename Model::value_type>& h,
+                                                             const token_ids& targets, cross_entropy_options opt = {}) {
+  return masked_cross_entropy(h, w.head(), targets, model.head_grad(g), opt);
+}
+
+// The loss only (evaluation): no gradient of anything.
+template <class Model>
+loss_result<typename Model::value_type> masked_cross_entropy(const Model&, const typename Model::weights_t& w,
+                                                             const cpu::tensor<typename Model::value_type>& h,
+                                                             const token_ids& targets, cross_entropy_options opt = {}) {
+  opt.want_dh = false;
+  return masked_cross_entropy(h, w.head(), targets, no_head_grad, opt);
 }
 
 }  // namespace skillgraft::train

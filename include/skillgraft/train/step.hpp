@@ -9,20 +9,87 @@
 // data and thread count, the step is bit-for-bit repeatable (no atomics, fixed reduction order).
 #include <cmath>
 #include <span>
-#include <string>
 #include <stdexcept>
+#include <string>
+#include <utility>
 
 #include "skillgraft/train/clip.hpp"
 #include "skillgraft/train/cross_entropy.hpp"
 
 namespace skillgraft::train {
 
+// One micro-batch: token ids, next-token targets, optional soft tokens before the ids.
+//
+//   micro_batch<float> mb{ids, targets};                 // targets: target t = token t + 1
+//   micro_batch<float> mb{ids, hf_labels{labels}};       // Hugging Face labels: shifted here
+//   micro_batch<float> mb{ids, targets, &image_tokens};  // a [batch, prefix, hidden] prefix
+//
+// Hugging Face labels cover the ids ([batch, seq]) or the whole sequence ([batch, prefix +
+// seq]); either way they are laid along [prefix ; ids] (ignore_index on the prefix) and
+// shifted left by one, as a Hugging Face multimodal model does with its merged sequence.
+// train_step refuses targets that equal the ids position by position (unshifted labels
+// passed as targets), so that mistake cannot train the wrong objective silently.
 template <class T>
 struct micro_batch {
   token_ids ids;                          // [batch, seq]
   token_ids targets;                      // [batch, prefix + seq]; ignore_index where no loss
   const cpu::tensor<T>* prefix = nullptr; // optional soft tokens [batch, prefix, hidden]
+
+  micro_batch() = default;
+  micro_batch(token_ids ids_, token_ids targets_, const cpu::tensor<T>* prefix_ = nullptr)
+      : ids(std::move(ids_)), targets(std::move(targets_)), prefix(prefix_) {}
+  // Any xtensor expressions of rank 2; rank 1 fails to compile (or throws, for an xarray).
+  template <class Ids, class Targets>
+    requires(xt::is_xexpression<Ids>::value && xt::is_xexpression<Targets>::value)
+  micro_batch(const Ids& ids_, const Targets& targets_, const cpu::tensor<T>* prefix_ = nullptr)
+      : ids(to_token_ids(ids_, "micro_batch ids")), targets(to_token_ids(targets_, "micro_batch targets")),
+        prefix(prefix_) {}
+  template <class Ids>
+    requires xt::is_xexpression<Ids>::value
+  micro_batch(const Ids& ids_, const hf_labels& labels, const cpu::tensor<T>* prefix_ = nullptr)
+      : ids(to_token_ids(ids_, "micro_batch ids")), prefix(prefix_) {
+    const std::size_t B = ids.shape(0), S = ids.shape(1);
+    const std::size_t P = prefix && !prefix->empty() ? prefix->dim(1) : 0;
+    const auto& l = labels.values;
+    if (l.shape(0) != B || (l.shape(1) != S && l.shape(1) != P + S))
+      throw std::invalid_argument("skillgraft: Hugging Face labels have shape [" + std::to_string(l.shape(0)) + ", " +
+                                  std::to_string(l.shape(1)) + "], expected [" + std::to_string(B) + ", " +
+                                  std::to_string(S) + "] (the ids) or [" + std::to_string(B) + ", " +
+                                  std::to_string(P + S) + "] (prefix and ids)");
+    token_ids along = xt::full_like(token_ids::from_shape({B, P + S}), ignore_index);
+    const std::size_t skip = P + S - l.shape(1);
+    for (std::size_t b = 0; b < B; ++b)
+      for (std::size_t s = 0; s < l.shape(1); ++s) along(b, skip + s) = l(b, s);
+    targets = shift_labels(along);
+  }
 };
+
+namespace detail {
+// Throws when every target equals the id at its own position and at least one of them
+// cannot be a next-token target (it is the last position, or the next id differs): those
+// are unshifted labels. Sequences of one repeated token are ambiguous and pass.
+template <class T>
+void check_targets_are_shifted(const micro_batch<T>& mb, std::size_t index) {
+  const std::size_t B = mb.ids.shape(0), S = mb.ids.shape(1);
+  if (mb.targets.shape(0) != B || mb.targets.shape(1) < S) return;  // the loss reports the shape
+  const std::size_t P = mb.targets.shape(1) - S;
+  bool any = false, unshifted = false;
+  for (std::size_t b = 0; b < B; ++b)
+    for (std::size_t s = 0; s < S; ++s) {
+      const auto y = mb.targets(b, P + s);
+      if (y == ignore_index) continue;
+      if (y != mb.ids(b, s)) return;
+      any = true;
+      unshifted = unshifted || s + 1 == S || mb.ids(b, s + 1) != y;
+    }
+  if (any && unshifted)
+    throw std::invalid_argument(
+        "skillgraft: micro-batch " + std::to_string(index) +
+        ": every target equals the input token at its own position, which is how Hugging Face labels look; "
+        "targets must be the next token (target t = token t + 1): pass micro_batch{ids, hf_labels{labels}} "
+        "or shift_labels(labels)");
+}
+}  // namespace detail
 
 struct step_options {
   double max_grad_norm = 1.0;  // <= 0: no clipping
@@ -45,8 +112,7 @@ struct masked_ce_objective {
   loss_result<T> micro(const Model& model, const typename Model::weights_t& w, typename Model::grads_t& g,
                        const micro_batch<T>&, const cpu::tensor<T>& h, const token_ids& targets,
                        std::size_t normaliser) const {
-    return masked_cross_entropy(h, w.head(), targets, model.head_grad(g),
-                                {.chunk = chunk, .want_dh = true, .normaliser = normaliser});
+    return masked_cross_entropy(model, w, g, h, targets, {.chunk = chunk, .want_dh = true, .normaliser = normaliser});
   }
 };
 
@@ -56,8 +122,10 @@ step_stats train_step(const Model& model, typename Model::weights_t& w, typename
                       step_options o = {}, const Objective& objective = {}) {
   if (batches.empty()) throw std::invalid_argument("skillgraft: train_step needs at least one micro-batch");
   step_stats st;
-  for (const auto& mb : batches)
-    for (auto y : mb.targets) st.targets += (y != ignore_index);
+  for (std::size_t k = 0; k < batches.size(); ++k) {
+    detail::check_targets_are_shifted(batches[k], k);
+    for (auto y : batches[k].targets) st.targets += (y != ignore_index);
+  }
   if (st.targets == 0) throw std::invalid_argument("skillgraft: the batch has no target tokens (all ignore_index)");
   zero_grads(model, w, g);
   for (const auto& mb : batches) {
