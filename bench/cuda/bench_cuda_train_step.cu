@@ -23,7 +23,8 @@
 #include "skillgraft/model/decoder_lm.hpp"
 #include "skillgraft/nn/memory_report.hpp"
 #include "skillgraft/policy/dispatch.hpp"
-#include "skillgraft/train/cuda/step.hpp"
+#include "skillgraft/train/adamw.hpp"
+#include "skillgraft/train/step.hpp"
 #include "skillgraft/train/schedule.hpp"
 
 namespace sg = skillgraft;
@@ -66,8 +67,8 @@ sg::model::lm_weights<float> host_weights() {
   return w;
 }
 
-sg::train::cuda::micro_batch<float> make_batch() {
-  sg::train::cuda::micro_batch<float> mb;
+sg::train::micro_batch<float, sg::backend::cuda> make_batch() {
+  sg::train::micro_batch<float, sg::backend::cuda> mb;
   mb.ids = sg::token_ids::from_shape({std::size_t(batch), std::size_t(seq)});
   mb.targets = xt::full_like(mb.ids, sg::ignore_index);
   std::mt19937 rng(2);
@@ -112,7 +113,7 @@ struct row {
 
 template <class R>
 row run_recipe(const std::string& name, R recipe, const options& o, const sg::model::lm_weights<float>& hw,
-               const sg::train::cuda::micro_batch<float>& mb) {
+               const sg::train::micro_batch<float, sg::backend::cuda>& mb) {
   dev::device_pool::instance().release_cached();
   row r;
   r.name = name;
@@ -120,7 +121,7 @@ row run_recipe(const std::string& name, R recipe, const options& o, const sg::mo
     auto w = sg::model::to_backend<sg::backend::cuda>(hw);
     sg::model::decoder_lm<float, R, sg::backend::cuda> lm(config(), recipe);
     auto g = lm.make_grads(w);
-    sg::train::cuda::adamw<float> opt(lm, w, g, {.lr = 1e-5});
+    sg::train::adamw<float, sg::backend::cuda> opt(lm, w, g, {.lr = 1e-5});
     const sg::train::constant_schedule lr{1e-5};
     const sg::seq_shape sh{batch, seq};
     r.plan = sg::plan_memory(lm.stack(), sh);
@@ -130,14 +131,14 @@ row run_recipe(const std::string& name, R recipe, const options& o, const sg::mo
     // LM head: z = h W^T always, dh = dz W (the stack below trains or not, the loss forms it), dW when it trains.
     const double head = 2.0 * double(targets) * config().hidden * vocab * (2 + (lm.train_head ? 1 : 0));
     r.flops = fl.forward + fl.backward + head;
-    for (int i = 0; i < o.warmup; ++i) sg::train::cuda::train_step(lm, w, g, opt, lr, std::span(&mb, 1));
+    for (int i = 0; i < o.warmup; ++i) sg::train::train_step(lm, w, g, opt, lr, std::span(&mb, 1));
     dev::synchronize();
     dev::device_ledger().reset_peaks();
     dev::device_pool::instance().reset_peak();
     std::vector<double> t;
     for (int i = 0; i < o.steps; ++i) {
       const double t0 = seconds_now();
-      sg::train::cuda::train_step(lm, w, g, opt, lr, std::span(&mb, 1));
+      sg::train::train_step(lm, w, g, opt, lr, std::span(&mb, 1));
       dev::synchronize();
       t.push_back(seconds_now() - t0);
     }

@@ -3,7 +3,7 @@
 // same stage loop as on the CPU (experiment.hpp), with the step run by the CUDA backend.
 //
 //   stage start   upload the host weights;  gradients and AdamW state in device memory
-//   each step     encode on the host, upload the image batch, train::cuda::train_step
+//   each step     encode on the host, upload the image batch, train::train_step
 //   probe / end   download the weights; evaluation and probes run on the CPU copy
 //
 // Included by device_cuda.cu (nvcc: Thrust on the GPU, cuBLAS) and, to test the logic
@@ -13,7 +13,8 @@
 #include "experiment.hpp"
 #include "skillgraft/backend/cuda/backend.hpp"
 #include "skillgraft/model/multimodal.hpp"
-#include "skillgraft/train/cuda/step.hpp"
+#include "skillgraft/train/adamw.hpp"
+#include "skillgraft/train/step.hpp"
 
 namespace skillgraft::reproduce {
 
@@ -40,8 +41,8 @@ class cuda_stage {
   train::step_stats step(const encoded_batch& enc, const train::cosine_schedule& sched) {
     skillgraft::cuda::tensor<float> images;
     if (!enc.images.empty()) images = skillgraft::cuda::tensor<float>::from_host(enc.images, memory_use::workspace);
-    train::cuda::micro_batch<float> mb{enc.ids, enc.targets, enc.images.empty() ? nullptr : &images};
-    return train::cuda::train_step(mm_, w_, g_, opt_, sched, std::span(&mb, 1));
+    train::micro_batch<float, backend::cuda> mb{enc.ids, enc.targets, enc.images.empty() ? nullptr : &images};
+    return train::train_step(mm_, w_, g_, opt_, sched, std::span(&mb, 1));
   }
   void sync(weights_t& w) const { model::download(w_, w); }
 
@@ -49,7 +50,7 @@ class cuda_stage {
   model_t mm_;
   model::multimodal_weights<float, backend::cuda> w_;
   typename model_t::grads_t g_;
-  train::cuda::adamw<float> opt_;
+  train::adamw<float, backend::cuda> opt_;
 };
 
 // pretrain() with the steps on the GPU: the same initialisation, data, order and schedule.
@@ -58,18 +59,18 @@ inline void pretrain_on_device(weights_t& w, const settings& s, const run_data& 
   model::multimodal_lm<float, full_t, backend::cuda> mm(w.config, recipe::full);
   auto dw = model::to_backend<backend::cuda>(w);
   auto g = mm.make_grads(dw);
-  train::cuda::adamw<float> opt(mm, dw, g, {.lr = s.pretrain_lr, .weight_decay = 0.01});
+  train::adamw<float, backend::cuda> opt(mm, dw, g, {.lr = s.pretrain_lr, .weight_decay = 0.01});
   const auto sched = pretrain_schedule(s);
   pretrain_loop(s, d, mm.image_tokens(), prog, [&](const std::vector<encoded_batch>& enc) {
     std::vector<skillgraft::cuda::tensor<float>> images;
     images.reserve(enc.size());
-    std::vector<train::cuda::micro_batch<float>> mbs;
+    std::vector<train::micro_batch<float, backend::cuda>> mbs;
     for (const auto& e : enc) {
       images.emplace_back();
       if (!e.images.empty()) images.back() = skillgraft::cuda::tensor<float>::from_host(e.images, memory_use::workspace);
       mbs.push_back({e.ids, e.targets, e.images.empty() ? nullptr : &images.back()});
     }
-    return train::cuda::train_step(mm, dw, g, opt, sched, std::span<const train::cuda::micro_batch<float>>(mbs));
+    return train::train_step(mm, dw, g, opt, sched, std::span<const train::micro_batch<float, backend::cuda>>(mbs));
   });
   model::download(dw, w);
 }

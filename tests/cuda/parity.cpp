@@ -24,7 +24,8 @@
 #include "skillgraft/nn/backend_transfer.hpp"
 #include "skillgraft/nn/memory_report.hpp"
 #include "skillgraft/policy/dispatch.hpp"
-#include "skillgraft/train/cuda/step.hpp"
+#include "skillgraft/train/adamw.hpp"
+#include "skillgraft/train/step.hpp"
 #include "skillgraft/train/schedule.hpp"
 #include "check.hpp"
 #include "support/random.hpp"
@@ -281,7 +282,7 @@ TEST_CASE("decoder stack: parity with the CPU and memory plan equal to the devic
     auto cg = cs.make_grads(hw);
     auto dg = ds.make_grads(dw);
     CHECK(grads.delta() == std::int64_t(plan.gradients));
-    sg::train::cuda::adamw<float> adam(ds, dw, dg);
+    sg::train::adamw<float, sg::backend::cuda> adam(ds, dw, dg);
     CHECK(opt.delta() == std::int64_t(plan.optimizer_state));
     CHECK(adam.state_bytes() == plan.optimizer_state);
     auto x = sg::test::random_tensor<float>({std::size_t(sh.batch), std::size_t(sh.seq), std::size_t(c.hidden)}, 22);
@@ -312,18 +313,18 @@ TEST_CASE("AdamW on the device: a finite gradient that would overflow a moment i
   const auto c = sg::test::tiny_config(false, 1);
   using R = std::remove_const_t<decltype(sg::recipe::mlp_down)>;
   auto hw = sg::test::random_trunk<float>(c, 9);
-  auto dw = sg::nn::cuda::trunk_weights<float>::upload(hw), dw2 = sg::nn::cuda::trunk_weights<float>::upload(hw);
+  auto dw = sg::nn::to_backend<sg::backend::cuda>(hw), dw2 = sg::nn::to_backend<sg::backend::cuda>(hw);
   sg::nn::decoder_stack<float, R, false, sg::backend::cuda> ds(c, sg::recipe::mlp_down);
   auto dg = ds.make_grads(dw);
-  sg::train::cuda::adamw<float> adam(ds, dw, dg), fresh(ds, dw2, dg);
+  sg::train::adamw<float, sg::backend::cuda> adam(ds, dw, dg), fresh(ds, dw2, dg);
   auto g = sg::test::random_tensor<float>(dg.layer(0).down_proj.weight.shape(), 5);
   const float ok = g[5];
   g[5] = 1e30f;  // finite, but its square is not
   dg.layer(0).down_proj.weight.copy_from(g);
   const auto before = dw.layers[0].mlp.down_proj.weight.to_host();
   CHECK_THROWS_WITH(adam.step(ds, dw, dg),
-                    "skillgraft: the gradient of model.layers.0.mlp.down_proj.weight at element 5 makes the AdamW "
-                    "moments or the weight overflow; no weight was changed (clip the gradients, or lower the loss scale)");
+                    "skillgraft: the gradient of model.layers.0.mlp.down_proj.weight at element 5 (1e+30) makes the AdamW "
+                    "second moment overflow; no weight was changed (clip the gradients, or lower the loss scale)");
   const auto after = dw.layers[0].mlp.down_proj.weight.to_host();
   CHECK(std::memcmp(after.data(), before.data(), before.bytes()) == 0);
   CHECK(adam.steps() == 0);
@@ -371,12 +372,12 @@ void lm_step_parity(R recipe, sg::decoder_config c) {
   auto dg = dm.make_grads(dw);
   const sg::train::adamw_options o{.lr = 1e-2, .weight_decay = 0.1};
   sg::train::adamw<float> copt(cm, hw, cg, o);
-  sg::train::cuda::adamw<float> dopt(dm, dw, dg, o);
+  sg::train::adamw<float, sg::backend::cuda> dopt(dm, dw, dg, o);
 
   // Two micro-batches; repeated token ids (the embedding gradient adds them); a prompt without targets.
   std::mt19937 rng(32);
   std::vector<sg::train::micro_batch<float>> cb(2);
-  std::vector<sg::train::cuda::micro_batch<float>> db(2);
+  std::vector<sg::train::micro_batch<float, sg::backend::cuda>> db(2);
   for (std::size_t k = 0; k < 2; ++k) {
     cb[k].ids = sg::token_ids::from_shape({2, 6});
     for (auto& t : cb[k].ids) t = std::int64_t(rng() % 61);
@@ -390,7 +391,7 @@ void lm_step_parity(R recipe, sg::decoder_config c) {
   const sg::train::step_options so{.max_grad_norm = 0.5};
   const auto before = snapshot(hw);
   const auto cst = sg::train::train_step(cm, hw, cg, copt, lr, std::span<const sg::train::micro_batch<float>>(cb), so);
-  const auto dst = sg::train::cuda::train_step(dm, dw, dg, dopt, lr, std::span<const sg::train::cuda::micro_batch<float>>(db), so);
+  const auto dst = sg::train::train_step(dm, dw, dg, dopt, lr, std::span<const sg::train::micro_batch<float, sg::backend::cuda>>(db), so);
   CHECK(dst.targets == cst.targets);
   CHECK(std::abs(dst.loss - cst.loss) <= 1e-5 * std::abs(cst.loss));
   CHECK(std::abs(dst.grad_norm - cst.grad_norm) <= rel * cst.grad_norm);
@@ -467,7 +468,7 @@ TEST_CASE("AdamW on the device: the CPU update on the same gradients, and non-fi
   dg.layer(0).down_proj.weight.copy_from(g);
   const sg::train::adamw_options o{.lr = 0.01, .beta1 = 0.9, .beta2 = 0.99, .eps = 1e-8, .weight_decay = 0.05};
   sg::train::adamw<float> ca(cs, hw, cg, o);
-  sg::train::cuda::adamw<float> da(ds, dw, dg, o);
+  sg::train::adamw<float, sg::backend::cuda> da(ds, dw, dg, o);
   for (int t = 0; t < 3; ++t) {
     ca.step(cs, hw, cg);
     da.step(ds, dw, dg);
@@ -502,6 +503,6 @@ TEST_CASE("bad input on the device names the tensor and the shapes") {
   auto targets = sg::token_ids::from_shape({1, 2});
   targets(0, 0) = 1;
   targets(0, 1) = 5;
-  CHECK_THROWS_WITH(sg::train::cuda::masked_cross_entropy(h, head, targets, nullptr),
+  CHECK_THROWS_WITH(sg::train::masked_cross_entropy(h, head, targets, sg::train::no_head_grad),
                     Catch::Contains("target [0, 1] is 5") && Catch::Contains("[0, 5)"));
 }

@@ -18,7 +18,8 @@
 #include "skillgraft/backend/cuda/backend.hpp"
 #include "skillgraft/model/multimodal.hpp"
 #include "skillgraft/policy/dispatch.hpp"
-#include "skillgraft/train/cuda/step.hpp"
+#include "skillgraft/train/adamw.hpp"
+#include "skillgraft/train/step.hpp"
 #include "skillgraft/train/schedule.hpp"
 #include "skillgraft/train/step.hpp"
 #include "support/random_multimodal.hpp"
@@ -82,7 +83,7 @@ struct batches {
   sg::cpu::tensor<float> images;
   dev::tensor<float> dimages;
   std::vector<sg::train::micro_batch<float>> host;
-  std::vector<sg::train::cuda::micro_batch<float>> device;
+  std::vector<sg::train::micro_batch<float, sg::backend::cuda>> device;
 
   explicit batches(std::size_t P) : images(sg::test::random_tensor<float>({2, 8, 8, 3}, 16, 0.5)) {
     dimages = dev::tensor<float>::from_host(images, memory_use::workspace);
@@ -124,7 +125,7 @@ void step_parity(R recipe, const sg::model::multimodal_config& c) {
   CHECK(grads.device_delta() == host_grads);
   const sg::train::adamw_options o{.lr = 1e-2, .weight_decay = 0.1};
   sg::train::adamw<float> copt(cm, hw, cg, o);
-  sg::train::cuda::adamw<float> dopt(dm, dw, dg, o);
+  sg::train::adamw<float, sg::backend::cuda> dopt(dm, dw, dg, o);
   batches b(std::size_t(cm.image_tokens()));
 
   // Forward alone: the hidden states and the activations kept for backward.
@@ -145,7 +146,7 @@ void step_parity(R recipe, const sg::model::multimodal_config& c) {
   const auto before = snapshot(hw);
   const auto cst = sg::train::train_step(cm, hw, cg, copt, lr, std::span<const sg::train::micro_batch<float>>(b.host), so);
   const auto dst =
-      sg::train::cuda::train_step(dm, dw, dg, dopt, lr, std::span<const sg::train::cuda::micro_batch<float>>(b.device), so);
+      sg::train::train_step(dm, dw, dg, dopt, lr, std::span<const sg::train::micro_batch<float, sg::backend::cuda>>(b.device), so);
   CHECK(dst.targets == cst.targets);
   CHECK(std::abs(dst.loss - cst.loss) <= 1e-5 * std::abs(cst.loss));
   CHECK(std::abs(dst.grad_norm - cst.grad_norm) <= sg::test::rel * cst.grad_norm);

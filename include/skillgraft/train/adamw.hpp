@@ -6,14 +6,18 @@
 //
 // Moments exist only for the tensors the model's recipe trains: the optimizer is
 // built by visiting the model's trainable (name, weight, gradient) triples, so a
-// frozen tensor has no state, is never read, and is never written.
+// frozen tensor has no state, is never read, and is never written. The update is one
+// element functor (`adamw_math`) run by Backend::for_each_index on any backend; moments
+// live where the weights do.
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
-#include "skillgraft/backend/cpu/tensor.hpp"
+#include "skillgraft/backend/cpu/backend.hpp"
 
 namespace skillgraft::train {
 
@@ -25,15 +29,71 @@ struct adamw_options {
   double weight_decay = 0.0;
 };
 
+namespace kernels {
+// One element's new first moment, second moment and weight.
 template <class T>
+struct adamw_math {
+  T b1, b2, step, inv_sqrt_bc2, eps, lr_wd;
+  struct element {
+    T m, v, p;
+  };
+  SKILLGRAFT_HD element operator()(T p, T m, T v, T g) const {
+    element e;
+    e.m = b1 * m + (T(1) - b1) * g;
+    e.v = b2 * v + (T(1) - b2) * g * g;
+    e.p = p - (step * e.m / (scalar::sqrt_(e.v) * inv_sqrt_bc2 + eps) + lr_wd * p);
+    return e;
+  }
+};
+template <class T>
+SKILLGRAFT_HD inline bool finite(T x) {
+  return x <= std::numeric_limits<T>::max() && x >= -std::numeric_limits<T>::max();
+}
+template <class T>
+struct not_finite {
+  const T* g;
+  SKILLGRAFT_HD bool operator()(std::int64_t i) const { return !finite(g[i]); }
+};
+// True where the update would overflow a moment or the weight (the gradient is finite).
+template <class T>
+struct would_overflow {
+  const T* p;
+  const T* g;
+  const T* m;
+  const T* v;
+  adamw_math<T> math;
+  SKILLGRAFT_HD bool operator()(std::int64_t j) const {
+    const auto e = math(p[j], m[j], v[j], g[j]);
+    return !finite(e.m) || !finite(e.v) || !finite(e.p);
+  }
+};
+template <class T>
+struct adamw_update {
+  T* p;
+  const T* g;
+  T* m;
+  T* v;
+  adamw_math<T> math;
+  SKILLGRAFT_HD void operator()(std::int64_t j) const {
+    const auto e = math(p[j], m[j], v[j], g[j]);
+    m[j] = e.m;
+    v[j] = e.v;
+    p[j] = e.p;
+  }
+};
+}  // namespace kernels
+
+template <class T, class Backend = backend::cpu>
 class adamw {
  public:
+  using tensor_t = typename Backend::template tensor<T>;
+
   // Model: anything with for_each_trainable(weights&, grads&, f(name, w, g)).
   template <class Model, class Weights, class Grads>
   adamw(const Model& model, Weights& w, Grads& g, adamw_options opt = {}) : opt_(opt) {
-    model.for_each_trainable(w, g, [&](const std::string& name, cpu::tensor<T>& p, cpu::tensor<T>&) {
-      slots_.push_back({name, cpu::tensor<T>(p.shape(), memory_use::optimizer_state),
-                        cpu::tensor<T>(p.shape(), memory_use::optimizer_state)});
+    model.for_each_trainable(w, g, [&](const std::string& name, tensor_t& p, tensor_t&) {
+      slots_.push_back({name, tensor_t(p.shape(), memory_use::optimizer_state),
+                        tensor_t(p.shape(), memory_use::optimizer_state)});
     });
   }
 
@@ -53,53 +113,42 @@ class adamw {
   template <class Model, class Weights, class Grads>
   void step(const Model& model, Weights& w, Grads& g) {
     std::size_t i = 0;
-    const coefficients k = next_coefficients();
-    model.for_each_trainable(w, g, [&](const std::string& name, cpu::tensor<T>& p, cpu::tensor<T>& dp) {
+    const kernels::adamw_math<T> math = next_math();
+    model.for_each_trainable(w, g, [&](const std::string& name, tensor_t& p, tensor_t& dp) {
       if (i >= slots_.size() || slots_[i].name != name || !(slots_[i].m.shape() == p.shape()))
         throw std::logic_error("skillgraft: adamw state was built for another model or recipe (at " + name + ")");
-      for (std::size_t j = 0; j < dp.size(); ++j)
-        if (!std::isfinite(dp[j]))
-          throw std::domain_error("skillgraft: non-finite gradient in " + name + " at element " + std::to_string(j) +
-                                  "; no weight was changed");
+      const auto n = std::int64_t(dp.size());
+      if (const auto j = Backend::find_first_index(n, kernels::not_finite<T>{dp.data()}); j >= 0)
+        throw std::domain_error("skillgraft: non-finite gradient in " + name + " at element " + std::to_string(j) +
+                                "; no weight was changed");
       const auto& s = slots_[i];
-      for (std::size_t j = 0; j < dp.size(); ++j) {
-        const element e = update(k, p[j], s.m[j], s.v[j], dp[j]);
-        if (!std::isfinite(e.m) || !std::isfinite(e.v) || !std::isfinite(e.p))
-          throw std::domain_error("skillgraft: the gradient of " + name + " at element " + std::to_string(j) + " (" +
-                                  number(dp[j]) + ") makes the AdamW " +
-                                  (!std::isfinite(e.m) ? "first moment" : !std::isfinite(e.v) ? "second moment" : "update") +
-                                  " overflow; no weight was changed (clip the gradients, or lower the loss scale)");
+      const auto j = Backend::find_first_index(
+          n, kernels::would_overflow<T>{p.data(), dp.data(), s.m.data(), s.v.data(), math});
+      if (j >= 0) {
+        const auto at = std::size_t(j);
+        const T gj = Backend::value_at(dp, at);
+        const auto e = math(Backend::value_at(p, at), Backend::value_at(s.m, at), Backend::value_at(s.v, at), gj);
+        throw std::domain_error("skillgraft: the gradient of " + name + " at element " + std::to_string(j) + " (" +
+                                number(gj) + ") makes the AdamW " +
+                                (!std::isfinite(e.m) ? "first moment" : !std::isfinite(e.v) ? "second moment" : "update") +
+                                " overflow; no weight was changed (clip the gradients, or lower the loss scale)");
       }
       ++i;
     });
     if (i != slots_.size()) throw std::logic_error("skillgraft: adamw state was built for another model or recipe");
     ++t_;
     i = 0;
-    model.for_each_trainable(w, g, [&](const std::string&, cpu::tensor<T>& p, cpu::tensor<T>& dp) {
+    model.for_each_trainable(w, g, [&](const std::string&, tensor_t& p, tensor_t& dp) {
       auto& s = slots_[i++];
-      T* pw = p.data();
-      T* m = s.m.data();
-      T* v = s.v.data();
-      const T* gr = dp.data();
-      for (std::size_t j = 0; j < p.size(); ++j) {
-        const element e = update(k, pw[j], m[j], v[j], gr[j]);
-        m[j] = e.m;
-        v[j] = e.v;
-        pw[j] = e.p;
-      }
+      Backend::for_each_index(std::int64_t(p.size()),
+                              kernels::adamw_update<T>{p.data(), dp.data(), s.m.data(), s.v.data(), math});
     });
   }
 
  private:
   struct slot {
     std::string name;
-    cpu::tensor<T> m, v;
-  };
-  struct coefficients {
-    T b1, b2, lr_wd, step, inv_sqrt_bc2, eps;
-  };
-  struct element {
-    T m, v, p;
+    tensor_t m, v;
   };
   static std::string number(T x) {
     char b[32];
@@ -107,19 +156,11 @@ class adamw {
     return b;
   }
   // The constants of the next step (t + 1).
-  coefficients next_coefficients() const {
+  kernels::adamw_math<T> next_math() const {
     const double t = double(t_ + 1);
     const double bc1 = 1.0 - std::pow(opt_.beta1, t), bc2 = 1.0 - std::pow(opt_.beta2, t);
-    return {T(opt_.beta1), T(opt_.beta2), T(opt_.lr) * T(opt_.weight_decay), T(opt_.lr / bc1),
-            T(1.0 / std::sqrt(bc2)), T(opt_.eps)};
-  }
-  // One element's new first moment, second moment and weight.
-  static element update(const coefficients& k, T p, T m, T v, T g) {
-    element e;
-    e.m = k.b1 * m + (T(1) - k.b1) * g;
-    e.v = k.b2 * v + (T(1) - k.b2) * g * g;
-    e.p = p - (k.step * e.m / (std::sqrt(e.v) * k.inv_sqrt_bc2 + k.eps) + k.lr_wd * p);
-    return e;
+    return {T(opt_.beta1), T(opt_.beta2), T(opt_.lr / bc1), T(1.0 / std::sqrt(bc2)), T(opt_.eps),
+            T(opt_.lr) * T(opt_.weight_decay)};
   }
   adamw_options opt_;
   std::vector<slot> slots_;

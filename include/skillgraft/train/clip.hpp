@@ -1,22 +1,43 @@
 #pragma once
-// Global gradient-norm clipping over a model's trainable tensors.
+// Global gradient-norm clipping over a model's trainable tensors, on any backend.
 //
 //   norm = sqrt(sum over every trainable gradient element g^2)
 //   if norm > max_norm: every g *= max_norm / (norm + 1e-6)       (as torch.nn.utils.clip_grad_norm_)
+// The sum is in double, in a fixed order (Backend::sum_index), so a step is repeatable.
 #include <cmath>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
-#include "skillgraft/backend/cpu/tensor.hpp"
+#include "skillgraft/backend/backend_of.hpp"
+#include "skillgraft/backend/host_device.hpp"
 
 namespace skillgraft::train {
+
+namespace kernels {
+template <class T>
+struct square {  // g_i^2 in double
+  const T* g;
+  SKILLGRAFT_HD double operator()(std::int64_t i) const { return double(g[i]) * double(g[i]); }
+};
+template <class T>
+struct scale_by {  // g_i *= a
+  T* g;
+  T a;
+  SKILLGRAFT_HD void operator()(std::int64_t i) const { g[i] *= a; }
+};
+}  // namespace kernels
 
 // Returns the norm before clipping. Throws, changing nothing, if it is not finite.
 template <class Model, class Weights, class Grads>
 double clip_grad_norm(const Model& model, Weights& w, Grads& g, double max_norm) {
   double ss = 0;
   model.for_each_trainable(w, g, [&](const std::string&, auto&, auto& dp) {
-    ss += dp.vec().template cast<double>().squaredNorm();
+    using tensor_t = std::remove_cvref_t<decltype(dp)>;
+    using B = typename backend_of<tensor_t>::type;
+    ss += B::template sum_index<double>(std::int64_t(dp.size()),
+                                        kernels::square<typename tensor_t::value_type>{dp.data()});
   });
   const double norm = std::sqrt(ss);
   if (!std::isfinite(norm))
@@ -24,8 +45,9 @@ double clip_grad_norm(const Model& model, Weights& w, Grads& g, double max_norm)
   if (max_norm > 0 && norm > max_norm) {
     const double scale = max_norm / (norm + 1e-6);
     model.for_each_trainable(w, g, [&](const std::string&, auto&, auto& dp) {
-      using T = typename std::remove_reference_t<decltype(dp)>::value_type;
-      dp.vec() *= T(scale);
+      using tensor_t = std::remove_cvref_t<decltype(dp)>;
+      using T = typename tensor_t::value_type;
+      backend_of<tensor_t>::type::for_each_index(std::int64_t(dp.size()), kernels::scale_by<T>{dp.data(), T(scale)});
     });
   }
   return norm;

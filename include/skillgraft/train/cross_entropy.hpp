@@ -26,20 +26,21 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <stdexcept>
 #include <type_traits>
 #include <vector>
 
-#include "skillgraft/backend/cpu/tensor.hpp"
+#include "skillgraft/backend/cpu/backend.hpp"
 #include "skillgraft/model/token_batch.hpp"
 
 namespace skillgraft::train {
 
-template <class T>
+template <class T, class Backend = backend::cpu>
 struct loss_result {
-  double loss = 0;          // mean over counted positions
-  std::size_t count = 0;    // positions with a target
-  cpu::tensor<T> dh;        // d loss / d h, same shape as h (empty unless requested)
+  double loss = 0;                        // mean over counted positions
+  std::size_t count = 0;                  // positions with a target
+  typename Backend::template tensor<T> dh; // d loss / d h, same shape as h (empty unless requested)
 };
 
 struct cross_entropy_options {
@@ -50,10 +51,17 @@ struct cross_entropy_options {
   std::size_t normaliser = 0;
 };
 
-// h: [batch, positions, hidden]; head: [vocab, hidden]; targets: [batch, positions].
-template <class T>
-loss_result<T> masked_cross_entropy(const cpu::tensor<T>& h, const cpu::tensor<T>& head, const token_ids& targets,
-                                    cpu::tensor<T>* dhead, cross_entropy_options opt = {}) {
+template <class Tensor>
+using loss_result_of = loss_result<typename Tensor::value_type, typename backend_of<Tensor>::type>;
+
+// h: [batch, positions, hidden]; head: [vocab, hidden] (tensors of one backend); targets:
+// [batch, positions] (host). The rows with a target are found on the host; each chunk is
+// gathered (Backend::gather_rows), multiplied by the head, turned into its gradient in place
+// (Backend::softmax_cross_entropy_rows) and multiplied back.
+template <class T, template <class> class Tensor>
+loss_result_of<Tensor<T>> masked_cross_entropy(const Tensor<T>& h, const Tensor<T>& head, const token_ids& targets,
+                                               Tensor<T>* dhead, cross_entropy_options opt = {}) {
+  using B = typename backend_of<Tensor<T>>::type;
   if (h.rank() != 3 || targets.shape(0) != h.dim(0) || targets.shape(1) != h.dim(1))
     throw std::invalid_argument("skillgraft: targets have shape [" + std::to_string(targets.shape(0)) + ", " +
                                 std::to_string(targets.shape(1)) + "], expected [" + std::to_string(h.dim(0)) + ", " +
@@ -63,8 +71,7 @@ loss_result<T> masked_cross_entropy(const cpu::tensor<T>& h, const cpu::tensor<T
   if (h.dim(2) != d)
     throw std::invalid_argument("skillgraft: hidden states have width " + std::to_string(h.dim(2)) +
                                 ", the LM head expects " + std::to_string(d));
-  std::vector<std::size_t> rows;
-  std::vector<std::int64_t> ys;
+  std::vector<std::int64_t> rows, ys;
   for (std::size_t b = 0; b < targets.shape(0); ++b)
     for (std::size_t s = 0; s < targets.shape(1); ++s) {
       const auto y = targets(b, s);
@@ -72,39 +79,32 @@ loss_result<T> masked_cross_entropy(const cpu::tensor<T>& h, const cpu::tensor<T
       if (y < 0 || std::size_t(y) >= V)
         throw std::invalid_argument("skillgraft: target [" + std::to_string(b) + ", " + std::to_string(s) + "] is " +
                                     std::to_string(y) + ", outside the vocabulary [0, " + std::to_string(V) + ")");
-      rows.push_back(b * targets.shape(1) + s);
+      rows.push_back(std::int64_t(b * targets.shape(1) + s));
       ys.push_back(y);
     }
-  loss_result<T> r;
+  loss_result_of<Tensor<T>> r;
   r.count = rows.size();
-  if (opt.want_dh) r.dh = cpu::tensor<T>(h.shape(), memory_use::workspace);
+  if (opt.want_dh) r.dh = Tensor<T>(h.shape(), memory_use::workspace);
   if (rows.empty()) return r;
   const double n = double(opt.normaliser ? opt.normaliser : rows.size());
-  const std::size_t chunk = std::max<std::size_t>(1, opt.chunk);
-  using mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  mat hc, z, dhc;
+  const std::size_t chunk = std::min(std::max<std::size_t>(1, opt.chunk), rows.size());
+  Tensor<T> hc({chunk, d}, memory_use::workspace), z({chunk, V}, memory_use::workspace), dhc;
+  if (opt.want_dh) dhc = Tensor<T>({chunk, d}, memory_use::workspace);
+  const int Vi = int(V), di = int(d);
   double total = 0;
   for (std::size_t c0 = 0; c0 < rows.size(); c0 += chunk) {
     const std::size_t m = std::min(chunk, rows.size() - c0);
-    hc.resize(Eigen::Index(m), Eigen::Index(d));
-    for (std::size_t i = 0; i < m; ++i) hc.row(Eigen::Index(i)) = h.mat().row(Eigen::Index(rows[c0 + i]));
-    z.noalias() = hc * head.mat().transpose();
-    // Softmax in place, turning logits into their gradient.
-    for (std::size_t i = 0; i < m; ++i) {
-      auto zi = z.row(Eigen::Index(i));
-      const T mx = zi.maxCoeff();
-      double sum = 0;
-      for (Eigen::Index j = 0; j < Eigen::Index(V); ++j) sum += std::exp(double(zi(j) - mx));
-      const double lse = double(mx) + std::log(sum);
-      const auto y = Eigen::Index(ys[c0 + i]);
-      total += lse - double(zi(y));
-      for (Eigen::Index j = 0; j < Eigen::Index(V); ++j) zi(j) = T(std::exp(double(zi(j)) - lse) / n);
-      zi(y) -= T(1.0 / n);
-    }
-    if (dhead) dhead->mat().noalias() += z.transpose() * hc;
+    const std::vector<std::int64_t> rc(rows.begin() + std::ptrdiff_t(c0), rows.begin() + std::ptrdiff_t(c0 + m));
+    B::gather_rows(h, d, rc, hc);
+    B::gemm("lm_head: z = h W^T", op::n, op::t, int(m), Vi, di, T(1), hc.data(), di, head.data(), di, T(0), z.data(), Vi);
+    total += B::softmax_cross_entropy_rows(z, m, ys.data() + c0, n);  // z becomes dz
+    if (dhead)
+      B::gemm("lm_head: dW += dz^T h", op::t, op::n, Vi, di, int(m), T(1), z.data(), Vi, hc.data(), di, T(1),
+              dhead->data(), di);
     if (opt.want_dh) {
-      dhc.noalias() = z * head.mat();
-      for (std::size_t i = 0; i < m; ++i) r.dh.mat().row(Eigen::Index(rows[c0 + i])) = dhc.row(Eigen::Index(i));
+      B::gemm("lm_head: dh = dz W", op::n, op::n, int(m), di, Vi, T(1), z.data(), Vi, head.data(), di, T(0), dhc.data(),
+              di);
+      B::scatter_rows(dhc, d, rc, r.dh);
     }
   }
   r.loss = total / n;
@@ -119,18 +119,18 @@ struct no_head_grad_t {
 };
 inline constexpr no_head_grad_t no_head_grad{};
 
-template <class T>
-loss_result<T> masked_cross_entropy(const cpu::tensor<T>& h, const cpu::tensor<T>& head, const token_ids& targets,
-                                    no_head_grad_t, cross_entropy_options opt = {}) {
-  return masked_cross_entropy(h, head, targets, static_cast<cpu::tensor<T>*>(nullptr), opt);
+template <class T, template <class> class Tensor>
+loss_result_of<Tensor<T>> masked_cross_entropy(const Tensor<T>& h, const Tensor<T>& head, const token_ids& targets,
+                                               no_head_grad_t, cross_entropy_options opt = {}) {
+  return masked_cross_entropy(h, head, targets, static_cast<Tensor<T>*>(nullptr), opt);
 }
 
 template <class T>
 inline constexpr bool head_gradient_given_as_nullptr = false;
 
-template <class T>
-loss_result<T> masked_cross_entropy(const cpu::tensor<T>&, const cpu::tensor<T>&, const token_ids&, std::nullptr_t,
-                                    cross_entropy_options = {}) {
+template <class T, template <class> class Tensor>
+loss_result_of<Tensor<T>> masked_cross_entropy(const Tensor<T>&, const Tensor<T>&, const token_ids&, std::nullptr_t,
+                                               cross_entropy_options = {}) {
   static_assert(head_gradient_given_as_nullptr<T>,
                 "skillgraft: masked_cross_entropy(h, head, targets, nullptr): pass model.head_grad(g) (or call "
                 "masked_cross_entropy(model, w, g, h, targets)), or no_head_grad to say the head gets no gradient");
@@ -140,18 +140,19 @@ loss_result<T> masked_cross_entropy(const cpu::tensor<T>&, const cpu::tensor<T>&
 // The loss of a model's hidden states; the head's gradient goes where the model's recipe
 // says (lm_head, the tied embedding, or nowhere when the head is frozen).
 template <class Model>
-loss_result<typename Model::value_type> masked_cross_entropy(const Model& model, const typename Model::weights_t& w,
-                                                             typename Model::grads_t& g,
-                                                             const cpu::tensor<typename Model::value_type>& h,
-                                                             const token_ids& targets, cross_entropy_options opt = {}) {
+loss_result<typename Model::value_type, typename Model::backend_type> masked_cross_entropy(
+    const Model& model, const typename Model::weights_t& w, typename Model::grads_t& g,
+    const typename Model::backend_type::template tensor<typename Model::value_type>& h, const token_ids& targets,
+    cross_entropy_options opt = {}) {
   return masked_cross_entropy(h, w.head(), targets, model.head_grad(g), opt);
 }
 
 // The loss only (evaluation): no gradient of anything.
 template <class Model>
-loss_result<typename Model::value_type> masked_cross_entropy(const Model&, const typename Model::weights_t& w,
-                                                             const cpu::tensor<typename Model::value_type>& h,
-                                                             const token_ids& targets, cross_entropy_options opt = {}) {
+loss_result<typename Model::value_type, typename Model::backend_type> masked_cross_entropy(
+    const Model&, const typename Model::weights_t& w,
+    const typename Model::backend_type::template tensor<typename Model::value_type>& h, const token_ids& targets,
+    cross_entropy_options opt = {}) {
   opt.want_dh = false;
   return masked_cross_entropy(h, w.head(), targets, no_head_grad, opt);
 }

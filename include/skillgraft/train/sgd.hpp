@@ -1,15 +1,17 @@
 #pragma once
-// SGD with momentum (PyTorch convention) and decoupled weight decay.
+// SGD with momentum (PyTorch convention) and decoupled weight decay, on any backend.
 //
 //   b = mu b + g          (b = g on the first step)
 //   w -= lr (b + wd w)
 // Momentum buffers exist only for trainable tensors, like AdamW's moments.
 #include <cmath>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
-#include "skillgraft/backend/cpu/tensor.hpp"
+#include "skillgraft/backend/cpu/backend.hpp"
+#include "skillgraft/train/adamw.hpp"
 
 namespace skillgraft::train {
 
@@ -19,14 +21,32 @@ struct sgd_options {
   double weight_decay = 0.0;
 };
 
+namespace kernels {
 template <class T>
+struct sgd_update {
+  T* p;
+  const T* g;
+  T* b;  // null without momentum
+  T lr, mu, wd;
+  bool first;
+  SKILLGRAFT_HD void operator()(std::int64_t j) const {
+    T d = g[j];
+    if (b) d = b[j] = (first ? d : mu * b[j] + d);
+    p[j] -= lr * (d + wd * p[j]);
+  }
+};
+}  // namespace kernels
+
+template <class T, class Backend = backend::cpu>
 class sgd {
  public:
+  using tensor_t = typename Backend::template tensor<T>;
+
   template <class Model, class Weights, class Grads>
   sgd(const Model& model, Weights& w, Grads& g, sgd_options opt = {}) : opt_(opt) {
     if (opt.momentum > 0)
-      model.for_each_trainable(w, g, [&](const std::string& name, cpu::tensor<T>& p, cpu::tensor<T>&) {
-        slots_.push_back({name, cpu::tensor<T>(p.shape(), memory_use::optimizer_state)});
+      model.for_each_trainable(w, g, [&](const std::string& name, tensor_t& p, tensor_t&) {
+        slots_.push_back({name, tensor_t(p.shape(), memory_use::optimizer_state)});
       });
   }
   void set_lr(double lr) { opt_.lr = lr; }
@@ -39,25 +59,20 @@ class sgd {
 
   template <class Model, class Weights, class Grads>
   void step(const Model& model, Weights& w, Grads& g) {
-    model.for_each_trainable(w, g, [&](const std::string& name, cpu::tensor<T>&, cpu::tensor<T>& dp) {
-      for (std::size_t j = 0; j < dp.size(); ++j)
-        if (!std::isfinite(dp[j]))
-          throw std::domain_error("skillgraft: non-finite gradient in " + name + "; no weight was changed");
+    model.for_each_trainable(w, g, [&](const std::string& name, tensor_t&, tensor_t& dp) {
+      if (Backend::find_first_index(std::int64_t(dp.size()), kernels::not_finite<T>{dp.data()}) >= 0)
+        throw std::domain_error("skillgraft: non-finite gradient in " + name + "; no weight was changed");
     });
     const T lr = T(opt_.lr), mu = T(opt_.momentum), wd = T(opt_.weight_decay);
     std::size_t i = 0;
-    model.for_each_trainable(w, g, [&](const std::string& name, cpu::tensor<T>& p, cpu::tensor<T>& dp) {
+    model.for_each_trainable(w, g, [&](const std::string& name, tensor_t& p, tensor_t& dp) {
       T* b = nullptr;
       if (opt_.momentum > 0) {
         if (i >= slots_.size() || slots_[i].name != name)
           throw std::logic_error("skillgraft: sgd state was built for another model or recipe (at " + name + ")");
         b = slots_[i++].b.data();
       }
-      for (std::size_t j = 0; j < p.size(); ++j) {
-        T d = dp[j];
-        if (b) d = b[j] = (t_ == 0 ? d : mu * b[j] + d);
-        p[j] -= lr * (d + wd * p[j]);
-      }
+      Backend::for_each_index(std::int64_t(p.size()), kernels::sgd_update<T>{p.data(), dp.data(), b, lr, mu, wd, t_ == 0});
     });
     ++t_;
   }
@@ -65,7 +80,7 @@ class sgd {
  private:
   struct slot {
     std::string name;
-    cpu::tensor<T> b;
+    tensor_t b;
   };
   sgd_options opt_;
   std::vector<slot> slots_;

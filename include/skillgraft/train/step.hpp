@@ -29,24 +29,26 @@ namespace skillgraft::train {
 // shifted left by one, as a Hugging Face multimodal model does with its merged sequence.
 // train_step refuses targets that equal the ids position by position (unshifted labels
 // passed as targets), so that mistake cannot train the wrong objective silently.
-template <class T>
+// Backend: where the prefix lives (ids and targets are host data on every backend).
+template <class T, class Backend = backend::cpu>
 struct micro_batch {
-  token_ids ids;                          // [batch, seq]
-  token_ids targets;                      // [batch, prefix + seq]; ignore_index where no loss
-  const cpu::tensor<T>* prefix = nullptr; // optional soft tokens [batch, prefix, hidden]
+  using tensor_t = typename Backend::template tensor<T>;
+  token_ids ids;                     // [batch, seq]
+  token_ids targets;                 // [batch, prefix + seq]; ignore_index where no loss
+  const tensor_t* prefix = nullptr;  // optional soft tokens [batch, prefix, hidden] (an image batch for multimodal_lm)
 
   micro_batch() = default;
-  micro_batch(token_ids ids_, token_ids targets_, const cpu::tensor<T>* prefix_ = nullptr)
+  micro_batch(token_ids ids_, token_ids targets_, const tensor_t* prefix_ = nullptr)
       : ids(std::move(ids_)), targets(std::move(targets_)), prefix(prefix_) {}
   // Any xtensor expressions of rank 2; rank 1 fails to compile (or throws, for an xarray).
   template <class Ids, class Targets>
     requires(xt::is_xexpression<Ids>::value && xt::is_xexpression<Targets>::value)
-  micro_batch(const Ids& ids_, const Targets& targets_, const cpu::tensor<T>* prefix_ = nullptr)
+  micro_batch(const Ids& ids_, const Targets& targets_, const tensor_t* prefix_ = nullptr)
       : ids(to_token_ids(ids_, "micro_batch ids")), targets(to_token_ids(targets_, "micro_batch targets")),
         prefix(prefix_) {}
   template <class Ids>
     requires xt::is_xexpression<Ids>::value
-  micro_batch(const Ids& ids_, const hf_labels& labels, const cpu::tensor<T>* prefix_ = nullptr)
+  micro_batch(const Ids& ids_, const hf_labels& labels, const tensor_t* prefix_ = nullptr)
       : ids(to_token_ids(ids_, "micro_batch ids")), prefix(prefix_) {
     const std::size_t B = ids.shape(0), S = ids.shape(1);
     const std::size_t P = prefix && !prefix->empty() ? prefix->dim(1) : 0;
@@ -68,8 +70,8 @@ namespace detail {
 // Throws when every target equals the id at its own position and at least one of them
 // cannot be a next-token target (it is the last position, or the next id differs): those
 // are unshifted labels. Sequences of one repeated token are ambiguous and pass.
-template <class T>
-void check_targets_are_shifted(const micro_batch<T>& mb, std::size_t index) {
+template <class T, class Backend>
+void check_targets_are_shifted(const micro_batch<T, Backend>& mb, std::size_t index) {
   const std::size_t B = mb.ids.shape(0), S = mb.ids.shape(1);
   if (mb.targets.shape(0) != B || mb.targets.shape(1) < S) return;  // the loss reports the shape
   const std::size_t P = mb.targets.shape(1) - S;
@@ -108,18 +110,32 @@ struct step_stats {
 // called once after all micro-batches to add penalty terms (EWC) to loss and gradients.
 struct masked_ce_objective {
   std::size_t chunk = 256;
-  template <class Model, class T>
-  loss_result<T> micro(const Model& model, const typename Model::weights_t& w, typename Model::grads_t& g,
-                       const micro_batch<T>&, const cpu::tensor<T>& h, const token_ids& targets,
-                       std::size_t normaliser) const {
+  template <class Model, class Batch, class Hidden>
+  auto micro(const Model& model, const typename Model::weights_t& w, typename Model::grads_t& g, const Batch&,
+             const Hidden& h, const token_ids& targets, std::size_t normaliser) const {
     return masked_cross_entropy(model, w, g, h, targets, {.chunk = chunk, .want_dh = true, .normaliser = normaliser});
   }
 };
 
+// Where a model runs: Model::backend_type (every model of the library has one), else the CPU.
+template <class Model>
+struct model_backend {
+  using type = backend::cpu;
+};
+template <class Model>
+  requires requires { typename Model::backend_type; }
+struct model_backend<Model> {
+  using type = typename Model::backend_type;
+};
+template <class Model>
+using micro_batch_for = micro_batch<typename Model::value_type, typename model_backend<Model>::type>;
+
+// One step on any backend: the model, its weights and gradients, the optimizer's state and the
+// micro-batches' prefixes are tensors of the model's backend.
 template <class Model, class Optimizer, class Schedule, class Objective = masked_ce_objective>
 step_stats train_step(const Model& model, typename Model::weights_t& w, typename Model::grads_t& g, Optimizer& opt,
-                      const Schedule& schedule, std::span<const micro_batch<typename Model::value_type>> batches,
-                      step_options o = {}, const Objective& objective = {}) {
+                      const Schedule& schedule, std::span<const micro_batch_for<Model>> batches, step_options o = {},
+                      const Objective& objective = {}) {
   if (batches.empty()) throw std::invalid_argument("skillgraft: train_step needs at least one micro-batch");
   step_stats st;
   for (std::size_t k = 0; k < batches.size(); ++k) {

@@ -9,6 +9,7 @@
 #include "skillgraft/backend/cpu/embedding.hpp"
 #include "skillgraft/backend/cpu/gated.hpp"
 #include "skillgraft/backend/cpu/gemm.hpp"
+#include "skillgraft/backend/cpu/index_space.hpp"
 #include "skillgraft/backend/cpu/rmsnorm.hpp"
 #include "skillgraft/backend/cpu/rope.hpp"
 #include "skillgraft/backend/cpu/tensor.hpp"
@@ -22,7 +23,8 @@ struct cpu : skillgraft::cpu::gemm_ops,
              skillgraft::cpu::rope_ops,
              skillgraft::cpu::gated_ops,
              skillgraft::cpu::attention_ops,
-             skillgraft::cpu::cross_entropy_ops {
+             skillgraft::cpu::cross_entropy_ops,
+             skillgraft::cpu::index_ops {
   template <class T>
   using tensor = skillgraft::cpu::tensor<T>;
   static constexpr const char* name = "cpu";

@@ -13,6 +13,7 @@
 #include "skillgraft/backend/cuda/embedding.hpp"
 #include "skillgraft/backend/cuda/gated.hpp"
 #include "skillgraft/backend/cuda/gemm.hpp"
+#include "skillgraft/backend/cuda/index_space.hpp"
 #include "skillgraft/backend/cuda/rmsnorm.hpp"
 #include "skillgraft/backend/cuda/rope.hpp"
 #include "skillgraft/backend/cuda/tensor.hpp"
@@ -26,7 +27,8 @@ struct cuda : skillgraft::cuda::gemm_ops,
               skillgraft::cuda::rope_ops,
               skillgraft::cuda::gated_ops,
               skillgraft::cuda::attention_ops,
-              skillgraft::cuda::cross_entropy_ops {
+              skillgraft::cuda::cross_entropy_ops,
+              skillgraft::cuda::index_ops {
   template <class T>
   using tensor = skillgraft::cuda::tensor<T>;
   static constexpr const char* name = "cuda";

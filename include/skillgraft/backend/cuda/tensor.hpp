@@ -84,6 +84,13 @@ class tensor {
                                   " into a host tensor of shape " + h.shape().str());
     copy_bytes(h.data(), data_, bytes(), /*to_device=*/false);
   }
+  // Elements [first, first + n) into host memory (a few values for a message or a check).
+  void copy_range_to(std::size_t first, std::size_t n, T* host) const {
+    if (first + n > size())
+      throw std::out_of_range("skillgraft: elements " + std::to_string(first) + ".." + std::to_string(first + n) +
+                              " of a device tensor of " + std::to_string(size()));
+    copy_bytes(host, data_ + first, n * sizeof(T), /*to_device=*/false);
+  }
 
   T* data() { return data_; }
   const T* data() const { return data_; }

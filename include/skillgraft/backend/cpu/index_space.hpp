@@ -1,0 +1,38 @@
+#pragma once
+// Work over an index space [0, n) with an element functor, on the CPU: the form the optimizers,
+// clipping and reductions of train/ are written in (each functor is SKILLGRAFT_HD, so the CUDA
+// backend runs the same functor on the device).
+#include <cstdint>
+
+#include "skillgraft/backend/cpu/gated.hpp"
+#include "skillgraft/backend/cpu/tensor.hpp"
+
+namespace skillgraft::cpu {
+
+struct index_ops {
+  // f(i) for every i in [0, n), in parallel.
+  template <class F>
+  static void for_each_index(std::int64_t n, F f) {
+#pragma omp parallel for schedule(static) if (n > 32768)
+    for (std::int64_t i = 0; i < n; ++i) f(i);
+  }
+  // sum of f(i) in Acc, in a fixed order whatever the thread count.
+  template <class Acc, class F>
+  static Acc sum_index(std::int64_t n, F f) {
+    return deterministic_sum<Acc>(std::size_t(n > 0 ? n : 0), [&](std::size_t i) { return Acc(f(std::int64_t(i))); });
+  }
+  // The first i in [0, n) with pred(i), or -1.
+  template <class F>
+  static std::int64_t find_first_index(std::int64_t n, F pred) {
+    for (std::int64_t i = 0; i < n; ++i)
+      if (pred(i)) return i;
+    return -1;
+  }
+  // One element, read on the host (error messages).
+  template <class T>
+  static T value_at(const tensor<T>& t, std::size_t i) {
+    return t[i];
+  }
+};
+
+}  // namespace skillgraft::cpu
