@@ -521,6 +521,18 @@ TEST_CASE("save: leftovers of killed saves are removed by the next save, those o
                         ": it exists and is not a directory");
 }
 
+TEST_CASE("save: a symbolic link to a checkpoint directory stays a link to the new checkpoint") {
+  temp_dir tmp;
+  const two_versions v;
+  sg::model::save_hf_checkpoint(tmp / "real", v.old_w);
+  fs::create_directory_symlink(tmp / "real", tmp / "link");
+  sg::model::save_hf_checkpoint(tmp / "link", v.new_w);
+  CHECK(fs::is_symlink(tmp / "link"));
+  CHECK(same(sg::model::load_hf_checkpoint<float>(tmp / "link"), v.new_w));
+  CHECK(same(sg::model::load_hf_checkpoint<float>(tmp / "real"), v.new_w));
+  CHECK(dir_names(tmp.path) == std::vector<std::string>{"link", "real"});
+}
+
 // ---- 6. AdamW moments --------------------------------------------------------------------------
 
 TEST_CASE("AdamW: a finite gradient that would overflow a moment is refused before anything changes") {
