@@ -118,6 +118,11 @@ TEST_CASE("config: every number is an integer in range before it is used") {
   no_heads.erase("head_dim");
   CHECK(config_error(no_heads) ==
         "skillgraft: config.json has num_attention_heads 0; expected an integer in [1, 2147483647]");
+  // The same read from JSON text, where non-negative numbers have an unsigned type.
+  auto parsed = nlohmann::json::parse(no_heads.dump());
+  REQUIRE(parsed.at("num_attention_heads").is_number_unsigned());
+  CHECK(config_error(parsed) ==
+        "skillgraft: config.json has num_attention_heads 0; expected an integer in [1, 2147483647]");
   // heads x head_dim would wrap in int (4 x 1073741832 = 32 mod 2^32).
   auto wide = with("head_dim", 1073741832);
   wide["num_attention_heads"] = 4;
