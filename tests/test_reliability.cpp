@@ -118,6 +118,11 @@ TEST_CASE("config: every number is an integer in range before it is used") {
   no_heads.erase("head_dim");
   CHECK(config_error(no_heads) ==
         "skillgraft: config.json has num_attention_heads 0; expected an integer in [1, 2147483647]");
+  // The same read from JSON text, where non-negative numbers have an unsigned type.
+  auto parsed = nlohmann::json::parse(no_heads.dump());
+  REQUIRE(parsed.at("num_attention_heads").is_number_unsigned());
+  CHECK(config_error(parsed) ==
+        "skillgraft: config.json has num_attention_heads 0; expected an integer in [1, 2147483647]");
   // heads x head_dim would wrap in int (4 x 1073741832 = 32 mod 2^32).
   auto wide = with("head_dim", 1073741832);
   wide["num_attention_heads"] = 4;
@@ -519,6 +524,18 @@ TEST_CASE("save: leftovers of killed saves are removed by the next save, those o
                     "skillgraft: cannot save " + (tmp / "file").string() +
                         " (it was left unchanged): cannot save a checkpoint to " + (tmp / "file").string() +
                         ": it exists and is not a directory");
+}
+
+TEST_CASE("save: a symbolic link to a checkpoint directory stays a link to the new checkpoint") {
+  temp_dir tmp;
+  const two_versions v;
+  sg::model::save_hf_checkpoint(tmp / "real", v.old_w);
+  fs::create_directory_symlink(tmp / "real", tmp / "link");
+  sg::model::save_hf_checkpoint(tmp / "link", v.new_w);
+  CHECK(fs::is_symlink(tmp / "link"));
+  CHECK(same(sg::model::load_hf_checkpoint<float>(tmp / "link"), v.new_w));
+  CHECK(same(sg::model::load_hf_checkpoint<float>(tmp / "real"), v.new_w));
+  CHECK(dir_names(tmp.path) == std::vector<std::string>{"link", "real"});
 }
 
 // ---- 6. AdamW moments --------------------------------------------------------------------------

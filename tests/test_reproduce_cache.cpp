@@ -86,15 +86,15 @@ TEST_CASE("reproduce cache: damaged values are refused, naming the file") {
   }
   SECTION("two tensors of one shape swapped") {
     rewrite(file, [](auto& t) {
-      auto& a = t.at("model.layers.0.self_attn.q_proj.weight");
-      auto& b = t.at("model.layers.1.self_attn.q_proj.weight");
+      auto& a = t.at("language_model.model.layers.0.self_attn.q_proj.weight");
+      auto& b = t.at("language_model.model.layers.1.self_attn.q_proj.weight");
       REQUIRE(a.shape() == b.shape());
       std::swap_ranges(a.data(), a.data() + a.size(), b.data());
     });
   }
   SECTION("a tensor scaled by 1000") {
     rewrite(file, [](auto& t) {
-      auto& x = t.at("model.norm.weight");
+      auto& x = t.at("language_model.model.norm.weight");
       for (std::size_t i = 0; i < x.size(); ++i) x[i] *= 1000.0f;
     });
   }

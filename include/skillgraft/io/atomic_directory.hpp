@@ -89,6 +89,9 @@ class atomic_directory {
     namespace fs = std::filesystem;
     if (target_.filename().empty()) target_ = target_.parent_path();  // "dir/" -> "dir"
     std::error_code ec;
+    // A symbolic link to a directory: the directory it points to is replaced, the link kept.
+    if (fs::is_symlink(fs::symlink_status(target_, ec)) && fs::is_directory(target_, ec))
+      target_ = fs::canonical(target_);
     if (fs::exists(fs::symlink_status(target_, ec)) && !fs::is_directory(fs::symlink_status(target_, ec)))
       throw std::invalid_argument("skillgraft: cannot save a checkpoint to " + target_.string() +
                                   ": it exists and is not a directory");

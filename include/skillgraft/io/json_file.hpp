@@ -56,8 +56,9 @@ inline std::int64_t json_integer(const nlohmann::json& v, std::string_view key, 
                                 "; expected an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
   };
   if (v.is_number_unsigned()) {
+    // JSON text gives non-negative integers this type: checked against both bounds too.
     const auto u = v.get<std::uint64_t>();
-    if (u > static_cast<std::uint64_t>(hi)) return refuse(v.dump());
+    if (u > static_cast<std::uint64_t>(hi) || (lo > 0 && u < static_cast<std::uint64_t>(lo))) return refuse(v.dump());
     return static_cast<std::int64_t>(u);
   }
   std::int64_t x = 0;

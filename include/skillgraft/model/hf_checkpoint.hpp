@@ -298,9 +298,9 @@ void run_plan(const hf_tensors& src, const std::vector<std::pair<std::string, cp
 // Checks a checkpoint's headers against the model config.json describes before the
 // model is allocated: a config of a larger model than the weights (or sizes near the
 // limits) is refused with the tensor and shapes, not after gigabytes of allocation.
-// When the config describes more values than the files hold, only the tensors outside
-// the layers and the first and last layer are compared (enough to name a difference
-// without listing billions of names).
+// When the config describes more values (or layers) than the files hold, only the tensors
+// outside the layers and the first and last layer are compared (enough to name a
+// difference without listing billions of names).
 inline void check_before_allocating(const hf_tensors& src, const decoder_config& c, bool ignore_unexpected,
                                     const std::set<std::string>& skip) {
   const std::int64_t values = hf_parameter_count(c, src.origin().string());
@@ -309,15 +309,17 @@ inline void check_before_allocating(const hf_tensors& src, const decoder_config&
     const std::uint64_t n = src.info(name).elements();
     held = held + n < held ? std::numeric_limits<std::uint64_t>::max() : held + n;
   }
-  if (static_cast<std::uint64_t>(values) <= held) {
+  // Each layer has several tensors: more layers than tensors cannot match either.
+  if (static_cast<std::uint64_t>(values) <= held && std::size_t(c.n_layers) <= src.names().size()) {
     check_plan(src, hf_tensor_shapes(c), true, ignore_unexpected, skip);
     return;
   }
   std::vector<int> layers;
   if (c.n_layers > 0) layers = {0, c.n_layers - 1};
   check_plan(src, hf_tensor_shapes(c, layers), true, true, skip);
-  throw std::invalid_argument("skillgraft: the config describes a model of " + std::to_string(values) +
-                              " values, but " + src.origin().string() + " holds only " + std::to_string(held));
+  throw std::invalid_argument("skillgraft: the config describes a model of " + std::to_string(values) + " values in " +
+                              std::to_string(c.n_layers) + " layers, but " + src.origin().string() + " holds " +
+                              std::to_string(held) + " values in " + std::to_string(src.names().size()) + " tensors");
 }
 
 // Throws, naming the tensor, when w's tensors do not have the shapes its config gives.
