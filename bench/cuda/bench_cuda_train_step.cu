@@ -98,7 +98,7 @@ double gemm_rate(int m, int n, int k, int reps) {
   for (int r = 0; r < reps + 3; ++r) {
     dev::synchronize();
     const double t0 = seconds_now();
-    dev::gemm("reference SGEMM", dev::op::n, dev::op::t, m, n, k, 1.f, a.data(), k, b.data(), k, 0.f, c.data(), n);
+    sg::backend::cuda::gemm("reference SGEMM", dev::op::n, dev::op::t, m, n, k, 1.f, a.data(), k, b.data(), k, 0.f, c.data(), n);
     dev::synchronize();
     if (r >= 3) t.push_back(seconds_now() - t0);
   }

@@ -128,9 +128,9 @@ struct projector {
     const shape_t as = nn::with_last(x.shape(), w.linear_1.out_features());
     tensor_t a(as, kept(active)), g(as, kept(Train)), y(nn::with_last(x.shape(), w.linear_2.out_features()),
                                                        memory_use::workspace);
-    nn::linear_forward(w.linear_1, x, a, nullptr, "multi_modal_projector.linear_1");
+    nn::linear_forward(w.linear_1, x, a, "multi_modal_projector.linear_1");
     Backend::map(a, g, gelu_fn{});
-    nn::linear_forward(w.linear_2, g, y, nullptr, "multi_modal_projector.linear_2");
+    nn::linear_forward(w.linear_2, g, y, "multi_modal_projector.linear_2");
     if constexpr (Train) s.x = x.clone(memory_use::saved_activations);
     if constexpr (active) s.h = std::move(a);
     if constexpr (Train) s.g = std::move(g);

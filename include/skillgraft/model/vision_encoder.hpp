@@ -256,7 +256,7 @@ class vision_encoder {
     auto p = patchify(images, config_, Train ? memory_use::saved_activations : memory_use::workspace);
     const std::size_t B = p.dim(0), P = p.dim(1), d = std::size_t(config_.hidden());
     tensor_t x({B, P, d}, memory_use::workspace);
-    nn::linear_forward(w.patch_embed, p, x, nullptr, "vision_tower.patch_embed");
+    nn::linear_forward(w.patch_embed, p, x, "vision_tower.patch_embed");
     x.reshape({B, P * d});  // x[b] += E_pos: the table is a bias over the batch's rows
     Backend::add_bias(x, w.position_embedding);
     x.reshape({B, P, d});

@@ -93,6 +93,13 @@ void linear_forward(const linear_weights<T, B>& w, const typename B::template te
   }
 }
 
+// The same without keeping x A^T, naming the product for GEMM errors.
+template <class T, class B>
+void linear_forward(const linear_weights<T, B>& w, const typename B::template tensor<T>& x,
+                    typename B::template tensor<T>& y, std::string_view what) {
+  linear_forward(w, x, y, static_cast<typename B::template tensor<T>*>(nullptr), what);
+}
+
 // dx (+)= dy W + s (dy B) A
 template <class T, class B>
 void linear_backward_input(const linear_weights<T, B>& w, const typename B::template tensor<T>& dy,
