@@ -2,6 +2,7 @@
 // Work over an index space [0, n) with an element functor, on the CPU: the form the optimizers,
 // clipping and reductions of train/ are written in (each functor is SKILLGRAFT_HD, so the CUDA
 // backend runs the same functor on the device).
+#include <algorithm>
 #include <cstdint>
 
 #include "skillgraft/backend/cpu/gated.hpp"
@@ -21,11 +22,30 @@ struct index_ops {
   static Acc sum_index(std::int64_t n, F f) {
     return deterministic_sum<Acc>(std::size_t(n > 0 ? n : 0), [&](std::size_t i) { return Acc(f(std::int64_t(i))); });
   }
-  // The first i in [0, n) with pred(i), or -1.
+  // The first i in [0, n) with pred(i), or -1. Fixed chunks are searched in parallel (an
+  // optimizer's checks read every gradient element each step); the first hit in chunk order wins.
   template <class F>
   static std::int64_t find_first_index(std::int64_t n, F pred) {
-    for (std::int64_t i = 0; i < n; ++i)
-      if (pred(i)) return i;
+    constexpr std::int64_t chunks = 64;
+    if (n < 32768) {
+      for (std::int64_t i = 0; i < n; ++i)
+        if (pred(i)) return i;
+      return -1;
+    }
+    std::int64_t found[chunks];
+    const std::int64_t per = (n + chunks - 1) / chunks;
+#pragma omp parallel for schedule(static)
+    for (std::int64_t c = 0; c < chunks; ++c) {
+      found[c] = -1;
+      const std::int64_t end = std::min(n, (c + 1) * per);
+      for (std::int64_t i = c * per; i < end; ++i)
+        if (pred(i)) {
+          found[c] = i;
+          break;
+        }
+    }
+    for (std::int64_t c = 0; c < chunks; ++c)
+      if (found[c] >= 0) return found[c];
     return -1;
   }
   // One element, read on the host (error messages).
