@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "skillgraft/backend/cuda/backend.hpp"
+#include "skillgraft/backend/operations.hpp"
 #include "skillgraft/model/decoder_lm.hpp"
 #include "skillgraft/model/parameters.hpp"
 #include "skillgraft/nn/backend_transfer.hpp"
@@ -37,6 +38,13 @@ using sg::test::check_close;
 using sg::test::check_gradients;
 using sg::test::ledger_probe;
 using sg::test::rel;
+
+// Both backends provide every operation the layers are written in (checked by the host
+// compiler; the same headers then build under nvcc for the device test).
+#if !defined(__CUDACC__)
+static_assert(sg::backend::operations_policy<sg::backend::cpu>);
+static_assert(sg::backend::operations_policy<sg::backend::cuda>);
+#endif
 
 // Callable from a main() compiled without the CUDA headers (main_device.cpp).
 bool skillgraft_test_device_available() { return dev::device_available(); }

@@ -6,6 +6,7 @@
 // Activation policies (nn/activation.hpp) and the CUDA kernels are written with these, so one
 // formula serves the CPU loops, the host-Thrust build and the GPU.
 #include <cmath>
+#include <limits>
 
 #ifndef SKILLGRAFT_HD
 #if defined(__CUDACC__)
@@ -25,6 +26,12 @@ SKILLGRAFT_HD inline float sqrt_(float x) { return sqrtf(x); }
 SKILLGRAFT_HD inline double sqrt_(double x) { return sqrt(x); }
 SKILLGRAFT_HD inline float erf_(float x) { return erff(x); }
 SKILLGRAFT_HD inline double erf_(double x) { return erf(x); }
+// Finite test for float and double on either side, without <cmath>'s isfinite (not device code).
+template <class T>
+SKILLGRAFT_HD inline bool is_finite(T x) {
+  return x <= std::numeric_limits<T>::max() && x >= -std::numeric_limits<T>::max();
+}
+
 SKILLGRAFT_HD inline float erfc_(float x) { return erfcf(x); }
 SKILLGRAFT_HD inline double erfc_(double x) { return erfc(x); }
 

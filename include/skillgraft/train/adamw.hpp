@@ -12,7 +12,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -46,13 +45,9 @@ struct adamw_math {
   }
 };
 template <class T>
-SKILLGRAFT_HD inline bool finite(T x) {
-  return x <= std::numeric_limits<T>::max() && x >= -std::numeric_limits<T>::max();
-}
-template <class T>
 struct not_finite {
   const T* g;
-  SKILLGRAFT_HD bool operator()(std::int64_t i) const { return !finite(g[i]); }
+  SKILLGRAFT_HD bool operator()(std::int64_t i) const { return !scalar::is_finite(g[i]); }
 };
 // True where the update would overflow a moment or the weight (the gradient is finite).
 template <class T>
@@ -64,7 +59,7 @@ struct would_overflow {
   adamw_math<T> math;
   SKILLGRAFT_HD bool operator()(std::int64_t j) const {
     const auto e = math(p[j], m[j], v[j], g[j]);
-    return !finite(e.m) || !finite(e.v) || !finite(e.p);
+    return !scalar::is_finite(e.m) || !scalar::is_finite(e.v) || !scalar::is_finite(e.p);
   }
 };
 template <class T>

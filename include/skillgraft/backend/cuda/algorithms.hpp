@@ -85,27 +85,15 @@ void add_into(T* y, const T* x, index_t n) {
   for_each_index(n, add_to<T>{y, x});
 }
 
-template <class T>
-struct scale_by {  // y[i] *= a
-  T* y;
-  T a;
-  SKILLGRAFT_HD void operator()(index_t i) const { y[i] *= a; }
-};
-
 // Maximum, usable in device code (std::max is not).
 template <class T>
 struct maximum {
   SKILLGRAFT_HD T operator()(T a, T b) const { return a < b ? b : a; }
 };
 
-// Finite test that works for float and double on the device and the host, without <cmath>.
-template <class T>
-SKILLGRAFT_HD inline bool is_finite(T x) {
-  return x <= std::numeric_limits<T>::max() && x >= -std::numeric_limits<T>::max();
-}
-
 // exp, log, sqrt, erf for float and double on either side.
 using scalar::erf_;
+using scalar::is_finite;
 using scalar::exp_;
 using scalar::log_;
 using scalar::sqrt_;
