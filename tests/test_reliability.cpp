@@ -29,8 +29,10 @@
 
 #include "skillgraft/cl/lora_checkpoint.hpp"
 #include "skillgraft/io/atomic_directory.hpp"
+#include "skillgraft/io/json_file.hpp"
 #include "skillgraft/io/printable.hpp"
 #include "skillgraft/model/hf_checkpoint.hpp"
+#include "skillgraft/model/hf_config.hpp"
 #include "skillgraft/train/adamw.hpp"
 #include "support/random.hpp"
 #include "support/temp_dir.hpp"
@@ -596,6 +598,27 @@ TEST_CASE("messages: names from files are escaped") {
   CHECK(message.find('\x1b') == std::string::npos);
   CHECK_THAT(error_of([&] { io::safetensors_file(tmp / "model.safetensors").info("no\x1b[2J"); }),
              Contains("no tensor named no\\x1b[2J in"));
+}
+
+TEST_CASE("messages: JSON values in the wrong field are escaped and cut short") {
+  // JSON escapes only U+0000..U+001F in strings: DEL (and the C1 controls) reach a
+  // dumped value raw, in a string value as in an object key.
+  const auto config = [](const std::string& hidden) {
+    return io::parse_json("{\"model_type\": \"llama\", \"hidden_size\": " + hidden +
+                              ", \"num_attention_heads\": 4, \"num_hidden_layers\": 1, \"intermediate_size\": 8, "
+                              "\"vocab_size\": 16, \"max_position_embeddings\": 8}",
+                          "config.json");
+  };
+  std::string message = error_of([&] { sg::model::decoder_config_from_hf(config("\"a\x7f\xc2\x9b\""), "config.json"); });
+  CHECK_THAT(message, Contains("hidden_size \"a\\x7f\\xc2\\x9b\" (string)"));
+  message = error_of([&] { sg::model::decoder_config_from_hf(config("{\"k\x7f\": 1}"), "config.json"); });
+  CHECK_THAT(message, Contains("hidden_size {\"k\\x7f\":1} (object)"));
+  // A long value is cut at 80 bytes, not copied whole into the message.
+  message = error_of([&] { sg::model::decoder_config_from_hf(config("\"" + std::string(5000, 'x') + "\""), "config.json"); });
+  CHECK_THAT(message, Contains("hidden_size \"" + std::string(76, 'x') + "... (string)"));
+  CHECK(message.size() < 300);
+  for (char c : message) CHECK(static_cast<unsigned char>(c) >= 0x20);
+  CHECK(message.find('\x7f') == std::string::npos);
 }
 
 TEST_CASE("load: F64 values beyond float's range are refused, naming the element, and change nothing") {

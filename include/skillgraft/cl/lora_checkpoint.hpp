@@ -181,7 +181,7 @@ int load_lora_adapter(const std::filesystem::path& dir, model::lm_weights<T>& w)
   // What plain LoRA on the seven projections cannot express is refused, not ignored.
   if (j.value("use_dora", false)) refuse("uses DoRA (use_dora), which is not supported");
   if (j.value("fan_in_fan_out", false)) refuse("sets fan_in_fan_out, which is for GPT-2's Conv1D layers");
-  if (j.contains("bias") && j.at("bias") != "none") refuse("trains biases (bias " + j.at("bias").dump() + ")");
+  if (j.contains("bias") && j.at("bias") != "none") refuse("trains biases (bias " + io::json_shown(j.at("bias")) + ")");
   for (const char* key : {"rank_pattern", "alpha_pattern"})
     if (j.contains(key) && !j.at(key).is_null() && !j.at(key).empty())
       refuse(std::string("has a ") + key + "; only one rank and one alpha for all adapters are supported");
@@ -192,7 +192,7 @@ int load_lora_adapter(const std::filesystem::path& dir, model::lm_weights<T>& w)
     if (j.contains(key)) {
       const auto& v = j.at(key);
       if (!(v.is_null() || v == false || (v.is_structured() && v.empty())))
-        refuse(std::string("sets ") + key + " (" + io::printable(v.dump()) + "), which is not supported");
+        refuse(std::string("sets ") + key + " (" + io::json_shown(v) + "), which is not supported");
     }
 
   std::size_t r = 0;
@@ -222,7 +222,7 @@ int load_lora_adapter(const std::filesystem::path& dir, model::lm_weights<T>& w)
       else if (lt.is_array())
         for (const auto& l : lt) layer(l);
       else
-        refuse("has layers_to_transform " + io::printable(lt.dump()) + "; expected a layer number or a list of them");
+        refuse("has layers_to_transform " + io::json_shown(lt) + "; expected a layer number or a list of them");
     }
   } catch (const nlohmann::json::exception& e) {
     refuse(std::string("has a field of the wrong type: ") + io::printable(e.what()));

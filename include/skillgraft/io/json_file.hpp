@@ -46,6 +46,15 @@ inline void write_json_file(const std::filesystem::path& file, const nlohmann::j
   out.commit();
 }
 
+// A JSON value as a message shows it: its text with control characters and DEL escaped
+// (JSON itself leaves DEL and C1 controls raw in strings) and cut to 80 bytes, so that a
+// nested object or a long string in the wrong field cannot flood the terminal.
+inline std::string json_shown(const nlohmann::json& v) {
+  std::string text = v.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  if (text.size() > 80) text = text.substr(0, 77) + "...";
+  return printable(text);
+}
+
 // The value of integer field `key` as a 64-bit integer in [lo, hi]. Whole numbers
 // written as reals (32.0) are accepted; fractions, values outside [lo, hi] and
 // non-numbers are std::invalid_argument naming `where`, the key, the range and the value.
@@ -58,7 +67,7 @@ inline std::int64_t json_integer(const nlohmann::json& v, std::string_view key, 
   if (v.is_number_unsigned()) {
     // JSON text gives non-negative integers this type: checked against both bounds too.
     const auto u = v.get<std::uint64_t>();
-    if (u > static_cast<std::uint64_t>(hi) || (lo > 0 && u < static_cast<std::uint64_t>(lo))) return refuse(v.dump());
+    if (u > static_cast<std::uint64_t>(hi) || (lo > 0 && u < static_cast<std::uint64_t>(lo))) return refuse(json_shown(v));
     return static_cast<std::int64_t>(u);
   }
   std::int64_t x = 0;
@@ -67,19 +76,19 @@ inline std::int64_t json_integer(const nlohmann::json& v, std::string_view key, 
   } else if (v.is_number_float()) {
     const double d = v.get<double>();
     // Range first: converting a double outside int64 is undefined behaviour.
-    if (!(d >= -9223372036854775808.0 && d < 9223372036854775808.0) || d != std::floor(d)) return refuse(v.dump());
+    if (!(d >= -9223372036854775808.0 && d < 9223372036854775808.0) || d != std::floor(d)) return refuse(json_shown(v));
     x = static_cast<std::int64_t>(d);
   } else {
-    return refuse(v.dump() + " (" + std::string(v.type_name()) + ")");
+    return refuse(json_shown(v) + " (" + std::string(v.type_name()) + ")");
   }
-  if (x < lo || x > hi) return refuse(v.dump());
+  if (x < lo || x > hi) return refuse(json_shown(v));
   return x;
 }
 
 // The value of a real field as a finite double (an integer is fine too).
 inline double json_real(const nlohmann::json& v, std::string_view key, const std::string& where) {
   if (!v.is_number() || !std::isfinite(v.get<double>()))
-    throw std::invalid_argument("skillgraft: " + where + " has " + std::string(key) + " " + v.dump() +
+    throw std::invalid_argument("skillgraft: " + where + " has " + std::string(key) + " " + json_shown(v) +
                                 "; expected a finite number");
   return v.get<double>();
 }

@@ -13,6 +13,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "skillgraft/io/json_file.hpp"
 #include "skillgraft/io/printable.hpp"
 
 namespace skillgraft::io {
@@ -26,7 +27,7 @@ inline std::map<std::string, std::string, std::less<>> parse_safetensors_index(c
   for (const auto& [name, shard] : j.at("weight_map").items()) {
     if (!shard.is_string())
       throw std::invalid_argument("skillgraft: " + where + " maps " + printable(name) + " to " +
-                                  printable(shard.dump()) + ", not to a shard file name");
+                                  json_shown(shard) + ", not to a shard file name");
     const std::string s = shard.get<std::string>();
     const bool control = std::any_of(s.begin(), s.end(), [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7F; });
     if (s.empty() || s == "." || s == ".." || s.find('/') != std::string::npos || control)

@@ -140,7 +140,7 @@ inline decoder_config decoder_config_from_hf(const nlohmann::json& j, const std:
     if (j.contains("layer_types") && j.at("layer_types").is_array())
       for (const auto& t : j.at("layer_types"))
         if (t != "full_attention")
-          refuse("has layer_types entry " + io::printable(t.dump()) + "; only full_attention is supported");
+          refuse("has layer_types entry " + io::json_shown(t) + "; only full_attention is supported");
     c.rms_norm_eps = present("rms_norm_eps") ? io::json_real(j.at("rms_norm_eps"), "rms_norm_eps", where) : 1e-6;
     c.tie_word_embeddings = j.value("tie_word_embeddings", false);
     c.attention_bias = type == "qwen2";  // Qwen2: q/k/v always have a bias, o_proj never
