@@ -13,8 +13,10 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
+#include "skillgraft/backend/host_device.hpp"
 #include "skillgraft/cl/teacher.hpp"
 #include "skillgraft/train/cross_entropy.hpp"
 #include "skillgraft/train/step.hpp"
@@ -29,36 +31,97 @@ struct lwf_options {
   std::size_t vocab = 0;     // vocabulary chunk; 0 = the whole vocabulary at once
 };
 
-template <class T>
-struct lwf_result : train::loss_result<T> {
+template <class T, class Backend = backend::cpu>
+struct lwf_result : train::loss_result<T, Backend> {
   double ce = 0;  // cross-entropy part
   double kl = 0;  // mean KL (before λ T²)
 };
 
-namespace detail {
-// Online log-sum-exp: folds a chunk of values into (max, sum of exp(x - max)).
-struct lse_acc {
-  double mx = -std::numeric_limits<double>::infinity(), sum = 0;
-  template <class Row>
-  void add(const Row& z, double scale) {
-    double cm = -std::numeric_limits<double>::infinity();
-    for (Eigen::Index j = 0; j < z.size(); ++j) cm = std::max(cm, double(z(j)) * scale);
-    if (cm > mx) {
-      sum *= std::exp(mx - cm);
-      mx = cm;
-    }
-    for (Eigen::Index j = 0; j < z.size(); ++j) sum += std::exp(double(z(j)) * scale - mx);
+// One row of a chunk of positions per call (SKILLGRAFT_HD: the CUDA backend runs the same
+// functors, one thread per row). Rows of a vocabulary chunk are `cols` wide and packed.
+namespace lwf_kernels {
+// Starts the running log-sum-exps (max -inf, sum 0) and the row's CE and KL sums.
+struct start_rows {
+  double* acc;  // [8, m]: max and sum of log p, log p_s/T, log p_t/T; then CE and KL
+  std::int64_t m;
+  double minus_inf;
+  SKILLGRAFT_HD void operator()(std::int64_t i) const {
+    for (int k = 0; k < 6; k += 2) acc[k * m + i] = minus_inf, acc[(k + 1) * m + i] = 0;
+    acc[6 * m + i] = 0;
+    acc[7 * m + i] = 0;
   }
-  double value() const { return mx + std::log(sum); }
 };
-}  // namespace detail
 
-// h, h_teacher: [batch, positions, hidden]; head, head_teacher: [vocab, hidden].
-// `normaliser_ce` / `normaliser_kd` (0 = this batch's own counts) let micro-batches add up.
+// Online log-sum-exp: folds scale * z[i, :] of this chunk into (max_i, sum_i exp(x - max_i)).
 template <class T>
-lwf_result<T> lwf_loss(const tensor<T>& h, const tensor<T>& head, const tensor<T>& h_teacher,
-                       const tensor<T>& head_teacher, const token_ids& targets, tensor<T>* dhead, lwf_options opt = {},
-                       std::size_t normaliser_ce = 0, std::size_t normaliser_kd = 0) {
+struct fold_log_sum_exp {
+  const T* z;
+  std::int64_t cols;
+  double scale;
+  double* mx;
+  double* sum;
+  SKILLGRAFT_HD void operator()(std::int64_t i) const {
+    const T* zi = z + i * cols;
+    double cm = mx[i];
+    for (std::int64_t j = 0; j < cols; ++j) cm = double(zi[j]) * scale > cm ? double(zi[j]) * scale : cm;
+    double s = sum[i] == 0 ? 0 : sum[i] * scalar::exp_(mx[i] - cm);
+    for (std::int64_t j = 0; j < cols; ++j) s += scalar::exp_(double(zi[j]) * scale - cm);
+    mx[i] = cm;
+    sum[i] = s;
+  }
+};
+
+// KL and CE of row i over this chunk's columns; turns the student's logits into
+//   dz = λT (softmax(s/T) - softmax(t/T)) / n_kd  [+ (softmax(s) - onehot(y)) / n_ce with a target]
+template <class T>
+struct distil_row {
+  T* z;           // student logits, becomes dz
+  const T* zt;    // teacher logits
+  std::int64_t cols, col0, m;
+  const std::int64_t* y;  // ignore_index: distillation only
+  double* acc;            // start_rows' layout
+  double inv_t, kd_scale, n_ce, n_kd;
+  std::int64_t ignore;
+  SKILLGRAFT_HD void operator()(std::int64_t i) const {
+    const double l1 = acc[i] + scalar::log_(acc[m + i]), ls = acc[2 * m + i] + scalar::log_(acc[3 * m + i]),
+                 lt = acc[4 * m + i] + scalar::log_(acc[5 * m + i]);
+    T* zi = z + i * cols;
+    const T* ti = zt + i * cols;
+    const std::int64_t yi = y[i];
+    double ce = 0, kl = 0;
+    for (std::int64_t j = 0; j < cols; ++j) {
+      const double a = double(zi[j]), log_ps = a * inv_t - ls, log_pt = double(ti[j]) * inv_t - lt;
+      const double pt = scalar::exp_(log_pt);
+      kl += pt * (log_pt - log_ps);
+      double g = kd_scale * (scalar::exp_(log_ps) - pt) / n_kd;
+      if (yi != ignore) {
+        g += scalar::exp_(a - l1) / n_ce;
+        if (col0 + j == yi) g -= 1.0 / n_ce, ce += l1 - a;
+      }
+      zi[j] = T(g);
+    }
+    acc[6 * m + i] += ce;
+    acc[7 * m + i] += kl;
+  }
+};
+
+struct read_row {
+  const double* v;
+  SKILLGRAFT_HD double operator()(std::int64_t i) const { return v[i]; }
+};
+}  // namespace lwf_kernels
+
+// h, h_teacher: [batch, positions, hidden]; head, head_teacher: [vocab, hidden] (tensors of one
+// backend; targets on the host). `normaliser_ce` / `normaliser_kd` (0 = this batch's own counts)
+// let micro-batches add up. `dhead` may be nullptr (no head gradient).
+template <class T, template <class> class Tensor>
+lwf_result<T, typename backend_of<Tensor<T>>::type> lwf_loss(const Tensor<T>& h, const Tensor<T>& head,
+                                                             const Tensor<T>& h_teacher, const Tensor<T>& head_teacher,
+                                                             const token_ids& targets,
+                                                             std::type_identity_t<Tensor<T>>* dhead,
+                                                             lwf_options opt = {}, std::size_t normaliser_ce = 0,
+                                                             std::size_t normaliser_kd = 0) {
+  using B = typename backend_of<Tensor<T>>::type;
   if (opt.rows == 0) throw std::invalid_argument("skillgraft: lwf_options.rows must be at least 1");
   if (!(h.shape() == h_teacher.shape()))
     throw std::invalid_argument("skillgraft: teacher hidden states have shape " + h_teacher.shape().str() +
@@ -71,11 +134,10 @@ lwf_result<T> lwf_loss(const tensor<T>& h, const tensor<T>& head, const tensor<T
   if (h.rank() != 3 || targets.shape(0) != h.dim(0) || targets.shape(1) != h.dim(1))
     throw std::invalid_argument("skillgraft: targets do not match the hidden states " + h.shape().str());
   const std::size_t V = head.dim(0), d = head.dim(1), P = h.dim(1);
-  struct row {
-    std::size_t index;
-    std::int64_t y;  // ignore_index: distillation only
-  };
-  std::vector<row> rows;
+  if (h.dim(2) != d)
+    throw std::invalid_argument("skillgraft: hidden states have width " + std::to_string(h.dim(2)) +
+                                ", the LM head expects " + std::to_string(d));
+  std::vector<std::int64_t> rows, ys;  // positions that distil, and their targets (host)
   std::size_t n_ce = 0;
   for (std::size_t b = 0; b < targets.shape(0); ++b)
     for (std::size_t s = 0; s < P; ++s) {
@@ -83,70 +145,64 @@ lwf_result<T> lwf_loss(const tensor<T>& h, const tensor<T>& head, const tensor<T
       if (y != ignore_index && (y < 0 || std::size_t(y) >= V))
         throw std::invalid_argument("skillgraft: target [" + std::to_string(b) + ", " + std::to_string(s) + "] is " +
                                     std::to_string(y) + ", outside the vocabulary [0, " + std::to_string(V) + ")");
-      if (y != ignore_index || opt.all_positions) rows.push_back({b * P + s, y});
+      if (y != ignore_index || opt.all_positions) rows.push_back(std::int64_t(b * P + s)), ys.push_back(y);
       n_ce += (y != ignore_index);
     }
-  const std::size_t n_kd_own = rows.size();
-  const double nce = double(normaliser_ce ? normaliser_ce : n_ce), nkd = double(normaliser_kd ? normaliser_kd : n_kd_own);
-  lwf_result<T> r;
+  const double nce = double(normaliser_ce ? normaliser_ce : n_ce);
+  const double nkd = double(normaliser_kd ? normaliser_kd : rows.size());
+  lwf_result<T, B> r;
   r.count = n_ce;
-  r.dh = tensor<T>(h.shape(), memory_use::workspace);
+  r.dh = Tensor<T>(h.shape(), memory_use::workspace);
   if (rows.empty()) return r;
 
-  const double invT = 1.0 / opt.temperature, kd_scale = opt.lambda * opt.temperature;  // λT² · (1/T)
+  const double inv_t = 1.0 / opt.temperature, kd_scale = opt.lambda * opt.temperature;  // λT² · (1/T)
+  const std::size_t mc = std::min(opt.rows, rows.size());
   const std::size_t vc = opt.vocab ? std::min(opt.vocab, V) : V, nchunks = (V + vc - 1) / vc;
-  using mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  mat hs, ht, zs, zt, dz, dhs;
+  Tensor<T> hs({mc, d}, memory_use::workspace), ht({mc, d}, memory_use::workspace), dhs({mc, d}, memory_use::workspace);
+  Tensor<T> zs({mc, vc}, memory_use::workspace), zt({mc, vc}, memory_use::workspace);
+  Tensor<double> acc({8, mc}, memory_use::workspace);
+  cpu::tensor<std::int64_t> y_host({mc}, memory_use::workspace);
+  const int di = int(d);
   double ce = 0, kl = 0;
-  for (std::size_t r0 = 0; r0 < rows.size(); r0 += opt.rows) {
-    const std::size_t m = std::min(opt.rows, rows.size() - r0);
-    hs.resize(Eigen::Index(m), Eigen::Index(d));
-    ht.resize(Eigen::Index(m), Eigen::Index(d));
-    for (std::size_t i = 0; i < m; ++i) {
-      hs.row(Eigen::Index(i)) = h.mat().row(Eigen::Index(rows[r0 + i].index));
-      ht.row(Eigen::Index(i)) = h_teacher.mat().row(Eigen::Index(rows[r0 + i].index));
-    }
-    std::vector<detail::lse_acc> s1(m), sT(m), tT(m);
+  for (std::size_t r0 = 0; r0 < rows.size(); r0 += mc) {
+    const std::size_t m = std::min(mc, rows.size() - r0);
+    const auto mi = std::int64_t(m);
+    const std::vector<std::int64_t> rc(rows.begin() + std::ptrdiff_t(r0), rows.begin() + std::ptrdiff_t(r0 + m));
+    std::copy(ys.begin() + std::ptrdiff_t(r0), ys.begin() + std::ptrdiff_t(r0 + m), y_host.data());
+    const auto y = B::upload(y_host, memory_use::workspace);
+    B::gather_rows(h, d, rc, hs);
+    B::gather_rows(h_teacher, d, rc, ht);
+    double* a = acc.data();
+    const auto M = std::int64_t(mc);  // acc's row stride
+    B::for_each_index(mi, lwf_kernels::start_rows{a, M, -std::numeric_limits<double>::infinity()});
     auto logits = [&](std::size_t c) {
-      const auto c0 = Eigen::Index(c * vc), cw = Eigen::Index(std::min(vc, V - c * vc));
-      zs.noalias() = hs * head.mat().middleRows(c0, cw).transpose();
-      zt.noalias() = ht * head_teacher.mat().middleRows(c0, cw).transpose();
+      const std::size_t c0 = c * vc, cw = std::min(vc, V - c0);
+      B::gemm("LwF: z_s = h W^T", op::n, op::t, int(m), int(cw), di, T(1), hs.data(), di, head.data() + c0 * d, di, T(0),
+              zs.data(), int(cw));
+      B::gemm("LwF: z_t = h_t W_t^T", op::n, op::t, int(m), int(cw), di, T(1), ht.data(), di,
+              head_teacher.data() + c0 * d, di, T(0), zt.data(), int(cw));
     };
     for (std::size_t c = 0; c < nchunks; ++c) {  // pass 1: log-sum-exps
       logits(c);
-      for (std::size_t i = 0; i < m; ++i) {
-        s1[i].add(zs.row(Eigen::Index(i)), 1.0);
-        sT[i].add(zs.row(Eigen::Index(i)), invT);
-        tT[i].add(zt.row(Eigen::Index(i)), invT);
-      }
+      const auto cw = std::int64_t(std::min(vc, V - c * vc));
+      B::for_each_index(mi, lwf_kernels::fold_log_sum_exp<T>{zs.data(), cw, 1.0, a, a + M});
+      B::for_each_index(mi, lwf_kernels::fold_log_sum_exp<T>{zs.data(), cw, inv_t, a + 2 * M, a + 3 * M});
+      B::for_each_index(mi, lwf_kernels::fold_log_sum_exp<T>{zt.data(), cw, inv_t, a + 4 * M, a + 5 * M});
     }
-    dhs.setZero(Eigen::Index(m), Eigen::Index(d));
-    for (std::size_t c = 0; c < nchunks; ++c) {  // pass 2: KL and gradient
-      if (nchunks > 1) logits(c);
-      const auto c0 = Eigen::Index(c * vc), cw = Eigen::Index(std::min(vc, V - c * vc));
-      dz.resize(Eigen::Index(m), cw);
-      for (std::size_t i = 0; i < m; ++i) {
-        const double l1 = s1[i].value(), lsT = sT[i].value(), ltT = tT[i].value();
-        const auto y = rows[r0 + i].y;
-        for (Eigen::Index j = 0; j < cw; ++j) {
-          const double a = double(zs(Eigen::Index(i), j)), t = double(zt(Eigen::Index(i), j));
-          const double log_ps = a * invT - lsT, log_pt = t * invT - ltT, pt = std::exp(log_pt);
-          kl += pt * (log_pt - log_ps);
-          double g = kd_scale * (std::exp(log_ps) - pt) / nkd;
-          if (y != ignore_index) {
-            g += std::exp(a - l1) / nce;
-            if (c0 + j == Eigen::Index(y)) {
-              g -= 1.0 / nce;
-              ce += l1 - a;
-            }
-          }
-          dz(Eigen::Index(i), j) = T(g);
-        }
-      }
-      dhs.noalias() += dz * head.mat().middleRows(c0, cw);
-      if (dhead) dhead->mat().middleRows(c0, cw).noalias() += dz.transpose() * hs;
+    for (std::size_t c = 0; c < nchunks; ++c) {  // pass 2: KL, CE and the gradient
+      if (nchunks > 1) logits(c);  // one chunk: pass 1's logits are still there
+      const std::size_t c0 = c * vc, cw = std::min(vc, V - c0);
+      B::for_each_index(mi, lwf_kernels::distil_row<T>{zs.data(), zt.data(), std::int64_t(cw), std::int64_t(c0), M,
+                                                       y.data(), a, inv_t, kd_scale, nce, nkd, ignore_index});
+      B::gemm("LwF: dh = dz W", op::n, op::n, int(m), di, int(cw), T(1), zs.data(), int(cw), head.data() + c0 * d, di,
+              T(c == 0 ? 0 : 1), dhs.data(), di);
+      if (dhead)
+        B::gemm("LwF: dW += dz^T h", op::t, op::n, int(cw), di, int(m), T(1), zs.data(), int(cw), hs.data(), di, T(1),
+                dhead->data() + c0 * d, di);
     }
-    for (std::size_t i = 0; i < m; ++i) r.dh.mat().row(Eigen::Index(rows[r0 + i].index)) = dhs.row(Eigen::Index(i));
+    B::scatter_rows(dhs, d, rc, r.dh);
+    ce += B::template sum_index<double>(mi, lwf_kernels::read_row{a + 6 * M});
+    kl += B::template sum_index<double>(mi, lwf_kernels::read_row{a + 7 * M});
   }
   r.ce = n_ce ? ce / nce : 0.0;
   r.kl = kl / nkd;
@@ -156,23 +212,24 @@ lwf_result<T> lwf_loss(const tensor<T>& h, const tensor<T>& head, const tensor<T
   return r;
 }
 
-// LwF as a train_step objective: the teacher runs on each micro-batch.
-template <class T>
+// LwF as a train_step objective: the teacher runs on each micro-batch (on the model's backend).
+template <class T, class Backend = backend::cpu>
 struct lwf_objective {
-  teacher<T>* teach = nullptr;
+  teacher<T, Backend>* teach = nullptr;
   lwf_options options{};
 
   template <class Model>
-  train::loss_result<T> micro(const Model& model, typename Model::weights_t& w, typename Model::grads_t& g,
-                              const train::micro_batch<T>& mb, const tensor<T>& h, const token_ids& targets,
-                              std::size_t normaliser) const {
+  train::loss_result<T, Backend> micro(const Model& model, typename Model::weights_t& w, typename Model::grads_t& g,
+                                       const train::micro_batch<T, Backend>& mb,
+                                       const typename Backend::template tensor<T>& h, const token_ids& targets,
+                                       std::size_t normaliser) const {
     if (!teach) throw std::logic_error("skillgraft: lwf_objective has no teacher");
     auto ht = teach->hidden(w, mb.ids, mb.prefix);
     // With targets-only distillation both terms are averaged over the whole batch's targets,
     // so micro-batches add up to the batch; with all positions the KL is per micro-batch.
     auto r = lwf_loss(h, w.head(), ht, teach->head(w), targets, model.head_grad(g), options, normaliser,
                       options.all_positions ? 0 : normaliser);
-    return std::move(static_cast<train::loss_result<T>&>(r));
+    return std::move(static_cast<train::loss_result<T, Backend>&>(r));
   }
 };
 

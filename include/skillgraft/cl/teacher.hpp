@@ -20,12 +20,16 @@ namespace skillgraft::cl {
 
 using cpu::tensor;
 
-template <class T>
+// Backend: where the student's weights live; the copies live there too.
+template <class T, class Backend = backend::cpu>
 class trainable_snapshot {
  public:
+  using tensor_t = typename Backend::template tensor<T>;
+  using weights_t = model::lm_weights<T, Backend>;
+
   template <class Model>
-  trainable_snapshot(const Model& model, model::lm_weights<T>& w) {
-    model::for_each_trainable_weight(model, w, [&](const std::string& name, tensor<T>& t) {
+  trainable_snapshot(const Model& model, weights_t& w) {
+    model::for_each_trainable_weight(model, w, [&](const std::string& name, tensor_t& t) {
       index_[name] = copies_.size();
       copies_.push_back({name, t.clone(memory_use::method_state)});
     });
@@ -38,7 +42,7 @@ class trainable_snapshot {
   }
   std::size_t size() const { return copies_.size(); }
   // The snapshot's copy of a tensor, or nullptr when that tensor is frozen (shared).
-  const tensor<T>* find(const std::string& name) const {
+  const tensor_t* find(const std::string& name) const {
     auto it = index_.find(name);
     return it == index_.end() ? nullptr : &copies_[it->second].value;
   }
@@ -49,20 +53,20 @@ class trainable_snapshot {
 
   // Calls f() with the snapshot swapped into w; restores w afterwards.
   template <class F>
-  decltype(auto) with_swapped(model::lm_weights<T>& w, F&& f) {
+  decltype(auto) with_swapped(weights_t& w, F&& f) {
     swap_into(w);
     struct restore {
       trainable_snapshot* s;
-      model::lm_weights<T>* w;
+      weights_t* w;
       ~restore() { s->swap_into(*w); }
     } guard{this, &w};
     return f();
   }
 
  private:
-  void swap_into(model::lm_weights<T>& w) {
+  void swap_into(weights_t& w) {
     std::size_t found = 0;
-    model::for_each_parameter(w, [&](const std::string& name, tensor<T>& t, auto, int) {
+    model::for_each_parameter(w, [&](const std::string& name, tensor_t& t, auto, int) {
       auto it = index_.find(name);
       if (it == index_.end()) return;
       auto& c = copies_[it->second].value;
@@ -77,7 +81,7 @@ class trainable_snapshot {
   }
   struct copy {
     std::string name;
-    tensor<T> value;
+    tensor_t value;
   };
   std::vector<copy> copies_;
   std::map<std::string, std::size_t> index_;
@@ -86,42 +90,46 @@ class trainable_snapshot {
 // The teacher of learning-without-forgetting: a frozen model over (student weights with
 // the snapshot swapped in). The frozen model has the student's MLP policy and options
 // (dense, xSiLU/xGELU, a mixture of experts), chosen from the student's type when the
-// teacher is made; the teacher's own type depends on T only, so objectives and probes
-// hold any teacher through one pointer type.
-template <class T>
+// teacher is made; the teacher's own type depends on T and the backend only, so objectives
+// and probes hold any teacher through one pointer type. On the CUDA backend the snapshot
+// lives in device memory and the teacher runs there.
+template <class T, class Backend = backend::cpu>
 class teacher {
  public:
-  template <class Model>
-  teacher(const Model& student, model::lm_weights<T>& w) : snapshot_(student, w), forward_(frozen_forward(student)) {}
+  using tensor_t = typename Backend::template tensor<T>;
+  using weights_t = model::lm_weights<T, Backend>;
 
-  const trainable_snapshot<T>& snapshot() const { return snapshot_; }
+  template <class Model>
+  teacher(const Model& student, weights_t& w) : snapshot_(student, w), forward_(frozen_forward(student)) {}
+
+  const trainable_snapshot<T, Backend>& snapshot() const { return snapshot_; }
   std::size_t state_bytes() const { return snapshot_.state_bytes(); }
 
   // Teacher's final hidden states for a batch (nothing saved for backward).
-  tensor<T> hidden(model::lm_weights<T>& w, const token_ids& ids, const tensor<T>* prefix = nullptr) {
+  tensor_t hidden(weights_t& w, const token_ids& ids, const tensor_t* prefix = nullptr) {
     return snapshot_.with_swapped(w, [&] { return forward_(w, ids, prefix); });
   }
   // The teacher's LM head: its own copy if the head trains, else the shared one.
-  const tensor<T>& head(const model::lm_weights<T>& w) const {
+  const tensor_t& head(const weights_t& w) const {
     const auto* h = snapshot_.find(w.config.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight");
     return h ? *h : w.head();
   }
 
  private:
-  using forward_fn = std::function<tensor<T>(const model::lm_weights<T>&, const token_ids&, const tensor<T>*)>;
+  using forward_fn = std::function<tensor_t(const weights_t&, const token_ids&, const tensor_t*)>;
 
   template <class Model>
   static forward_fn frozen_forward(const Model& student) {
     using frozen_r = std::remove_cv_t<decltype(recipe::frozen)>;
-    using frozen_model = model::decoder_lm<T, frozen_r, backend::cpu, typename Model::mlp_policy>;
+    using frozen_model = model::decoder_lm<T, frozen_r, Backend, typename Model::mlp_policy>;
     auto m = std::make_shared<const frozen_model>(student.config(), recipe::frozen, student.mlp_options());
-    return [m](const model::lm_weights<T>& w, const token_ids& ids, const tensor<T>* prefix) {
+    return [m](const weights_t& w, const token_ids& ids, const tensor_t* prefix) {
       typename frozen_model::saved_t s;
       return m->forward(w, ids, s, prefix);
     };
   }
 
-  trainable_snapshot<T> snapshot_;
+  trainable_snapshot<T, Backend> snapshot_;
   forward_fn forward_;
 };
 

@@ -1,0 +1,119 @@
+// The continual-learning methods (cl/) on the CUDA backend against the CPU backend: the same
+// generic code, run through the device backend (Thrust on the host in test_cuda_host, on the
+// GPU in test_cuda_device).
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <random>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "skillgraft/backend/cuda/backend.hpp"
+#include "skillgraft/cl/lwf.hpp"
+#include "skillgraft/model/decoder_lm.hpp"
+#include "skillgraft/model/parameters.hpp"
+#include "skillgraft/train/adamw.hpp"
+#include "skillgraft/train/schedule.hpp"
+#include "skillgraft/train/step.hpp"
+#include "check.hpp"
+#include "support/random.hpp"
+#include "support/random_lm.hpp"
+
+namespace sg = skillgraft;
+using sg::memory_use;
+using sg::test::check_close;
+using sg::test::ledger_probe;
+using sg::test::random_lm;
+using sg::test::random_tensor;
+using device_b = sg::backend::cuda;
+
+namespace {
+
+sg::cuda::tensor<float> up(const sg::cpu::tensor<float>& t) { return device_b::upload(t, memory_use::workspace); }
+
+// Micro-batches with repeated ids and a prompt position without a target, on both backends.
+template <class Backend>
+std::vector<sg::train::micro_batch<float, Backend>> batches(std::size_t vocab, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::vector<sg::train::micro_batch<float, Backend>> mbs(2);
+  for (auto& mb : mbs) {
+    mb.ids = sg::token_ids::from_shape({2, 6});
+    for (auto& t : mb.ids) t = std::int64_t(rng() % vocab);
+    mb.ids(1, 4) = mb.ids(0, 1);
+    mb.targets = sg::shift_labels(mb.ids);
+    mb.targets(0, 0) = sg::ignore_index;
+  }
+  return mbs;
+}
+
+}  // namespace
+
+TEST_CASE("LwF loss on the device: loss, CE, KL, hidden and head gradients equal the CPU's, any chunking") {
+  const std::size_t B = 2, P = 5, d = 8, V = 23;
+  const auto h = random_tensor<float>({B, P, d}, 1), ht = random_tensor<float>({B, P, d}, 2);
+  const auto W = random_tensor<float>({V, d}, 3, 0.5), Wt = random_tensor<float>({V, d}, 4, 0.5);
+  sg::token_ids targets = sg::token_ids::from_shape({B, P});
+  std::mt19937 rng(5);
+  for (auto& y : targets) y = std::int64_t(rng() % V);
+  targets(0, 0) = targets(1, 3) = sg::ignore_index;
+  const auto dh_ = up(h), dht = up(ht), dW_ = up(W), dWt = up(Wt);
+  for (const sg::cl::lwf_options o :
+       {sg::cl::lwf_options{}, sg::cl::lwf_options{.lambda = 0.5, .temperature = 3.0, .rows = 3, .vocab = 7},
+        sg::cl::lwf_options{.lambda = 2.0, .all_positions = true, .rows = 4, .vocab = 5}}) {
+    INFO("rows " << o.rows << ", vocab chunk " << o.vocab << ", all positions " << o.all_positions);
+    sg::cpu::tensor<float> gW({V, d}, memory_use::gradients);
+    sg::cuda::tensor<float> gWd({V, d}, memory_use::gradients);
+    const auto c = sg::cl::lwf_loss(h, W, ht, Wt, targets, &gW, o, 11, o.all_positions ? 0 : 11);
+    const auto g = sg::cl::lwf_loss(dh_, dW_, dht, dWt, targets, &gWd, o, 11, o.all_positions ? 0 : 11);
+    CHECK(g.count == c.count);
+    CHECK(c.kl > 0);
+    CHECK(std::abs(g.loss - c.loss) <= 1e-6 * std::abs(c.loss));
+    CHECK(std::abs(g.ce - c.ce) <= 1e-6 * std::abs(c.ce));
+    CHECK(std::abs(g.kl - c.kl) <= 1e-6 * std::abs(c.kl));
+    check_close("d loss / d h", g.dh, c.dh);
+    check_close("d loss / d W", gWd, gW);
+  }
+}
+
+TEST_CASE("LwF on the device: the teacher's snapshot lives in device memory and a step equals the CPU's") {
+  auto c = sg::test::tiny_config(false, 2);
+  c.vocab_size = 37;
+  auto hw = random_lm(c, 7);
+  auto dw = sg::model::to_backend<device_b>(hw);
+  using R = std::remove_const_t<decltype(sg::recipe::mlp)>;
+  sg::model::decoder_lm<float, R> cm(c, sg::recipe::mlp);
+  sg::model::decoder_lm<float, R, device_b> dm(c, sg::recipe::mlp);
+  auto cg = cm.make_grads(hw);
+  auto dg = dm.make_grads(dw);
+  const sg::train::adamw_options ao{.lr = 1e-2, .weight_decay = 0.0};
+  sg::train::adamw<float> copt(cm, hw, cg, ao);
+  sg::train::adamw<float, device_b> dopt(dm, dw, dg, ao);
+  sg::cl::teacher<float> cteach(cm, hw);
+  const ledger_probe state(memory_use::method_state);
+  sg::cl::teacher<float, device_b> dteach(dm, dw);
+  CHECK(dteach.state_bytes() == cteach.state_bytes());
+  CHECK(state.delta() == std::int64_t(dteach.state_bytes()));  // the snapshot is on the device
+  const auto cb = batches<sg::backend::cpu>(c.vocab_size, 8);
+  const auto db = batches<device_b>(c.vocab_size, 8);
+  const sg::train::constant_schedule lr{1e-2};
+  for (int step = 0; step < 3; ++step) {
+    INFO("step " << step);
+    const sg::cl::lwf_objective<float> cobj{&cteach, {.lambda = 1.5, .temperature = 2.0, .rows = 5}};
+    const sg::cl::lwf_objective<float, device_b> dobj{&dteach, {.lambda = 1.5, .temperature = 2.0, .rows = 5}};
+    const auto cs = sg::train::train_step(cm, hw, cg, copt, lr, std::span(cb), {}, cobj);
+    const auto ds = sg::train::train_step(dm, dw, dg, dopt, lr, std::span(db), {}, dobj);
+    CHECK(std::abs(ds.loss - cs.loss) <= 1e-5 * std::abs(cs.loss));
+    CHECK(std::abs(ds.grad_norm - cs.grad_norm) <= 1e-4 * cs.grad_norm);
+    CHECK(sg::test::check_gradients(cm, hw, cg, dm, dw, dg) == 3 * std::size_t(c.n_layers));
+  }
+  // The teacher still gives the model before the task: the snapshot was swapped back each time.
+  typename decltype(cm)::saved_t s0;
+  auto h_now = cm.forward(hw, cb[0].ids, s0);
+  const auto t_cpu = cteach.hidden(hw, cb[0].ids);
+  const auto t_dev = dteach.hidden(dw, db[0].ids);
+  check_close("teacher hidden states", t_dev, t_cpu);
+  double moved = 0;
+  for (std::size_t i = 0; i < h_now.size(); ++i) moved = std::max(moved, double(std::abs(h_now[i] - t_cpu[i])));
+  CHECK(moved > 1e-4);  // the student did move away from its teacher
+}
