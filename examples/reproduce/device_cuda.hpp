@@ -8,17 +8,21 @@
 //
 // Included by device_cuda.cu (nvcc: Thrust on the GPU, cuBLAS) and, to test the logic
 // without a GPU, by a C++ file compiled with Thrust's host device system.
+#include <optional>
 #include <string>
 
 #include "experiment.hpp"
 #include "skillgraft/backend/cuda/backend.hpp"
+#include "skillgraft/cl/teacher.hpp"
 #include "skillgraft/model/multimodal.hpp"
 #include "skillgraft/train/adamw.hpp"
 #include "skillgraft/train/step.hpp"
 
 namespace skillgraft::reproduce {
 
-// One stage of a plain recipe on the GPU; the interface of cpu_stage (experiment.hpp).
+// One stage of a method on the GPU; the interface of cpu_stage (experiment.hpp). The weights
+// are uploaded with LoRA's adapters when the host attached them; LwF's teacher snapshots the
+// device weights.
 template <class R, class Mlp>
 class cuda_stage {
   static_assert(std::is_same_v<Mlp, nn::default_mlp>, "the CUDA backend runs the dense MLP only");
@@ -29,20 +33,20 @@ class cuda_stage {
   static constexpr const char* device = "cuda";
   static memory_ledger& meter() { return skillgraft::cuda::device_ledger(); }
 
-  cuda_stage(R recipe, const host_model_t&, weights_t& w, double lr, method_kind kind, const settings&)
+  cuda_stage(R recipe, const host_model_t&, weights_t& w, double lr, method_kind kind, const settings& s)
       : mm_(w.config, recipe),
         w_(model::to_backend<backend::cuda>(w)),
         g_(mm_.make_grads(w_)),
-        opt_(mm_, w_, g_, {.lr = lr, .weight_decay = 0.0}) {
-    if (kind != method_kind::plain && kind != method_kind::wise_ft)
-      throw std::invalid_argument("reproduce: LwF and LoRA train on the CPU (their parts are CPU-only in the library)");
+        opt_(mm_, w_, g_, {.lr = lr, .weight_decay = 0.0}),
+        s_(s) {
+    if (kind == method_kind::lwf) teach_.emplace(mm_.lm(), w_.lm);
   }
   std::size_t trainable() { return mm_.trainable_elements(w_); }
   train::step_stats step(const encoded_batch& enc, const train::cosine_schedule& sched) {
     skillgraft::cuda::tensor<float> images;
     if (!enc.images.empty()) images = skillgraft::cuda::tensor<float>::from_host(enc.images, memory_use::workspace);
     train::micro_batch<float, backend::cuda> mb{enc.ids, enc.targets, enc.images.empty() ? nullptr : &images};
-    return train::train_step(mm_, w_, g_, opt_, sched, std::span(&mb, 1));
+    return stage_step(mm_, w_, g_, opt_, sched, mb, teach_ ? &*teach_ : nullptr, s_);
   }
   void sync(weights_t& w) const { model::download(w_, w); }
 
@@ -51,6 +55,8 @@ class cuda_stage {
   model::multimodal_weights<float, backend::cuda> w_;
   typename model_t::grads_t g_;
   train::adamw<float, backend::cuda> opt_;
+  const settings& s_;
+  std::optional<cl::teacher<float, backend::cuda>> teach_;
 };
 
 // pretrain() with the steps on the GPU: the same initialisation, data, order and schedule.
@@ -75,23 +81,23 @@ inline void pretrain_on_device(weights_t& w, const settings& s, const run_data& 
   model::download(dw, w);
 }
 
-// run_method() with the plain recipes and WiSE-FT training on the GPU.
+// run_method() with the training on the GPU (every method but MoE: trains_on_device).
 inline method_result run_method_on_device(const std::string& m, const settings& s, const weights_t& base,
                                           const std::vector<double>& base_row, const probe_value& base_probe,
                                           const run_data& d, progress& prog) {
   if (!trains_on_device(m))
     throw std::invalid_argument("reproduce: method '" + m + "' trains on the CPU (not on the CUDA backend)");
   method_result r;
-  if (m == "wise_ft")
-    r = run_recipe<std::remove_cv_t<decltype(recipe::llm)>, nn::default_mlp, cuda_stage>(
-        m, recipe::llm, method_kind::wise_ft, s, base, base_row, base_probe, d, prog);
+  auto on_device = [&](auto rc, method_kind kind) {
+    return run_recipe<std::remove_cv_t<decltype(rc)>, nn::default_mlp, cuda_stage>(m, rc, kind, s, base, base_row,
+                                                                                   base_probe, d, prog);
+  };
+  if (m == "wise_ft") r = on_device(recipe::llm, method_kind::wise_ft);
+  else if (m == "lwf") r = on_device(recipe::mlp, method_kind::lwf);
+  else if (m == "lora") r = on_device(lora_recipe, method_kind::lora);
   else if (!is_multimodal_recipe_name(m))
     throw std::invalid_argument("reproduce: method '" + m + "' is not available in this build");
-  else
-    r = with_multimodal_recipe(m, [&](auto rc) {
-      return run_recipe<decltype(rc), nn::default_mlp, cuda_stage>(m, rc, method_kind::plain, s, base, base_row,
-                                                                    base_probe, d, prog);
-    });
+  else r = with_multimodal_recipe(m, [&](auto rc) { return on_device(rc, method_kind::plain); });
   r.recipe = method_description(m);
   return r;
 }

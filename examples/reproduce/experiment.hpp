@@ -490,23 +490,41 @@ struct method_result {
 
 // LwF's objective for the multimodal model: the teacher (the model before this stage) sees
 // the same soft tokens (the vision encoder and projector are frozen under LwF's recipe).
+template <class Backend = backend::cpu>
 struct multimodal_lwf_objective {
-  cl::teacher<float>* teach = nullptr;
+  using tensor_t = typename Backend::template tensor<float>;
+  cl::teacher<float, Backend>* teach = nullptr;
   cl::lwf_options options{};
 
   template <class Model>
-  train::loss_result<float> micro(const Model& model, typename Model::weights_t& w, typename Model::grads_t& g,
-                                  const train::micro_batch<float>& mb, const cpu::tensor<float>& h,
-                                  const token_ids& targets, std::size_t normaliser) const {
+  train::loss_result<float, Backend> micro(const Model& model, typename Model::weights_t& w,
+                                           typename Model::grads_t& g, const train::micro_batch<float, Backend>& mb,
+                                           const tensor_t& h, const token_ids& targets, std::size_t normaliser) const {
     static_assert(!Model::train_vision && !Model::train_projector, "LwF here assumes a frozen vision path");
-    cpu::tensor<float> soft;
+    tensor_t soft;
     if (mb.prefix) soft = model.soft_tokens(w, *mb.prefix);
     auto ht = teach->hidden(w.lm, mb.ids, mb.prefix ? &soft : nullptr);
     auto r = cl::lwf_loss(h, w.lm.head(), ht, teach->head(w.lm), targets, model.head_grad(g), options, normaliser,
                           options.all_positions ? 0 : normaliser);
-    return std::move(static_cast<train::loss_result<float>&>(r));
+    return std::move(static_cast<train::loss_result<float, Backend>&>(r));
   }
 };
+
+// One step of a stage on any backend: LwF's objective when the method distils (and the recipe
+// leaves the vision path frozen, as LwF's does), else the masked cross-entropy.
+template <class Model, class Optimizer, class Backend>
+train::step_stats stage_step(const Model& mm, typename Model::weights_t& w, typename Model::grads_t& g,
+                             Optimizer& opt, const train::cosine_schedule& sched,
+                             const train::micro_batch<float, Backend>& mb, cl::teacher<float, Backend>* teach,
+                             const settings& s) {
+  if constexpr (!Model::train_vision && !Model::train_projector) {
+    if (teach) {
+      const multimodal_lwf_objective<Backend> obj{teach, {.lambda = s.lwf_lambda, .temperature = s.lwf_temperature}};
+      return train::train_step(mm, w, g, opt, sched, std::span(&mb, 1), {}, obj);
+    }
+  }
+  return train::train_step(mm, w, g, opt, sched, std::span(&mb, 1));
+}
 
 enum class method_kind { plain, lwf, wise_ft, lora };
 
@@ -529,7 +547,7 @@ class cpu_stage {
   static memory_ledger& meter() { return ledger(); }
 
   cpu_stage(R, const model_t& mm, weights_t& w, double lr, method_kind kind, const settings& s)
-      : mm_(mm), w_(w), g_(mm.make_grads(w)), opt_(mm, w, g_, {.lr = lr, .weight_decay = 0.0}), kind_(kind), s_(s) {
+      : mm_(mm), w_(w), g_(mm.make_grads(w)), opt_(mm, w, g_, {.lr = lr, .weight_decay = 0.0}), s_(s) {
     if (kind == method_kind::lwf) teach_.emplace(mm.lm(), w.lm);
   }
   std::size_t trainable() {
@@ -539,13 +557,7 @@ class cpu_stage {
   }
   train::step_stats step(const encoded_batch& enc, const train::cosine_schedule& sched) {
     train::micro_batch<float> mb{enc.ids, enc.targets, enc.images.empty() ? nullptr : &enc.images};
-    if constexpr (!R::template trains<group::vision> && !R::template trains<group::projector>) {
-      if (kind_ == method_kind::lwf) {
-        multimodal_lwf_objective obj{&*teach_, {.lambda = s_.lwf_lambda, .temperature = s_.lwf_temperature}};
-        return train::train_step(mm_, w_, g_, opt_, sched, std::span(&mb, 1), {}, obj);
-      }
-    }
-    return train::train_step(mm_, w_, g_, opt_, sched, std::span(&mb, 1));
+    return stage_step(mm_, w_, g_, opt_, sched, mb, teach_ ? &*teach_ : nullptr, s_);
   }
   void sync(weights_t&) const {}  // the host weights are the ones that train
 
@@ -554,7 +566,6 @@ class cpu_stage {
   weights_t& w_;
   typename model_t::grads_t g_;
   train::adamw<float> opt_;
-  method_kind kind_;
   const settings& s_;
   std::optional<cl::teacher<float>> teach_;
 };
@@ -717,10 +728,11 @@ inline method_result run_method(const std::string& m, const settings& s, const w
 
 // --- the GPU ------------------------------------------------------------------------------
 
-// The methods that train on the GPU with --device cuda: the plain recipes and WiSE-FT (its
-// averaging is a host step between stages). LwF, LoRA and MoE rest on library parts that are
-// CPU-only for now (the teacher, adapters, mixtures: docs/gpu.md), so they train on the CPU.
-inline bool trains_on_device(const std::string& m) { return m != "lwf" && m != "lora" && m != "moe"; }
+// The methods that train on the GPU with --device cuda: the plain recipes, LwF (its teacher on
+// the device), LoRA (adapters attached and merged on the host between stages) and WiSE-FT (its
+// averaging is a host step between stages). MoE rests on the mixture MLP, which is CPU-only for
+// now (docs/gpu.md), so it trains on the CPU.
+inline bool trains_on_device(const std::string& m) { return m != "moe"; }
 
 #ifdef SKILLGRAFT_REPRODUCE_CUDA
 inline constexpr bool built_with_cuda = true;

@@ -1,7 +1,7 @@
 // The reproduction's --device cuda path (examples/reproduce/device_cuda.hpp), compiled with
 // Thrust's host device system, against the same work on the CPU: pretraining gives the CPU's
-// loss at every step and downloads its weights; a reduced run trains the plain recipes and
-// WiSE-FT on the device with the CPU's losses, LwF on the CPU, and says so in its outputs.
+// loss at every step and downloads its weights; a reduced run of all ten methods trains every
+// method but MoE on the device with the CPU's losses (MoE on the CPU), and says so in its outputs.
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -69,10 +69,12 @@ TEST_CASE("reproduction on the device: pretraining has the CPU's loss at every s
   CHECK(squared_distance(on_device, on_cpu) <= 1e-4 * update);
 }
 
-TEST_CASE("reproduction on the device: a reduced run trains the plain recipes with the CPU's losses, LwF on the CPU") {
+TEST_CASE("reproduction on the device: a reduced run of all ten methods has the CPU's losses, MoE trained on the CPU") {
   auto s = sg::test::reduced_settings("device_run");
   s.order = {"count", "clock"};
-  s.methods = {"sa_proj", "full", "wise_ft", "lwf"};
+  s.methods = rp::all_methods();
+  const std::size_t n = s.methods.size();
+  REQUIRE(n == 10);
   s.jobs = 2;  // forked workers, as in a real run
   s.pretrain_threads = 1;
   auto on_cpu = s;
@@ -82,14 +84,16 @@ TEST_CASE("reproduction on the device: a reduced run trains the plain recipes wi
   rp::progress prog(true);
   const auto ref = rp::run_pipeline(on_cpu, prog);
   const auto res = rp::run_pipeline(s, prog);
-  REQUIRE(res.methods.size() == 4);
-  REQUIRE(ref.methods.size() == 4);
-  for (std::size_t i = 0; i < 4; ++i) {
+  REQUIRE(res.methods.size() == n);
+  REQUIRE(ref.methods.size() == n);
+  std::string on_devices;
+  for (std::size_t i = 0; i < n; ++i) {
     const auto& r = res.methods[i];
     const auto& c = ref.methods[i];
     INFO(r.name);
     CHECK(r.name == c.name);
-    CHECK(r.device == (r.name == "lwf" ? "cpu" : "cuda"));
+    CHECK(r.device == (r.name == "moe" ? "cpu" : "cuda"));
+    on_devices += (i ? ", " : "") + r.name + " " + r.device;
     CHECK(c.device == "cpu");
     CHECK(r.trainable == c.trainable);
     CHECK(r.peak_bytes > 0);
@@ -102,8 +106,8 @@ TEST_CASE("reproduction on the device: a reduced run trains the plain recipes wi
     CHECK(r.probes.size() == c.probes.size());
   }
   const auto report = read(s.out / "report.md");
-  CHECK(report.find("Device: pretraining on cuda; training of each method on: sa_proj cuda, full cuda, wise_ft cuda, lwf cpu.") !=
-        std::string::npos);
+  CHECK_THAT(report, Catch::Contains("Device: pretraining on cuda; training of each method on: " + on_devices + "."));
+  CHECK_THAT(on_devices, Catch::Contains("lwf cuda") && Catch::Contains("lora cuda") && Catch::Contains("moe cpu"));
   CHECK(read(on_cpu.out / "report.md").find("Device:") == std::string::npos);
   std::filesystem::remove_all(s.out);
   std::filesystem::remove_all(on_cpu.out);
