@@ -10,7 +10,9 @@
 #include <vector>
 
 #include "skillgraft/backend/cuda/backend.hpp"
+#include "skillgraft/cl/ewc.hpp"
 #include "skillgraft/cl/lwf.hpp"
+#include "skillgraft/cl/wise_ft.hpp"
 #include "skillgraft/model/decoder_lm.hpp"
 #include "skillgraft/model/parameters.hpp"
 #include "skillgraft/train/adamw.hpp"
@@ -116,4 +118,128 @@ TEST_CASE("LwF on the device: the teacher's snapshot lives in device memory and 
   double moved = 0;
   for (std::size_t i = 0; i < h_now.size(); ++i) moved = std::max(moved, double(std::abs(h_now[i] - t_cpu[i])));
   CHECK(moved > 1e-4);  // the student did move away from its teacher
+}
+
+namespace {
+
+// A model with its AdamW on both backends, the device weights uploaded from the CPU's.
+template <class R>
+struct twin_models {
+  sg::model::lm_weights<float> hw;
+  sg::model::lm_weights<float, device_b> dw;
+  sg::model::decoder_lm<float, R> cm;
+  sg::model::decoder_lm<float, R, device_b> dm;
+  typename sg::model::decoder_lm<float, R>::grads_t cg;
+  typename sg::model::decoder_lm<float, R, device_b>::grads_t dg;
+  sg::train::adamw<float> copt;
+  sg::train::adamw<float, device_b> dopt;
+
+  twin_models(const sg::decoder_config& c, R recipe, unsigned seed)
+      : hw(random_lm(c, seed)),
+        dw(sg::model::to_backend<device_b>(hw)),
+        cm(c, recipe),
+        dm(c, recipe),
+        cg(cm.make_grads(hw)),
+        dg(dm.make_grads(dw)),
+        copt(cm, hw, cg, {.lr = 1e-2, .weight_decay = 0.0}),
+        dopt(dm, dw, dg, {.lr = 1e-2, .weight_decay = 0.0}) {}
+
+  // The device's trainable tensors, downloaded, against the CPU's.
+  void check_weights(const std::string& what) {
+    std::vector<const sg::cpu::tensor<float>*> ref;
+    sg::model::for_each_trainable_weight(cm, hw, [&](const std::string&, const sg::cpu::tensor<float>& t) { ref.push_back(&t); });
+    std::size_t i = 0;
+    sg::model::for_each_trainable_weight(dm, dw, [&](const std::string& n, const sg::cuda::tensor<float>& t) {
+      REQUIRE(i < ref.size());
+      check_close(what + ": " + n, t, *ref[i++]);
+    });
+    CHECK(i == ref.size());
+  }
+};
+
+sg::decoder_config method_config() {
+  auto c = sg::test::tiny_config(true, 2);
+  c.vocab_size = 31;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("EWC on the device: the Fisher (empirical and sampled), its state and penalised steps equal the CPU's") {
+  using R = std::remove_const_t<decltype(sg::recipe::sa_proj)>;
+  twin_models<R> m(method_config(), sg::recipe::sa_proj, 21);
+  const auto cb = batches<sg::backend::cpu>(31, 22);
+  const auto db = batches<device_b>(31, 22);
+  for (const auto kind : {sg::cl::fisher_kind::empirical, sg::cl::fisher_kind::sampled}) {
+    INFO((kind == sg::cl::fisher_kind::empirical ? "empirical" : "sampled") << " Fisher");
+    const sg::cl::fisher_options fo{.kind = kind, .seed = 5, .samples = 2};
+    const auto cf = sg::cl::estimate_fisher(m.cm, m.hw, std::span(cb), fo);
+    const auto df = sg::cl::estimate_fisher(m.dm, m.dw, std::span(db), fo);
+    CHECK(df.examples() == cf.examples());
+    std::size_t n = 0;
+    cf.for_each([&](const std::string& name, const sg::cpu::tensor<float>& f) {
+      REQUIRE(df.find(name) != nullptr);
+      check_close("Fisher of " + name, *df.find(name), f);
+      ++n;
+    });
+    CHECK(n == 7 * 2);  // q, k, v, o and the q, k, v biases of both layers
+  }
+  sg::cl::ewc<float> cs(m.cm, m.hw, {.lambda = 50.0});
+  const ledger_probe state(memory_use::method_state);
+  sg::cl::ewc<float, device_b> ds(m.dm, m.dw, {.lambda = 50.0});
+  CHECK(ds.state_bytes() == cs.state_bytes());
+  CHECK(state.delta() == std::int64_t(ds.state_bytes()));  // F and θ* in device memory
+  cs.consolidate(m.cm, m.hw, std::span(cb));
+  ds.consolidate(m.dm, m.dw, std::span(db));
+  const sg::train::constant_schedule lr{1e-2};
+  const sg::cl::ewc_objective<float> cobj{&cs};
+  const sg::cl::ewc_objective<float, sg::train::masked_ce_objective, device_b> dobj{&ds};
+  double penalty = 0;
+  for (int step = 0; step < 3; ++step) {
+    INFO("step " << step);
+    const auto c = sg::train::train_step(m.cm, m.hw, m.cg, m.copt, lr, std::span(cb), {}, cobj);
+    const auto d = sg::train::train_step(m.dm, m.dw, m.dg, m.dopt, lr, std::span(db), {}, dobj);
+    CHECK(std::abs(d.loss - c.loss) <= 1e-5 * std::abs(c.loss));
+    sg::test::check_gradients(m.cm, m.hw, m.cg, m.dm, m.dw, m.dg);
+    penalty = cs.penalty(m.cm, m.hw);
+    CHECK(std::abs(ds.penalty(m.dm, m.dw) - penalty) <= 1e-3 * penalty + 1e-12);
+  }
+  CHECK(penalty > 0);  // the steps moved the weights away from the anchor
+  m.check_weights("after penalised steps");
+  // A Fisher of another recipe is refused on the device as on the CPU.
+  using Q = std::remove_const_t<decltype(sg::recipe::mlp)>;
+  sg::model::decoder_lm<float, Q, device_b> other(method_config(), sg::recipe::mlp);
+  CHECK_THROWS_WITH(ds.consolidate(m.dm, m.dw, sg::cl::estimate_fisher(other, m.dw, std::span(db))),
+                    Catch::Contains("estimated under another recipe or model"));
+}
+
+TEST_CASE("WiSE-FT on the device: snapshots, interpolation and the running average equal the CPU's") {
+  using R = std::remove_const_t<decltype(sg::recipe::llm)>;
+  twin_models<R> m(method_config(), sg::recipe::llm, 31);
+  const auto cb = batches<sg::backend::cpu>(31, 32);
+  const auto db = batches<device_b>(31, 32);
+  const sg::train::constant_schedule lr{1e-2};
+  sg::cl::weight_snapshot<float> cbefore(m.cm, m.hw);
+  sg::cl::weight_snapshot<float, device_b> dbefore(m.dm, m.dw);
+  sg::cl::running_average<float> cavg(m.cm, m.hw);
+  sg::cl::running_average<float, device_b> davg(m.dm, m.dw);
+  for (int step = 0; step < 2; ++step) {
+    sg::train::train_step(m.cm, m.hw, m.cg, m.copt, lr, std::span(cb));
+    sg::train::train_step(m.dm, m.dw, m.dg, m.dopt, lr, std::span(db));
+  }
+  sg::cl::weight_snapshot<float> cafter(m.cm, m.hw);
+  sg::cl::weight_snapshot<float, device_b> dafter(m.dm, m.dw);
+  const sg::cl::group_alpha alpha{.attention = 0.25, .mlp = 0.75, .norm = 0.0, .embedding = 1.0, .head = 0.5};
+  sg::cl::interpolate(m.cm, m.hw, cbefore, cafter, alpha);
+  sg::cl::interpolate(m.dm, m.dw, dbefore, dafter, alpha);
+  m.check_weights("interpolated");
+  sg::cl::wise_ft(m.cm, m.hw, cbefore, 0.5);
+  sg::cl::wise_ft(m.dm, m.dw, dbefore, 0.5);
+  m.check_weights("WiSE-FT in place");
+  cavg.after_task(m.cm, m.hw);
+  davg.after_task(m.dm, m.dw);
+  m.check_weights("running average written back");
+  CHECK(davg.tasks() == 1);
+  CHECK(davg.state_bytes() == cavg.state_bytes());
+  CHECK_THROWS_WITH(sg::cl::interpolate(m.dm, m.dw, dbefore, dafter, 1.5), Catch::Contains("expected a value in [0, 1]"));
 }

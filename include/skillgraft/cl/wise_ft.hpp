@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "skillgraft/backend/host_device.hpp"
 #include "skillgraft/model/decoder_lm.hpp"
 #include "skillgraft/model/parameters.hpp"
 
@@ -115,32 +116,48 @@ inline void check_alpha(double a, const std::string& name) {
                                 ", expected a value in [0, 1]");
 }
 
-// out = (1 − α) b + α a, elementwise, summed in fp32 (double for T = double). α = 0 and
-// α = 1 copy (exact even for −0 and non-finite values, and cheaper).
 template <class T>
-void mix(T* out, const T* b, const T* a, std::size_t n, double alpha) {
+struct mix_kernel {  // out = wb b + wa a in Acc
   using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  if (alpha == 0.0) {
-    if (out != b) std::copy_n(b, n, out);
+  T* out;
+  const T* b;
+  const T* a;
+  acc_t wb, wa;
+  SKILLGRAFT_HD void operator()(std::int64_t j) const { out[j] = T(wb * acc_t(b[j]) + wa * acc_t(a[j])); }
+};
+template <class T>
+struct copy_kernel {
+  T* out;
+  const T* in;
+  SKILLGRAFT_HD void operator()(std::int64_t j) const { out[j] = in[j]; }
+};
+
+// out = (1 − α) b + α a, elementwise on the backend, summed in fp32 (double for T = double).
+// α = 0 and α = 1 copy (exact even for −0 and non-finite values, and cheaper).
+template <class Backend, class T>
+void mix(T* out, const T* b, const T* a, std::size_t n, double alpha) {
+  using acc_t = typename mix_kernel<T>::acc_t;
+  if (alpha == 0.0 || alpha == 1.0) {
+    const T* from = alpha == 0.0 ? b : a;
+    if (out != from) Backend::for_each_index(std::int64_t(n), copy_kernel<T>{out, from});
     return;
   }
-  if (alpha == 1.0) {
-    if (out != a) std::copy_n(a, n, out);
-    return;
-  }
-  const acc_t wa = acc_t(alpha), wb = acc_t(1.0 - alpha);
-  for (std::size_t j = 0; j < n; ++j) out[j] = T(wb * acc_t(b[j]) + wa * acc_t(a[j]));
+  Backend::for_each_index(std::int64_t(n), mix_kernel<T>{out, b, a, acc_t(1.0 - alpha), acc_t(alpha)});
 }
 }  // namespace detail
 
 // Copies of the tensors a recipe trains (method_state), each with its name and group.
 // (Like cl::trainable_snapshot, but writable, so a running average can live in it.)
-template <class T>
+// On the backend of the weights they copy.
+template <class T, class Backend = backend::cpu>
 class weight_snapshot {
  public:
+  using tensor_t = typename Backend::template tensor<T>;
+  using weights_t = model::lm_weights<T, Backend>;
+
   template <class Model>
-  weight_snapshot(const Model& model, const model::lm_weights<T>& w) {
-    detail::for_each_trainable_grouped(model, w, [&](const std::string& name, const tensor<T>& t, param_group g) {
+  weight_snapshot(const Model& model, const weights_t& w) {
+    detail::for_each_trainable_grouped(model, w, [&](const std::string& name, const tensor_t& t, param_group g) {
       index_[name] = slots_.size();
       slots_.push_back({name, g, t.clone(memory_use::method_state)});
     });
@@ -153,7 +170,7 @@ class weight_snapshot {
     return b;
   }
   // The copy of a tensor, or nullptr when the recipe does not train it (it is shared).
-  const tensor<T>* find(const std::string& name) const {
+  const tensor_t* find(const std::string& name) const {
     auto it = index_.find(name);
     return it == index_.end() ? nullptr : &slots_[it->second].value;
   }
@@ -167,9 +184,9 @@ class weight_snapshot {
   // that w (under model's recipe) has exactly this snapshot's tensors, names and shapes —
   // so a caller that writes in f has validated everything before the first write.
   template <class Model, class F>
-  void visit_matching(const Model& model, model::lm_weights<T>& w, std::string_view what, F&& f) const {
+  void visit_matching(const Model& model, weights_t& w, std::string_view what, F&& f) const {
     std::size_t i = 0;
-    detail::for_each_trainable_grouped(model, w, [&](const std::string& name, tensor<T>& t, param_group) {
+    detail::for_each_trainable_grouped(model, w, [&](const std::string& name, tensor_t& t, param_group) {
       if (i >= slots_.size() || slots_[i].name != name)
         throw std::invalid_argument("skillgraft: " + std::string(what) +
                                     " was taken under another recipe or model: the model trains " + name +
@@ -185,20 +202,20 @@ class weight_snapshot {
                                   " tensors, the model's recipe trains " + std::to_string(i) +
                                   " (taken under another recipe or model)");
     i = 0;
-    detail::for_each_trainable_grouped(model, w, [&](const std::string& name, tensor<T>& t, param_group g) {
+    detail::for_each_trainable_grouped(model, w, [&](const std::string& name, tensor_t& t, param_group g) {
       f(i, name, g, t);
       ++i;
     });
   }
 
-  tensor<T>& value(std::size_t i) { return slots_[i].value; }
-  const tensor<T>& value(std::size_t i) const { return slots_[i].value; }
+  tensor_t& value(std::size_t i) { return slots_[i].value; }
+  const tensor_t& value(std::size_t i) const { return slots_[i].value; }
 
  private:
   struct slot {
     std::string name;
     param_group group;
-    tensor<T> value;
+    tensor_t value;
   };
   std::vector<slot> slots_;
   std::map<std::string, std::size_t> index_;
@@ -207,33 +224,34 @@ class weight_snapshot {
 // w ← (1 − α) before + α after on the recipe's trainable tensors; frozen tensors untouched.
 // Sweeping α needs no retraining: keep both snapshots and call this once per α.
 // Everything (snapshots, every α in [0, 1]) is checked before any weight is written.
-template <class Model, class T, class Alpha>
-void interpolate(const Model& model, model::lm_weights<T>& w, const weight_snapshot<T>& before,
-                 const weight_snapshot<T>& after, const Alpha& alpha) {
+template <class Model, class T, class Backend, class Alpha>
+void interpolate(const Model& model, model::lm_weights<T, Backend>& w, const weight_snapshot<T, Backend>& before,
+                 const weight_snapshot<T, Backend>& after, const Alpha& alpha) {
   std::vector<double> alphas;
   before.visit_matching(model, w, "the snapshot before fine-tuning", [&](std::size_t, const std::string& name,
-                                                                          param_group g, tensor<T>&) {
+                                                                          param_group g, auto&) {
     alphas.push_back(detail::alpha_for(alpha, name, g));
     detail::check_alpha(alphas.back(), name);
   });
   after.visit_matching(model, w, "the snapshot after fine-tuning", [](auto&&...) {});
-  before.visit_matching(model, w, "", [&](std::size_t i, const std::string&, param_group, tensor<T>& t) {
-    detail::mix(t.data(), before.value(i).data(), after.value(i).data(), t.size(), alphas[i]);
+  before.visit_matching(model, w, "", [&](std::size_t i, const std::string&, param_group, auto& t) {
+    detail::mix<Backend>(t.data(), before.value(i).data(), after.value(i).data(), t.size(), alphas[i]);
   });
 }
 
 // WiSE-FT in place: w holds the fine-tuned weights θ_after and becomes
 // (1 − α) θ_before + α θ_after on the recipe's trainable tensors.
-template <class Model, class T, class Alpha>
-void wise_ft(const Model& model, model::lm_weights<T>& w, const weight_snapshot<T>& before, const Alpha& alpha) {
+template <class Model, class T, class Backend, class Alpha>
+void wise_ft(const Model& model, model::lm_weights<T, Backend>& w, const weight_snapshot<T, Backend>& before,
+             const Alpha& alpha) {
   std::vector<double> alphas;
   before.visit_matching(model, w, "the snapshot before fine-tuning",
-                        [&](std::size_t, const std::string& name, param_group g, tensor<T>&) {
+                        [&](std::size_t, const std::string& name, param_group g, auto&) {
                           alphas.push_back(detail::alpha_for(alpha, name, g));
                           detail::check_alpha(alphas.back(), name);
                         });
-  before.visit_matching(model, w, "", [&](std::size_t i, const std::string&, param_group, tensor<T>& t) {
-    detail::mix(t.data(), before.value(i).data(), t.data(), t.size(), alphas[i]);
+  before.visit_matching(model, w, "", [&](std::size_t i, const std::string&, param_group, auto& t) {
+    detail::mix<Backend>(t.data(), before.value(i).data(), t.data(), t.size(), alphas[i]);
   });
 }
 
@@ -242,11 +260,13 @@ void wise_ft(const Model& model, model::lm_weights<T>& w, const weight_snapshot<
 //   θ̄_0 = weights at construction (pretrained),  θ̄_k = (1 − β) θ̄_{k−1} + β θ_k  (β = ½),
 //   and the model continues from θ̄_k: after_task writes it back into the weights.
 // State: one copy of the trainable tensors (method_state), whatever the number of tasks.
-template <class T>
+template <class T, class Backend = backend::cpu>
 class running_average {
  public:
+  using weights_t = model::lm_weights<T, Backend>;
+
   template <class Model>
-  running_average(const Model& model, const model::lm_weights<T>& w, double beta = 0.5)
+  running_average(const Model& model, const weights_t& w, double beta = 0.5)
       : average_(model, w), beta_(beta) {
     if (!(beta > 0.0 && beta <= 1.0))
       throw std::invalid_argument("skillgraft: running-average weight beta is " + std::to_string(beta) +
@@ -255,23 +275,22 @@ class running_average {
 
   // After training task k: θ̄ ← (1 − β) θ̄ + β w, then w ← θ̄ (trainable tensors only).
   template <class Model>
-  void after_task(const Model& model, model::lm_weights<T>& w) {
-    average_.visit_matching(model, w, "the running average",
-                            [&](std::size_t i, const std::string&, param_group, tensor<T>& t) {
-                              tensor<T>& avg = average_.value(i);
-                              detail::mix(avg.data(), avg.data(), t.data(), t.size(), beta_);
-                              std::copy_n(avg.data(), avg.size(), t.data());
-                            });
+  void after_task(const Model& model, weights_t& w) {
+    average_.visit_matching(model, w, "the running average", [&](std::size_t i, const std::string&, param_group, auto& t) {
+      auto& avg = average_.value(i);
+      detail::mix<Backend>(avg.data(), avg.data(), t.data(), t.size(), beta_);
+      Backend::for_each_index(std::int64_t(t.size()), detail::copy_kernel<T>{t.data(), avg.data()});
+    });
     ++tasks_;
   }
 
   int tasks() const { return tasks_; }
   double beta() const { return beta_; }
-  const weight_snapshot<T>& average() const { return average_; }
+  const weight_snapshot<T, Backend>& average() const { return average_; }
   std::size_t state_bytes() const { return average_.state_bytes(); }
 
  private:
-  weight_snapshot<T> average_;
+  weight_snapshot<T, Backend> average_;
   double beta_;
   int tasks_ = 0;
 };
