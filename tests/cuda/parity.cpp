@@ -30,7 +30,6 @@
 #include "skillgraft/train/schedule.hpp"
 #include "check.hpp"
 #include "support/random.hpp"
-#include "support/random_lm.hpp"
 
 namespace sg = skillgraft;
 using sg::memory_use;
@@ -38,7 +37,6 @@ namespace dev = sg::cuda;
 using sg::test::check_close;
 using sg::test::check_gradients;
 using sg::test::ledger_probe;
-using sg::test::random_lm;
 using sg::test::rel;
 
 // Both backends provide every operation the layers are written in (checked by the host
@@ -349,6 +347,16 @@ TEST_CASE("AdamW on the device: a finite gradient that would overflow a moment i
 }
 
 namespace {
+
+sg::model::lm_weights<float> random_lm(const sg::decoder_config& c, unsigned seed) {
+  sg::model::lm_weights<float> w(c);
+  std::mt19937 rng(seed);
+  sg::test::fill_normal(w.embed_tokens, rng, 0.0, 0.5);
+  if (!c.tie_word_embeddings) sg::test::fill_normal(w.lm_head, rng, 0.0, 0.5);
+  sg::test::fill_normal(w.norm, rng, 1.0, 0.1);
+  for (auto& l : w.trunk.layers) sg::test::fill_block(l, rng);
+  return w;
+}
 
 // Every tensor's bytes, by Hugging Face name.
 std::map<std::string, std::vector<unsigned char>> snapshot(sg::model::lm_weights<float>& w) {

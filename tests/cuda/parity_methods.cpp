@@ -12,6 +12,7 @@
 #include "skillgraft/backend/cuda/backend.hpp"
 #include "skillgraft/cl/ewc.hpp"
 #include "skillgraft/cl/lwf.hpp"
+#include "skillgraft/cl/probes.hpp"
 #include "skillgraft/cl/wise_ft.hpp"
 #include "skillgraft/model/decoder_lm.hpp"
 #include "skillgraft/model/parameters.hpp"
@@ -26,7 +27,6 @@ namespace sg = skillgraft;
 using sg::memory_use;
 using sg::test::check_close;
 using sg::test::ledger_probe;
-using sg::test::random_lm;
 using sg::test::random_tensor;
 using device_b = sg::backend::cuda;
 
@@ -81,7 +81,7 @@ TEST_CASE("LwF loss on the device: loss, CE, KL, hidden and head gradients equal
 TEST_CASE("LwF on the device: the teacher's snapshot lives in device memory and a step equals the CPU's") {
   auto c = sg::test::tiny_config(false, 2);
   c.vocab_size = 37;
-  auto hw = random_lm(c, 7);
+  auto hw = sg::test::random_lm<float>(c, 7);
   auto dw = sg::model::to_backend<device_b>(hw);
   using R = std::remove_const_t<decltype(sg::recipe::mlp)>;
   sg::model::decoder_lm<float, R> cm(c, sg::recipe::mlp);
@@ -135,7 +135,7 @@ struct twin_models {
   sg::train::adamw<float, device_b> dopt;
 
   twin_models(const sg::decoder_config& c, R recipe, unsigned seed)
-      : hw(random_lm(c, seed)),
+      : hw(sg::test::random_lm<float>(c, seed)),
         dw(sg::model::to_backend<device_b>(hw)),
         cm(c, recipe),
         dm(c, recipe),
@@ -242,4 +242,57 @@ TEST_CASE("WiSE-FT on the device: snapshots, interpolation and the running avera
   CHECK(davg.tasks() == 1);
   CHECK(davg.state_bytes() == cavg.state_bytes());
   CHECK_THROWS_WITH(sg::cl::interpolate(m.dm, m.dw, dbefore, dafter, 1.5), Catch::Contains("expected a value in [0, 1]"));
+}
+
+TEST_CASE("distribution probes on the device: set mass and both KLs, against other weights and a teacher, equal the CPU's") {
+  using R = std::remove_const_t<decltype(sg::recipe::mlp)>;
+  twin_models<R> m(method_config(), sg::recipe::mlp, 41);
+  sg::cl::teacher<float> cteach(m.cm, m.hw);
+  sg::cl::teacher<float, device_b> dteach(m.dm, m.dw);
+  const auto cb = batches<sg::backend::cpu>(31, 42);
+  const auto db = batches<device_b>(31, 42);
+  const sg::train::constant_schedule lr{3e-2};
+  for (int step = 0; step < 2; ++step) {  // the student moves away from its teacher
+    sg::train::train_step(m.cm, m.hw, m.cg, m.copt, lr, std::span(cb));
+    sg::train::train_step(m.dm, m.dw, m.dg, m.dopt, lr, std::span(db));
+  }
+  const auto base = sg::test::random_lm<float>(method_config(), 43);
+  const auto dbase = sg::model::to_backend<device_b>(base);
+  const sg::cl::token_set numbers({3, 4, 5, 17, 30}, 31, "numbers");
+  const auto cprobe = sg::cl::make_distribution_probe(m.cm, {.rows = 5, .vocab = 8});
+  const auto dprobe = sg::cl::make_distribution_probe(m.dm, {.rows = 5, .vocab = 8});
+  const sg::cl::position_mask mask = sg::cl::mask_from_targets(cb[1].targets);
+  auto same = [](const sg::cl::probe_accumulator& d, const sg::cl::probe_accumulator& c, bool kl) {
+    REQUIRE(d.kept().size() == c.kept().size());
+    REQUIRE(c.kept().size() > 5);
+    for (std::size_t i = 0; i < c.kept().size(); ++i) {
+      INFO("position " << i);
+      const auto &dv = d.kept()[i].value, &cv = c.kept()[i].value;
+      CHECK(std::abs(dv.set_mass - cv.set_mass) <= 1e-5 * cv.set_mass);
+      CHECK(std::abs(dv.set_max_logit - cv.set_max_logit) <= 1e-5 * (1 + std::abs(cv.set_max_logit)));
+      if (kl) {
+        CHECK(cv.kl_ref_model > 1e-4);
+        CHECK(std::abs(dv.kl_ref_model - cv.kl_ref_model) <= 1e-3 * cv.kl_ref_model);
+        CHECK(std::abs(dv.kl_model_ref - cv.kl_model_ref) <= 1e-3 * cv.kl_model_ref);
+      }
+    }
+  };
+  {
+    sg::cl::probe_accumulator c(numbers, true), d(numbers, true);
+    cprobe.teacher_forced(c, m.hw, cb[1].ids, mask);
+    dprobe.teacher_forced(d, m.dw, db[1].ids, mask);
+    same(d, c, false);
+  }
+  {
+    sg::cl::probe_accumulator c(numbers, true), d(numbers, true);
+    cprobe.teacher_forced(c, m.hw, cb[1].ids, mask, nullptr, sg::cl::weights_reference<float>{&base});
+    dprobe.teacher_forced(d, m.dw, db[1].ids, mask, nullptr, sg::cl::weights_reference<float, device_b>{&dbase});
+    same(d, c, true);
+  }
+  {
+    sg::cl::probe_accumulator c(numbers, true), d(numbers, true);
+    cprobe.teacher_forced(c, m.hw, cb[1].ids, mask, nullptr, sg::cl::teacher_reference<float>{&cteach, &m.hw});
+    dprobe.teacher_forced(d, m.dw, db[1].ids, mask, nullptr, sg::cl::teacher_reference<float, device_b>{&dteach, &m.dw});
+    same(d, c, true);
+  }
 }

@@ -1,19 +1,26 @@
 #pragma once
-// A seeded random language model for tests (embedding, head, final norm and every block).
-#include <random>
-
+// A seeded random decoder LM for tests, on a small configuration with a 13-token vocabulary.
 #include "skillgraft/model/decoder_lm.hpp"
 #include "support/random.hpp"
 
 namespace skillgraft::test {
 
-inline model::lm_weights<float> random_lm(const decoder_config& c, unsigned seed) {
-  model::lm_weights<float> w(c);
+inline decoder_config tiny_lm_config(int layers = 2) {
+  auto c = tiny_config(false, layers);
+  c.vocab_size = 13;
+  c.max_seq = 16;
+  return c;
+}
+
+// Blocks, then embeddings N(0, 1), final norm N(1, 0.1), LM head N(0, 0.5), from one stream.
+template <class T>
+model::lm_weights<T> random_lm(const decoder_config& c, unsigned seed) {
+  model::lm_weights<T> w(c);
   std::mt19937 rng(seed);
-  fill_normal(w.embed_tokens, rng, 0.0, 0.5);
-  if (!c.tie_word_embeddings) fill_normal(w.lm_head, rng, 0.0, 0.5);
-  fill_normal(w.norm, rng, 1.0, 0.1);
   for (auto& l : w.trunk.layers) fill_block(l, rng);
+  fill_normal(w.embed_tokens, rng, 0.0, 1.0);
+  fill_normal(w.norm, rng, 1.0, 0.1);
+  fill_normal(w.lm_head, rng, 0.0, 0.5);
   return w;
 }
 

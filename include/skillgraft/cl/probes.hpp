@@ -297,10 +297,14 @@ struct row_state {
 // the LM head [vocab, hidden]; with h_ref and head_ref (both or neither; their hidden width may
 // differ from h's, the vocabulary may not) also the two KL divergences. Adds `batch` texts to acc.
 // Nothing in acc changes if an argument is wrong or a logit is not finite.
-template <class T>
-void probe_hidden(probe_accumulator& acc, const tensor<T>& h, const tensor<T>& head, const position_mask& mask,
-                  const std::type_identity_t<tensor<T>>* h_ref = nullptr,
-                  const std::type_identity_t<tensor<T>>* head_ref = nullptr, probe_options o = {}) {
+// Tensors of any backend: the probed rows are gathered and multiplied by the head there; the
+// row statistics run on the host over each [rows, vocab chunk] block of logits (on the CPU
+// backend in place, on another backend after a download of the block).
+template <class T, template <class> class Tensor>
+void probe_hidden(probe_accumulator& acc, const Tensor<T>& h, const Tensor<T>& head, const position_mask& mask,
+                  const std::type_identity_t<Tensor<T>>* h_ref = nullptr,
+                  const std::type_identity_t<Tensor<T>>* head_ref = nullptr, probe_options o = {}) {
+  using B_ = typename backend_of<Tensor<T>>::type;
   const auto& set = acc.set();
   if (h.rank() != 3)
     throw std::invalid_argument("skillgraft: probed hidden states have shape " + h.shape().str() +
@@ -336,31 +340,46 @@ void probe_hidden(probe_accumulator& acc, const tensor<T>& h, const tensor<T>& h
 
   const std::size_t V = head.dim(0), vc = o.vocab ? std::min(o.vocab, V) : V;
   const auto& ids = set.ids();
-  using mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  mat hc, hrc, z, zr;
+  const std::size_t mc = std::max<std::size_t>(1, std::min(o.rows, records.size()));
+  Tensor<T> hc({mc, d}, memory_use::workspace), z({mc, vc}, memory_use::workspace), hrc, zr;
+  if (with_ref) hrc = Tensor<T>({mc, dr}, memory_use::workspace), zr = Tensor<T>({mc, vc}, memory_use::workspace);
+  constexpr bool on_host = std::is_same_v<Tensor<T>, cpu::tensor<T>>;
+  cpu::tensor<T> z_host, zr_host;  // the logits block on the host (another backend only)
+  if constexpr (!on_host) {
+    z_host = cpu::tensor<T>({mc, vc}, memory_use::workspace);
+    if (with_ref) zr_host = cpu::tensor<T>({mc, vc}, memory_use::workspace);
+  }
   std::vector<probe_detail::row_state> st;
-  for (std::size_t r0 = 0; r0 < records.size(); r0 += o.rows) {
-    const std::size_t m = std::min(o.rows, records.size() - r0);
-    hc.resize(Eigen::Index(m), Eigen::Index(d));
-    if (with_ref) hrc.resize(Eigen::Index(m), Eigen::Index(dr));
-    for (std::size_t i = 0; i < m; ++i) {
-      const auto row = Eigen::Index(records[r0 + i].text * P + records[r0 + i].position);
-      hc.row(Eigen::Index(i)) = h.mat().row(row);
-      if (with_ref) hrc.row(Eigen::Index(i)) = h_ref->mat().row(row);
-    }
+  for (std::size_t r0 = 0; r0 < records.size(); r0 += mc) {
+    const std::size_t m = std::min(mc, records.size() - r0);
+    std::vector<std::int64_t> rows(m);
+    for (std::size_t i = 0; i < m; ++i) rows[i] = std::int64_t(records[r0 + i].text * P + records[r0 + i].position);
+    B_::gather_rows(h, d, rows, hc);
+    if (with_ref) B_::gather_rows(*h_ref, dr, rows, hrc);
     st.assign(m, {});
     for (std::size_t c0 = 0; c0 < V; c0 += vc) {
       const std::size_t cw = std::min(vc, V - c0);
-      z.noalias() = hc * head.mat().middleRows(Eigen::Index(c0), Eigen::Index(cw)).transpose();
-      if (with_ref) zr.noalias() = hrc * head_ref->mat().middleRows(Eigen::Index(c0), Eigen::Index(cw)).transpose();
+      B_::gemm("probe: z = h W^T", op::n, op::t, int(m), int(cw), int(d), T(1), hc.data(), int(d), head.data() + c0 * d,
+               int(d), T(0), z.data(), int(cw));
+      if (with_ref)
+        B_::gemm("probe: r = h_ref W_ref^T", op::n, op::t, int(m), int(cw), int(dr), T(1), hrc.data(), int(dr),
+                 head_ref->data() + c0 * dr, int(dr), T(0), zr.data(), int(cw));
+      const T* zb = z.data();
+      const T* zrb = with_ref ? zr.data() : nullptr;
+      if constexpr (!on_host) {
+        z.copy_range_to(0, m * cw, z_host.data());
+        if (with_ref) zr.copy_range_to(0, m * cw, zr_host.data());
+        zb = z_host.data();
+        zrb = with_ref ? zr_host.data() : nullptr;
+      }
       // The set's ids inside this chunk: [k0, k1) of the ascending list.
       const std::size_t k0 = std::size_t(std::lower_bound(ids.begin(), ids.end(), std::int64_t(c0)) - ids.begin());
       const std::size_t k1 = std::size_t(std::lower_bound(ids.begin(), ids.end(), std::int64_t(c0 + cw)) - ids.begin());
 #pragma omp parallel for schedule(static) if (m * cw >= 65536)
       for (std::size_t i = 0; i < m; ++i) {
         auto& a = st[i];
-        const T* zi = z.data() + i * cw;
-        const T* ri = with_ref ? zr.data() + i * cw : nullptr;
+        const T* zi = zb + i * cw;
+        const T* ri = with_ref ? zrb + i * cw : nullptr;
         double cm = -std::numeric_limits<double>::infinity(), crm = cm;
         for (std::size_t j = 0; j < cw; ++j) cm = std::max(cm, double(zi[j]));
         a.model.raise_max(cm);
@@ -413,24 +432,27 @@ void probe_hidden(probe_accumulator& acc, const tensor<T>& h, const tensor<T>& h
 // No reference: the KL values stay NaN.
 struct no_reference {};
 // Reference: a model of the same config under other weights (e.g. the base checkpoint).
-template <class T>
+template <class T, class Backend = backend::cpu>
 struct weights_reference {
-  const model::lm_weights<T>* weights = nullptr;
+  const model::lm_weights<T, Backend>* weights = nullptr;
 };
 // Reference: an LwF teacher, i.e. its snapshot of the trainable tensors swapped into `weights`
 // (the student's, shared) while it runs.
-template <class T>
+template <class T, class Backend = backend::cpu>
 struct teacher_reference {
-  teacher<T>* teach = nullptr;
-  model::lm_weights<T>* weights = nullptr;
+  teacher<T, Backend>* teach = nullptr;
+  model::lm_weights<T, Backend>* weights = nullptr;
 };
 
 // Mlp: the MLP policy of the probed models (dense by default); make_distribution_probe
-// takes it, with its options, from a model.
-template <class T, class Mlp = nn::default_mlp>
+// takes it, with its options, from a model. Backend: where the probed weights live (the
+// teacher-forced probes run there; generation, and so `generated`, is CPU-only for now).
+template <class T, class Mlp = nn::default_mlp, class Backend = backend::cpu>
 class distribution_probe {
  public:
-  using frozen_model = model::decoder_lm<T, std::remove_cv_t<decltype(recipe::frozen)>, backend::cpu, Mlp>;
+  using frozen_model = model::decoder_lm<T, std::remove_cv_t<decltype(recipe::frozen)>, Backend, Mlp>;
+  using tensor_t = typename Backend::template tensor<T>;
+  using weights_t = model::lm_weights<T, Backend>;
 
   explicit distribution_probe(const decoder_config& c, probe_options o = {}, const typename Mlp::options& mlp = {})
       : model_(c, recipe::frozen, mlp), opt_(o) {}
@@ -441,15 +463,15 @@ class distribution_probe {
   // Final hidden states of weights w, [batch, prefix + seq, hidden]. The probe runs every set of
   // weights (and an LwF teacher runs its snapshot) through the same frozen model, which keeps
   // nothing for backward: equal weights give bit-identical distributions, hence KL exactly 0.
-  tensor<T> hidden(const model::lm_weights<T>& w, const token_ids& ids, const tensor<T>* prefix = nullptr) const {
+  tensor_t hidden(const weights_t& w, const token_ids& ids, const tensor_t* prefix = nullptr) const {
     typename frozen_model::saved_t s;
     return model_.forward(w, ids, s, prefix);
   }
 
   // (a) Teacher-forced: the positions of [prefix ; ids] that mask selects ([batch, prefix + seq]).
   template <class Ref = no_reference>
-  void teacher_forced(probe_accumulator& acc, const model::lm_weights<T>& w, const token_ids& ids,
-                      const position_mask& mask, const tensor<T>* prefix = nullptr, Ref ref = {}) const {
+  void teacher_forced(probe_accumulator& acc, const weights_t& w, const token_ids& ids, const position_mask& mask,
+                      const tensor_t* prefix = nullptr, Ref ref = {}) const {
     auto h = hidden(w, ids, prefix);
     if constexpr (std::is_same_v<Ref, no_reference>) {
       probe_hidden(acc, h, w.head(), mask, nullptr, nullptr, opt_);
@@ -464,8 +486,8 @@ class distribution_probe {
   // [prefix ; prompt ; continuation[:, :C-1]]). With eos >= 0, a row's steps after the one
   // that emitted eos are padding and are not probed.
   template <class Ref = no_reference>
-  void continuations(probe_accumulator& acc, const model::lm_weights<T>& w, const token_ids& prompt,
-                     const token_ids& continuation, const tensor<T>* prefix = nullptr, Ref ref = {},
+  void continuations(probe_accumulator& acc, const weights_t& w, const token_ids& prompt,
+                     const token_ids& continuation, const tensor_t* prefix = nullptr, Ref ref = {},
                      std::int64_t eos = -1) const {
     const std::size_t B = prompt.shape(0), P0 = prompt.shape(1), C = continuation.shape(1);
     const std::size_t Pp = prefix && !prefix->empty() ? prefix->dim(1) : 0;
@@ -493,8 +515,10 @@ class distribution_probe {
   // The step distributions are recomputed by one causal pass — the same distributions the
   // decoder sampled from, up to float rounding — so the reference scores the very same prefixes.
   template <class Ref = no_reference>
-  token_ids generated(probe_accumulator& acc, const model::lm_weights<T>& w, const token_ids& prompt,
-                      const model::sampling& s, const tensor<T>* prefix = nullptr, Ref ref = {}) const {
+  token_ids generated(probe_accumulator& acc, const weights_t& w, const token_ids& prompt,
+                      const model::sampling& s, const tensor_t* prefix = nullptr, Ref ref = {}) const
+    requires std::is_same_v<Backend, backend::cpu>
+  {
     if (s.max_new_tokens <= 0)
       throw std::invalid_argument("skillgraft: a generation probe needs max_new_tokens >= 1 (got " +
                                   std::to_string(s.max_new_tokens) + ")");
@@ -504,16 +528,16 @@ class distribution_probe {
   }
 
  private:
-  tensor<T> reference_hidden(const weights_reference<T>& r, const token_ids& ids, const tensor<T>* prefix) const {
+  tensor_t reference_hidden(const weights_reference<T, Backend>& r, const token_ids& ids, const tensor_t* prefix) const {
     if (!r.weights) throw std::invalid_argument("skillgraft: weights_reference has no weights");
     return hidden(*r.weights, ids, prefix);
   }
-  const tensor<T>& reference_head(const weights_reference<T>& r) const { return r.weights->head(); }
-  tensor<T> reference_hidden(const teacher_reference<T>& r, const token_ids& ids, const tensor<T>* prefix) const {
+  const tensor_t& reference_head(const weights_reference<T, Backend>& r) const { return r.weights->head(); }
+  tensor_t reference_hidden(const teacher_reference<T, Backend>& r, const token_ids& ids, const tensor_t* prefix) const {
     if (!r.teach || !r.weights) throw std::invalid_argument("skillgraft: teacher_reference needs a teacher and weights");
     return r.teach->hidden(*r.weights, ids, prefix);
   }
-  const tensor<T>& reference_head(const teacher_reference<T>& r) const { return r.teach->head(*r.weights); }
+  const tensor_t& reference_head(const teacher_reference<T, Backend>& r) const { return r.teach->head(*r.weights); }
 
   frozen_model model_;
   probe_options opt_;
@@ -522,8 +546,8 @@ class distribution_probe {
 // A probe for models like `model`: same config, MLP policy and MLP options.
 template <class Model>
 auto make_distribution_probe(const Model& model, probe_options o = {}) {
-  return distribution_probe<typename Model::value_type, typename Model::mlp_policy>(model.config(), o,
-                                                                                              model.mlp_options());
+  return distribution_probe<typename Model::value_type, typename Model::mlp_policy, typename Model::backend_type>(
+      model.config(), o, model.mlp_options());
 }
 
 }  // namespace skillgraft::cl
