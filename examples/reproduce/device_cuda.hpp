@@ -25,16 +25,14 @@ namespace skillgraft::reproduce {
 // device weights.
 template <class R, class Mlp>
 class cuda_stage {
-  static_assert(std::is_same_v<Mlp, nn::default_mlp>, "the CUDA backend runs the dense MLP only");
-
  public:
   using host_model_t = model::multimodal_lm<float, R, backend::cpu, Mlp>;
-  using model_t = model::multimodal_lm<float, R, backend::cuda>;
+  using model_t = model::multimodal_lm<float, R, backend::cuda, Mlp>;
   static constexpr const char* device = "cuda";
   static memory_ledger& meter() { return skillgraft::cuda::device_ledger(); }
 
-  cuda_stage(R recipe, const host_model_t&, weights_t& w, double lr, method_kind kind, const settings& s)
-      : mm_(w.config, recipe),
+  cuda_stage(R recipe, const host_model_t& host, weights_t& w, double lr, method_kind kind, const settings& s)
+      : mm_(w.config, recipe, host.mlp_options()),
         w_(model::to_backend<backend::cuda>(w)),
         g_(mm_.make_grads(w_)),
         opt_(mm_, w_, g_, {.lr = lr, .weight_decay = 0.0}),
@@ -81,18 +79,19 @@ inline void pretrain_on_device(weights_t& w, const settings& s, const run_data& 
   model::download(dw, w);
 }
 
-// run_method() with the training on the GPU (every method but MoE: trains_on_device).
+// run_method() with the training on the GPU.
 inline method_result run_method_on_device(const std::string& m, const settings& s, const weights_t& base,
                                           const std::vector<double>& base_row, const probe_value& base_probe,
                                           const run_data& d, progress& prog) {
-  if (!trains_on_device(m))
-    throw std::invalid_argument("reproduce: method '" + m + "' trains on the CPU (not on the CUDA backend)");
   method_result r;
   auto on_device = [&](auto rc, method_kind kind) {
     return run_recipe<std::remove_cv_t<decltype(rc)>, nn::default_mlp, cuda_stage>(m, rc, kind, s, base, base_row,
                                                                                    base_probe, d, prog);
   };
-  if (m == "wise_ft") r = on_device(recipe::llm, method_kind::wise_ft);
+  if (m == "moe")
+    r = run_recipe<std::remove_cv_t<decltype(moe_recipe)>, moe_policy, cuda_stage>(m, moe_recipe, method_kind::plain, s,
+                                                                                  base, base_row, base_probe, d, prog);
+  else if (m == "wise_ft") r = on_device(recipe::llm, method_kind::wise_ft);
   else if (m == "lwf") r = on_device(recipe::mlp, method_kind::lwf);
   else if (m == "lora") r = on_device(lora_recipe, method_kind::lora);
   else if (!is_multimodal_recipe_name(m))

@@ -728,11 +728,10 @@ inline method_result run_method(const std::string& m, const settings& s, const w
 
 // --- the GPU ------------------------------------------------------------------------------
 
-// The methods that train on the GPU with --device cuda: the plain recipes, LwF (its teacher on
-// the device), LoRA (adapters attached and merged on the host between stages) and WiSE-FT (its
-// averaging is a host step between stages). MoE rests on the mixture MLP, which is CPU-only for
-// now (docs/gpu.md), so it trains on the CPU.
-inline bool trains_on_device(const std::string& m) { return m != "moe"; }
+// With --device cuda every method trains on the GPU: the plain recipes, LwF (its teacher on
+// the device), LoRA (adapters attached and merged on the host between stages), MoE (the
+// mixture grown on the host between stages) and WiSE-FT (its averaging is a host step between
+// stages). Evaluation and the probes run on the CPU copy of the weights.
 
 #ifdef SKILLGRAFT_REPRODUCE_CUDA
 inline constexpr bool built_with_cuda = true;

@@ -213,13 +213,12 @@ inline void check_device(const settings& s) {
   }
 }
 
-// run_method on the settings' device: with --device cuda the plain recipes and WiSE-FT train on
-// the GPU, the others on the CPU.
+// run_method on the settings' device: with --device cuda every method trains on the GPU.
 inline method_result run_method_on(const std::string& m, const settings& s, const weights_t& base,
                                    const std::vector<double>& base_row, const probe_value& base_probe,
                                    const run_data& d, progress& prog) {
 #ifdef SKILLGRAFT_REPRODUCE_CUDA
-  if (s.device == "cuda" && trains_on_device(m)) return run_method_cuda(m, s, base, base_row, base_probe, d, prog);
+  if (s.device == "cuda") return run_method_cuda(m, s, base, base_row, base_probe, d, prog);
 #endif
   return run_method(m, s, base, base_row, base_probe, d, prog);
 }

@@ -12,6 +12,7 @@
 #include "skillgraft/backend/cuda/backend.hpp"
 #include "skillgraft/cl/ewc.hpp"
 #include "skillgraft/cl/lwf.hpp"
+#include "skillgraft/cl/moe.hpp"
 #include "skillgraft/cl/probes.hpp"
 #include "skillgraft/cl/wise_ft.hpp"
 #include "skillgraft/model/decoder_lm.hpp"
@@ -294,5 +295,75 @@ TEST_CASE("distribution probes on the device: set mass and both KLs, against oth
     cprobe.teacher_forced(c, m.hw, cb[1].ids, mask, nullptr, sg::cl::teacher_reference<float>{&cteach, &m.hw});
     dprobe.teacher_forced(d, m.dw, db[1].ids, mask, nullptr, sg::cl::teacher_reference<float, device_b>{&dteach, &m.dw});
     same(d, c, true);
+  }
+}
+
+namespace {
+
+// A mixture of `experts` experts per layer (random router and experts) trained one step on
+// both backends under recipe R: loss, gradient norm, every gradient and the saved bytes agree.
+template <class Mlp, class R>
+void moe_step_parity(R recipe, int experts) {
+  auto c = method_config();
+  auto hw = sg::test::random_lm<float>(c, 51);
+  std::mt19937 rng(52);
+  for (int e = 1; e < experts; ++e) sg::cl::add_expert(hw);
+  for (auto& l : hw.trunk.layers) {
+    sg::test::fill_normal(l.mlp.router, rng, 0.0, 1.0);
+    for (auto& x : l.mlp.experts)
+      for (auto* p : {&x.gate_proj, &x.up_proj, &x.down_proj}) sg::test::fill_linear(*p, rng);
+  }
+  if constexpr (Mlp::activation::has_range) sg::nn::add_act_range(hw.trunk, 0.4f);
+  auto dw = sg::model::to_backend<device_b>(hw);
+  const sg::nn::moe_options o{experts};
+  sg::model::decoder_lm<float, R, sg::backend::cpu, Mlp> cm(c, recipe, o);
+  sg::model::decoder_lm<float, R, device_b, Mlp> dm(c, recipe, o);
+  auto cg = cm.make_grads(hw);
+  auto dg = dm.make_grads(dw);
+  sg::train::adamw<float> copt(cm, hw, cg, {.lr = 1e-2});
+  sg::train::adamw<float, device_b> dopt(dm, dw, dg, {.lr = 1e-2});
+  const auto cb = batches<sg::backend::cpu>(31, 53);
+  const auto db = batches<device_b>(31, 53);
+  const sg::train::constant_schedule lr{1e-2};
+  for (int step = 0; step < 2; ++step) {
+    INFO("step " << step);
+    const auto cs = sg::train::train_step(cm, hw, cg, copt, lr, std::span(cb));
+    const ledger_probe saved(memory_use::saved_activations);
+    const auto ds = sg::train::train_step(dm, dw, dg, dopt, lr, std::span(db));
+    CHECK(saved.delta() == 0);  // everything forward kept was released by backward
+    CHECK(std::abs(ds.loss - cs.loss) <= 1e-5 * std::abs(cs.loss));
+    CHECK(std::abs(ds.grad_norm - cs.grad_norm) <= 1e-4 * cs.grad_norm);
+    CHECK(sg::test::check_gradients(cm, hw, cg, dm, dw, dg) > 0);
+  }
+  // What forward keeps on the device is what it keeps on the CPU (the mixture's plan; the CPU's
+  // own test checks that against the ledger), and the stack's share of it is the plan's.
+  const std::int64_t cpu0 = sg::ledger().live(memory_use::saved_activations);
+  typename decltype(cm)::saved_t cs;
+  const auto ch = cm.forward(hw, cb[0].ids, cs);
+  const std::int64_t cpu_saved = sg::ledger().live(memory_use::saved_activations) - cpu0;
+  const ledger_probe saved(memory_use::saved_activations);
+  typename decltype(dm)::saved_t s;
+  const auto h = dm.forward(dw, db[0].ids, s);
+  CHECK(saved.delta() == cpu_saved);
+  CHECK(saved.delta() >= std::int64_t(sizeof(float) * dm.stack().saved_elements({2, 6})));
+  check_close("hidden states", h, ch);
+}
+
+}  // namespace
+
+TEST_CASE("mixture of experts on the device: routing, experts and router gradients equal the CPU's") {
+  using moe2 = sg::nn::moe<sg::nn::act::silu, 2>;
+  SECTION("top-2 renormalised, newest expert and router, every layer (input gradients through all experts)") {
+    moe_step_parity<moe2>(sg::recipe::mlp | sg::trainable<sg::group::router>, 3);
+  }
+  SECTION("top-2, router only, upper layer (no input gradient)") {
+    moe_step_parity<moe2>(sg::trainable<sg::group::router>.on_layers(1, 1), 3);
+  }
+  SECTION("top-1 softmax (Switch) with xSiLU experts and their ranges") {
+    moe_step_parity<sg::nn::moe<sg::nn::act::xsilu, 1>>(
+        sg::trainable<sg::proj::gate, sg::proj::down, sg::group::act_range, sg::group::router>, 3);
+  }
+  SECTION("top-2 with the attention trained below (experts pass gradients through, none train)") {
+    moe_step_parity<moe2>(sg::recipe::sa_proj, 2);
   }
 }

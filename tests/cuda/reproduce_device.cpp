@@ -1,7 +1,7 @@
 // The reproduction's --device cuda path (examples/reproduce/device_cuda.hpp), compiled with
 // Thrust's host device system, against the same work on the CPU: pretraining gives the CPU's
 // loss at every step and downloads its weights; a reduced run of all ten methods trains every
-// method but MoE on the device with the CPU's losses (MoE on the CPU), and says so in its outputs.
+// one on the device with the CPU's losses, and says so in its outputs.
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -69,7 +69,7 @@ TEST_CASE("reproduction on the device: pretraining has the CPU's loss at every s
   CHECK(squared_distance(on_device, on_cpu) <= 1e-4 * update);
 }
 
-TEST_CASE("reproduction on the device: a reduced run of all ten methods has the CPU's losses, MoE trained on the CPU") {
+TEST_CASE("reproduction on the device: a reduced run trains all ten methods on the device with the CPU's losses") {
   auto s = sg::test::reduced_settings("device_run");
   s.order = {"count", "clock"};
   s.methods = rp::all_methods();
@@ -92,7 +92,7 @@ TEST_CASE("reproduction on the device: a reduced run of all ten methods has the 
     const auto& c = ref.methods[i];
     INFO(r.name);
     CHECK(r.name == c.name);
-    CHECK(r.device == (r.name == "moe" ? "cpu" : "cuda"));
+    CHECK(r.device == "cuda");
     on_devices += (i ? ", " : "") + r.name + " " + r.device;
     CHECK(c.device == "cpu");
     CHECK(r.trainable == c.trainable);
@@ -107,7 +107,7 @@ TEST_CASE("reproduction on the device: a reduced run of all ten methods has the 
   }
   const auto report = read(s.out / "report.md");
   CHECK_THAT(report, Catch::Contains("Device: pretraining on cuda; training of each method on: " + on_devices + "."));
-  CHECK_THAT(on_devices, Catch::Contains("lwf cuda") && Catch::Contains("lora cuda") && Catch::Contains("moe cpu"));
+  CHECK_THAT(on_devices, Catch::Contains("lwf cuda") && Catch::Contains("lora cuda") && Catch::Contains("moe cuda"));
   CHECK(read(on_cpu.out / "report.md").find("Device:") == std::string::npos);
   std::filesystem::remove_all(s.out);
   std::filesystem::remove_all(on_cpu.out);

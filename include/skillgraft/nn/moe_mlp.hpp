@@ -18,6 +18,10 @@
 // With top-1 a renormalised weight is always 1, so only the softmax form (the default for k = 1)
 // lets the router learn.
 //
+// Routing runs on the backend (route_rows below); the choice is read on the host to group the
+// tokens by expert (the GEMM shapes depend on it), and each expert's rows move by gathers and
+// by element functors over small uploaded index maps, so the mixture runs on every backend.
+//
 // Weights: mlp_weights with `router` [E, hidden] and `experts` (experts 1 .. E-1; expert 0 is
 // the MLP's own gate/up/down). Hugging Face names: mlp.router.weight, mlp.experts.{e}.gate_proj.weight, ...
 //
@@ -33,6 +37,7 @@
 #include <string>
 #include <vector>
 
+#include "skillgraft/backend/host_device.hpp"
 #include "skillgraft/nn/swiglu.hpp"
 
 namespace skillgraft::nn {
@@ -81,12 +86,130 @@ struct moe_grads : mlp_grads<T, Recipe, Act, Backend>,
 
 // The routing (top-k selection, gathers of the routed rows) runs on the host: the mixture is a
 // CPU layer for now, and a block or stack of another backend with an nn::moe policy stops here.
+// One element or one token per call (SKILLGRAFT_HD: every backend runs the same functors).
+// Index maps (token of row r, pair t K + j of row r) are small host vectors uploaded per expert.
+namespace moe_kernels {
+// Token t's top K experts of z [N, E] (ties: the lower index), stored as T values, and
+// their weights: renormalised over the chosen experts, or the softmax (kept in probs if given).
+template <class T, std::size_t K, bool Renormalise>
+struct route_rows {
+  const T* z;
+  T* route;
+  T* rw;
+  T* probs;  // may be null
+  std::int64_t E;
+  SKILLGRAFT_HD void operator()(std::int64_t t) const {
+    const T* zt = z + t * E;
+    std::int64_t sel[K];
+    for (std::size_t j = 0; j < K; ++j) {
+      std::int64_t best = E;
+      for (std::int64_t e = 0; e < E; ++e) {
+        bool taken = false;
+        for (std::size_t i = 0; i < j; ++i) taken = taken || sel[i] == e;
+        if (!taken && (best == E || zt[e] > zt[best])) best = e;
+      }
+      sel[j] = best;
+      route[t * std::int64_t(K) + std::int64_t(j)] = T(best);
+    }
+    const T top = zt[sel[0]];
+    T* w = rw + t * std::int64_t(K);
+    if constexpr (Renormalise) {
+      T sum = T(0);
+      for (std::size_t j = 0; j < K; ++j) sum += (w[j] = scalar::exp_(zt[sel[j]] - top));
+      for (std::size_t j = 0; j < K; ++j) w[j] /= sum;
+    } else {
+      T sum = T(0);
+      for (std::int64_t e = 0; e < E; ++e) sum += scalar::exp_(zt[e] - top);
+      for (std::size_t j = 0; j < K; ++j) w[j] = scalar::exp_(zt[sel[j]] - top) / sum;
+      if (probs)
+        for (std::int64_t e = 0; e < E; ++e) probs[t * E + e] = scalar::exp_(zt[e] - top) / sum;
+    }
+  }
+};
+// out[token[r]] += weight[pair[r]] in[r] (weight null: 1), per element of in [n, cols]. A
+// token appears once per expert, so the rows of one call never collide.
+template <class T>
+struct add_rows_to {
+  T* out;
+  const T* in;
+  const std::int64_t* token;
+  const std::int64_t* pair;
+  const T* weight;
+  std::int64_t cols;
+  SKILLGRAFT_HD void operator()(std::int64_t i) const {
+    const std::int64_t r = i / cols, c = i % cols;
+    out[token[r] * cols + c] += (weight ? weight[pair[r]] : T(1)) * in[i];
+  }
+};
+// Row pair[r] of out is row r of in (rows of cols).
+template <class T>
+struct place_rows {
+  T* out;
+  const T* in;
+  const std::int64_t* pair;
+  std::int64_t cols;
+  SKILLGRAFT_HD void operator()(std::int64_t i) const { out[pair[i / cols] * cols + i % cols] = in[i]; }
+};
+// Row r of x scaled in place by weight[pair[r]].
+template <class T>
+struct scale_rows {
+  T* x;
+  const T* weight;
+  const std::int64_t* pair;
+  std::int64_t cols;
+  SKILLGRAFT_HD void operator()(std::int64_t i) const { x[i] *= weight[pair[i / cols]]; }
+};
+// a[pair[r]] = x[r] . y[r] (pair null: a[r]), rows of cols; x's row is r / every when x is
+// shared by `every` consecutive rows of y (dout_t for the K pairs of token t).
+template <class T>
+struct row_dots {
+  T* a;
+  const T* x;
+  const T* y;
+  const std::int64_t* pair;
+  std::int64_t cols, every;
+  SKILLGRAFT_HD void operator()(std::int64_t r) const {
+    const T* xr = x + (r / every) * cols;
+    const T* yr = y + r * cols;
+    T acc = T(0);
+    for (std::int64_t i = 0; i < cols; ++i) acc += xr[i] * yr[i];
+    a[pair ? pair[r] : r] = acc;
+  }
+};
+// Token t's router-logit gradient (math at the top of this file).
+template <class T, std::size_t K, bool Renormalise>
+struct router_grad {
+  T* dz;
+  const T* route;
+  const T* rw;
+  const T* a;
+  const T* probs;
+  std::int64_t E;
+  SKILLGRAFT_HD void operator()(std::int64_t t) const {
+    T* dzt = dz + t * E;
+    const T* w = rw + t * std::int64_t(K);
+    const T* at = a + t * std::int64_t(K);
+    const T* rt = route + t * std::int64_t(K);
+    if constexpr (Renormalise) {
+      T sum = T(0);
+      for (std::size_t j = 0; j < K; ++j) sum += w[j] * at[j];
+      for (std::size_t j = 0; j < K; ++j) dzt[std::int64_t(rt[j])] = w[j] * (at[j] - sum);
+    } else {
+      const T* pt = probs + t * E;
+      T sum = T(0);
+      for (std::size_t j = 0; j < K; ++j) sum += pt[std::int64_t(rt[j])] * at[j];
+      for (std::int64_t e = 0; e < E; ++e) dzt[e] = -pt[e] * sum;
+      for (std::size_t j = 0; j < K; ++j) dzt[std::int64_t(rt[j])] += pt[std::int64_t(rt[j])] * at[j];
+    }
+  }
+};
+}  // namespace moe_kernels
+
 template <class T, class Recipe, bool NeedsInputGrad, class Policy, class Backend = backend::cpu>
 struct moe_mlp {
-  static_assert(std::is_same_v<Backend, backend::cpu>,
-                "skillgraft: the mixture-of-experts MLP (nn::moe) runs on the CPU backend only");
   using value_type = T;
-  using weights_t = mlp_weights<T>;
+  using tensor_t = typename Backend::template tensor<T>;
+  using weights_t = mlp_weights<T, Backend>;
   using activation = typename Policy::activation;
   using options = moe_options;
   using plan = moe_plan<Recipe, NeedsInputGrad, Policy>;
@@ -101,15 +224,15 @@ struct moe_mlp {
                 "skillgraft: a renormalised top-1 weight is always 1, so the router would get no gradient; "
                 "use the softmax form (nn::moe<Act, 1>) or top_k >= 2");
 
-  struct saved_t : members::optional_route<plan::save_route, tensor<T>>,
-                   members::optional_route_weight<plan::save_route, tensor<T>>,
-                   members::optional_probs<plan::save_probs, tensor<T>>,
-                   members::optional_x<plan::save_x, tensor<T>>,
-                   members::optional_y<plan::save_y, tensor<T>>,
-                   members::optional_g<plan::save_g, tensor<T>>,
-                   members::optional_u<plan::save_u, tensor<T>>,
-                   members::optional_m<plan::save_m, tensor<T>> {};
-  using grads_t = moe_grads<T, Recipe, Act>;
+  struct saved_t : members::optional_route<plan::save_route, tensor_t>,
+                   members::optional_route_weight<plan::save_route, tensor_t>,
+                   members::optional_probs<plan::save_probs, tensor_t>,
+                   members::optional_x<plan::save_x, tensor_t>,
+                   members::optional_y<plan::save_y, tensor_t>,
+                   members::optional_g<plan::save_g, tensor_t>,
+                   members::optional_u<plan::save_u, tensor_t>,
+                   members::optional_m<plan::save_m, tensor_t> {};
+  using grads_t = moe_grads<T, Recipe, Act, Backend>;
 
   decoder_config config;
   options mlp_options{};
@@ -121,56 +244,63 @@ struct moe_mlp {
     if constexpr (plan::train_gate) g.gate_proj = n.gate_proj.like(memory_use::gradients);
     if constexpr (plan::train_up) g.up_proj = n.up_proj.like(memory_use::gradients);
     if constexpr (plan::train_down) g.down_proj = n.down_proj.like(memory_use::gradients);
-    if constexpr (plan::train_alpha) g.act_alpha = (detail::range_of<Act>(n), tensor<T>({1}, memory_use::gradients));
-    if constexpr (plan::train_router) g.router = tensor<T>(w.router.shape(), memory_use::gradients);
+    if constexpr (plan::train_alpha) g.act_alpha = (detail::range_of<Act>(n), tensor_t({1}, memory_use::gradients));
+    if constexpr (plan::train_router) g.router = tensor_t(w.router.shape(), memory_use::gradients);
     return g;
   }
 
-  tensor<T> forward(const weights_t& w, const tensor<T>& h, saved_t& s) const {
+  tensor_t forward(const weights_t& w, const tensor_t& h, saved_t& s) const {
     check_linear_input(w.gate_proj, h, "mlp");
-    const std::size_t N = std::size_t(h.rows()), d = std::size_t(h.cols()), I = w.gate_proj.out_features(),
+    const std::size_t d = h.dim(h.rank() - 1), N = h.size() / d, I = w.gate_proj.out_features(),
                       E = experts_of(w, d), newest = E - 1;
+    const int di = int(d), Ii = int(I);
     auto kept = [](bool keep) { return keep ? memory_use::saved_activations : memory_use::workspace; };
 
-    // Route: z = h Wr^T, the k largest logits per token and their weights.
-    tensor<T> z({N, E}, memory_use::workspace);
-    z.mat().noalias() = h.mat() * w.router.mat().transpose();
-    tensor<T> route({N, K}, kept(plan::save_route)), rw({N, K}, kept(plan::save_route));
-    tensor<T> probs = plan::save_probs ? tensor<T>({N, E}, memory_use::saved_activations) : tensor<T>();
-    route_tokens(z, route, rw, plan::save_probs ? &probs : nullptr);
+    // Route: z = h Wr^T, the k largest logits per token and their weights (on the backend);
+    // the choice is then grouped by expert on the host.
+    tensor_t z({N, E}, memory_use::workspace);
+    Backend::gemm("router: z = h Wr^T", op::n, op::t, int(N), int(E), di, T(1), h.data(), di, w.router.data(), di, T(0),
+                  z.data(), int(E));
+    tensor_t route({N, K}, kept(plan::save_route)), rw({N, K}, kept(plan::save_route));
+    tensor_t probs = plan::save_probs ? tensor_t({N, E}, memory_use::saved_activations) : tensor_t();
+    Backend::for_each_index(std::int64_t(N), moe_kernels::route_rows<T, K, Policy::renormalise>{
+                                                  z.data(), route.data(), rw.data(),
+                                                  plan::save_probs ? probs.data() : nullptr, std::int64_t(E)});
     const auto grp = group_pairs(route, E);
 
     // Experts, each on the tokens that chose it.
     const std::size_t rows_kept = plan::all_pairs ? N * K : N;
-    tensor<T> sg = plan::save_g ? tensor<T>({rows_kept, I}, memory_use::saved_activations) : tensor<T>();
-    tensor<T> su = plan::save_u ? tensor<T>({rows_kept, I}, memory_use::saved_activations) : tensor<T>();
-    tensor<T> sm = plan::save_m ? tensor<T>({N, I}, memory_use::saved_activations) : tensor<T>();
-    tensor<T> y = plan::save_y ? tensor<T>({N, K, d}, memory_use::saved_activations) : tensor<T>();
-    tensor<T> out(h.shape(), memory_use::workspace);
-    out.reshape({N, d});
+    tensor_t sg = plan::save_g ? tensor_t({rows_kept, I}, memory_use::saved_activations) : tensor_t();
+    tensor_t su = plan::save_u ? tensor_t({rows_kept, I}, memory_use::saved_activations) : tensor_t();
+    tensor_t sm = plan::save_m ? tensor_t({N, I}, memory_use::saved_activations) : tensor_t();
+    tensor_t y = plan::save_y ? tensor_t({N, K, d}, memory_use::saved_activations) : tensor_t();
+    tensor_t out(h.shape(), memory_use::workspace);
     for (std::size_t e = 0; e < E; ++e) {
       const std::size_t n = grp.count(e);
       if (n == 0) continue;
       const auto& ex = w.expert(e);
       const bool keep_gu = plan::all_pairs || e == newest;
       const std::size_t row0 = plan::all_pairs ? grp.offset[e] : 0;
-      tensor<T> he = gather(h, grp, e);
-      tensor<T> gw, uw, mw;
-      auto g = (plan::save_g && keep_gu) ? rows(sg, row0, n) : fresh(gw, n, I);
-      auto u = (plan::save_u && keep_gu) ? rows(su, row0, n) : fresh(uw, n, I);
-      auto m = (plan::save_m && e == newest) ? rows(sm, 0, n) : fresh(mw, n, I);
-      g.noalias() = he.mat() * ex.gate_proj.weight.mat().transpose();
-      u.noalias() = he.mat() * ex.up_proj.weight.mat().transpose();
-      cpu::gated_product_n<Act>(g.data(), u.data(), detail::range_value<Act>(ex), m.data(), n * I);
-      tensor<T> ye({n, d}, memory_use::workspace);
-      ye.mat().noalias() = m * ex.down_proj.weight.mat().transpose();
-      for (std::size_t r = 0; r < n; ++r) {
-        const std::size_t t = grp.token[grp.offset[e] + r], j = grp.slot[grp.offset[e] + r];
-        out.mat().row(Eigen::Index(t)) += rw[t * K + j] * ye.mat().row(Eigen::Index(r));
-        if constexpr (plan::save_y) std::copy_n(ye.data() + r * d, d, y.data() + (t * K + j) * d);
-      }
+      const expert_maps maps(grp, e);
+      tensor_t he = gather(h, maps);
+      tensor_t gw, uw, mw;
+      T* g = (plan::save_g && keep_gu) ? sg.data() + row0 * I : fresh(gw, n, I);
+      T* u = (plan::save_u && keep_gu) ? su.data() + row0 * I : fresh(uw, n, I);
+      T* m = (plan::save_m && e == newest) ? sm.data() : fresh(mw, n, I);
+      Backend::gemm("expert: g = h Wg^T", op::n, op::t, int(n), Ii, di, T(1), he.data(), di,
+                    ex.gate_proj.weight.data(), di, T(0), g, Ii);
+      Backend::gemm("expert: u = h Wu^T", op::n, op::t, int(n), Ii, di, T(1), he.data(), di, ex.up_proj.weight.data(),
+                    di, T(0), u, Ii);
+      Backend::template gated_product_range<Act>(g, u, detail::range_of<Act>(ex), m, n * I);
+      tensor_t ye({n, d}, memory_use::workspace);
+      Backend::gemm("expert: y = m Wd^T", op::n, op::t, int(n), di, Ii, T(1), m, Ii, ex.down_proj.weight.data(), Ii, T(0),
+                    ye.data(), di);
+      const auto nd = std::int64_t(n * d);
+      Backend::for_each_index(nd, moe_kernels::add_rows_to<T>{out.data(), ye.data(), maps.token_d.data(),
+                                                              maps.pair_d.data(), rw.data(), std::int64_t(d)});
+      if constexpr (plan::save_y)
+        Backend::for_each_index(nd, moe_kernels::place_rows<T>{y.data(), ye.data(), maps.pair_d.data(), std::int64_t(d)});
     }
-    out.reshape(h.shape());
     if constexpr (plan::save_route) {
       s.route = std::move(route);
       s.route_weight = std::move(rw);
@@ -184,115 +314,106 @@ struct moe_mlp {
     return out;
   }
 
-  tensor<T> backward(const weights_t& w, const saved_t& s, const tensor<T>& dout, grads_t& gr) const {
+  tensor_t backward(const weights_t& w, const saved_t& s, const tensor_t& dout, grads_t& gr) const {
     if constexpr (!plan::active) {
       return {};
     } else {
       const std::size_t N = s.route.dim(0), d = std::size_t(config.hidden), I = w.gate_proj.out_features(),
                         E = experts_of(w, d), newest = E - 1;
-      if (std::size_t(dout.rows()) != N || std::size_t(dout.cols()) != d)
+      const int di = int(d), Ii = int(I);
+      if (dout.size() != N * d || dout.dim(dout.rank() - 1) != d)
         throw std::invalid_argument("skillgraft: gradient of the MLP output has shape " + dout.shape().str() +
                                     ", expected " + std::to_string(N) + " rows of " + std::to_string(d));
       const auto grp = group_pairs(s.route, E);
       const T* rw = s.route_weight.data();
-      tensor<T> a = plan::need_dz ? tensor<T>({N, K}, memory_use::workspace) : tensor<T>();
-      tensor<T> dh = NeedsInputGrad ? tensor<T>({N, d}, memory_use::workspace) : tensor<T>();
-      if constexpr (plan::save_y) {  // a_tj = dout_t . y_tj
-#pragma omp parallel for schedule(static) if (N * K * d > 32768)
-        for (std::size_t p = 0; p < N * K; ++p) {
-          const T* yp = s.y.data() + p * d;
-          const T* dp = dout.data() + (p / K) * d;
-          T acc = T(0);
-          for (std::size_t i = 0; i < d; ++i) acc += dp[i] * yp[i];
-          a[p] = acc;
-        }
-      }
+      tensor_t a = plan::need_dz ? tensor_t({N, K}, memory_use::workspace) : tensor_t();
+      tensor_t dh = NeedsInputGrad ? tensor_t(dout.shape(), memory_use::workspace) : tensor_t();
+      if constexpr (plan::save_y)  // a_tj = dout_t . y_tj
+        Backend::for_each_index(std::int64_t(N * K), moe_kernels::row_dots<T>{a.data(), dout.data(), s.y.data(), nullptr,
+                                                                             std::int64_t(d), std::int64_t(K)});
 
       for (std::size_t e = 0; e < E; ++e) {
         const std::size_t n = grp.count(e);
         const bool is_newest = e == newest;
         if (n == 0 || !(NeedsInputGrad || (is_newest && plan::newest_active))) continue;
         const auto& ex = w.expert(e);
-        const T alpha = detail::range_value<Act>(ex);
+        const tensor_t* alpha = detail::range_of<Act>(ex);
         const std::size_t row0 = plan::all_pairs ? grp.offset[e] : 0;
-        tensor<T> de = gather(dout, grp, e);  // dout of the tokens that chose e (not yet weighted)
-        std::vector<T> we(n);
-        for (std::size_t r = 0; r < n; ++r) we[r] = rw[grp.token[grp.offset[e] + r] * K + grp.slot[grp.offset[e] + r]];
+        const expert_maps maps(grp, e);
+        tensor_t de = gather(dout, maps);  // dout of the tokens that chose e (not yet weighted)
         if constexpr (plan::train_down) {  // dWd += (w dout)^T m
           if (is_newest) {
-            tensor<T> dy({n, d}, memory_use::workspace);
-            for (std::size_t r = 0; r < n; ++r) dy.mat().row(Eigen::Index(r)) = we[r] * de.mat().row(Eigen::Index(r));
-            gr.down_proj.weight.mat().noalias() += dy.mat().transpose() * rows(s.m, 0, n);
+            tensor_t dy = de.clone(memory_use::workspace);
+            Backend::for_each_index(std::int64_t(n * d),
+                                    moe_kernels::scale_rows<T>{dy.data(), rw, maps.pair_d.data(), std::int64_t(d)});
+            Backend::gemm("expert: dWd += dy^T m", op::t, op::n, di, Ii, int(n), T(1), dy.data(), di, s.m.data(), Ii, T(1),
+                          gr.down_proj.weight.data(), Ii);
           }
         }
         if constexpr (plan::save_g) {
           if (!(NeedsInputGrad || (is_newest && plan::newest_dm))) continue;
-          const auto g = rows(s.g, row0, n);
-          tensor<T> dm({n, I}, memory_use::workspace);  // dout_t Wd, then weighted: w_te dout_t Wd
-          dm.mat().noalias() = de.mat() * ex.down_proj.weight.mat();
-          if constexpr (NeedsInputGrad) {  // a_te = (dout_t Wd) . m_te, m recomputed from g and u
-            const auto u = rows(s.u, row0, n);
-            tensor<T> m({n, I}, memory_use::workspace);
-            cpu::gated_product_n<Act>(g.data(), u.data(), alpha, m.data(), n * I);
-            for (std::size_t r = 0; r < n; ++r)
-              a[grp.token[grp.offset[e] + r] * K + grp.slot[grp.offset[e] + r]] =
-                  dm.mat().row(Eigen::Index(r)).dot(m.mat().row(Eigen::Index(r)));
-          }
-          for (std::size_t r = 0; r < n; ++r) dm.mat().row(Eigen::Index(r)) *= we[r];
+          const T* g = s.g.data() + row0 * I;
           const T* up = nullptr;
-          if constexpr (plan::save_u) up = rows(s.u, row0, n).data();
-          tensor<T> du = (NeedsInputGrad || (is_newest && plan::train_up)) ? tensor<T>({n, I}, memory_use::workspace)
-                                                                          : tensor<T>();
+          if constexpr (plan::save_u) up = s.u.data() + row0 * I;
+          tensor_t dm({n, I}, memory_use::workspace);  // dout_t Wd, then weighted: w_te dout_t Wd
+          Backend::gemm("expert: dm = dout Wd", op::n, op::n, int(n), Ii, di, T(1), de.data(), di,
+                        ex.down_proj.weight.data(), Ii, T(0), dm.data(), Ii);
+          if constexpr (NeedsInputGrad) {  // a_te = (dout_t Wd) . m_te, m recomputed from g and u
+            tensor_t m({n, I}, memory_use::workspace);
+            Backend::template gated_product_range<Act>(g, up, alpha, m.data(), n * I);
+            Backend::for_each_index(std::int64_t(n), moe_kernels::row_dots<T>{a.data(), dm.data(), m.data(),
+                                                                              maps.pair_d.data(), std::int64_t(I), 1});
+          }
+          Backend::for_each_index(std::int64_t(n * I),
+                                  moe_kernels::scale_rows<T>{dm.data(), rw, maps.pair_d.data(), std::int64_t(I)});
+          tensor_t du = (NeedsInputGrad || (is_newest && plan::train_up)) ? tensor_t({n, I}, memory_use::workspace)
+                                                                           : tensor_t();
           if (is_newest) {
             constexpr bool dg = NeedsInputGrad || plan::train_gate, duu = NeedsInputGrad || plan::train_up;
-            const T da = cpu::gated_product_backward_n<Act, dg, duu, plan::train_alpha>(g.data(), up, alpha, dm.data(),
-                                                                                      du.data(), n * I);
-            if constexpr (plan::train_alpha) gr.act_alpha[0] += da;
+            tensor_t* dalpha = nullptr;
+            if constexpr (plan::train_alpha) dalpha = &gr.act_alpha;
+            Backend::template gated_product_backward_range<Act, dg, duu, plan::train_alpha>(
+                g, up, alpha, dm.data(), du.empty() ? nullptr : du.data(), dalpha, n * I);
             if constexpr (plan::train_gate || plan::train_up) {
-              tensor<T> he = gather(s.x, grp, e);
-              if constexpr (plan::train_gate) gr.gate_proj.weight.mat().noalias() += dm.mat().transpose() * he.mat();
-              if constexpr (plan::train_up) gr.up_proj.weight.mat().noalias() += du.mat().transpose() * he.mat();
+              tensor_t he = gather(s.x, maps);
+              if constexpr (plan::train_gate)
+                Backend::gemm("expert: dWg += dg^T h", op::t, op::n, Ii, di, int(n), T(1), dm.data(), Ii, he.data(), di,
+                              T(1), gr.gate_proj.weight.data(), di);
+              if constexpr (plan::train_up)
+                Backend::gemm("expert: dWu += du^T h", op::t, op::n, Ii, di, int(n), T(1), du.data(), Ii, he.data(), di,
+                              T(1), gr.up_proj.weight.data(), di);
             }
           } else if constexpr (NeedsInputGrad) {
-            cpu::gated_product_backward_n<Act, true, true, false>(g.data(), up, alpha, dm.data(), du.data(), n * I);
+            Backend::template gated_product_backward_range<Act, true, true, false>(g, up, alpha, dm.data(), du.data(),
+                                                                                   nullptr, n * I);
           }
           if constexpr (NeedsInputGrad) {  // dh_t += dg Wg + du Wu
-            tensor<T> dhe({n, d}, memory_use::workspace);
-            dhe.mat().noalias() = dm.mat() * ex.gate_proj.weight.mat();
-            dhe.mat().noalias() += du.mat() * ex.up_proj.weight.mat();
-            for (std::size_t r = 0; r < n; ++r)
-              dh.mat().row(Eigen::Index(grp.token[grp.offset[e] + r])) += dhe.mat().row(Eigen::Index(r));
+            tensor_t dhe({n, d}, memory_use::workspace);
+            Backend::gemm("expert: dh = dg Wg", op::n, op::n, int(n), di, Ii, T(1), dm.data(), Ii,
+                          ex.gate_proj.weight.data(), di, T(0), dhe.data(), di);
+            Backend::gemm("expert: dh += du Wu", op::n, op::n, int(n), di, Ii, T(1), du.data(), Ii,
+                          ex.up_proj.weight.data(), di, T(1), dhe.data(), di);
+            Backend::for_each_index(std::int64_t(n * d), moe_kernels::add_rows_to<T>{dh.data(), dhe.data(),
+                                                                                     maps.token_d.data(), nullptr,
+                                                                                     nullptr, std::int64_t(d)});
           }
         }
       }
 
       if constexpr (plan::need_dz) {
-        tensor<T> dz({N, E}, memory_use::workspace);
-        const T* rt = s.route.data();
-#pragma omp parallel for schedule(static) if (N * E > 32768)
-        for (std::size_t t = 0; t < N; ++t) {
-          T* dzt = dz.data() + t * E;
-          if constexpr (Policy::renormalise) {
-            T sum = T(0);
-            for (std::size_t j = 0; j < K; ++j) sum += rw[t * K + j] * a[t * K + j];
-            for (std::size_t j = 0; j < K; ++j)
-              dzt[std::size_t(rt[t * K + j])] = rw[t * K + j] * (a[t * K + j] - sum);
-          } else {
-            const T* pt = s.probs.data() + t * E;
-            T sum = T(0);
-            for (std::size_t j = 0; j < K; ++j) sum += pt[std::size_t(rt[t * K + j])] * a[t * K + j];
-            for (std::size_t e = 0; e < E; ++e) dzt[e] = -pt[e] * sum;
-            for (std::size_t j = 0; j < K; ++j) {
-              const std::size_t e = std::size_t(rt[t * K + j]);
-              dzt[e] += pt[e] * a[t * K + j];
-            }
-          }
-        }
-        if constexpr (plan::train_router) gr.router.mat().noalias() += dz.mat().transpose() * s.x.mat();
-        if constexpr (NeedsInputGrad) dh.mat().noalias() += dz.mat() * w.router.mat();
+        tensor_t dz({N, E}, memory_use::workspace);
+        const T* probs = nullptr;
+        if constexpr (plan::save_probs) probs = s.probs.data();
+        Backend::for_each_index(std::int64_t(N), moe_kernels::router_grad<T, K, Policy::renormalise>{
+                                                     dz.data(), s.route.data(), rw, a.data(), probs, std::int64_t(E)});
+        if constexpr (plan::train_router)
+          Backend::gemm("router: dWr += dz^T h", op::t, op::n, int(E), di, int(N), T(1), dz.data(), int(E), s.x.data(),
+                        di, T(1), gr.router.data(), di);
+        if constexpr (NeedsInputGrad)
+          Backend::gemm("router: dh += dz Wr", op::n, op::n, int(N), di, int(E), T(1), dz.data(), int(E),
+                        w.router.data(), di, T(1), dh.data(), di);
       }
       if constexpr (NeedsInputGrad) {
-        dh.reshape(dout.shape());
         return dh;
       } else {
         return {};
@@ -362,13 +483,16 @@ struct moe_mlp {
   }
 
  private:
-  // (token, slot) pairs grouped by expert, tokens ascending within a group.
+  // (token, slot) pairs grouped by expert, tokens ascending within a group, from the route
+  // (read on the host).
   struct pairs {
     std::vector<std::size_t> offset, token, slot;
     std::size_t count(std::size_t e) const { return offset[e + 1] - offset[e]; }
   };
-  static pairs group_pairs(const tensor<T>& route, std::size_t E) {
-    const std::size_t N = route.dim(0);
+  static pairs group_pairs(const tensor_t& route_t, std::size_t E) {
+    const std::size_t N = route_t.dim(0);
+    cpu::tensor<T> route({N, K}, memory_use::workspace);
+    Backend::download(route_t, route);
     pairs p;
     p.offset.assign(E + 1, 0);
     for (std::size_t i = 0; i < N * K; ++i) ++p.offset[std::size_t(route[i]) + 1];
@@ -385,56 +509,33 @@ struct moe_mlp {
     return p;
   }
 
-  // Chosen experts (as T values), their weights, and the softmax when it is kept.
-  static void route_tokens(const tensor<T>& z, tensor<T>& route, tensor<T>& rw, tensor<T>* probs) {
-    const std::size_t N = z.dim(0), E = z.dim(1);
-#pragma omp parallel for schedule(static) if (N * E > 32768)
-    for (std::size_t t = 0; t < N; ++t) {
-      const T* zt = z.data() + t * E;
-      std::array<std::size_t, K> sel{};
-      for (std::size_t j = 0; j < K; ++j) {
-        std::size_t best = E;
-        for (std::size_t e = 0; e < E; ++e) {
-          bool taken = false;
-          for (std::size_t i = 0; i < j; ++i) taken = taken || sel[i] == e;
-          if (!taken && (best == E || zt[e] > zt[best])) best = e;
-        }
-        sel[j] = best;
-        route[t * K + j] = T(best);
+  // Expert e's rows: their tokens (host, for gathers) and, on the backend, their tokens and
+  // (token, slot) pairs t K + j.
+  struct expert_maps {
+    std::vector<std::int64_t> token;
+    typename Backend::template tensor<std::int64_t> token_d, pair_d;
+    expert_maps(const pairs& p, std::size_t e) {
+      const std::size_t n = p.count(e);
+      cpu::tensor<std::int64_t> t({n}, memory_use::workspace), pr({n}, memory_use::workspace);
+      token.resize(n);
+      for (std::size_t r = 0; r < n; ++r) {
+        token[r] = t[r] = std::int64_t(p.token[p.offset[e] + r]);
+        pr[r] = std::int64_t(p.token[p.offset[e] + r] * K + p.slot[p.offset[e] + r]);
       }
-      const T top = zt[sel[0]];
-      if constexpr (Policy::renormalise) {
-        T sum = T(0);
-        for (std::size_t j = 0; j < K; ++j) sum += (rw[t * K + j] = std::exp(zt[sel[j]] - top));
-        for (std::size_t j = 0; j < K; ++j) rw[t * K + j] /= sum;
-      } else {
-        T sum = T(0);
-        for (std::size_t e = 0; e < E; ++e) sum += std::exp(zt[e] - top);
-        for (std::size_t j = 0; j < K; ++j) rw[t * K + j] = std::exp(zt[sel[j]] - top) / sum;
-        if (probs)
-          for (std::size_t e = 0; e < E; ++e) (*probs)[t * E + e] = std::exp(zt[e] - top) / sum;
-      }
+      token_d = Backend::upload(t, memory_use::workspace);
+      pair_d = Backend::upload(pr, memory_use::workspace);
     }
-  }
+  };
 
-  using row_block = Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
-  using const_row_block = Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
-  // Rows [row0, row0 + n) of a matrix tensor, as a matrix.
-  static row_block rows(tensor<T>& t, std::size_t row0, std::size_t n) {
-    return {t.data() + row0 * std::size_t(t.cols()), Eigen::Index(n), t.cols()};
-  }
-  static const_row_block rows(const tensor<T>& t, std::size_t row0, std::size_t n) {
-    return {t.data() + row0 * std::size_t(t.cols()), Eigen::Index(n), t.cols()};
-  }
-  static row_block fresh(tensor<T>& t, std::size_t n, std::size_t cols) {
-    t = tensor<T>({n, cols}, memory_use::workspace);
-    return rows(t, 0, n);
+  static T* fresh(tensor_t& t, std::size_t n, std::size_t cols) {
+    t = tensor_t({n, cols}, memory_use::workspace);
+    return t.data();
   }
   // The rows of x (tokens in order) that chose expert e.
-  static tensor<T> gather(const tensor<T>& x, const pairs& p, std::size_t e) {
-    const std::size_t n = p.count(e), d = std::size_t(x.cols());
-    tensor<T> out({n, d}, memory_use::workspace);
-    for (std::size_t r = 0; r < n; ++r) std::copy_n(x.data() + p.token[p.offset[e] + r] * d, d, out.data() + r * d);
+  static tensor_t gather(const tensor_t& x, const expert_maps& m) {
+    const std::size_t d = x.dim(x.rank() - 1);
+    tensor_t out({m.token.size(), d}, memory_use::workspace);
+    Backend::gather_rows(x, d, m.token, out);
     return out;
   }
 
@@ -480,8 +581,9 @@ struct moe {
                                   (Act::has_range || !std::is_same_v<Tag, group::act_range>);
 
   // Throws, naming the tensor, unless w is a mixture of o.experts experts of this activation.
-  template <class T>
-  static void check_weights(const mlp_weights<T>& w, const decoder_config& c, const options& o, const std::string& prefix) {
+  template <class T, class B>
+  static void check_weights(const mlp_weights<T, B>& w, const decoder_config& c, const options& o,
+                            const std::string& prefix) {
     const std::size_t d = std::size_t(c.hidden), E = std::size_t(o.experts);
     if (o.experts < TopK)
       throw std::invalid_argument("skillgraft: moe_options.experts is " + std::to_string(o.experts) +

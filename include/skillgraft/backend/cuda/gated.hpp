@@ -2,6 +2,8 @@
 // The gated MLP's element-wise core on the CUDA backend (math in nn/swiglu.hpp and
 // nn/activation.hpp), for any gate policy Act whose functions are SKILLGRAFT_HD. The range
 // alpha stays in device memory: kernels read alpha[0], and d alpha is a reduction added there.
+#include <type_traits>
+
 #include "skillgraft/backend/cuda/algorithms.hpp"
 #include "skillgraft/backend/cuda/tensor.hpp"
 
@@ -55,23 +57,30 @@ struct add_scalar {  // y[0] += v
 
 struct gated_ops {
   template <class Act, class T>
+  static void gated_product_range(const T* g, const T* u, const tensor<T>* alpha, T* m, std::size_t n) {
+    for_each_index(index_t(n), kernels::gated_forward<Act, T>{m, g, u, alpha ? alpha->data() : nullptr});
+  }
+  template <class Act, class T>
   static void gated_product(const tensor<T>& g, const tensor<T>& u, const tensor<T>* alpha, tensor<T>& m) {
-    for_each_index(index_t(m.size()),
-                   kernels::gated_forward<Act, T>{m.data(), g.data(), u.data(), alpha ? alpha->data() : nullptr});
+    gated_product_range<Act>(g.data(), u.data(), alpha, m.data(), m.size());
   }
 
   template <class Act, bool NeedDg, bool NeedDu, bool NeedDalpha, class T>
-  static void gated_product_backward(const tensor<T>& g, const tensor<T>* u, const tensor<T>* alpha, tensor<T>& dm,
-                                     tensor<T>* du, tensor<T>* dalpha) {
-    const index_t n = index_t(dm.size());
-    const T* up = u ? u->data() : nullptr;
+  static void gated_product_backward_range(const T* g, const T* u, const tensor<T>* alpha, T* dm, T* du,
+                                           std::type_identity_t<tensor<T>>* dalpha, std::size_t n_) {
+    const index_t n = index_t(n_);
     if constexpr (NeedDalpha) {  // before dm is overwritten by dg
-      const T sum = sum_index<T>(n, kernels::dalpha_term<Act, T>{dm.data(), up, g.data()});
+      const T sum = sum_index<T>(n, kernels::dalpha_term<Act, T>{dm, u, g});
       for_each_index(1, kernels::add_scalar<T>{dalpha->data(), sum});
     }
     if constexpr (NeedDg || NeedDu)
-      for_each_index(n, kernels::gated_backward<Act, T, NeedDg, NeedDu>{dm.data(), du ? du->data() : nullptr, g.data(),
-                                                                         up, alpha ? alpha->data() : nullptr});
+      for_each_index(n, kernels::gated_backward<Act, T, NeedDg, NeedDu>{dm, du, g, u, alpha ? alpha->data() : nullptr});
+  }
+  template <class Act, bool NeedDg, bool NeedDu, bool NeedDalpha, class T>
+  static void gated_product_backward(const tensor<T>& g, const tensor<T>* u, const tensor<T>* alpha, tensor<T>& dm,
+                                     tensor<T>* du, tensor<T>* dalpha) {
+    gated_product_backward_range<Act, NeedDg, NeedDu, NeedDalpha>(g.data(), u ? u->data() : nullptr, alpha, dm.data(),
+                                                                  du ? du->data() : nullptr, dalpha, dm.size());
   }
 };
 
