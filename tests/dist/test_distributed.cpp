@@ -9,9 +9,9 @@
 #include <filesystem>
 #include <vector>
 
-#include <xtensor/xview.hpp>
 
 #include "support/random_lm.hpp"
+#include "two_ranks.hpp"
 
 #include "skillgraft/cl/memory_plan.hpp"
 #include "skillgraft/dist/agreement.hpp"
@@ -25,56 +25,9 @@ namespace sg = skillgraft;
 using Catch::Contains;
 
 namespace {
-constexpr std::size_t rows = 4, seq = 10;
+using sg::test::global_batch;
+constexpr std::size_t rows = global_batch::rows, seq = global_batch::seq;
 constexpr int steps = 4;
-
-// The global batch: four sequences whose prompts and padding leave 9, 3, 5 and 5 targets, so
-// rank 0 (rows 0, 1) holds 12 and rank 1 (rows 2, 3) holds 10: a rank that divided by its own
-// count instead of the global 22 would step differently.
-struct global_batch {
-  sg::token_ids ids = sg::token_ids::from_shape({rows, seq});
-  sg::token_ids targets = sg::token_ids::from_shape({rows, seq});
-  global_batch() {
-    const std::size_t prompt[rows] = {0, 6, 2, 4};
-    const std::size_t length[rows] = {seq, seq, seq - 2, seq};
-    for (std::size_t b = 0; b < rows; ++b)
-      for (std::size_t s = 0; s < seq; ++s) ids(b, s) = std::int64_t((3 * b + 5 * s + b * s) % 13);
-    for (std::size_t b = 0; b < rows; ++b)
-      for (std::size_t s = 0; s < seq; ++s)
-        targets(b, s) = s >= prompt[b] && s + 1 < length[b] ? ids(b, s + 1) : sg::ignore_index;
-  }
-  sg::train::micro_batch<float> rows_of(std::size_t first, std::size_t n) const {
-    return {xt::eval(xt::view(ids, xt::range(first, first + n), xt::all())),
-            xt::eval(xt::view(targets, xt::range(first, first + n), xt::all()))};
-  }
-};
-
-struct run_result {
-  std::vector<float> weights;  // every trainable tensor after the last step
-  std::vector<sg::train::step_stats> stats;
-};
-
-std::vector<float> trainable_values(const auto& lm, auto& w, auto& g) {
-  std::vector<float> out;
-  lm.for_each_trainable(w, g, [&](const std::string&, auto& t, auto&) { out.insert(out.end(), t.data(), t.data() + t.size()); });
-  return out;
-}
-
-// `steps` AdamW steps from the same seeded weights; with a communicator on this rank's rows.
-template <class Recipe, class Comm>
-run_result train(Recipe recipe, const std::vector<sg::train::micro_batch<float>>& batches, Comm& comm) {
-  const auto c = sg::test::tiny_lm_config();
-  auto w = sg::test::random_lm<float>(c, 11);
-  sg::model::decoder_lm<float, Recipe> lm(c, recipe);
-  auto g = lm.make_grads(w);
-  sg::train::adamw<float> opt(lm, w, g, {.lr = 1e-2, .weight_decay = 0.01});
-  run_result r;
-  for (int k = 0; k < steps; ++k)
-    r.stats.push_back(sg::train::train_step(lm, w, g, opt, sg::train::constant_schedule{1e-2}, std::span(batches),
-                                            {.max_grad_norm = 0.5}, {}, comm));
-  r.weights = trainable_values(lm, w, g);
-  return r;
-}
 
 template <class Recipe>
 void check_two_ranks_match_one_process(Recipe recipe, std::size_t bucket_bytes) {
@@ -82,8 +35,8 @@ void check_two_ranks_match_one_process(Recipe recipe, std::size_t bucket_bytes) 
   REQUIRE(comm.size() == 2);
   const global_batch data;
   sg::train::no_communicator one;
-  const auto whole = train(recipe, {data.rows_of(0, rows)}, one);
-  const auto half = train(recipe, {data.rows_of(2 * std::size_t(comm.rank()), 2)}, comm);
+  const auto whole = sg::test::train_tiny_lm<sg::backend::cpu>(recipe, {data.rows_of(0, rows)}, one, steps);
+  const auto half = sg::test::train_tiny_lm<sg::backend::cpu>(recipe, {data.half(comm.rank())}, comm, steps);
   REQUIRE(whole.weights.size() == half.weights.size());
   double worst = 0;
   for (std::size_t i = 0; i < whole.weights.size(); ++i)
@@ -91,7 +44,7 @@ void check_two_ranks_match_one_process(Recipe recipe, std::size_t bucket_bytes) 
   INFO("rank " << comm.rank() << ", largest weight difference " << worst);
   CHECK(worst < 2e-6);
   for (int k = 0; k < steps; ++k) {
-    CHECK(half.stats[std::size_t(k)].targets == 22);  // the global count: 12 + 10
+    CHECK(half.stats[std::size_t(k)].targets == global_batch::targets_in_all);  // 12 + 10
     CHECK(half.stats[std::size_t(k)].loss == Approx(whole.stats[std::size_t(k)].loss).epsilon(1e-5));
     CHECK(half.stats[std::size_t(k)].grad_norm == Approx(whole.stats[std::size_t(k)].grad_norm).epsilon(1e-5));
   }
@@ -122,7 +75,7 @@ TEST_CASE("only the recipe's trainable gradients go on the wire: the plan's grad
     sg::model::decoder_lm<float, decltype(recipe)> lm(c, recipe);
     auto g = lm.make_grads(w);
     sg::train::adamw<float> opt(lm, w, g);
-    const std::vector mb{data.rows_of(2 * std::size_t(comm.rank()), 2)};
+    const std::vector mb{data.half(comm.rank())};
     sg::train::train_step(lm, w, g, opt, sg::train::constant_schedule{1e-3}, std::span(mb), {}, {}, comm);
     const auto plan = sg::cl::plan_method_memory(lm, sg::cl::method::none, {2, int(seq)});
     CHECK(comm.last_reduction().bytes == plan.gradients);
@@ -166,7 +119,7 @@ TEST_CASE("rank 0 alone writes the checkpoint, every rank resumes from it") {
   sg::model::decoder_lm<float, std::remove_const_t<decltype(sg::recipe::sa_proj)>> lm(c, sg::recipe::sa_proj);
   auto g = lm.make_grads(w);
   sg::train::adamw<float> opt(lm, w, g, {.lr = 1e-2});
-  const std::vector mb{data.rows_of(2 * std::size_t(comm.rank()), 2)};
+  const std::vector mb{data.half(comm.rank())};
   for (int k = 0; k < 2; ++k)
     sg::train::train_step(lm, w, g, opt, sg::train::constant_schedule{1e-2}, std::span(mb), {}, {}, comm);
 

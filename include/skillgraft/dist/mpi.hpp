@@ -26,21 +26,15 @@
 #include <span>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
 #include "skillgraft/backend/cpu/backend.hpp"
+#include "skillgraft/dist/peer_timeout.hpp"
 #include "skillgraft/train/communicator.hpp"
 #include "skillgraft/train/gradient_buckets.hpp"
 
 namespace skillgraft::dist {
-
-// Another rank did not take part in an exchange within the deadline.
-class peer_timeout : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
 
 // MPI reported an error (a peer's connection broke, a bad argument).
 class mpi_error : public std::runtime_error {
@@ -115,7 +109,8 @@ struct mpi_options {
   std::size_t bucket_bytes = std::size_t(25) << 20;  // as PyTorch DDP's default bucket
 };
 
-class mpi_communicator {
+// Gradients: train::bucketed_gradients (reduce_gradients, last_reduction) over this transport.
+class mpi_communicator : public train::bucketed_gradients<mpi_communicator, backend::cpu> {
  public:
   static constexpr bool distributed = true;
   using request = MPI_Request;
@@ -162,16 +157,6 @@ class mpi_communicator {
     wait(r, what);
   }
 
-  // The trainable gradients summed over the ranks, in place (train/gradient_buckets.hpp).
-  template <class Model>
-  void reduce_gradients(const Model& model, typename Model::weights_t& w, typename Model::grads_t& g) {
-    static_assert(std::is_same_v<typename Model::backend_type, backend::cpu>,
-                  "skillgraft: mpi_communicator sums host memory; a CUDA model's gradients go through "
-                  "dist::nccl_communicator (skillgraft/dist/nccl.hpp)");
-    last_ = train::reduce_in_buckets(*this, model, w, g, options_.bucket_bytes);
-  }
-  // What the last reduce_gradients sent from this rank: payload bytes and buckets.
-  const train::reduction_stats& last_reduction() const { return last_; }
 
   // The transport of reduce_in_buckets.
   template <class T>
@@ -189,24 +174,13 @@ class mpi_communicator {
   }
   // Polls until the exchange completes, or throws peer_timeout after options().timeout.
   void wait(request& r, const std::string& what) {
-    using clock = std::chrono::steady_clock;
-    const auto start = clock::now();
-    for (long polls = 0;; ++polls) {
-      int done = 0;
-      detail::check_mpi(MPI_Test(&r, &done, MPI_STATUS_IGNORE), what);
-      if (done) return;
-      const auto waited = clock::now() - start;
-      if (waited > options_.timeout) {
-        detail::mpi_exchange_failed() = true;
-        throw peer_timeout("skillgraft: rank " + std::to_string(rank_) + " of " + std::to_string(size_) +
-                           ": no answer from the other ranks for " + std::to_string(options_.timeout.count()) +
-                           " ms in " + what + "; a rank has died, stopped or fallen far behind. End every rank "
-                           "(dist::mpi_environment::abort)");
-      }
-      // Spin briefly (exchanges of a step usually finish within microseconds of each other),
-      // then stop taking a core from the ranks still computing.
-      if (polls > 2000) std::this_thread::sleep_for(std::chrono::microseconds(100));
-    }
+    wait_for_peers(
+        [&] {
+          int done = 0;
+          detail::check_mpi(MPI_Test(&r, &done, MPI_STATUS_IGNORE), what);
+          return done != 0;
+        },
+        [] { detail::mpi_exchange_failed() = true; }, options_.timeout, rank_, size_, what);
   }
 
  private:
@@ -223,7 +197,6 @@ class mpi_communicator {
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0, size_ = 1;
   std::vector<std::byte> staging_[2];
-  train::reduction_stats last_;
 };
 
 }  // namespace skillgraft::dist

@@ -132,4 +132,25 @@ reduction_stats reduce_in_buckets(Transport& transport, const Model& model, type
   return st;
 }
 
+// The gradient half of a distributed communicator (CRTP): reduce_gradients through Derived's
+// transport, for models of Backend, and what the last call sent. Derived provides the
+// transport (above) and options().bucket_bytes.
+template <class Derived, class Backend>
+class bucketed_gradients {
+ public:
+  template <class Model>
+  void reduce_gradients(const Model& model, typename Model::weights_t& w, typename Model::grads_t& g) {
+    static_assert(std::is_same_v<typename Model::backend_type, Backend>,
+                  "skillgraft: this communicator sums another backend's memory than the model's (CPU models: "
+                  "dist::mpi_communicator; CUDA models: dist::nccl_communicator)");
+    auto& self = static_cast<Derived&>(*this);
+    last_ = reduce_in_buckets(self, model, w, g, self.options().bucket_bytes);
+  }
+  // What the last reduce_gradients sent from this rank: payload bytes and buckets.
+  const reduction_stats& last_reduction() const { return last_; }
+
+ private:
+  reduction_stats last_;
+};
+
 }  // namespace skillgraft::train
