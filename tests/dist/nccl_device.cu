@@ -64,13 +64,15 @@ int main(int argc, char** argv) {
   sg::dist::mpi_communicator host({.timeout = std::chrono::minutes(2)});
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess) devices = 0;
-  if (devices < host.size()) {
+  const int local = host.local_rank();
+  // Every rank skips, or none: a rank that went on alone would wait for the others.
+  if (host.max(local >= devices ? 1 : 0, "whether every rank has a GPU")) {
     if (host.rank() == 0)
-      std::printf("skillgraft: %d CUDA device(s) for %d rank(s): the NCCL test needs one GPU per rank; skipped\n",
-                  devices, host.size());
+      std::printf("skillgraft: the NCCL test needs one GPU per rank (%d rank(s); this machine has %d CUDA "
+                  "device(s)); skipped\n", host.size(), devices);
     return 77;
   }
-  sg::dist::detail::check_cuda(cudaSetDevice(host.rank()), "cudaSetDevice");
+  sg::dist::detail::check_cuda(cudaSetDevice(local), "cudaSetDevice");
   sg::dist::nccl_communicator comm(sg::dist::shared_nccl_id(host), host.rank(), host.size(),
                                    {.timeout = std::chrono::minutes(2), .bucket_bytes = 1000});
   check_recipe(sg::recipe::sa_proj, "sa_proj", comm);

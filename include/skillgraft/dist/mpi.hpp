@@ -142,6 +142,16 @@ class mpi_communicator : public train::bucketed_gradients<mpi_communicator, back
 
   int rank() const { return rank_; }
   int size() const { return size_; }
+  // This rank's index among the ranks on its own machine: the GPU it takes, one rank per GPU.
+  int local_rank() const {
+    MPI_Comm node;
+    detail::check_mpi(MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node),
+                      "MPI_Comm_split_type");
+    int r = 0;
+    MPI_Comm_rank(node, &r);
+    MPI_Comm_free(&node);
+    return r;
+  }
   const mpi_options& options() const { return options_; }
   MPI_Comm handle() const { return comm_; }
 
