@@ -18,11 +18,11 @@
 // prints and writes; every rank reloads what it wrote.
 #include <skillgraft/cl/lora.hpp>
 #include <skillgraft/cl/lora_checkpoint.hpp>
+#include <skillgraft/dist/agreement.hpp>
 #include <skillgraft/model/hf_checkpoint.hpp>
 #include <skillgraft/policy/dispatch.hpp>
 #include <skillgraft/train/adamw.hpp>
 #include <skillgraft/train/schedule.hpp>
-#include <skillgraft/dist/agreement.hpp>
 #include <skillgraft/train/step.hpp>
 #ifdef SKILLGRAFT_FINETUNE_MPI
 #include <skillgraft/dist/mpi.hpp>
@@ -172,15 +172,15 @@ int run(int argc, char** argv, communicator& comm) {
   const auto train_data = make_batches({seqs.begin() + std::ptrdiff_t(split), seqs.end()}, 8, max_len);
   if (train_data.empty()) throw std::runtime_error(tokens.string() + " has too few sequences (at least 2 lines)");
   say("%s: %d layers, hidden %d, vocabulary %d; %zu training and %zu evaluation batches\n",
-              checkpoint.string().c_str(), w.config.n_layers, w.config.hidden, w.config.vocab_size, train_data.size(),
-              eval_data.size());
+      checkpoint.string().c_str(), w.config.n_layers, w.config.hidden, w.config.vocab_size, train_data.size(),
+      eval_data.size());
 
   // Fine-tune with the recipe named on the command line. with_recipe calls the lambda with
   // the compile-time recipe; everything inside is compiled once per recipe.
   sg::with_recipe(recipe_name, [&](auto recipe) {
     sg::model::decoder_lm<float, decltype(recipe)> model(w.config, recipe);
     say("recipe %s: %zu of %zu parameters train\n", recipe_name.c_str(), model.trainable_elements(),
-                sg::model::lm_weights<float>::elements_for(w.config));
+        sg::model::lm_weights<float>::elements_for(w.config));
     check_ranks_agree(comm, recipe_name, w);
     const double before = eval_loss(model, w, eval_data);
     train(model, w, train_data, steps, 1e-3, comm);
