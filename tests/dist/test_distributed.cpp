@@ -29,14 +29,20 @@ using sg::test::global_batch;
 constexpr std::size_t rows = global_batch::rows, seq = global_batch::seq;
 constexpr int steps = 4;
 
+// micro_batches: how many micro-batches each rank splits its half into (gradient accumulation
+// within a rank, summing across ranks).
 template <class Recipe>
-void check_two_ranks_match_one_process(Recipe recipe, std::size_t bucket_bytes) {
+void check_two_ranks_match_one_process(Recipe recipe, std::size_t bucket_bytes, int micro_batches = 1) {
   sg::dist::mpi_communicator comm({.timeout = std::chrono::seconds(60), .bucket_bytes = bucket_bytes});
   REQUIRE(comm.size() == 2);
   const global_batch data;
   sg::train::no_communicator one;
   const auto whole = sg::test::train_tiny_lm<sg::backend::cpu>(recipe, {data.rows_of(0, rows)}, one, steps);
-  const auto half = sg::test::train_tiny_lm<sg::backend::cpu>(recipe, {data.half(comm.rank())}, comm, steps);
+  std::vector<sg::train::micro_batch<float>> mine;
+  if (micro_batches == 1) mine.push_back(data.half(comm.rank()));
+  else
+    for (std::size_t r = 0; r < 2; ++r) mine.push_back(data.rows_of(2 * std::size_t(comm.rank()) + r, 1));
+  const auto half = sg::test::train_tiny_lm<sg::backend::cpu>(recipe, mine, comm, steps);
   REQUIRE(whole.weights.size() == half.weights.size());
   double worst = 0;
   for (std::size_t i = 0; i < whole.weights.size(); ++i)
@@ -64,6 +70,10 @@ TEST_CASE("two ranks on half batches take the steps of one process on the whole 
 TEST_CASE("two ranks on half batches take the steps of one process on the whole batch: llm, tiny buckets") {
   // 1000-byte buckets cut most tensors across two buckets and join the norms into one.
   check_two_ranks_match_one_process(sg::recipe::llm, 1000);
+}
+
+TEST_CASE("two ranks of two micro-batches each take the steps of one process on the whole batch: mlp_gate_up") {
+  check_two_ranks_match_one_process(sg::recipe::mlp_gate_up, std::size_t(25) << 20, 2);
 }
 
 TEST_CASE("only the recipe's trainable gradients go on the wire: the plan's gradient bytes") {
