@@ -166,6 +166,8 @@ TEST_CASE("mpi_communicator refuses options it cannot work with") {
   CHECK_THROWS_WITH(sg::dist::mpi_communicator({.timeout = std::chrono::milliseconds(0)}),
                     Contains("mpi_options.timeout must be positive"));
   CHECK_THROWS_WITH(sg::dist::mpi_communicator({.bucket_bytes = 2}), Contains("mpi_options.bucket_bytes"));
+  CHECK_THROWS_WITH(sg::dist::mpi_communicator({.bucket_bytes = std::size_t(1) << 31}),
+                    Contains("at most 2147483647 (MPI counts in int)"));
   CHECK_THROWS_WITH(sg::train::cut_into_buckets(std::vector<std::pair<float*, std::size_t>>{}, 0),
                     Contains("at least one element"));
 }

@@ -20,6 +20,7 @@
 #include <mpi.h>
 
 #include <chrono>
+#include <climits>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -119,9 +120,10 @@ class mpi_communicator : public train::bucketed_gradients<mpi_communicator, back
     if (o.timeout.count() <= 0)
       throw std::invalid_argument("skillgraft: mpi_options.timeout must be positive (it is " +
                                   std::to_string(o.timeout.count()) + " ms)");
-    if (o.bucket_bytes < sizeof(double))
-      throw std::invalid_argument("skillgraft: mpi_options.bucket_bytes must hold a gradient element (it is " +
-                                  std::to_string(o.bucket_bytes) + ")");
+    if (o.bucket_bytes < sizeof(double) || o.bucket_bytes > std::size_t(INT_MAX))
+      throw std::invalid_argument("skillgraft: mpi_options.bucket_bytes must hold a gradient element and be at most " +
+                                  std::to_string(INT_MAX) + " (MPI counts in int); it is " +
+                                  std::to_string(o.bucket_bytes));
     int ready = 0;
     MPI_Initialized(&ready);
     if (!ready) throw std::logic_error("skillgraft: mpi_communicator needs MPI initialised (dist::mpi_environment)");
@@ -162,11 +164,13 @@ class mpi_communicator : public train::bucketed_gradients<mpi_communicator, back
 
   // Rank 0's bytes into every rank's `data` (the same length on every rank).
   void broadcast(std::span<std::byte> data, const std::string& what) {
+    if (data.size() > std::size_t(INT_MAX))
+      throw std::invalid_argument("skillgraft: a broadcast of " + std::to_string(data.size()) +
+                                  " bytes is more than MPI counts in int (" + what + ")");
     request r;
     detail::check_mpi(MPI_Ibcast(data.data(), int(data.size()), MPI_BYTE, 0, comm_, &r), what);
     wait(r, what);
   }
-
 
   // The transport of reduce_in_buckets.
   template <class T>
