@@ -4,7 +4,9 @@
 set -euo pipefail
 packages=(build-essential cmake libeigen3-dev xtensor-dev nlohmann-json3-dev libboost-dev catch2 libbenchmark-dev
   # the safetensors header fuzz test (clang's libFuzzer) and the Conan packaging test (Conan from PyPI)
-  clang libclang-rt-14-dev python3-venv python3-pip)
+  clang libclang-rt-14-dev python3-venv python3-pip
+  # data-parallel training (include/skillgraft/dist/mpi.hpp) and its 2-rank tests under mpirun
+  libopenmpi-dev openmpi-bin)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

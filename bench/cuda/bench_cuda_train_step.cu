@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "../reference_lm.hpp"
 #include "skillgraft/backend/cuda/backend.hpp"
 #include "skillgraft/model/decoder_lm.hpp"
 #include "skillgraft/nn/memory_report.hpp"
@@ -32,7 +33,10 @@ namespace dev = sg::cuda;
 
 namespace {
 
-constexpr int batch = 4, seq = 256, vocab = 8192;
+using sg::bench::batch;
+using sg::bench::config;
+using sg::bench::seq;
+using sg::bench::vocab;
 
 struct options {
   int steps = 20, warmup = 3;
@@ -40,43 +44,12 @@ struct options {
   std::string recipe;
 };
 
-sg::decoder_config config() {
-  auto c = sg::decoder_config::reference();
-  c.vocab_size = vocab;
-  return c;
-}
+sg::model::lm_weights<float> host_weights() { return sg::bench::make_weights(); }
 
-void fill(sg::cpu::tensor<float>& t, std::mt19937& rng, float mean, float sd) {
-  std::normal_distribution<float> nd(mean, sd);
-  for (std::size_t i = 0; i < t.size(); ++i) t[i] = nd(rng);
-}
-
-sg::model::lm_weights<float> host_weights() {
-  sg::model::lm_weights<float> w(config());
-  std::mt19937 rng(1);
-  fill(w.embed_tokens, rng, 0.f, 0.02f);
-  fill(w.lm_head, rng, 0.f, 0.02f);
-  w.norm.fill(1.f);
-  for (auto& l : w.trunk.layers) {
-    l.attn_norm.fill(1.f);
-    l.mlp_norm.fill(1.f);
-    for (auto* p : {&l.self_attn.q_proj, &l.self_attn.k_proj, &l.self_attn.v_proj, &l.self_attn.o_proj, &l.mlp.gate_proj,
-                    &l.mlp.up_proj, &l.mlp.down_proj})
-      fill(p->weight, rng, 0.f, 0.02f);
-  }
-  return w;
-}
-
+// bench_train_step's batch; ids and targets are host data on every backend.
 sg::train::micro_batch<float, sg::backend::cuda> make_batch() {
-  sg::train::micro_batch<float, sg::backend::cuda> mb;
-  mb.ids = sg::token_ids::from_shape({std::size_t(batch), std::size_t(seq)});
-  mb.targets = xt::full_like(mb.ids, sg::ignore_index);
-  std::mt19937 rng(2);
-  std::uniform_int_distribution<int> tok(0, vocab - 1);
-  for (auto& t : mb.ids) t = tok(rng);
-  for (std::size_t b = 0; b < std::size_t(batch); ++b)
-    for (std::size_t s = seq / 2; s + 1 < std::size_t(seq); ++s) mb.targets(b, s) = mb.ids(b, s + 1);
-  return mb;
+  const auto host = sg::bench::make_batch();
+  return {host.ids, host.targets};
 }
 
 double seconds_now() {

@@ -8,13 +8,25 @@
 // name from skillgraft::recipe_names() (default mlp_gate_up). The program fine-tunes with
 // that recipe, evaluates, saves a task checkpoint, trains a LoRA adapter, saves it the PEFT
 // way, and loads both back to check that they give the same loss.
+//
+// Data-parallel (built as finetune_mpi where MPI is found; docs/distributed.md):
+//
+//   mpirun -np 2 finetune_mpi <checkpoint-dir> <tokens.txt> <out-dir> [recipe] [steps]
+//
+// Each rank trains on its share of every batch of 8 sequences and the ranks sum the trainable
+// gradients, so the run gives the result of one process on the same batches. Rank 0 alone
+// prints and writes; every rank reloads what it wrote.
 #include <skillgraft/cl/lora.hpp>
 #include <skillgraft/cl/lora_checkpoint.hpp>
+#include <skillgraft/dist/agreement.hpp>
 #include <skillgraft/model/hf_checkpoint.hpp>
 #include <skillgraft/policy/dispatch.hpp>
 #include <skillgraft/train/adamw.hpp>
 #include <skillgraft/train/schedule.hpp>
 #include <skillgraft/train/step.hpp>
+#ifdef SKILLGRAFT_FINETUNE_MPI
+#include <skillgraft/dist/mpi.hpp>
+#endif
 
 #include <cmath>
 #include <cstdio>
@@ -23,8 +35,25 @@
 #include <string>
 #include <vector>
 
+#include <xtensor/xview.hpp>
+
 namespace sg = skillgraft;
 namespace fs = std::filesystem;
+
+#ifdef SKILLGRAFT_FINETUNE_MPI
+using communicator = sg::dist::mpi_communicator;
+#else
+using communicator = sg::train::no_communicator;
+#endif
+
+// Progress and results are printed by rank 0 alone (one process: always).
+bool printing = true;
+template <class... A>
+void say(const char* format, A... a) {
+  if (!printing) return;
+  std::printf(format, a...);
+  std::fflush(stdout);
+}
 
 // 1. Data: each line of the file is a sequence. A batch pads them to one length; padding and
 // nothing else gets ignore_index in the labels. Labels are Hugging Face labels (label t is
@@ -61,6 +90,17 @@ std::vector<batch> make_batches(const std::vector<std::vector<std::int64_t>>& se
   return out;
 }
 
+// This rank's rows of a batch: the ranks split every batch, so together they train on the
+// same batches as one process would.
+batch share_of(const batch& b, int rank, int ranks) {
+  const std::size_t n = b.ids.shape(0), first = n * std::size_t(rank) / std::size_t(ranks),
+                    last = n * std::size_t(rank + 1) / std::size_t(ranks);
+  if (first == last)
+    throw std::invalid_argument("a batch of " + std::to_string(n) + " sequences cannot be shared by " +
+                                std::to_string(ranks) + " ranks");
+  return {xt::view(b.ids, xt::range(first, last), xt::all()), xt::view(b.labels, xt::range(first, last), xt::all())};
+}
+
 // 2. Evaluation: the model returns hidden states; the loss applies the LM head in chunks.
 // The evaluation form of masked_cross_entropy takes no gradients.
 template <class Model>
@@ -80,31 +120,45 @@ double eval_loss(const Model& model, const typename Model::weights_t& w, const s
 // 3. Training: a model type for the recipe, gradients and AdamW state for its trainable
 // tensors only, a cosine schedule, one train_step per batch with a progress line.
 template <class Model>
-void train(const Model& model, typename Model::weights_t& w, const std::vector<batch>& data, long steps, double lr) {
+void train(const Model& model, typename Model::weights_t& w, const std::vector<batch>& data, long steps, double lr,
+           communicator& comm) {
   auto grads = model.make_grads(w);
   sg::train::adamw<float> opt(model, w, grads, {.lr = lr, .weight_decay = 0.0});
   const sg::train::cosine_schedule schedule{.peak = lr, .floor = lr / 10, .warmup = steps / 10, .total = steps};
   for (long step = 0; step < steps; ++step) {
-    const auto& b = data[std::size_t(step) % data.size()];
+    const auto b = share_of(data[std::size_t(step) % data.size()], comm.rank(), comm.size());
     const sg::train::micro_batch<float> mb{b.ids, sg::hf_labels{b.labels}};
-    const auto st = sg::train::train_step(model, w, grads, opt, schedule, std::span(&mb, 1), {.max_grad_norm = 1.0});
-    std::printf("\rstep %ld/%ld  loss %.4f  grad norm %.3f  lr %.2e", step + 1, steps, st.loss, st.grad_norm, st.lr);
-    std::fflush(stdout);
+    const auto st =
+        sg::train::train_step(model, w, grads, opt, schedule, std::span(&mb, 1), {.max_grad_norm = 1.0}, {}, comm);
+    say("\rstep %ld/%ld  loss %.4f  grad norm %.3f  lr %.2e", step + 1, steps, st.loss, st.grad_norm, st.lr);
   }
-  std::printf("\n");
+  say("\n");
+}
+
+// Ranks start alike (the same recipe and weights) or all stop; one process has nothing to check.
+template <class W>
+void check_ranks_agree(communicator& comm, const std::string& recipe, const W& w) {
+  if constexpr (communicator::distributed) sg::dist::check_agreement(comm, recipe, w);
+}
+// f on rank 0 alone, every rank waiting for it (a file write); one process just runs it.
+template <class F>
+void on_rank0(communicator& comm, const std::string& what, F&& f) {
+  if constexpr (communicator::distributed) sg::dist::on_rank0(comm, what, f);
+  else f();
 }
 
 void check_same(const char* what, double a, double b) {
-  std::printf("%s: %.6f (reloaded) vs %.6f (trained)\n", what, a, b);
+  say("%s: %.6f (reloaded) vs %.6f (trained)\n", what, a, b);
   if (std::abs(a - b) > 1e-5 * std::max(1.0, std::abs(b))) throw std::runtime_error(std::string(what) + " differs after reloading");
 }
 
-int main(int argc, char** argv) try {
+int run(int argc, char** argv, communicator& comm) {
   if (argc < 4) {
     std::fprintf(stderr, "usage: finetune <checkpoint-dir> <tokens.txt> <out-dir> [recipe: %s] [steps]\n",
                  sg::recipe_names(" | ").c_str());
     return 2;
   }
+  printing = comm.rank() == 0;
   const fs::path checkpoint = argv[1], tokens = argv[2], out = argv[3];
   const std::string recipe_name = argc > 4 ? argv[4] : "mlp_gate_up";
   const long steps = argc > 5 ? std::stol(argv[5]) : 50;
@@ -117,23 +171,24 @@ int main(int argc, char** argv) try {
   const auto eval_data = make_batches({seqs.begin(), seqs.begin() + std::ptrdiff_t(split)}, 8, max_len);
   const auto train_data = make_batches({seqs.begin() + std::ptrdiff_t(split), seqs.end()}, 8, max_len);
   if (train_data.empty()) throw std::runtime_error(tokens.string() + " has too few sequences (at least 2 lines)");
-  std::printf("%s: %d layers, hidden %d, vocabulary %d; %zu training and %zu evaluation batches\n",
-              checkpoint.string().c_str(), w.config.n_layers, w.config.hidden, w.config.vocab_size, train_data.size(),
-              eval_data.size());
+  say("%s: %d layers, hidden %d, vocabulary %d; %zu training and %zu evaluation batches\n",
+      checkpoint.string().c_str(), w.config.n_layers, w.config.hidden, w.config.vocab_size, train_data.size(),
+      eval_data.size());
 
   // Fine-tune with the recipe named on the command line. with_recipe calls the lambda with
   // the compile-time recipe; everything inside is compiled once per recipe.
   sg::with_recipe(recipe_name, [&](auto recipe) {
     sg::model::decoder_lm<float, decltype(recipe)> model(w.config, recipe);
-    std::printf("recipe %s: %zu of %zu parameters train\n", recipe_name.c_str(), model.trainable_elements(),
-                sg::model::lm_weights<float>::elements_for(w.config));
+    say("recipe %s: %zu of %zu parameters train\n", recipe_name.c_str(), model.trainable_elements(),
+        sg::model::lm_weights<float>::elements_for(w.config));
+    check_ranks_agree(comm, recipe_name, w);
     const double before = eval_loss(model, w, eval_data);
-    train(model, w, train_data, steps, 1e-3);
+    train(model, w, train_data, steps, 1e-3, comm);
     const double after = eval_loss(model, w, eval_data);
-    std::printf("evaluation loss: %.4f -> %.4f\n", before, after);
+    say("evaluation loss: %.6f -> %.6f\n", before, after);
 
     // A task checkpoint holds only the tensors this recipe trains (and config.json).
-    sg::model::save_task_checkpoint(out / "task", model, w);
+    on_rank0(comm, "saving the task checkpoint", [&] { sg::model::save_task_checkpoint(out / "task", model, w); });
     auto reloaded = sg::model::load_hf_checkpoint<float>(checkpoint);
     sg::model::apply_task_checkpoint(out / "task", reloaded);
     check_same("task checkpoint", eval_loss(model, reloaded, eval_data), after);
@@ -147,23 +202,37 @@ int main(int argc, char** argv) try {
   lora_w.config.lora_alpha = 8;
   constexpr auto lora_recipe = sg::trainable<sg::lora<sg::proj::q>, sg::lora<sg::proj::v>>;
   sg::model::decoder_lm<float, decltype(lora_recipe)> lora_model(lora_w.config, lora_recipe);
-  std::printf("LoRA adapters on %d projections\n", sg::cl::attach_lora(lora_model, lora_w, {.seed = 1}));
+  say("LoRA adapters on %d projections\n", sg::cl::attach_lora(lora_model, lora_w, {.seed = 1}));
+  check_ranks_agree(comm, "lora<q_proj, v_proj>", lora_w);  // the same seed gives every rank the same A
   const double lora_before = eval_loss(lora_model, lora_w, eval_data);  // B = 0: the base model's loss
-  train(lora_model, lora_w, train_data, steps, 1e-2);
+  train(lora_model, lora_w, train_data, steps, 1e-2, comm);
   const double lora_loss = eval_loss(lora_model, lora_w, eval_data);
-  std::printf("LoRA evaluation loss: %.4f -> %.4f\n", lora_before, lora_loss);
+  say("LoRA evaluation loss: %.6f -> %.6f\n", lora_before, lora_loss);
 
   // Saved the PEFT way (adapter_model.safetensors, adapter_config.json): PeftModel loads it.
   // Loading fills adapters attached to a fresh copy of the base model.
-  sg::cl::save_lora_adapter(out / "adapter", lora_w);
+  on_rank0(comm, "saving the LoRA adapter", [&] { sg::cl::save_lora_adapter(out / "adapter", lora_w); });
   auto lora_back = sg::model::load_hf_checkpoint<float>(checkpoint);
   lora_back.config = lora_w.config;
   sg::cl::attach_lora(lora_model, lora_back);
   sg::cl::load_lora_adapter(out / "adapter", lora_back);
   check_same("LoRA adapter", eval_loss(lora_model, lora_back, eval_data), lora_loss);
-  std::printf("saved %s and %s\n", (out / "task").string().c_str(), (out / "adapter").string().c_str());
+  say("saved %s and %s\n", (out / "task").string().c_str(), (out / "adapter").string().c_str());
   return 0;
-} catch (const std::exception& e) {
-  std::fprintf(stderr, "\nfinetune: %s\n", e.what());
-  return 1;
+}
+
+int main(int argc, char** argv) {
+#ifdef SKILLGRAFT_FINETUNE_MPI
+  sg::dist::mpi_environment mpi(argc, argv);
+#endif
+  try {
+    communicator comm;
+    return run(argc, argv, comm);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "\nfinetune: %s\n", e.what());
+#ifdef SKILLGRAFT_FINETUNE_MPI
+    sg::dist::mpi_environment::abort(1);  // the other ranks may be waiting in an exchange
+#endif
+    return 1;
+  }
 }

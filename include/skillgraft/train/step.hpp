@@ -7,6 +7,13 @@
 //   learning rate; optimizer step.
 // A non-finite loss or gradient throws before any weight changes. Given the same seed,
 // data and thread count, the step is bit-for-bit repeatable (no atomics, fixed reduction order).
+//
+// Data-parallel: a communicator (train/communicator.hpp) passed as the last argument makes the
+// micro-batches one rank's share of a global batch. The target count is summed over the ranks
+// before the first forward, so every rank divides by the global count; after the last backward
+// the trainable gradients and the loss are summed over the ranks; the penalty, the checks,
+// clipping and the optimizer then see the global gradient, identical on every rank. Without
+// one (no_communicator) none of this is compiled.
 #include <cmath>
 #include <span>
 #include <stdexcept>
@@ -14,6 +21,7 @@
 #include <utility>
 
 #include "skillgraft/train/clip.hpp"
+#include "skillgraft/train/communicator.hpp"
 #include "skillgraft/train/cross_entropy.hpp"
 
 namespace skillgraft::train {
@@ -131,16 +139,23 @@ template <class Model>
 using micro_batch_for = micro_batch<typename Model::value_type, typename model_backend<Model>::type>;
 
 // One step on any backend: the model, its weights and gradients, the optimizer's state and the
-// micro-batches' prefixes are tensors of the model's backend.
-template <class Model, class Optimizer, class Schedule, class Objective = masked_ce_objective>
+// micro-batches' prefixes are tensors of the model's backend. `comm`: the ranks this step is
+// shared with (see above); the overload without it is one process.
+template <class Model, class Optimizer, class Schedule, class Objective = masked_ce_objective,
+          communicator Communicator = no_communicator>
 step_stats train_step(const Model& model, typename Model::weights_t& w, typename Model::grads_t& g, Optimizer& opt,
-                      const Schedule& schedule, std::span<const micro_batch_for<Model>> batches, step_options o = {},
-                      const Objective& objective = {}) {
+                      const Schedule& schedule, std::span<const micro_batch_for<Model>> batches, step_options o,
+                      const Objective& objective, Communicator& comm) {
   if (batches.empty()) throw std::invalid_argument("skillgraft: train_step needs at least one micro-batch");
   step_stats st;
   for (std::size_t k = 0; k < batches.size(); ++k) {
     detail::check_targets_are_shifted(batches[k], k);
     for (auto y : batches[k].targets) st.targets += (y != ignore_index);
+  }
+  if constexpr (Communicator::distributed) {
+    static_assert(distributed_communicator<Communicator>,
+                  "skillgraft: a distributed communicator needs sum(std::uint64_t) and sum(double)");
+    st.targets = std::size_t(comm.sum(std::uint64_t(st.targets)));
   }
   if (st.targets == 0) throw std::invalid_argument("skillgraft: the batch has no target tokens (all ignore_index)");
   zero_grads(model, w, g);
@@ -151,6 +166,12 @@ step_stats train_step(const Model& model, typename Model::weights_t& w, typename
     st.loss += r.loss;
     model.backward(w, saved, r.dh, g);
   }
+  if constexpr (Communicator::distributed) {
+    comm.reduce_gradients(model, w, g);
+    st.loss = comm.sum(st.loss);
+  }
+  // After the sums: a penalty (EWC) depends on the weights alone, which every rank holds alike,
+  // so it is added once to the global gradient, not once per rank.
   if constexpr (requires { objective.finish(model, w, g); }) st.loss += objective.finish(model, w, g);
   if (!std::isfinite(st.loss))
     throw std::domain_error("skillgraft: the loss is not finite (" + std::to_string(st.loss) + "); no weight was changed");
@@ -159,6 +180,14 @@ step_stats train_step(const Model& model, typename Model::weights_t& w, typename
   opt.set_lr(st.lr);
   opt.step(model, w, g);
   return st;
+}
+
+template <class Model, class Optimizer, class Schedule, class Objective = masked_ce_objective>
+step_stats train_step(const Model& model, typename Model::weights_t& w, typename Model::grads_t& g, Optimizer& opt,
+                      const Schedule& schedule, std::span<const micro_batch_for<Model>> batches, step_options o = {},
+                      const Objective& objective = {}) {
+  no_communicator one_process;
+  return train_step(model, w, g, opt, schedule, batches, o, objective, one_process);
 }
 
 }  // namespace skillgraft::train
