@@ -253,7 +253,7 @@ TEST_CASE("decoder block: LoRA adapters on every projection run on the device as
   }
 }
 
-TEST_CASE("decoder block: expanded activations (xSiLU, xGELU) and their range alpha on the device") {
+TEST_CASE("decoder block: expanded activations (xSiLU, xGELU, xATLU) and their range alpha on the device") {
   const sg::seq_shape sh{2, 7};
   const auto c = sg::test::tiny_config(false, 1);
   auto range = [](sg::nn::block_weights<float>& w) { sg::nn::add_act_range(w.mlp, 0.35f); };
@@ -267,6 +267,10 @@ TEST_CASE("decoder block: expanded activations (xSiLU, xGELU) and their range al
   block_parity<range_only, false, xgelu>(c, sh, range);
   block_parity<with_range, true, xgelu>(c, sh, range);
   block_parity<std::remove_cv_t<decltype(sg::recipe::sa_proj)>, true, xgelu>(c, sh, range);
+  using xatlu = sg::nn::swiglu<sg::nn::act::xatlu>;
+  block_parity<range_only, false, xatlu>(c, sh, range);
+  block_parity<with_range, true, xatlu>(c, sh, range);
+  block_parity<std::remove_cv_t<decltype(sg::recipe::mlp)>, false, xatlu>(c, sh, range);
 }
 
 TEST_CASE("decoder stack: parity with the CPU and memory plan equal to the device ledger, with layer ranges") {

@@ -28,7 +28,7 @@ struct final_norm { static constexpr std::string_view name = "norm"; };
 struct lm_head    { static constexpr std::string_view name = "lm_head"; };
 struct vision     { static constexpr std::string_view name = "vision_tower"; };
 struct projector  { static constexpr std::string_view name = "multi_modal_projector"; };
-// The trainable range α of an expanded gating activation (xSiLU, xGELU: the gate spans
+// The trainable range α of an expanded gating activation (xSiLU, xGELU, xATLU: the gate spans
 // [-α, 1 + α]), one scalar per MLP: mlp.act_fn.alpha.
 struct act_range  { static constexpr std::string_view name = "act_fn"; };
 // The token router of a mixture-of-experts MLP: mlp.router.weight [experts, hidden].
