@@ -273,6 +273,29 @@ TEST_CASE("decoder block: expanded activations (xSiLU, xGELU, xATLU) and their r
   block_parity<std::remove_cv_t<decltype(sg::recipe::mlp)>, false, xatlu>(c, sh, range);
 }
 
+TEST_CASE("decoder block: GateSkip residual gates (vector and scalar) on the device") {
+  const sg::seq_shape sh{2, 7};
+  const auto c = sg::test::tiny_config(true, 1);
+  using namespace sg::proj;
+  using attn_gate = sg::group::residual_gate<sg::branch::attention>;
+  using gates_only = std::remove_cv_t<decltype(sg::recipe::residual_gates)>;
+  using gates_and_q = decltype(sg::trainable<q, attn_gate, sg::group::mlp_norm>);
+  using sa = std::remove_cv_t<decltype(sg::recipe::sa_proj)>;
+  using vector_gates = sg::nn::gate_skip<>;
+  using scalar_gates = sg::nn::gate_skip<sg::nn::default_mlp, sg::nn::gate_shape::scalar>;
+  auto vector = [&](sg::nn::block_weights<float>& w) {
+    sg::nn::add_residual_gates(w, c, sg::nn::gate_shape::vector, {.bias = 0.4, .weight_std = 0.4, .seed = 3});
+  };
+  auto scalar = [&](sg::nn::block_weights<float>& w) {
+    sg::nn::add_residual_gates(w, c, sg::nn::gate_shape::scalar, {.bias = 0.4, .weight_std = 0.4, .seed = 3});
+  };
+  block_parity<gates_only, false, vector_gates>(c, sh, vector);
+  block_parity<gates_and_q, true, vector_gates>(c, sh, vector);
+  block_parity<sa, false, vector_gates>(c, sh, vector);
+  block_parity<gates_only, true, scalar_gates>(c, sh, scalar);
+  block_parity<gates_and_q, false, scalar_gates>(c, sh, scalar);
+}
+
 TEST_CASE("decoder stack: parity with the CPU and memory plan equal to the device ledger, with layer ranges") {
   const auto c = sg::test::tiny_config(true, 4);
   const sg::seq_shape sh{3, 7};

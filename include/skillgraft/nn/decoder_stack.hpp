@@ -44,6 +44,12 @@ void add_act_range(trunk_weights<T>& w, T alpha = T(0)) {
   for (auto& l : w.layers) add_act_range(l.mlp, alpha);
 }
 
+// Gives every layer the two residual gates of a gate_skip policy (nn/gate_skip.hpp).
+template <class T>
+void add_residual_gates(trunk_weights<T>& w, gate_shape shape = gate_shape::vector, const residual_gate_init& init = {}) {
+  for (std::size_t i = 0; i < w.layers.size(); ++i) add_residual_gates(w.layers[i], w.config, shape, init, int(i));
+}
+
 template <class T, class Recipe, bool NeedsInputGrad = false, class Backend = backend::cpu, class Mlp = default_mlp>
 class decoder_stack {
  public:
@@ -178,6 +184,24 @@ class decoder_stack {
                                    [&](const std::string& n, tensor_t& p, tensor_t& dp) {
                                      f("model.layers." + std::to_string(i) + "." + n, p, dp);
                                    });
+  }
+
+  // f(layer, gate_record&) for the residual gates of every layer, bottom up (attention's gate,
+  // then the MLP's): what a forward saw of them, and where a penalty seeds its gradient.
+  template <class F>
+  void for_each_gate_record(saved_t& s, F&& f) const {
+    if constexpr (has_residual_gates_v<Mlp>) {
+      int layer = 0;
+      auto visit = [&](auto& block_saved, auto block_tag) {
+        using B = typename decltype(block_tag)::type;
+        B::for_each_gate_record(block_saved, [&](gate_record& r) { f(layer, r); });
+        ++layer;
+      };
+      for (auto& b : s.below) visit(b, hana::type_c<below_t>);
+      if (s.lowest) visit(*s.lowest, hana::type_c<lowest_t>);
+      for (auto& b : s.middle) visit(b, hana::type_c<middle_t>);
+      for (auto& b : s.above) visit(b, hana::type_c<above_t>);
+    }
   }
 
   // Models of what the code allocates (checked against the ledger by the tests).

@@ -35,6 +35,35 @@ struct act_range  { static constexpr std::string_view name = "act_fn"; };
 struct router     { static constexpr std::string_view name = "router"; };
 }  // namespace group
 
+// The two branches of a decoder block, each adding its output to the residual stream.
+namespace branch {
+struct attention { static constexpr std::string_view name = "self_attn"; };
+struct mlp       { static constexpr std::string_view name = "mlp"; };
+}  // namespace branch
+
+namespace group {
+// A learned sigmoid-linear gate on one branch's output before it re-enters the residual
+// stream (GateSkip; nn/residual_gate.hpp): self_attn_residual_gate.{weight,bias} and
+// mlp_residual_gate.{weight,bias}. Only blocks built with the nn::gate_skip policy have them.
+template <class Branch>
+struct residual_gate;
+template <>
+struct residual_gate<branch::attention> {
+  using branch = branch::attention;
+  static constexpr std::string_view name = "self_attn_residual_gate";
+};
+template <>
+struct residual_gate<branch::mlp> {
+  using branch = branch::mlp;
+  static constexpr std::string_view name = "mlp_residual_gate";
+};
+}  // namespace group
+
+template <class Tag>
+inline constexpr bool is_residual_gate_v = false;
+template <class Branch>
+inline constexpr bool is_residual_gate_v<group::residual_gate<Branch>> = true;
+
 // A low-rank adapter (LoRA) on projection P: trains A [r, in] and B [out, r] beside a
 // frozen (or not) W, so "which projections carry adapters" is a recipe choice too.
 template <class P>
