@@ -525,3 +525,105 @@ TEST_CASE("GateSkip checkpoints: gate tensors and their config field round-trip 
   CHECK_THROWS_WITH(sg::model::load_hf_checkpoint<float>(dir / "full"),
                     Catch::Contains("skillgraft_residual_gates") && Catch::Contains("diagonal"));
 }
+
+// --- training-time dropping (the paper's budget during fine-tuning) -------------------------------
+
+TEST_CASE("GateSkip training budget: dropped tokens by finite differences, the lowest-importance ones, and the schedule") {
+  const auto c = sg::test::tiny_config(true);
+  sg::nn::rope_table<D> table(c.head_dim, c.max_seq, c.rope_theta);
+  auto recipes = sg::hana::make_tuple(sg::recipe::residual_gates, sg::recipe::residual_gates | sg::recipe::sa_proj,
+                                      sg::recipe::mlp_gate_up, sg::recipe::llm | sg::recipe::residual_gates);
+  auto check = [&](auto policy, sg::nn::gate_shape shape) {
+    using P = typename decltype(policy)::type;
+    auto w = gated_weights<D>(c, shape, 17);
+    typename P::options o;
+    o.train_skip = 0.3;  // 3 of the 10 tokens per branch
+    sg::hana::for_each(recipes, [&](auto r) {
+      using R = std::remove_const_t<decltype(r)>;
+      auto x = random_tensor<D>({2, 5, std::size_t(c.hidden)}, 18);
+      auto a = sg::test::gradcheck(block<R, true, P>(c, table, o), w, x);
+      auto b = sg::test::gradcheck(block<R, false, P>(c, table, o), w, x);
+      CHECK(a == b);
+    });
+    // The dropped tokens are the 3 of lowest mean gate, per branch.
+    block<gates_r, false, P> blk(c, table, o);
+    auto x = random_tensor<D>({2, 5, std::size_t(c.hidden)}, 19);
+    typename decltype(blk)::saved_t s;
+    blk.forward(w, x, s);
+    for (const auto* gs : {&s.self_attn_residual_gate.gate_value, &s.mlp_residual_gate.gate_value}) {
+      const auto& keep = gs == &s.self_attn_residual_gate.gate_value ? s.self_attn_residual_gate.keep : s.mlp_residual_gate.keep;
+      REQUIRE(keep.size() == 10);
+      const auto imp = sg::model::detail::row_means(*gs);
+      double max_dropped = -1, min_kept = 2;
+      std::size_t dropped = 0;
+      for (std::size_t t = 0; t < 10; ++t) {
+        if (keep[t] == 0) max_dropped = std::max(max_dropped, imp[t]), ++dropped;
+        else min_kept = std::min(min_kept, imp[t]);
+      }
+      CHECK(dropped == 3);
+      CHECK(max_dropped <= min_kept);
+    }
+    // Every token dropped: each branch adds nothing, the block is the identity, exactly.
+    o.train_skip = 1.0;
+    block<gates_r, false, P> all(c, table, o);
+    typename decltype(all)::saved_t s1;
+    CHECK(bitwise_equal(all.forward(w, x, s1), x));
+  };
+  check(sg::hana::type_c<vector_gates>, sg::nn::gate_shape::vector);
+  check(sg::hana::type_c<scalar_gates>, sg::nn::gate_shape::scalar);
+
+  const sg::train::skip_schedule ramp{.start = 0.005, .end = 0.1, .steps = 5000};
+  CHECK(ramp(0) == 0.005);
+  CHECK(ramp(2500) == Approx(0.0525));
+  CHECK(ramp(5000) == 0.1);
+  CHECK(ramp(9000) == 0.1);
+  vector_gates::options bad;
+  bad.train_skip = 1.5;
+  block<gates_r, false> blk(c, table, bad);
+  auto w = gated_weights<D>(c, sg::nn::gate_shape::vector, 17);
+  auto x = random_tensor<D>({2, 5, std::size_t(c.hidden)}, 19);
+  decltype(blk)::saved_t s;
+  CHECK_THROWS_WITH(blk.forward(w, x, s), Catch::Contains("train_skip must be in [0, 1]"));
+}
+
+TEST_CASE("GateSkip training budget: the memory plan counts the keep masks, and train_step follows a schedule") {
+  const auto c = sg::test::tiny_config(true, 4);
+  vector_gates::options o;
+  o.train_skip = 0.25;
+  auto recipes = sg::hana::make_tuple(sg::recipe::frozen, sg::recipe::residual_gates, sg::recipe::sa_proj);
+  sg::hana::for_each(recipes, [&](auto r) {
+    using R = std::remove_const_t<decltype(r)>;
+    sg::test::check_plan_against_ledger(
+        [&] {
+          auto w = sg::test::random_trunk<float>(c, 5);
+          sg::nn::add_residual_gates(w);
+          return w;
+        },
+        [&] { return sg::nn::decoder_stack<float, R, false, sg::backend::cpu, vector_gates>(c, r, o); }, {3, 7});
+  });
+
+  const auto lc = sg::test::tiny_lm_config(2);
+  auto w = sg::test::random_lm<float>(lc, 11);
+  sg::nn::add_residual_gates(w.trunk);
+  constexpr auto r = sg::recipe::residual_gates;
+  sg::model::decoder_lm<float, decltype(r), sg::backend::cpu, vector_gates> lm(lc, r);
+  auto g = lm.make_grads(w);
+  sg::train::adamw<float> opt(lm, w, g);
+  const sg::train::micro_batch<float> mb{ids, targets};
+  const sg::train::skip_schedule ramp{.start = 0.0, .end = 0.5, .steps = 4};
+  for (int step = 0; step < 6; ++step) {
+    auto opts = lm.mlp_options();
+    opts.train_skip = ramp(opt.steps());
+    lm.set_mlp_options(opts);
+    auto st = sg::train::train_step(lm, w, g, opt, sg::train::constant_schedule{.lr = 0.01}, std::span(&mb, 1), {},
+                                    sg::train::gate_sparsity_objective{});
+    CHECK(std::isfinite(st.loss));
+  }
+  CHECK(lm.mlp_options().train_skip == 0.5);
+  decltype(lm)::saved_t s;
+  lm.forward(w, ids, s);
+  std::size_t zeros = 0;
+  for (std::size_t i = 0; i < s.trunk.lowest->mlp_residual_gate.keep.size(); ++i)
+    zeros += s.trunk.lowest->mlp_residual_gate.keep[i] == 0;
+  CHECK(zeros == 5);  // half of the 10 tokens
+}

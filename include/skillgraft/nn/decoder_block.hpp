@@ -240,7 +240,8 @@ struct decoder_block {
     tensor_t x2 = attention().forward(w.self_attn, h1, part<attention_active, typename attention_t::saved_t>(
                                                            s, [](auto& ss) -> auto& { return ss.attention; }));
     if constexpr (gated)
-      x2 = attn_gate_t::forward(w.attn_gate, h1, std::move(x2), x, s.self_attn_residual_gate, "self_attn_residual_gate");
+      x2 = attn_gate_t::forward(w.attn_gate, h1, std::move(x2), x, s.self_attn_residual_gate, "self_attn_residual_gate",
+                                train_skip_of(mlp_options));
     else
       Backend::add_into(x2, x);
     tensor_t h2 = mlp_norm().forward(w.mlp_norm, x2,
@@ -250,7 +251,8 @@ struct decoder_block {
     tensor_t y = mlp().forward(w.mlp, h2, part<mlp_active, typename mlp_t::saved_t>(
                                               s, [](auto& ss) -> auto& { return ss.mlp; }));
     if constexpr (gated)
-      y = mlp_gate_t::forward(w.mlp_gate, h2, std::move(y), x2, s.mlp_residual_gate, "mlp_residual_gate");
+      y = mlp_gate_t::forward(w.mlp_gate, h2, std::move(y), x2, s.mlp_residual_gate, "mlp_residual_gate",
+                              train_skip_of(mlp_options));
     else
       Backend::add_into(y, x2);
     return y;
@@ -348,9 +350,13 @@ struct decoder_block {
     if (mlp_norm_t::keeps_input) n += N * d + N;
     if (mlp_active) n += mlp_t::saved_elements(c, sh, o);
     const std::size_t gw = gate_width(gate_shape_of<Mlp>, d);  // residual gates: h, o, g
-    auto gate = [&](bool h, bool out, bool g) { n += N * d * (std::size_t(h) + std::size_t(out)) + (g ? N * gw : 0); };
-    gate(attn_gate_plan::save_h, attn_gate_plan::save_o, attn_gate_plan::save_g);
-    gate(mlp_gate_plan::save_h, mlp_gate_plan::save_o, mlp_gate_plan::save_g);
+    auto gate = [&](auto plan) {
+      using P = decltype(plan);
+      n += N * d * (std::size_t(P::save_h) + std::size_t(P::save_o)) + (P::save_g ? N * gw : 0);
+      if (P::active && gate_drop_count(train_skip_of(o), N)) n += N;  // the keep mask
+    };
+    gate(attn_gate_plan{});
+    gate(mlp_gate_plan{});
     const std::size_t r = std::size_t(c.lora_rank);  // adapter inputs u = x A^T
     n += N * r * std::size_t(ap::adapt_q + ap::adapt_k + ap::adapt_v + ap::adapt_o);
     return n;

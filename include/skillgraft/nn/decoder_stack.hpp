@@ -113,6 +113,8 @@ class decoder_stack {
 
   const decoder_config& config() const { return config_; }
   const mlp_options_t& mlp_options() const { return mlp_options_; }
+  // New runtime settings of the MLP policy (e.g. a gate_skip model's train_skip, step by step).
+  void set_mlp_options(const mlp_options_t& o) { mlp_options_ = o; }
   const rope_table<T, Backend>& rope() const { return table_; }
   int first_trainable() const { return first_; }
   int last_trainable() const { return last_; }

@@ -18,9 +18,18 @@
 
 namespace skillgraft::nn {
 
+// Runtime settings of a gate_skip block: the inner MLP policy's, and the fraction of tokens whose
+// branch output training drops per layer and branch (the paper's training-time budget; 0: none).
+template <class InnerOptions>
+struct gate_skip_options : InnerOptions {
+  double train_skip = 0.0;
+  bool operator==(const gate_skip_options&) const = default;
+};
+
 template <class Inner = default_mlp, gate_shape Shape = gate_shape::vector>
 struct gate_skip : Inner {
   using inner_policy = Inner;
+  using options = gate_skip_options<typename Inner::options>;
   static constexpr bool residual_gates = true;
   static constexpr gate_shape shape = Shape;
   // Parameters beyond Gate, Up and Down: the inner policy's, and two gates (weight and bias).
@@ -29,6 +38,13 @@ struct gate_skip : Inner {
     return Inner::extra_weight_elements(c, o) + 2 * (w * d + w);
   }
 };
+
+// The training-time drop fraction of a policy's options (0 for policies without gates).
+template <class Options>
+double train_skip_of(const Options& o) {
+  if constexpr (requires { o.train_skip; }) return o.train_skip;
+  else return 0.0;
+}
 
 // Does a block policy put residual gates on its branches?
 template <class Policy>

@@ -21,10 +21,14 @@
 // derivative of the function computed (finite differences check it).
 //
 // With g = 1 exactly (a fully open gate) y = x + 1 * o = x + o, the ungated block bit for bit.
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "skillgraft/backend/backend_of.hpp"
 #include "skillgraft/backend/host_device.hpp"
@@ -45,7 +49,18 @@ SKILLGRAFT_OPTIONAL_MEMBER(self_attn_residual_gate);
 SKILLGRAFT_OPTIONAL_MEMBER(mlp_residual_gate);
 SKILLGRAFT_OPTIONAL_MEMBER(branch_out);
 SKILLGRAFT_OPTIONAL_MEMBER(gate_value);
+SKILLGRAFT_OPTIONAL_MEMBER(keep);
 }  // namespace members
+
+// Training-time dropping (the paper's budget during fine-tuning): with a fraction f of the N
+// tokens dropped, the floor(f N) tokens of lowest importance (mean gate; ties: the lower index
+// drops first) contribute nothing to the residual stream, y = x + keep * g * o with keep a
+// constant 0/1 per token, and get no gradient through the branch (do = dy * g * keep).
+inline std::size_t gate_drop_count(double fraction, std::size_t tokens) {
+  if (!(fraction >= 0 && fraction <= 1))
+    throw std::invalid_argument("skillgraft: gate_skip train_skip must be in [0, 1], got " + std::to_string(fraction));
+  return std::min(tokens, std::size_t(std::floor(fraction * double(tokens))));
+}
 
 // What one forward saw of a gate's values g (all N x width of them), and the seeds of the
 // sparsity penalty's gradient: an objective sets them after forward (train/gate_sparsity.hpp)
@@ -74,7 +89,8 @@ struct residual_gate_plan {
 template <class Tensor, class Plan>
 struct residual_gate_saved : members::optional_h<Plan::save_h, Tensor>,
                              members::optional_branch_out<Plan::save_o, Tensor>,
-                             members::optional_gate_value<Plan::save_g, Tensor> {
+                             members::optional_gate_value<Plan::save_g, Tensor>,
+                             members::optional_keep<Plan::active, Tensor> {  // [N] when training drops tokens
   gate_record record;
 };
 
@@ -121,6 +137,13 @@ struct gate_logit_grad {  // dz = (dg + c1 + 2 c2 g) g (1 - g), in place over dg
   }
 };
 template <class T>
+struct scale_rows {  // y[i] *= m[row of i]
+  T* y;
+  const T* m;
+  std::int64_t per_row;
+  SKILLGRAFT_HD void operator()(std::int64_t i) const { y[i] *= m[i / per_row]; }
+};
+template <class T>
 struct value_of {
   const T* g;
   SKILLGRAFT_HD double operator()(std::int64_t i) const { return double(g[i]); }
@@ -161,9 +184,28 @@ struct residual_gate {
   using tensor_t = typename Backend::template tensor<T>;
   using saved_t = residual_gate_saved<tensor_t, Plan>;
 
-  // y = x + sigmoid(h Wg^T + bg) * o. `name` is the gate's tensor name for messages.
+  // keep [N]: 0 for the `drop` tokens of lowest mean gate, 1 for the others (ranked on the host).
+  static tensor_t drop_mask(const tensor_t& g, std::size_t drop, memory_use use) {
+    cpu::tensor<T> host(g.shape(), memory_use::workspace);
+    Backend::download(g, host);
+    const std::size_t N = g.rows(), width = g.cols();
+    std::vector<std::pair<double, std::size_t>> importance(N);
+    for (std::size_t r = 0; r < N; ++r) {
+      double sum = 0;
+      for (std::size_t j = 0; j < width; ++j) sum += double(host.data()[r * width + j]);
+      importance[r] = {sum / double(width), r};
+    }
+    std::partial_sort(importance.begin(), importance.begin() + std::ptrdiff_t(drop), importance.end());
+    cpu::tensor<T> keep({N}, memory_use::workspace);
+    for (std::size_t r = 0; r < N; ++r) keep[r] = T(1);
+    for (std::size_t i = 0; i < drop; ++i) keep[importance[i].second] = T(0);
+    return Backend::template upload<T>(keep, use);
+  }
+
+  // y = x + sigmoid(h Wg^T + bg) * o; with train_skip > 0 the lowest-importance tokens' o is
+  // dropped. `name` is the gate's tensor name for messages.
   static tensor_t forward(const linear_weights<T, Backend>& w, const tensor_t& h, tensor_t&& o, const tensor_t& x,
-                          saved_t& s, const char* name) {
+                          saved_t& s, const char* name, double train_skip = 0.0) {
     if (w.weight.empty())
       throw std::invalid_argument(std::string("skillgraft: ") + name +
                                   ".weight is missing: a gate_skip block needs its residual gates (nn::add_residual_gates)");
@@ -172,6 +214,11 @@ struct residual_gate {
     const auto n = std::int64_t(g.size());
     s.record = gate_record{Backend::template sum_index<double>(n, kernels::value_of<T>{g.data()}),
                            Backend::template sum_index<double>(n, kernels::square_of<T>{g.data()}), g.size()};
+    if (const std::size_t drop = gate_drop_count(train_skip, g.rows()); drop > 0) {
+      tensor_t keep = drop_mask(g, drop, Plan::active ? memory_use::saved_activations : memory_use::workspace);
+      Backend::for_each_index(std::int64_t(o.size()), kernels::scale_rows<T>{o.data(), keep.data(), std::int64_t(o.cols())});
+      if constexpr (Plan::active) s.keep = std::move(keep);
+    }
     tensor_t y = gated_residual(x, o, g);
     if constexpr (Plan::save_h) s.h = h.clone(memory_use::saved_activations);
     if constexpr (Plan::save_o) s.branch_out = o.clone(memory_use::saved_activations);
@@ -203,6 +250,9 @@ struct residual_gate {
                               kernels::gated_residual_backward<T>{BranchActive ? r.d_out.data() : nullptr,
                                                                   Plan::need_dz ? p.data() : nullptr, dy.data(), o,
                                                                   g.data(), per_gate});
+      if (BranchActive && !s.keep.empty())  // dropped tokens: no gradient through the branch
+        Backend::for_each_index(std::int64_t(dy.size()),
+                                kernels::scale_rows<T>{r.d_out.data(), s.keep.data(), std::int64_t(d)});
       if constexpr (Plan::need_dz) {
         if (width == d) {
           r.dz = std::move(p);

@@ -15,6 +15,7 @@
 // and k equal ones its average. The gradient enters through the saved gate records: after
 // forward, micro() writes d penalty / d sum(psi(g)) into each record's seed, and the block's
 // backward adds seed_l1 + 2 seed_l2 g to dg.
+#include <algorithm>
 #include <cstddef>
 #include <stdexcept>
 
@@ -66,6 +67,20 @@ gate_penalty_value gate_penalty_of(const Model& model, typename Model::saved_t& 
   });
   return v;
 }
+
+// The training-time budget of GateSkip: the fraction of tokens dropped per layer and branch,
+// ramped linearly from `start` to `end` over `steps` optimizer steps (the paper's code: 0.5 %
+// to 10 % over 5000), then held. Set it on the model before each step:
+//   auto o = lm.mlp_options(); o.train_skip = schedule(opt.steps()); lm.set_mlp_options(o);
+struct skip_schedule {
+  double start = 0.005;
+  double end = 0.1;
+  long steps = 5000;
+  double operator()(long step) const {
+    if (steps <= 0 || step >= steps) return end;
+    return start + (end - start) * double(std::max(0L, step)) / double(steps);
+  }
+};
 
 // The objective for train_step: masked cross-entropy on the targets, plus the gate penalty.
 struct gate_sparsity_objective {
