@@ -127,6 +127,23 @@ TEST_CASE("GateSkip: gated block gradients by finite differences under several r
   }
 }
 
+TEST_CASE("GateSkip around another MLP policy: gates on an xSiLU block, its range trained with them") {
+  const auto c = sg::test::tiny_config(false);
+  sg::nn::rope_table<D> table(c.head_dim, c.max_seq, c.rope_theta);
+  using P = sg::nn::gate_skip<sg::nn::swiglu<sg::nn::act::xsilu>>;
+  auto w = gated_weights<D>(c, sg::nn::gate_shape::vector, 13);
+  sg::nn::add_act_range(w.mlp, 0.3);
+  auto recipes = sg::hana::make_tuple(sg::recipe::residual_gates | sg::trainable<sg::group::act_range>,
+                                      sg::trainable<up, mlp_gate>);
+  sg::hana::for_each(recipes, [&](auto r) {
+    using R = std::remove_const_t<decltype(r)>;
+    auto x = random_tensor<D>({2, 5, std::size_t(c.hidden)}, 14);
+    auto a = sg::test::gradcheck(block<R, true, P>(c, table), w, x);
+    CHECK(a.count("mlp.act_fn.alpha") == std::size_t(sg::trains_v<sg::group::act_range, R>));
+    CHECK(a.count("mlp_residual_gate.weight") == 1);
+  });
+}
+
 TEST_CASE("GateSkip: a fully open gate reproduces the ungated block bit for bit") {
   // sigmoid(40) rounds to 1 in double: y = x + 1 * o = x + o, and dz = dg g (1 - g) = 0.
   const auto c = sg::test::tiny_config(true);
