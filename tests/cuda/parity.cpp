@@ -86,7 +86,8 @@ static_assert(std::is_same_v<decltype(sg::nn::grad<sg::proj::q, cuda_block<sa_r,
 
 // The same block on both backends; `prepare` changes the host weights first (adapters, ranges).
 template <class R, bool Dx, class Mlp = sg::nn::default_mlp, class Prepare = void (*)(sg::nn::block_weights<float>&)>
-void block_parity(const sg::decoder_config& c, sg::seq_shape sh, Prepare prepare = [](sg::nn::block_weights<float>&) {}) {
+void block_parity(const sg::decoder_config& c, sg::seq_shape sh, Prepare prepare = [](sg::nn::block_weights<float>&) {},
+                  const typename Mlp::options& o = {}) {
   using cpu_t = sg::nn::decoder_block<float, std::remove_cvref_t<R>, Dx, sg::backend::cpu, Mlp>;
   using dev_t = sg::nn::decoder_block<float, std::remove_cvref_t<R>, Dx, sg::backend::cuda, Mlp>;
   INFO("input gradient " << Dx);
@@ -96,8 +97,8 @@ void block_parity(const sg::decoder_config& c, sg::seq_shape sh, Prepare prepare
   auto dw = sg::nn::to_backend<sg::backend::cuda>(hw);
   const sg::nn::rope_table<float> htable(c.head_dim, c.max_seq, c.rope_theta);
   const sg::nn::rope_table<float, sg::backend::cuda> dtable(c.head_dim, c.max_seq, c.rope_theta);
-  const cpu_t cb(c, htable);
-  const dev_t db(c, dtable);
+  const cpu_t cb(c, htable, o);
+  const dev_t db(c, dtable, o);
   auto x = sg::test::random_tensor<float>({std::size_t(sh.batch), std::size_t(sh.seq), std::size_t(c.hidden)}, 12);
   auto dy = sg::test::random_tensor<float>(x.shape(), 13);
   const auto dx_dev = dev::tensor<float>::from_host(x, memory_use::workspace);
@@ -106,12 +107,12 @@ void block_parity(const sg::decoder_config& c, sg::seq_shape sh, Prepare prepare
   auto cg = cb.make_grads(hw);
   ledger_probe grads(memory_use::gradients), saved(memory_use::saved_activations);
   auto dg = db.make_grads(dw);
-  CHECK(grads.delta() == std::int64_t(sg::plan_memory<dev_t>(c, sh).gradients));
+  CHECK(grads.delta() == std::int64_t(sg::plan_memory<dev_t>(c, sh, o).gradients));
   typename cpu_t::saved_t cs;
   typename dev_t::saved_t ds;
   const auto y = cb.forward(hw, x, cs);
   const auto y_dev = db.forward(dw, dx_dev, ds);
-  CHECK(saved.delta() == std::int64_t(sg::plan_memory<dev_t>(c, sh).saved_activations));
+  CHECK(saved.delta() == std::int64_t(sg::plan_memory<dev_t>(c, sh, o).saved_activations));
   check_close("block output", y_dev, y);
   const auto dx = cb.backward(hw, cs, dy, cg);
   const auto dx_dev_out = db.backward(dw, ds, dy_dev, dg);
@@ -294,6 +295,13 @@ TEST_CASE("decoder block: GateSkip residual gates (vector and scalar) on the dev
   block_parity<sa, false, vector_gates>(c, sh, vector);
   block_parity<gates_only, true, scalar_gates>(c, sh, scalar);
   block_parity<gates_and_q, false, scalar_gates>(c, sh, scalar);
+  // The training-time budget: the lowest-importance tokens dropped (ranked on the host).
+  vector_gates::options drop;
+  drop.train_skip = 0.3;
+  block_parity<gates_and_q, true, vector_gates>(c, sh, vector, drop);
+  scalar_gates::options drop_scalar;
+  drop_scalar.train_skip = 0.5;
+  block_parity<gates_only, false, scalar_gates>(c, sh, scalar, drop_scalar);
 }
 
 TEST_CASE("decoder stack: parity with the CPU and memory plan equal to the device ledger, with layer ranges") {
