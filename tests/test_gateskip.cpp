@@ -270,7 +270,7 @@ TEST_CASE("GateSkip objective: cross-entropy plus the gate penalty, gradients by
   }
 }
 
-TEST_CASE("GateSkip objective: penalty value, and micro-batches weighted by their share of targets") {
+TEST_CASE("GateSkip objective: the penalty value and its gradient seeds, scaled by a micro-batch share") {
   const auto c = sg::test::tiny_lm_config(2);
   auto w = sg::test::random_lm<D>(c, 7);
   sg::nn::add_residual_gates(w.trunk, sg::nn::gate_shape::vector, {.bias = 0.3, .weight_std = 0.4, .seed = 2});
