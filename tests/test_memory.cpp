@@ -9,6 +9,7 @@
 #include "skillgraft/nn/memory_report.hpp"
 #include "skillgraft/policy/dispatch.hpp"
 #include "skillgraft/train/adamw.hpp"
+#include "support/plan_ledger.hpp"
 #include "support/random.hpp"
 
 namespace sg = skillgraft;
@@ -105,41 +106,10 @@ static_assert(has_attn_norm_mlp_norm_down_proj<block<llm_r, false>::grads_t>);
 
 namespace {
 
-struct ledger_probe {
-  std::int64_t start;
-  memory_use use;
-  explicit ledger_probe(memory_use u) : start(sg::ledger().live(u)), use(u) {}
-  std::int64_t delta() const { return sg::ledger().live(use) - start; }
-};
-
 template <class R>
 void check_plan_against_ledger(R recipe, const sg::decoder_config& c, sg::seq_shape sh) {
-  ledger_probe weights(memory_use::weights), constants(memory_use::constants), grads(memory_use::gradients),
-      opt(memory_use::optimizer_state), saved(memory_use::saved_activations);
-  auto w = sg::test::random_trunk<float>(c, 5);
-  sg::nn::decoder_stack<float, R> stack(c, recipe);
-  const auto plan = sg::plan_memory(stack, sh);
-  CHECK(weights.delta() == std::int64_t(plan.weights));
-  CHECK(constants.delta() == std::int64_t(plan.constants));
-
-  auto g = stack.make_grads(w);
-  CHECK(grads.delta() == std::int64_t(plan.gradients));
-  sg::train::adamw<float> adam(stack, w, g);
-  CHECK(opt.delta() == std::int64_t(plan.optimizer_state));
-  CHECK(adam.state_bytes() == plan.optimizer_state);
-  CHECK(plan.optimizer_state == 2 * stack.trainable_elements() * sizeof(float));
-
-  auto x = sg::test::random_tensor<float>({std::size_t(sh.batch), std::size_t(sh.seq), std::size_t(c.hidden)}, 6);
-  {
-    typename decltype(stack)::saved_t s;
-    auto y = stack.forward(w, x, s);
-    CHECK(saved.delta() == std::int64_t(plan.saved_activations));
-    stack.backward(w, s, y, g);
-    // backward allocates no gradient buffers and keeps nothing new
-    CHECK(grads.delta() == std::int64_t(plan.gradients));
-    CHECK(saved.delta() == std::int64_t(plan.saved_activations));
-  }
-  CHECK(saved.delta() == 0);
+  sg::test::check_plan_against_ledger([&] { return sg::test::random_trunk<float>(c, 5); },
+                                      [&] { return sg::nn::decoder_stack<float, R>(c, recipe); }, sh);
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-// MLP policies of the decoder block: expanded gating activations (xSiLU, xGELU with a
+// MLP policies of the decoder block: expanded gating activations (xSiLU, xGELU, xATLU with a
 // trainable range alpha) and a mixture of experts on the MLP (frozen original beside tuned
 // copies, learned top-k router). Finite-difference gradients of every new tensor and the
 // input under several recipes; SiLU unchanged bit for bit; alpha = 0 equivalence; frozen
@@ -179,7 +179,50 @@ TEST_CASE("xSiLU / xGELU: alpha, weight and input gradients by finite difference
     };
     check(sg::hana::type_c<act::xsilu>);
     check(sg::hana::type_c<act::xgelu>);
+    check(sg::hana::type_c<act::xatlu>);
   }
+}
+
+TEST_CASE("xATLU: alpha = 0 is the arctan unit exactly; phi, dphi/dz and dphi/dalpha by finite differences") {
+  constexpr double pi = 3.14159265358979323846;
+  const double zs[] = {-30.0, -4.0, -1.3, -0.2, 0.0, 0.05, 0.7, 2.5, 40.0};
+  for (double z : zs) {
+    INFO("z = " << z);
+    // ATLU: z (arctan(z) / pi + 1/2); the expanded form at alpha = 0 is that product bit for bit
+    // (float too: what a pretrained ATLU model computes is unchanged).
+    CHECK(act::xatlu::phi(z, 0.0) == z * act::arctan_gate::gate(z));
+    CHECK(act::xatlu::phi(float(z), 0.f) == float(z) * act::arctan_gate::gate(float(z)));
+    CHECK(act::arctan_gate::gate(z) == Approx(std::atan(z) / pi + 0.5).epsilon(1e-15).margin(1e-16));
+    // The gate spans [-alpha, 1 + alpha]: gate(z) (1 + 2a) - a at the tails.
+    for (double a : {0.0, 0.35, 1.0}) {
+      INFO("alpha = " << a);
+      const double e = 1e-6;
+      const double dz = (act::xatlu::phi(z + e, a) - act::xatlu::phi(z - e, a)) / (2 * e);
+      const double da = (act::xatlu::phi(z, a + e) - act::xatlu::phi(z, a - e)) / (2 * e);
+      CHECK(act::xatlu::dphi_dz(z, a) == Approx(dz).epsilon(1e-7).margin(1e-8));
+      CHECK(act::xatlu::dphi_dalpha(z) == Approx(da).epsilon(1e-7).margin(1e-8));
+      CHECK(act::xatlu::phi(z, a) == Approx(z * ((1 + 2 * a) * (std::atan(z) / pi + 0.5) - a)).epsilon(1e-14).margin(1e-15));
+    }
+  }
+  // alpha = 1: far left the gate tends to -1, so phi(-1e6) is about +1e6 (ATLU's stays negative).
+  CHECK(sg::nn::gated<act::xatlu>(-1e6, 1.0) == Approx(1e6).epsilon(1e-5));
+  CHECK(sg::nn::gated<act::xatlu>(-1e6, 0.0) < 0);
+
+  // A whole xATLU MLP at alpha = 0 against the ATLU-gated MLP written out.
+  const auto c = sg::test::tiny_config(false);
+  std::mt19937 rng(12);
+  sg::nn::block_weights<D> w(c);
+  sg::test::fill_block(w, rng);
+  sg::nn::add_act_range(w.mlp, 0.0);
+  const auto& mw = w.mlp;
+  auto h = random_tensor<D>({3, std::size_t(c.hidden)}, 13);
+  Eigen::MatrixXd g = h.mat() * mw.gate_proj.weight.mat().transpose(), u = h.mat() * mw.up_proj.weight.mat().transpose();
+  Eigen::MatrixXd m = g.unaryExpr([](double z) { return z * (std::atan(z) / pi + 0.5); }).cwiseProduct(u);
+  Eigen::MatrixXd ref = m * mw.down_proj.weight.mat().transpose();
+  sg::nn::swiglu_mlp<D, std::remove_const_t<frozen_r>, false, act::xatlu> atlu{c};
+  decltype(atlu)::saved_t s0;
+  auto y = atlu.forward(mw, h, s0);
+  CHECK((y.mat() - ref).cwiseAbs().maxCoeff() < 1e-12);
 }
 
 TEST_CASE("mixture of experts: router, newest expert and input gradients by finite differences") {

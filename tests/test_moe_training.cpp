@@ -3,42 +3,21 @@
 // dense model, a task learned while the original expert stays itself, and weights that do
 // not fit a policy refused by name. (Split from test_mlp_variants to compile in parallel.)
 #include "support/mlp_variants.hpp"
+#include "support/plan_ledger.hpp"
 
 namespace {
 template <class Mlp, class R>
 void check_plan_against_ledger(R recipe, const sg::decoder_config& c, sg::seq_shape sh, int experts, bool range) {
-  struct probe {
-    std::int64_t start;
-    memory_use use;
-    explicit probe(memory_use u) : start(sg::ledger().live(u)), use(u) {}
-    std::int64_t delta() const { return sg::ledger().live(use) - start; }
-  } weights(memory_use::weights), grads(memory_use::gradients), opt(memory_use::optimizer_state),
-      saved(memory_use::saved_activations);
-  auto w = sg::test::random_trunk<float>(c, 5);
-  if (range) sg::nn::add_act_range(w, 0.25f);
-  for (int e = 1; e < experts; ++e) sg::cl::add_expert(w);
   typename Mlp::options o{};
   if constexpr (requires { o.experts; }) o.experts = experts;
-  sg::nn::decoder_stack<float, R, false, sg::backend::cpu, Mlp> stack(c, recipe, o);
-  const auto plan = sg::plan_memory(stack, sh);
-  CHECK(weights.delta() == std::int64_t(plan.weights));
-  CHECK(w.elements() * sizeof(float) == plan.weights);
-
-  auto g = stack.make_grads(w);
-  CHECK(grads.delta() == std::int64_t(plan.gradients));
-  sg::train::adamw<float> adam(stack, w, g);
-  CHECK(opt.delta() == std::int64_t(plan.optimizer_state));
-
-  auto x = random_tensor<float>({std::size_t(sh.batch), std::size_t(sh.seq), std::size_t(c.hidden)}, 6);
-  {
-    typename decltype(stack)::saved_t s;
-    auto y = stack.forward(w, x, s);
-    CHECK(saved.delta() == std::int64_t(plan.saved_activations));
-    stack.backward(w, s, y, g);
-    CHECK(grads.delta() == std::int64_t(plan.gradients));
-    CHECK(saved.delta() == std::int64_t(plan.saved_activations));
-  }
-  CHECK(saved.delta() == 0);
+  sg::test::check_plan_against_ledger(
+      [&] {
+        auto w = sg::test::random_trunk<float>(c, 5);
+        if (range) sg::nn::add_act_range(w, 0.25f);
+        for (int e = 1; e < experts; ++e) sg::cl::add_expert(w);
+        return w;
+      },
+      [&] { return sg::nn::decoder_stack<float, R, false, sg::backend::cpu, Mlp>(c, recipe, o); }, sh);
 }
 }  // namespace
 

@@ -86,7 +86,8 @@ static_assert(std::is_same_v<decltype(sg::nn::grad<sg::proj::q, cuda_block<sa_r,
 
 // The same block on both backends; `prepare` changes the host weights first (adapters, ranges).
 template <class R, bool Dx, class Mlp = sg::nn::default_mlp, class Prepare = void (*)(sg::nn::block_weights<float>&)>
-void block_parity(const sg::decoder_config& c, sg::seq_shape sh, Prepare prepare = [](sg::nn::block_weights<float>&) {}) {
+void block_parity(const sg::decoder_config& c, sg::seq_shape sh, Prepare prepare = [](sg::nn::block_weights<float>&) {},
+                  const typename Mlp::options& o = {}) {
   using cpu_t = sg::nn::decoder_block<float, std::remove_cvref_t<R>, Dx, sg::backend::cpu, Mlp>;
   using dev_t = sg::nn::decoder_block<float, std::remove_cvref_t<R>, Dx, sg::backend::cuda, Mlp>;
   INFO("input gradient " << Dx);
@@ -96,8 +97,8 @@ void block_parity(const sg::decoder_config& c, sg::seq_shape sh, Prepare prepare
   auto dw = sg::nn::to_backend<sg::backend::cuda>(hw);
   const sg::nn::rope_table<float> htable(c.head_dim, c.max_seq, c.rope_theta);
   const sg::nn::rope_table<float, sg::backend::cuda> dtable(c.head_dim, c.max_seq, c.rope_theta);
-  const cpu_t cb(c, htable);
-  const dev_t db(c, dtable);
+  const cpu_t cb(c, htable, o);
+  const dev_t db(c, dtable, o);
   auto x = sg::test::random_tensor<float>({std::size_t(sh.batch), std::size_t(sh.seq), std::size_t(c.hidden)}, 12);
   auto dy = sg::test::random_tensor<float>(x.shape(), 13);
   const auto dx_dev = dev::tensor<float>::from_host(x, memory_use::workspace);
@@ -106,12 +107,12 @@ void block_parity(const sg::decoder_config& c, sg::seq_shape sh, Prepare prepare
   auto cg = cb.make_grads(hw);
   ledger_probe grads(memory_use::gradients), saved(memory_use::saved_activations);
   auto dg = db.make_grads(dw);
-  CHECK(grads.delta() == std::int64_t(sg::plan_memory<dev_t>(c, sh).gradients));
+  CHECK(grads.delta() == std::int64_t(sg::plan_memory<dev_t>(c, sh, o).gradients));
   typename cpu_t::saved_t cs;
   typename dev_t::saved_t ds;
   const auto y = cb.forward(hw, x, cs);
   const auto y_dev = db.forward(dw, dx_dev, ds);
-  CHECK(saved.delta() == std::int64_t(sg::plan_memory<dev_t>(c, sh).saved_activations));
+  CHECK(saved.delta() == std::int64_t(sg::plan_memory<dev_t>(c, sh, o).saved_activations));
   check_close("block output", y_dev, y);
   const auto dx = cb.backward(hw, cs, dy, cg);
   const auto dx_dev_out = db.backward(dw, ds, dy_dev, dg);
@@ -253,7 +254,7 @@ TEST_CASE("decoder block: LoRA adapters on every projection run on the device as
   }
 }
 
-TEST_CASE("decoder block: expanded activations (xSiLU, xGELU) and their range alpha on the device") {
+TEST_CASE("decoder block: expanded activations (xSiLU, xGELU, xATLU) and their range alpha on the device") {
   const sg::seq_shape sh{2, 7};
   const auto c = sg::test::tiny_config(false, 1);
   auto range = [](sg::nn::block_weights<float>& w) { sg::nn::add_act_range(w.mlp, 0.35f); };
@@ -267,6 +268,40 @@ TEST_CASE("decoder block: expanded activations (xSiLU, xGELU) and their range al
   block_parity<range_only, false, xgelu>(c, sh, range);
   block_parity<with_range, true, xgelu>(c, sh, range);
   block_parity<std::remove_cv_t<decltype(sg::recipe::sa_proj)>, true, xgelu>(c, sh, range);
+  using xatlu = sg::nn::swiglu<sg::nn::act::xatlu>;
+  block_parity<range_only, false, xatlu>(c, sh, range);
+  block_parity<with_range, true, xatlu>(c, sh, range);
+  block_parity<std::remove_cv_t<decltype(sg::recipe::mlp)>, false, xatlu>(c, sh, range);
+}
+
+TEST_CASE("decoder block: GateSkip residual gates (vector and scalar) on the device") {
+  const sg::seq_shape sh{2, 7};
+  const auto c = sg::test::tiny_config(true, 1);
+  using namespace sg::proj;
+  using attn_gate = sg::group::residual_gate<sg::branch::attention>;
+  using gates_only = std::remove_cv_t<decltype(sg::recipe::residual_gates)>;
+  using gates_and_q = decltype(sg::trainable<q, attn_gate, sg::group::mlp_norm>);
+  using sa = std::remove_cv_t<decltype(sg::recipe::sa_proj)>;
+  using vector_gates = sg::nn::gate_skip<>;
+  using scalar_gates = sg::nn::gate_skip<sg::nn::default_mlp, sg::nn::gate_shape::scalar>;
+  auto vector = [&](sg::nn::block_weights<float>& w) {
+    sg::nn::add_residual_gates(w, c, sg::nn::gate_shape::vector, {.bias = 0.4, .weight_std = 0.4, .seed = 3});
+  };
+  auto scalar = [&](sg::nn::block_weights<float>& w) {
+    sg::nn::add_residual_gates(w, c, sg::nn::gate_shape::scalar, {.bias = 0.4, .weight_std = 0.4, .seed = 3});
+  };
+  block_parity<gates_only, false, vector_gates>(c, sh, vector);
+  block_parity<gates_and_q, true, vector_gates>(c, sh, vector);
+  block_parity<sa, false, vector_gates>(c, sh, vector);
+  block_parity<gates_only, true, scalar_gates>(c, sh, scalar);
+  block_parity<gates_and_q, false, scalar_gates>(c, sh, scalar);
+  // The training-time budget: the lowest-importance tokens dropped (ranked on the host).
+  vector_gates::options drop;
+  drop.train_skip = 0.3;
+  block_parity<gates_and_q, true, vector_gates>(c, sh, vector, drop);
+  scalar_gates::options drop_scalar;
+  drop_scalar.train_skip = 0.5;
+  block_parity<gates_only, false, scalar_gates>(c, sh, scalar, drop_scalar);
 }
 
 TEST_CASE("decoder stack: parity with the CPU and memory plan equal to the device ledger, with layer ranges") {

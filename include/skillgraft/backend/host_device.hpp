@@ -26,6 +26,8 @@ SKILLGRAFT_HD inline float sqrt_(float x) { return sqrtf(x); }
 SKILLGRAFT_HD inline double sqrt_(double x) { return sqrt(x); }
 SKILLGRAFT_HD inline float erf_(float x) { return erff(x); }
 SKILLGRAFT_HD inline double erf_(double x) { return erf(x); }
+SKILLGRAFT_HD inline float atan_(float x) { return atanf(x); }
+SKILLGRAFT_HD inline double atan_(double x) { return atan(x); }
 // Finite test for float and double on either side, without <cmath>'s isfinite (not device code).
 template <class T>
 SKILLGRAFT_HD inline bool is_finite(T x) {

@@ -46,6 +46,8 @@ template <class Tag>
 constexpr param_group group_of() {
   if constexpr (requires { typename Tag::base; }) {  // lora<P>
     return group_of<typename Tag::base>();
+  } else if constexpr (is_residual_gate_v<Tag>) {  // a GateSkip gate goes with its branch
+    return std::is_same_v<typename Tag::branch, branch::attention> ? param_group::attention : param_group::mlp;
   } else if constexpr (std::is_same_v<Tag, proj::q> || std::is_same_v<Tag, proj::k> || std::is_same_v<Tag, proj::v> ||
                        std::is_same_v<Tag, proj::o>) {
     return param_group::attention;

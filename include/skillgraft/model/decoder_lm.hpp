@@ -133,6 +133,12 @@ class decoder_lm {
 
   const decoder_config& config() const { return config_; }
   const mlp_options_t& mlp_options() const { return stack_.mlp_options(); }
+  void set_mlp_options(const mlp_options_t& o) { stack_.set_mlp_options(o); }
+  // f(layer, gate_record&) for every residual gate of a forward (gate_skip models; none else).
+  template <class F>
+  void for_each_gate_record(saved_t& s, F&& f) const {
+    stack_.for_each_gate_record(s.trunk, f);
+  }
   const stack_t& stack() const { return stack_; }
 
   grads_t make_grads(const weights_t& w) const {

@@ -104,10 +104,13 @@ tensor<T> decode(const decoder_lm<T, R, Bk, M>& model, const lm_weights<T>& w, k
     auto h1 = norm.forward(lw.attn_norm, hcur, ns);
     auto x2 = detail::cached_attention(c, model.stack().rope(), lw.self_attn, h1, cache.k[std::size_t(l)],
                                        cache.v[std::size_t(l)], p0);
-    x2.vec() += hcur.vec();
+    // GateSkip models (nn/gate_skip.hpp): x2 = x + ga * attention(h1), y = x2 + gm * mlp(h2)
+    if constexpr (nn::has_residual_gates_v<M>) x2 = nn::gated_residual(hcur, x2, nn::gate_values(lw.attn_gate, h1));
+    else x2.vec() += hcur.vec();
     auto h2 = norm.forward(lw.mlp_norm, x2, ns);
     auto y = mlp.forward(lw.mlp, h2, ms);
-    y.vec() += x2.vec();
+    if constexpr (nn::has_residual_gates_v<M>) y = nn::gated_residual(x2, y, nn::gate_values(lw.mlp_gate, h2));
+    else y.vec() += x2.vec();
     hcur = std::move(y);
   }
   cache.length += n;
@@ -122,16 +125,16 @@ struct sampling {
   std::vector<std::int64_t> allowed;  // restrict decoding to these tokens (empty: all)
 };
 
-// Appends up to max_new_tokens to each row of `prompt` (after optional soft tokens);
-// returns the new tokens [batch, max_new_tokens].
-template <class T, class R, class Bk, class M>
-token_ids generate(const decoder_lm<T, R, Bk, M>& model, const lm_weights<T>& w, const token_ids& prompt,
-                   const sampling& s = {}, const tensor<T>* prefix = nullptr) {
+// generate and continuation_logprob with the decoding step `dec(cache, x) -> h` given (the
+// full model's `decode`, or GateSkip's decoding with skipped tokens, model/gate_skip.hpp).
+template <class T, class R, class Bk, class M, class Decode>
+token_ids generate_with(const decoder_lm<T, R, Bk, M>& model, const lm_weights<T>& w, const token_ids& prompt,
+                        const sampling& s, const tensor<T>* prefix, Decode&& dec) {
   const auto& c = model.config();
   const std::size_t B = prompt.shape(0);
   auto x = model.embed(w, prompt, prefix);
   kv_cache<T> cache(c, int(B), int(x.dim(1)) + s.max_new_tokens);
-  auto h = decode(model, w, cache, x);
+  auto h = dec(cache, x);
   token_ids out = xt::full_like(token_ids::from_shape({B, std::size_t(s.max_new_tokens)}), s.eos >= 0 ? s.eos : 0);
   std::vector<bool> done(B, false);
   std::mt19937_64 rng(s.seed);
@@ -164,16 +167,24 @@ token_ids generate(const decoder_lm<T, R, Bk, M>& model, const lm_weights<T>& w,
       if (s.eos >= 0 && pick == s.eos) done[b] = true;
     }
     if (t + 1 == s.max_new_tokens) break;
-    h = decode(model, w, cache, model.embed(w, next, nullptr));
+    h = dec(cache, model.embed(w, next, nullptr));
   }
   return out;
 }
 
-// log p(continuation | prompt) summed over the continuation's tokens, one value per row.
+// Appends up to max_new_tokens to each row of `prompt` (after optional soft tokens);
+// returns the new tokens [batch, max_new_tokens].
 template <class T, class R, class Bk, class M>
-std::vector<double> continuation_logprob(const decoder_lm<T, R, Bk, M>& model, const lm_weights<T>& w,
-                                         const token_ids& prompt, const token_ids& continuation,
-                                         const tensor<T>* prefix = nullptr) {
+token_ids generate(const decoder_lm<T, R, Bk, M>& model, const lm_weights<T>& w, const token_ids& prompt,
+                   const sampling& s = {}, const tensor<T>* prefix = nullptr) {
+  return generate_with(model, w, prompt, s, prefix,
+                       [&](kv_cache<T>& cache, const tensor<T>& x) { return decode(model, w, cache, x); });
+}
+
+template <class T, class R, class Bk, class M, class Decode>
+std::vector<double> continuation_logprob_with(const decoder_lm<T, R, Bk, M>& model, const lm_weights<T>& w,
+                                              const token_ids& prompt, const token_ids& continuation,
+                                              const tensor<T>* prefix, Decode&& dec) {
   const std::size_t B = prompt.shape(0), P0 = prompt.shape(1), C = continuation.shape(1);
   if (continuation.shape(0) != B || C == 0 || P0 == 0)
     throw std::invalid_argument("skillgraft: prompt and continuation need the same batch and at least one token each");
@@ -184,7 +195,7 @@ std::vector<double> continuation_logprob(const decoder_lm<T, R, Bk, M>& model, c
   }
   auto x = model.embed(w, all, prefix);
   kv_cache<T> cache(model.config(), int(B), int(x.dim(1)));
-  auto h = decode(model, w, cache, x);
+  auto h = dec(cache, x);
   auto z = model.logits(w, h);
   const std::size_t V = std::size_t(model.config().vocab_size), Tn = h.dim(1), off = Tn - (P0 + C);
   std::vector<double> lp(B, 0.0);
@@ -198,6 +209,15 @@ std::vector<double> continuation_logprob(const decoder_lm<T, R, Bk, M>& model, c
       lp[b] += double(zr[continuation(b, s)]) - mx - std::log(sum);
     }
   return lp;
+}
+
+// log p(continuation | prompt) summed over the continuation's tokens, one value per row.
+template <class T, class R, class Bk, class M>
+std::vector<double> continuation_logprob(const decoder_lm<T, R, Bk, M>& model, const lm_weights<T>& w,
+                                         const token_ids& prompt, const token_ids& continuation,
+                                         const tensor<T>* prefix = nullptr) {
+  return continuation_logprob_with(model, w, prompt, continuation, prefix,
+                                   [&](kv_cache<T>& cache, const tensor<T>& x) { return decode(model, w, cache, x); });
 }
 
 }  // namespace skillgraft::model

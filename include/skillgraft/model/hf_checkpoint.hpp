@@ -27,6 +27,7 @@
 #include <functional>
 #include <limits>
 #include <map>
+#include <optional>
 #include <set>
 #include <string>
 #include <string_view>
@@ -322,6 +323,28 @@ inline void check_before_allocating(const hf_tensors& src, const decoder_config&
                               std::to_string(held) + " values in " + std::to_string(src.names().size()) + " tensors");
 }
 
+// GateSkip residual gates (nn/gate_skip.hpp) are skillgraft's own tensors, not Hugging Face's:
+// config.json records them as "skillgraft_residual_gates": "vector" | "scalar" (docs/gateskip.md).
+inline constexpr const char* residual_gates_key = "skillgraft_residual_gates";
+
+// The shape of w's residual gates, or none; throws unless every layer has the same.
+template <class T>
+std::optional<nn::gate_shape> residual_gate_shape(const lm_weights<T>& w) {
+  std::optional<nn::gate_shape> shape;
+  for (std::size_t i = 0; i < w.trunk.layers.size(); ++i) {
+    const auto& l = w.trunk.layers[i];
+    std::optional<nn::gate_shape> mine;
+    if (l.has_residual_gates())
+      mine = l.attn_gate.out_features() == std::size_t(w.config.hidden) ? nn::gate_shape::vector : nn::gate_shape::scalar;
+    if (i > 0 && mine != shape)
+      throw std::invalid_argument("skillgraft: model.layers." + std::to_string(i) +
+                                  " has other residual gates than layer 0 (every layer needs the same)");
+    shape = mine;
+  }
+  return shape;
+}
+inline const char* gate_shape_name(nn::gate_shape s) { return s == nn::gate_shape::vector ? "vector" : "scalar"; }
+
 // Throws, naming the tensor, when w's tensors do not have the shapes its config gives.
 template <class T>
 void check_lm_weights(const lm_weights<T>& w) {
@@ -339,8 +362,14 @@ void check_lm_weights(const lm_weights<T>& w) {
   if (w.trunk.layers.size() != std::size_t(c.n_layers))
     throw std::invalid_argument("skillgraft: the weights have " + std::to_string(w.trunk.layers.size()) +
                                 " layers, the config " + std::to_string(c.n_layers));
-  for (std::size_t i = 0; i < w.trunk.layers.size(); ++i)
-    nn::check_block_weights(w.trunk.layers[i], c, "model.layers." + std::to_string(i) + ".");
+  const auto gates = residual_gate_shape(w);
+  for (std::size_t i = 0; i < w.trunk.layers.size(); ++i) {
+    const auto& l = w.trunk.layers[i];
+    const std::string prefix = "model.layers." + std::to_string(i) + ".";
+    if (!gates) nn::check_block_weights(l, c, prefix);
+    else if (*gates == nn::gate_shape::vector) nn::check_block_weights<nn::gate_skip<>>(l, c, prefix);
+    else nn::check_block_weights<nn::gate_skip<nn::default_mlp, nn::gate_shape::scalar>>(l, c, prefix);
+  }
 }
 
 // Throws when the config.json of a checkpoint describes another model than `base`.
@@ -366,7 +395,8 @@ void write_checkpoint(const fs::path& dir, const lm_weights<T>& w, hf_save_optio
   out.set_metadata("format", "pt");  // transformers refuses safetensors files without it
   if (task_only) out.set_metadata(task_checkpoint_key, "trainable");
   select([&](const std::string& name, const cpu::tensor<T>& t) { out.add(name, t, o.dtype); });
-  const nlohmann::json config = decoder_config_to_hf(w.config, dtype);
+  nlohmann::json config = decoder_config_to_hf(w.config, dtype);
+  if (const auto gates = residual_gate_shape(w)) config[residual_gates_key] = gate_shape_name(*gates);
   io::save_directory(dir, [&](const fs::path& staging) {
     out.write(staging / "model.safetensors");
     io::write_json_file(staging / "config.json", config);
@@ -383,13 +413,29 @@ lm_weights<T> load_hf_checkpoint(const fs::path& dir, hf_load_options o = {}) {
   // Some exports of tied models still carry lm_head.weight; it must then be the embedding.
   const bool head_copy = c.tie_word_embeddings && src.contains("lm_head.weight");
   const std::set<std::string> skip = head_copy ? std::set<std::string>{"lm_head.weight"} : std::set<std::string>{};
+  // GateSkip gates, when config.json records them: made here, then loaded (and checked) by name.
+  std::optional<nn::gate_shape> gates;
+  if (const auto j = io::read_json_file(dir / "config.json"); j.contains(detail::residual_gates_key)) {
+    const auto& v = j[detail::residual_gates_key];
+    if (v == "vector") gates = nn::gate_shape::vector;
+    else if (v == "scalar") gates = nn::gate_shape::scalar;
+    else
+      throw std::invalid_argument("skillgraft: " + (dir / "config.json").string() + ": " + detail::residual_gates_key +
+                                  " is " + io::json_shown(v) + ", expected \"vector\" or \"scalar\"");
+  }
+  std::set<std::string> skip_before = skip;
+  if (gates)
+    for (int i = 0; i < c.n_layers; ++i)
+      for (const char* n : {"self_attn_residual_gate", "mlp_residual_gate"})
+        for (const char* t : {".weight", ".bias"}) skip_before.insert("model.layers." + std::to_string(i) + "." + n + t);
   if (head_copy && !(src.info("lm_head.weight").shape ==
                      std::vector<std::size_t>{std::size_t(c.vocab_size), std::size_t(c.hidden)}))
     throw std::invalid_argument("skillgraft: lm_head.weight has shape " + io::shape_string(src.info("lm_head.weight").shape) +
                                 " in " + src.file_of("lm_head.weight").path().string() + ", expected [" +
                                 std::to_string(c.vocab_size) + ", " + std::to_string(c.hidden) + "]");
-  detail::check_before_allocating(src, c, o.ignore_unexpected, skip);
+  detail::check_before_allocating(src, c, o.ignore_unexpected, skip_before);
   lm_weights<T> w(c);
+  if (gates) nn::add_residual_gates(w.trunk, *gates, {.bias = 0, .weight_std = 0});
   const auto targets = detail::parameter_targets(w);
   detail::run_plan(src, detail::plan_load(src, targets, true, o.ignore_unexpected, skip));
   if (head_copy) {

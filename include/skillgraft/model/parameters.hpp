@@ -2,6 +2,8 @@
 // Every tensor of a decoder LM under its Hugging Face name, in checkpoint order, with
 // its recipe tag and layer, so callers can ask at compile time whether it trains.
 //
+// GateSkip blocks (nn/gate_skip.hpp) add self_attn_residual_gate.{weight,bias} after o_proj and
+// mlp_residual_gate.{weight,bias} after the MLP (tags group::residual_gate<branch::...>).
 // MLP policies add: mlp.act_fn.alpha (xsilu / xgelu range, tag group::act_range); for a
 // mixture of experts mlp.router.weight (group::router) and mlp.experts.{e}.{gate,up,down}_proj.weight
 // and mlp.experts.{e}.act_fn.alpha, where expert 0 is the original MLP and only the newest
@@ -39,6 +41,8 @@ void for_each_parameter(W& w, F&& f) {
     lin("self_attn.k_proj", l.self_attn.k_proj, hana::type_c<proj::k>);
     lin("self_attn.v_proj", l.self_attn.v_proj, hana::type_c<proj::v>);
     lin("self_attn.o_proj", l.self_attn.o_proj, hana::type_c<proj::o>);
+    if (!l.attn_gate.weight.empty())  // GateSkip (nn/gate_skip.hpp): not Hugging Face names
+      lin("self_attn_residual_gate", l.attn_gate, hana::type_c<group::residual_gate<branch::attention>>);
     f(p + "post_attention_layernorm.weight", l.mlp_norm, hana::type_c<group::mlp_norm>, li);
     if (!l.mlp.is_mixture()) {
       lin("mlp.gate_proj", l.mlp.gate_proj, hana::type_c<proj::gate>);
@@ -67,6 +71,8 @@ void for_each_parameter(W& w, F&& f) {
                  hana::type_c<past_expert<proj::down>>, hana::type_c<past_expert<group::act_range>>);
       }
     }
+    if (!l.mlp_gate.weight.empty())
+      lin("mlp_residual_gate", l.mlp_gate, hana::type_c<group::residual_gate<branch::mlp>>);
   }
   f(std::string("model.norm.weight"), w.norm, hana::type_c<group::final_norm>, -1);
   if (!w.config.tie_word_embeddings) f(std::string("lm_head.weight"), w.lm_head, hana::type_c<group::lm_head>, -1);

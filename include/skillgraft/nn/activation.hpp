@@ -13,8 +13,10 @@
 //   xsilu   gamma = sigmoid,  gamma' = s (1 - s)
 //   xgelu   gamma = Phi (the exact normal CDF, erf form, not the tanh approximation),
 //           gamma' = exp(-z^2 / 2) / sqrt(2 pi)
+//   xatlu   gamma = arctan(z) / pi + 1/2 (the paper's own arctan-gated unit; a heavier tail
+//           than sigmoid, so the gate opens more slowly), gamma' = 1 / (pi (1 + z^2))
 //
-// alpha = 0 gives SiLU (GELU) gating exactly: z ((1 + 0) gamma - 0) rounds to z gamma, so
+// alpha = 0 gives SiLU (GELU, ATLU) gating exactly: z ((1 + 0) gamma - 0) rounds to z gamma, so
 // an xsilu MLP with alpha = 0 computes the silu MLP bit for bit in forward.
 #include <string_view>
 
@@ -93,6 +95,20 @@ struct normal_cdf_gate {
 struct xgelu : normal_cdf_gate, expanded<normal_cdf_gate> {
   static constexpr std::string_view name = "xgelu";
   using expanded<normal_cdf_gate>::has_range;
+};
+
+// Expanded ATLU: the arctan gate arctan(z) / pi + 1/2, a CDF (of the Cauchy distribution)
+// like sigmoid and Phi, stretched to [-alpha, 1 + alpha]. At alpha = 0 it is the plain ATLU
+// z (arctan(z) / pi + 1/2).
+struct arctan_gate {
+  template <class T>
+  SKILLGRAFT_HD static T gate(T z) { return scalar::atan_(z) * T(0.31830988618379067154) + T(0.5); }
+  template <class T>
+  SKILLGRAFT_HD static T gate_grad(T z) { return T(0.31830988618379067154) / (T(1) + z * z); }
+};
+struct xatlu : arctan_gate, expanded<arctan_gate> {
+  static constexpr std::string_view name = "xatlu";
+  using expanded<arctan_gate>::has_range;
 };
 
 }  // namespace act

@@ -42,6 +42,8 @@ block_weights<T, To> to_backend(const block_weights<T>& w, memory_use use = memo
   out.self_attn.o_proj = to_backend<To>(w.self_attn.o_proj, use);
   out.mlp_norm = To::upload(w.mlp_norm, use);
   out.mlp = to_backend<To>(w.mlp, use);
+  if (!w.attn_gate.weight.empty()) out.attn_gate = to_backend<To>(w.attn_gate, use);  // GateSkip gates
+  if (!w.mlp_gate.weight.empty()) out.mlp_gate = to_backend<To>(w.mlp_gate, use);
   return out;
 }
 

@@ -5,6 +5,8 @@
 //             h2 = rmsnorm(x2; w_mlp_norm),  y  = x2 + mlp(h2)
 //   backward  dx2 = dy + rmsnorm'(mlp'(dy))         (only if anything at or below attention trains)
 //             dx  = dx2 + rmsnorm'(attention'(dx2)) (only if something below this block trains)
+//   gated     (policy nn::gate_skip) x2 = x + ga * attention(h1), y = x2 + gm * mlp(h2) with
+//             ga = sigmoid(h1 Wa^T + ba), gm = sigmoid(h2 Wm^T + bm) (nn/residual_gate.hpp)
 //
 // The recipe and `NeedsInputGrad` (does anything below this block train?) decide
 // at compile time which sub-layers run backward, which weight gradients exist
@@ -18,6 +20,7 @@
 #include "skillgraft/backend/cpu/backend.hpp"
 #include "skillgraft/nn/attention.hpp"
 #include "skillgraft/nn/config.hpp"
+#include "skillgraft/nn/gate_skip.hpp"
 #include "skillgraft/nn/optional_member.hpp"
 #include "skillgraft/nn/rmsnorm.hpp"
 #include "skillgraft/nn/swiglu.hpp"
@@ -32,6 +35,10 @@ struct block_weights {
   attention_weights<T, Backend> self_attn;  // self_attn.{q,k,v,o}_proj
   tensor_t mlp_norm;                        // post_attention_layernorm.weight [hidden]
   mlp_weights<T, Backend> mlp;              // mlp.{gate,up,down}_proj
+  // GateSkip residual gates (nn/gate_skip.hpp), empty unless the block's policy has them:
+  // self_attn_residual_gate.{weight,bias}, mlp_residual_gate.{weight,bias} ([w, hidden], [w];
+  // w = hidden for vector gates, 1 for scalar ones). Not Hugging Face names: docs/gateskip.md.
+  linear_weights<T, Backend> attn_gate, mlp_gate;
 
   block_weights() = default;
   block_weights(const decoder_config& c, memory_use use = memory_use::weights)
@@ -39,7 +46,11 @@ struct block_weights {
         self_attn(c, use),
         mlp_norm({std::size_t(c.hidden)}, use),
         mlp(c, use) {}
-  std::size_t elements() const { return attn_norm.size() + self_attn.elements() + mlp_norm.size() + mlp.elements(); }
+  std::size_t elements() const {
+    return attn_norm.size() + self_attn.elements() + mlp_norm.size() + mlp.elements() + attn_gate.elements() +
+           mlp_gate.elements();
+  }
+  bool has_residual_gates() const { return !attn_gate.weight.empty(); }
   // The same count from the config alone (for memory planning).
   static std::size_t elements_for(const decoder_config& c) {
     const std::size_t d = std::size_t(c.hidden), qd = std::size_t(c.q_dim()), kvd = std::size_t(c.kv_dim()),
@@ -52,8 +63,14 @@ struct block_weights {
   void for_each_tensor(Other& other, F&& f) const {
     f(std::string("input_layernorm.weight"), attn_norm, other.attn_norm);
     self_attn.for_each_tensor(other.self_attn, [&](const std::string& n, auto& a, auto& b) { f("self_attn." + n, a, b); });
+    if (!attn_gate.weight.empty())
+      attn_gate.for_each_tensor(other.attn_gate,
+                                [&](const std::string& n, auto& a, auto& b) { f("self_attn_residual_gate." + n, a, b); });
     f(std::string("post_attention_layernorm.weight"), mlp_norm, other.mlp_norm);
     mlp.for_each_tensor(other.mlp, [&](const std::string& n, auto& a, auto& b) { f("mlp." + n, a, b); });
+    if (!mlp_gate.weight.empty())
+      mlp_gate.for_each_tensor(other.mlp_gate,
+                               [&](const std::string& n, auto& a, auto& b) { f("mlp_residual_gate." + n, a, b); });
   }
 };
 
@@ -70,6 +87,27 @@ void check_block_weights(const block_weights<T, B>& w, const decoder_config& c, 
   detail::check_projection(w.self_attn.v_proj, kvd, d, c.attention_bias, prefix + "self_attn.v_proj");
   detail::check_projection(w.self_attn.o_proj, d, qd, false, prefix + "self_attn.o_proj");
   Mlp::check_weights(w.mlp, c, o, prefix + "mlp.");
+  constexpr bool gated = has_residual_gates_v<Mlp>;
+  check_residual_gate(w.attn_gate, gated, gate_shape_of<Mlp>, d, prefix + "self_attn_residual_gate");
+  check_residual_gate(w.mlp_gate, gated, gate_shape_of<Mlp>, d, prefix + "mlp_residual_gate");
+}
+
+// Gives a block the two residual gates of a gate_skip policy of shape `shape`, CPU weights
+// (bias init.bias, weights N(0, init.weight_std^2) drawn from a generator seeded by
+// init.seed and the layer index, so every layer's gates differ and runs repeat).
+template <class T>
+void add_residual_gates(block_weights<T>& w, const decoder_config& c, gate_shape shape = gate_shape::vector,
+                        const residual_gate_init& init = {}, int layer = 0) {
+  if (!w.attn_gate.weight.empty() || !w.mlp_gate.weight.empty())
+    throw std::invalid_argument("skillgraft: model.layers." + std::to_string(layer) + " has residual gates already");
+  const std::size_t d = std::size_t(c.hidden), width = gate_width(shape, d);
+  std::mt19937_64 rng(init.seed * 1000003ULL + std::uint64_t(layer));
+  std::normal_distribution<double> normal(0.0, init.weight_std);
+  for (auto* g : {&w.attn_gate, &w.mlp_gate}) {
+    *g = linear_weights<T>(width, d, true, memory_use::weights);
+    for (std::size_t i = 0; i < g->weight.size(); ++i) g->weight[i] = init.weight_std > 0 ? T(normal(rng)) : T(0);
+    for (std::size_t i = 0; i < width; ++i) g->bias[i] = T(init.bias);
+  }
 }
 
 // A recipe naming a tag the language model does not have stops here, naming the tag.
@@ -82,14 +120,21 @@ struct recipe_tag_outside_language_model {
 // without one, the router of a dense MLP, adapters on experts) stops here.
 template <class Tag, class Recipe, class Mlp>
 struct recipe_tag_outside_mlp_policy {
-  static constexpr bool ok = Mlp::template accepts<Tag>;
+  static constexpr bool ok = is_residual_gate_v<Tag> || Mlp::template accepts<Tag>;
   static_assert(ok, "skillgraft: the recipe names a tag (first template argument) that the block's MLP policy (third) does not have");
+};
+// A recipe naming a residual gate for a block built without gates stops here.
+template <class Tag, class Recipe, class Policy>
+struct residual_gate_on_block_without_gates {
+  static constexpr bool ok = !is_residual_gate_v<Tag> || has_residual_gates_v<Policy>;
+  static_assert(ok, "skillgraft: the recipe names a residual gate (first template argument) but the block's policy (third) has no gates: build it with nn::gate_skip<...>");
 };
 template <class Recipe, class Mlp = default_mlp>
 constexpr bool check_language_model_recipe() {
   hana::for_each(Recipe::set, [](auto t) {
     (void)recipe_tag_outside_language_model<typename decltype(t)::type, Recipe>::ok;
     (void)recipe_tag_outside_mlp_policy<typename decltype(t)::type, Recipe, Mlp>::ok;
+    (void)residual_gate_on_block_without_gates<typename decltype(t)::type, Recipe, Mlp>::ok;
   });
   return true;
 }
@@ -109,7 +154,11 @@ struct block_grads
     : attention_grads<T, Recipe, Backend>,
       Mlp::template grads<T, Recipe, Backend>,
       members::optional_attn_norm<trains_v<group::attn_norm, Recipe>, typename Backend::template tensor<T>>,
-      members::optional_mlp_norm<trains_v<group::mlp_norm, Recipe>, typename Backend::template tensor<T>> {};
+      members::optional_mlp_norm<trains_v<group::mlp_norm, Recipe>, typename Backend::template tensor<T>>,
+      members::optional_self_attn_residual_gate<
+          has_residual_gates_v<Mlp> && trains_v<group::residual_gate<branch::attention>, Recipe>, linear_weights<T, Backend>>,
+      members::optional_mlp_residual_gate<has_residual_gates_v<Mlp> && trains_v<group::residual_gate<branch::mlp>, Recipe>,
+                                          linear_weights<T, Backend>> {};
 
 template <class T, class Recipe, bool NeedsInputGrad, class Backend = backend::cpu, class Mlp = default_mlp>
 struct decoder_block {
@@ -124,22 +173,33 @@ struct decoder_block {
   static constexpr bool needs_input_grad = NeedsInputGrad;
 
   // The flow of gradients through the block, decided by the recipe.
+  static constexpr bool gated = has_residual_gates_v<Mlp>;  // GateSkip residual gates (nn/gate_skip.hpp)
   static constexpr bool train_attn_norm = trains_v<group::attn_norm, recipe_type>;
   static constexpr bool train_mlp_norm = trains_v<group::mlp_norm, recipe_type>;
   static constexpr bool attention_needs_dh = train_attn_norm || NeedsInputGrad;
   using attn_norm_t = rmsnorm<T, train_attn_norm, NeedsInputGrad, Backend>;
   using attention_t = self_attention<T, recipe_type, attention_needs_dh, Backend>;
   static constexpr bool attention_active = attention_t::plan::active;
-  static constexpr bool need_dx2 = attention_active;  // gradient of the residual stream between the halves
+  using attn_gate_plan = residual_gate_plan<gated, trains_v<group::residual_gate<branch::attention>, recipe_type>,
+                                            attention_needs_dh, attention_active>;
+  using attn_gate_t = residual_gate<T, attn_gate_plan, Backend>;
+  // gradient of the residual stream between the halves: the attention half runs backward
+  static constexpr bool need_dx2 = attention_active || attn_gate_plan::active;
   using mlp_norm_t = rmsnorm<T, train_mlp_norm, need_dx2, Backend>;
-  using mlp_t = typename Mlp::template layer<T, recipe_type, train_mlp_norm || need_dx2, Backend>;
+  static constexpr bool mlp_needs_dh = train_mlp_norm || need_dx2;
+  using mlp_t = typename Mlp::template layer<T, recipe_type, mlp_needs_dh, Backend>;
   static constexpr bool mlp_active = mlp_t::plan::active;
-  static constexpr bool any_backward = mlp_active;  // nothing trains at or below: no backward at all
+  using mlp_gate_plan =
+      residual_gate_plan<gated, trains_v<group::residual_gate<branch::mlp>, recipe_type>, mlp_needs_dh, mlp_active>;
+  using mlp_gate_t = residual_gate<T, mlp_gate_plan, Backend>;
+  static constexpr bool any_backward = mlp_active || mlp_gate_plan::active;  // nothing trains at or below: none
 
   struct saved_t : members::optional_attn_norm<attn_norm_t::keeps_input, typename attn_norm_t::saved_t>,
                    members::optional_attention<attention_active, typename attention_t::saved_t>,
+                   members::optional_self_attn_residual_gate<gated, typename attn_gate_t::saved_t>,
                    members::optional_mlp_norm<mlp_norm_t::keeps_input, typename mlp_norm_t::saved_t>,
-                   members::optional_mlp<mlp_active, typename mlp_t::saved_t> {};
+                   members::optional_mlp<mlp_active, typename mlp_t::saved_t>,
+                   members::optional_mlp_residual_gate<gated, typename mlp_gate_t::saved_t> {};
   using grads_t = block_grads<T, recipe_type, Mlp, Backend>;
   static constexpr bool keeps_nothing = std::is_empty_v<saved_t>;
 
@@ -158,6 +218,14 @@ struct decoder_block {
     static_cast<typename mlp_t::grads_t&>(g) = mlp().make_grads(w.mlp);
     if constexpr (train_attn_norm) g.attn_norm = tensor_t(w.attn_norm.shape(), memory_use::gradients);
     if constexpr (train_mlp_norm) g.mlp_norm = tensor_t(w.mlp_norm.shape(), memory_use::gradients);
+    auto gate_grads = [](const linear_weights<T, Backend>& gw, const char* name) {
+      if (gw.weight.empty())
+        throw std::invalid_argument(std::string("skillgraft: the recipe trains ") + name +
+                                    ", but the block has no residual gates (nn::add_residual_gates)");
+      return gw.like(memory_use::gradients);
+    };
+    if constexpr (attn_gate_plan::train) g.self_attn_residual_gate = gate_grads(w.attn_gate, "self_attn_residual_gate");
+    if constexpr (mlp_gate_plan::train) g.mlp_residual_gate = gate_grads(w.mlp_gate, "mlp_residual_gate");
     return g;
   }
 
@@ -171,14 +239,22 @@ struct decoder_block {
                                       "input_layernorm");
     tensor_t x2 = attention().forward(w.self_attn, h1, part<attention_active, typename attention_t::saved_t>(
                                                            s, [](auto& ss) -> auto& { return ss.attention; }));
-    Backend::add_into(x2, x);
+    if constexpr (gated)
+      x2 = attn_gate_t::forward(w.attn_gate, h1, std::move(x2), x, s.self_attn_residual_gate, "self_attn_residual_gate",
+                                train_skip_of(mlp_options));
+    else
+      Backend::add_into(x2, x);
     tensor_t h2 = mlp_norm().forward(w.mlp_norm, x2,
                                      part<mlp_norm_t::keeps_input, typename mlp_norm_t::saved_t>(
                                          s, [](auto& ss) -> auto& { return ss.mlp_norm; }),
                                      "post_attention_layernorm");
     tensor_t y = mlp().forward(w.mlp, h2, part<mlp_active, typename mlp_t::saved_t>(
                                               s, [](auto& ss) -> auto& { return ss.mlp; }));
-    Backend::add_into(y, x2);
+    if constexpr (gated)
+      y = mlp_gate_t::forward(w.mlp_gate, h2, std::move(y), x2, s.mlp_residual_gate, "mlp_residual_gate",
+                              train_skip_of(mlp_options));
+    else
+      Backend::add_into(y, x2);
     return y;
   }
 
@@ -190,18 +266,37 @@ struct decoder_block {
     if constexpr (!any_backward) {
       return {};
     } else {
-      tensor_t dh2 = mlp().backward(w.mlp, s.mlp, dy, g);
+      tensor_t dh2;
+      if constexpr (gated) {  // do = dy * gm into the MLP, then the gate's own dz
+        auto gb = mlp_gate_t::template backward_gate<mlp_active>(s.mlp_residual_gate, dy);
+        if constexpr (mlp_active) dh2 = mlp().backward(w.mlp, s.mlp, gb.d_out, g);
+        linear_weights<T, Backend>* dgw = nullptr;
+        if constexpr (mlp_gate_plan::train) dgw = &g.mlp_residual_gate;
+        mlp_gate_t::backward_params(w.mlp_gate, s.mlp_residual_gate, gb.dz, dgw, mlp_needs_dh ? &dh2 : nullptr);
+      } else {
+        dh2 = mlp().backward(w.mlp, s.mlp, dy, g);
+      }
       tensor_t dx2;
       if constexpr (mlp_norm_t::keeps_input) {
         tensor_t* dw2 = nullptr;
         if constexpr (train_mlp_norm) dw2 = &g.mlp_norm;
         dx2 = mlp_norm_t::backward_into(w.mlp_norm, s.mlp_norm, dh2, dw2);
       }
-      if constexpr (!attention_active) {
+      if constexpr (!need_dx2) {
         return {};
       } else {
         Backend::add_into(dx2, dy);
-        tensor_t dh1 = attention().backward(w.self_attn, s.attention, dx2, g);
+        tensor_t dh1;
+        if constexpr (gated) {  // do = dx2 * ga into attention, then the gate's own dz
+          auto gb = attn_gate_t::template backward_gate<attention_active>(s.self_attn_residual_gate, dx2);
+          if constexpr (attention_active) dh1 = attention().backward(w.self_attn, s.attention, gb.d_out, g);
+          linear_weights<T, Backend>* dgw = nullptr;
+          if constexpr (attn_gate_plan::train) dgw = &g.self_attn_residual_gate;
+          attn_gate_t::backward_params(w.attn_gate, s.self_attn_residual_gate, gb.dz, dgw,
+                                       attention_needs_dh ? &dh1 : nullptr);
+        } else {
+          dh1 = attention().backward(w.self_attn, s.attention, dx2, g);
+        }
         if constexpr (attention_needs_dh) {
           tensor_t* dw1 = nullptr;
           if constexpr (train_attn_norm) dw1 = &g.attn_norm;
@@ -223,8 +318,19 @@ struct decoder_block {
     attention_t::for_each_trainable(w.self_attn, g, [&](const std::string& n, tensor_t& p, tensor_t& dp) {
       f("self_attn." + n, p, dp);
     });
+    if constexpr (attn_gate_plan::train) visit_linear("self_attn_residual_gate", w.attn_gate, g.self_attn_residual_gate, f);
     if constexpr (train_mlp_norm) f(std::string("post_attention_layernorm.weight"), w.mlp_norm, g.mlp_norm);
     mlp_t::for_each_trainable(w.mlp, g, [&](const std::string& n, tensor_t& p, tensor_t& dp) { f("mlp." + n, p, dp); });
+    if constexpr (mlp_gate_plan::train) visit_linear("mlp_residual_gate", w.mlp_gate, g.mlp_residual_gate, f);
+  }
+
+  // The gate records of this block's forward (attention's, then the MLP's); none without gates.
+  template <class F>
+  static void for_each_gate_record(saved_t& s, F&& f) {
+    if constexpr (gated) {
+      f(s.self_attn_residual_gate.record);
+      f(s.mlp_residual_gate.record);
+    }
   }
 
   // Elements forward keeps for backward, from the plan (not from running it).
@@ -243,6 +349,14 @@ struct decoder_block {
     if (ap::save_a) n += N * qd;
     if (mlp_norm_t::keeps_input) n += N * d + N;
     if (mlp_active) n += mlp_t::saved_elements(c, sh, o);
+    const std::size_t gw = gate_width(gate_shape_of<Mlp>, d);  // residual gates: h, o, g
+    auto gate = [&](auto plan) {
+      using P = decltype(plan);
+      n += N * d * (std::size_t(P::save_h) + std::size_t(P::save_o)) + (P::save_g ? N * gw : 0);
+      if (P::active && gate_drop_count(train_skip_of(o), N)) n += N;  // the keep mask
+    };
+    gate(attn_gate_plan{});
+    gate(mlp_gate_plan{});
     const std::size_t r = std::size_t(c.lora_rank);  // adapter inputs u = x A^T
     n += N * r * std::size_t(ap::adapt_q + ap::adapt_k + ap::adapt_v + ap::adapt_o);
     return n;
@@ -261,6 +375,8 @@ struct decoder_block {
     if (ap::train_v) n += kvd * d + bias * kvd;
     if (ap::train_o) n += d * qd;
     n += mlp_t::trainable_elements(c, o);
+    const std::size_t gw = gate_width(gate_shape_of<Mlp>, d);
+    n += (gw * d + gw) * (std::size_t(attn_gate_plan::train) + std::size_t(mlp_gate_plan::train));
     const std::size_t r = std::size_t(c.lora_rank);  // A [r, in] + B [out, r]
     if (ap::adapt_q) n += r * (d + qd);
     if (ap::adapt_k) n += r * (d + kvd);
@@ -309,6 +425,18 @@ struct decoder_block {
     adapter(ap::adapt_k, d, kvd, attention_t::needs_input_grad);
     adapter(ap::adapt_v, d, kvd, attention_t::needs_input_grad);
     adapter(ap::adapt_o, qd, d, ap::need_da);
+    if constexpr (gated) {  // z = h Wg^T per branch; backward dWg, dh and (scalar) the row sums of dy * o
+      const double gw = double(gate_width(gate_shape_of<Mlp>, std::size_t(d)));
+      f.forward += 2 * 2 * N * d * gw;
+      auto gate = [&](auto plan, bool dh) {
+        using P = decltype(plan);
+        if (P::train) b += 2 * N * d * gw;
+        if (P::need_dz && dh) b += 2 * N * d * gw;
+        if (P::need_dz && gw == 1) b += 2 * N * d;
+      };
+      gate(attn_gate_plan{}, attention_needs_dh);
+      gate(mlp_gate_plan{}, mlp_needs_dh);
+    }
     f.backward = any_backward ? b : 0;
     return f;
   }
@@ -346,6 +474,8 @@ auto& grad(typename Block::grads_t& g) {
   else if constexpr (std::is_same_v<Tag, group::attn_norm>) return g.attn_norm;
   else if constexpr (std::is_same_v<Tag, group::act_range>) return g.act_alpha;
   else if constexpr (std::is_same_v<Tag, group::router>) return g.router;
+  else if constexpr (std::is_same_v<Tag, group::residual_gate<branch::attention>>) return g.self_attn_residual_gate;
+  else if constexpr (std::is_same_v<Tag, group::residual_gate<branch::mlp>>) return g.mlp_residual_gate;
   else return g.mlp_norm;
 }
 

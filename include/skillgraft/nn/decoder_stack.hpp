@@ -44,6 +44,12 @@ void add_act_range(trunk_weights<T>& w, T alpha = T(0)) {
   for (auto& l : w.layers) add_act_range(l.mlp, alpha);
 }
 
+// Gives every layer the two residual gates of a gate_skip policy (nn/gate_skip.hpp).
+template <class T>
+void add_residual_gates(trunk_weights<T>& w, gate_shape shape = gate_shape::vector, const residual_gate_init& init = {}) {
+  for (std::size_t i = 0; i < w.layers.size(); ++i) add_residual_gates(w.layers[i], w.config, shape, init, int(i));
+}
+
 template <class T, class Recipe, bool NeedsInputGrad = false, class Backend = backend::cpu, class Mlp = default_mlp>
 class decoder_stack {
  public:
@@ -107,6 +113,8 @@ class decoder_stack {
 
   const decoder_config& config() const { return config_; }
   const mlp_options_t& mlp_options() const { return mlp_options_; }
+  // New runtime settings of the MLP policy (e.g. a gate_skip model's train_skip, step by step).
+  void set_mlp_options(const mlp_options_t& o) { mlp_options_ = o; }
   const rope_table<T, Backend>& rope() const { return table_; }
   int first_trainable() const { return first_; }
   int last_trainable() const { return last_; }
@@ -178,6 +186,24 @@ class decoder_stack {
                                    [&](const std::string& n, tensor_t& p, tensor_t& dp) {
                                      f("model.layers." + std::to_string(i) + "." + n, p, dp);
                                    });
+  }
+
+  // f(layer, gate_record&) for the residual gates of every layer, bottom up (attention's gate,
+  // then the MLP's): what a forward saw of them, and where a penalty seeds its gradient.
+  template <class F>
+  void for_each_gate_record(saved_t& s, F&& f) const {
+    if constexpr (has_residual_gates_v<Mlp>) {
+      int layer = 0;
+      auto visit = [&](auto& block_saved, auto block_tag) {
+        using B = typename decltype(block_tag)::type;
+        B::for_each_gate_record(block_saved, [&](gate_record& r) { f(layer, r); });
+        ++layer;
+      };
+      for (auto& b : s.below) visit(b, hana::type_c<below_t>);
+      if (s.lowest) visit(*s.lowest, hana::type_c<lowest_t>);
+      for (auto& b : s.middle) visit(b, hana::type_c<middle_t>);
+      for (auto& b : s.above) visit(b, hana::type_c<above_t>);
+    }
   }
 
   // Models of what the code allocates (checked against the ledger by the tests).

@@ -164,7 +164,7 @@ void check_expert(const mlp_weights<T, B>& w, const decoder_config& c, const std
     cpu::expect_shape(w.act_alpha, {1}, prefix + "act_fn.alpha");
   } else if (!w.act_alpha.empty()) {
     throw std::invalid_argument("skillgraft: " + prefix + "act_fn.alpha present but the MLP's activation is " +
-                                std::string(Act::name) + ", which has no range (use act::xsilu or act::xgelu)");
+                                std::string(Act::name) + ", which has no range (use act::xsilu, act::xgelu or act::xatlu)");
   }
 }
 

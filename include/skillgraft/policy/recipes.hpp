@@ -19,6 +19,9 @@ inline constexpr auto llm =
 inline constexpr auto vision_projector = trainable<group::vision, group::projector>;
 // Everything a multimodal model has: vision encoder, projector and the whole language model.
 inline constexpr auto full = llm | vision_projector;
+// GateSkip: the residual gates of both branches (blocks built with nn::gate_skip only).
+inline constexpr auto residual_gates =
+    trainable<group::residual_gate<branch::attention>, group::residual_gate<branch::mlp>>;
 // Nothing: evaluation, probing, a teacher.
 inline constexpr auto frozen = trainable<>;
 }  // namespace skillgraft::recipe

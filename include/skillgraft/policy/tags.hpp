@@ -28,12 +28,41 @@ struct final_norm { static constexpr std::string_view name = "norm"; };
 struct lm_head    { static constexpr std::string_view name = "lm_head"; };
 struct vision     { static constexpr std::string_view name = "vision_tower"; };
 struct projector  { static constexpr std::string_view name = "multi_modal_projector"; };
-// The trainable range α of an expanded gating activation (xSiLU, xGELU: the gate spans
+// The trainable range α of an expanded gating activation (xSiLU, xGELU, xATLU: the gate spans
 // [-α, 1 + α]), one scalar per MLP: mlp.act_fn.alpha.
 struct act_range  { static constexpr std::string_view name = "act_fn"; };
 // The token router of a mixture-of-experts MLP: mlp.router.weight [experts, hidden].
 struct router     { static constexpr std::string_view name = "router"; };
 }  // namespace group
+
+// The two branches of a decoder block, each adding its output to the residual stream.
+namespace branch {
+struct attention { static constexpr std::string_view name = "self_attn"; };
+struct mlp       { static constexpr std::string_view name = "mlp"; };
+}  // namespace branch
+
+namespace group {
+// A learned sigmoid-linear gate on one branch's output before it re-enters the residual
+// stream (GateSkip; nn/residual_gate.hpp): self_attn_residual_gate.{weight,bias} and
+// mlp_residual_gate.{weight,bias}. Only blocks built with the nn::gate_skip policy have them.
+template <class Branch>
+struct residual_gate;
+template <>
+struct residual_gate<branch::attention> {
+  using branch = branch::attention;
+  static constexpr std::string_view name = "self_attn_residual_gate";
+};
+template <>
+struct residual_gate<branch::mlp> {
+  using branch = branch::mlp;
+  static constexpr std::string_view name = "mlp_residual_gate";
+};
+}  // namespace group
+
+template <class Tag>
+inline constexpr bool is_residual_gate_v = false;
+template <class Branch>
+inline constexpr bool is_residual_gate_v<group::residual_gate<Branch>> = true;
 
 // A low-rank adapter (LoRA) on projection P: trains A [r, in] and B [out, r] beside a
 // frozen (or not) W, so "which projections carry adapters" is a recipe choice too.

@@ -26,17 +26,19 @@ inline constexpr auto all_tags = hana::make_tuple(
     hana::type_c<group::projector>, hana::type_c<lora<proj::q>>, hana::type_c<lora<proj::k>>,
     hana::type_c<lora<proj::v>>, hana::type_c<lora<proj::o>>, hana::type_c<lora<proj::gate>>,
     hana::type_c<lora<proj::up>>, hana::type_c<lora<proj::down>>, hana::type_c<group::act_range>,
-    hana::type_c<group::router>);
+    hana::type_c<group::router>, hana::type_c<group::residual_gate<branch::attention>>,
+    hana::type_c<group::residual_gate<branch::mlp>>);
 
 // The parameters of one decoder block (adapters, the activation range and the router of
-// the MLP policies that have them included), and of the whole language model.
+// the MLP policies that have them, and the residual gates of gate_skip blocks, included), and of the whole language model.
 inline constexpr auto block_tags = hana::make_tuple(
     hana::type_c<proj::q>, hana::type_c<proj::k>, hana::type_c<proj::v>, hana::type_c<proj::o>,
     hana::type_c<proj::gate>, hana::type_c<proj::up>, hana::type_c<proj::down>,
     hana::type_c<group::attn_norm>, hana::type_c<group::mlp_norm>, hana::type_c<lora<proj::q>>,
     hana::type_c<lora<proj::k>>, hana::type_c<lora<proj::v>>, hana::type_c<lora<proj::o>>,
     hana::type_c<lora<proj::gate>>, hana::type_c<lora<proj::up>>, hana::type_c<lora<proj::down>>,
-    hana::type_c<group::act_range>, hana::type_c<group::router>);
+    hana::type_c<group::act_range>, hana::type_c<group::router>,
+    hana::type_c<group::residual_gate<branch::attention>>, hana::type_c<group::residual_gate<branch::mlp>>);
 inline constexpr auto language_model_tags = hana::concat(
     block_tags, hana::make_tuple(hana::type_c<group::embed>, hana::type_c<group::final_norm>,
                                  hana::type_c<group::lm_head>));

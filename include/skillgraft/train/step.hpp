@@ -114,7 +114,8 @@ struct step_stats {
 
 // The default objective: next-token cross-entropy on the target positions.
 // An objective provides micro(model, w, g, batch, h, normaliser) -> loss_result (it forms
-// d loss / d h and adds the head's gradient), and optionally finish(model, w, g) -> double,
+// d loss / d h and adds the head's gradient; a form with the forward's saved state as a last
+// argument gets it too), and optionally finish(model, w, g) -> double,
 // called once after all micro-batches to add penalty terms (EWC) to loss and gradients.
 struct masked_ce_objective {
   std::size_t chunk = 256;
@@ -162,7 +163,14 @@ step_stats train_step(const Model& model, typename Model::weights_t& w, typename
   for (const auto& mb : batches) {
     typename Model::saved_t saved;
     auto h = model.forward(w, mb.ids, saved, mb.prefix);
-    auto r = objective.micro(model, w, g, mb, h, mb.targets, st.targets);
+    // An objective that reads the forward's saved state (the gate penalty of
+    // train/gate_sparsity.hpp seeds its gradient there) receives it last.
+    auto r = [&] {
+      if constexpr (requires { objective.micro(model, w, g, mb, h, mb.targets, st.targets, saved); })
+        return objective.micro(model, w, g, mb, h, mb.targets, st.targets, saved);
+      else
+        return objective.micro(model, w, g, mb, h, mb.targets, st.targets);
+    }();
     st.loss += r.loss;
     model.backward(w, saved, r.dh, g);
   }
