@@ -89,7 +89,7 @@ def rss_mib():
 # ----------------------------------------------------------------------------- worker
 
 
-def worker(part, recipe, c, threads, warmup, reps, seed=1):
+def worker(part, recipe, c, threads, warmup, reps, seed=1, keep_model=False):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
@@ -168,12 +168,16 @@ def worker(part, recipe, c, threads, warmup, reps, seed=1):
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            return out.loss
+            return out.loss.detach()
 
         def saved_forward():
             return model(input_ids=ids, labels=labels, use_cache=False).loss
 
     rss_setup = rss_mib()
+    if keep_model:
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        loss = float(iteration())
+        return dict(trainable_elements=trainable, loss=loss, model=model, before=before)
     for _ in range(warmup):
         iteration()
     times = []
@@ -237,6 +241,28 @@ def causality_check(c):
                          "transformers version; the trunk would not match bench_recipes")
 
 
+def training_check(c, threads):
+    """One training step per recipe, in this process, on the given configuration: the
+    recipe's tensors get a gradient and change, every other tensor has no gradient and
+    keeps its value bit for bit, the loss is finite. With causality_check and the element
+    counts checked in worker(), it is what `--check` (a CTest test) runs."""
+    import torch
+    torch.set_num_threads(threads)
+    for recipe in RECIPES:
+        res = worker("step", recipe, c, threads, warmup=0, reps=0, keep_model=True)
+        model, before = res.pop("model"), res.pop("before")
+        for name, p in model.named_parameters():
+            changed = not torch.equal(p.detach(), before[name])
+            if changed != trains(recipe, name):
+                raise SystemExit(f"torch_reference: under {recipe}, {name} "
+                                 f"{'changed' if changed else 'did not change'} after a step")
+            if p.grad is not None:
+                raise SystemExit(f"torch_reference: under {recipe}, {name} kept a gradient after zero_grad")
+        if not res["loss"] == res["loss"] or res["loss"] in (float("inf"), float("-inf")):
+            raise SystemExit(f"torch_reference: under {recipe} the loss is {res['loss']}")
+        print(f"torch_reference: {recipe:12s} trains {res['trainable_elements']:8d} elements, loss {res['loss']:.6f}")
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -271,6 +297,9 @@ def main():
     ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated, of trunk, step")
     ap.add_argument("--tiny", action="store_true", help="a small configuration, for a quick check")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--check", action="store_true",
+                    help="no timing: check that the PyTorch side trains exactly each recipe's tensors "
+                         "(exit 77 where torch or transformers cannot be imported)")
     ap.add_argument("--worker", nargs=2, metavar=("PART", "RECIPE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     config = TINY if a.tiny else REFERENCE
@@ -282,6 +311,17 @@ def main():
         if p not in PARTS:
             ap.error(f"unknown part '{p}' (known: {', '.join(PARTS)})")
 
+    if a.check:
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError as e:
+            print(f"SKIP: {e} (scripts/torch-venv.sh installs torch and transformers)")
+            sys.exit(77)
+        causality_check(config)
+        training_check(config, a.threads)
+        print("torch_reference: every recipe trains exactly its tensors")
+        return
     if a.worker:
         print(json.dumps(worker(a.worker[0], a.worker[1], config, a.threads, a.warmup, a.repetitions)))
         return
