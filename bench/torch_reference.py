@@ -272,19 +272,20 @@ def table(rows, config, threads):
     lines = [f"PyTorch {rows[0]['torch'] if rows else '?'}, {threads} threads, "
              f"hidden {config['hidden']}, layers {config['layers']}, batch {config['batch']} x {config['seq']}, "
              f"vocab {config['vocab']}", "",
-             "| recipe | trunk ms | trunk saved MiB | trunk peak RSS MiB | step ms | step trainable | "
-             "step grads MiB | step AdamW MiB | step saved MiB | step peak RSS MiB |",
+             "| recipe | trunk ms | trunk saved MiB | trunk peak RSS MiB (growth) | step ms | step trainable | "
+             "step grads MiB | step AdamW MiB | step saved MiB | step peak RSS MiB (growth) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for rec in recipes:
         t, s = by.get(("trunk", rec)), by.get(("step", rec))
         f = lambda r, k, fmt: (fmt % r[k]) if r else "-"
-        lines.append(f"| {rec} | {f(t, 'ms', '%.1f')} | {f(t, 'saved_mib', '%.1f')} | {f(t, 'rss_peak_mib', '%.0f')} | "
+        rss = lambda r: f"{r['rss_peak_mib']:.0f} ({r['rss_peak_mib'] - r['rss_setup_mib']:.0f})" if r else "-"
+        lines.append(f"| {rec} | {f(t, 'ms', '%.1f')} | {f(t, 'saved_mib', '%.1f')} | {rss(t)} | "
                      f"{f(s, 'ms', '%.0f')} | {f(s, 'trainable_elements', '%d')} | {f(s, 'grads_mib', '%.1f')} | "
-                     f"{f(s, 'adamw_mib', '%.1f')} | {f(s, 'saved_mib', '%.1f')} | {f(s, 'rss_peak_mib', '%.0f')} |")
+                     f"{f(s, 'adamw_mib', '%.1f')} | {f(s, 'saved_mib', '%.1f')} | {rss(s)} |")
     base = [r["rss_setup_mib"] for r in rows]
     if base:
         lines.append(f"\nResident set after import and model construction, before the first iteration: "
-                     f"{min(base):.0f}-{max(base):.0f} MiB (included in the peaks).")
+                     f"{min(base):.0f}-{max(base):.0f} MiB (included in the peaks; the growth is the peak above it).")
     return "\n".join(lines)
 
 
