@@ -63,8 +63,8 @@ def main(argv):
     errors = []
     lines = [
         f"skillgraft against PyTorch {pt['results'][0]['torch'] if pt['results'] else '?'} eager "
-        f"(transformers, SDPA attention), {pt['threads']} threads; ratio = skillgraft time / PyTorch time "
-        f"(below 1: skillgraft faster). Load average during the PyTorch run: "
+        f"(transformers, SDPA attention), {pt['threads']} thread{'s' if pt['threads'] != 1 else ''}; ratio = skillgraft time / PyTorch time "
+        f"(below 1: skillgraft faster). Load average at the end of the PyTorch run: "
         + ", ".join(f"{x:.2f}" for x in pt.get("load_average", [])),
         "",
         "| recipe | trunk ms skillgraft | trunk ms PyTorch | trunk ratio | step ms skillgraft | step ms PyTorch | "

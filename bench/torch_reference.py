@@ -269,7 +269,7 @@ def training_check(c, threads):
 def table(rows, config, threads):
     by = {(r["part"], r["recipe"]): r for r in rows}
     recipes = [r for r in RECIPES if any(k[1] == r for k in by)]
-    lines = [f"PyTorch {rows[0]['torch'] if rows else '?'}, {threads} threads, "
+    lines = [f"PyTorch {rows[0]['torch'] if rows else '?'}, {threads} thread{'s' if threads != 1 else ''}, "
              f"hidden {config['hidden']}, layers {config['layers']}, batch {config['batch']} x {config['seq']}, "
              f"vocab {config['vocab']}", "",
              "| recipe | trunk ms | trunk saved MiB | trunk peak RSS MiB (growth) | step ms | step trainable | "
