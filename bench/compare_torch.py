@@ -79,7 +79,11 @@ def main(argv):
         if st and pt_t and round(st["grads_MiB"] * 2**20 / 4) != pt_t["trainable_elements"]:
             errors.append(f"{rec}: the trunk trains {round(st['grads_MiB'] * 2**20 / 4)} elements in skillgraft, "
                           f"{pt_t['trainable_elements']} in PyTorch")
-        if ss and pt_s and "trainable_elements" in ss and round(ss["trainable_elements"]) != pt_s["trainable_elements"]:
+        if ss and pt_s and "trainable_elements" not in ss:
+            # A bench_train_step built before it reported the counter: the check cannot be
+            # made, and a comparison that skipped it silently would look checked.
+            errors.append(f"{rec}: {argv[2]} has no trainable_elements counter (rebuild bench_train_step)")
+        elif ss and pt_s and round(ss["trainable_elements"]) != pt_s["trainable_elements"]:
             errors.append(f"{rec}: the step trains {round(ss['trainable_elements'])} elements in skillgraft, "
                           f"{pt_s['trainable_elements']} in PyTorch")
         ms = lambda r: f"{r['ms']:.0f}" if r else "-"
@@ -97,7 +101,7 @@ def main(argv):
                      f"{', '.join(f'{x:.2f}' for x in ctx.get('load_avg', []))}.")
     print("\n".join(lines))
     if errors:
-        print("\ncompare_torch: the two sides do not train the same tensors:\n  " + "\n  ".join(errors), file=sys.stderr)
+        print("\ncompare_torch: the two sides cannot be shown to train the same tensors:\n  " + "\n  ".join(errors), file=sys.stderr)
         return 1
     return 0
 

@@ -31,7 +31,7 @@ gradients and AdamW state (after a step) and the activations autograd saves for 
 Times: `--warmup` untimed iterations, then the median of `--repetitions` timed ones.
 
   .venv-bench/bin/python bench/torch_reference.py --threads 2 --json torch.json
-  .venv-bench/bin/python bench/torch_reference.py --tiny        # a quick check, ~1 min
+  .venv-bench/bin/python bench/torch_reference.py --tiny        # a quick run, ~2 min
 """
 
 import argparse
