@@ -305,6 +305,8 @@ def main():
     a = ap.parse_args()
     config = TINY if a.tiny else REFERENCE
     recipes, parts = a.recipes.split(","), a.parts.split(",")
+    if a.repetitions < 1 or a.warmup < 0 or a.threads < 1:
+        ap.error("--repetitions and --threads must be at least 1, --warmup at least 0")
     for r in recipes:
         if r not in RECIPES:
             ap.error(f"unknown recipe '{r}' (known: {', '.join(RECIPES)})")
