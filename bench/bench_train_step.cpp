@@ -70,6 +70,8 @@ void BM_train_step(benchmark::State& state, R recipe, std::string name) {
   state.counters["ledger_peak_MiB"] = r.ledger_peak / (1 << 20);
   state.counters["step_extra_MiB"] = double(sg::ledger().peak_total() - live) / (1 << 20);
   state.counters["rss_peak_MiB"] = r.rss_peak / (1 << 20);
+  // Read by bench/compare_torch.py to check that PyTorch trains the same tensors under this recipe.
+  state.counters["trainable_elements"] = double(lm.trainable_elements());
 }
 
 class summary_reporter : public benchmark::ConsoleReporter {

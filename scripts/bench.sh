@@ -9,23 +9,55 @@
 #   bench_distributed (where MPI is found; 2 ranks under mpirun) bytes sent per step per recipe
 #                     against the plan's gradient bytes, 2 ranks x 1 thread against 1 x 2
 #                     (docs/distributed.md); it takes --iterations=N, not the other arguments
-# Extra arguments go to both benchmarks (e.g. --benchmark_repetitions=5).
+#   bench/torch_reference.py  where a python that imports torch and transformers is found
+#                     (.venv-bench from scripts/torch-venv.sh first, then python3): the same
+#                     trunk and training step in PyTorch eager, and bench/compare_torch.py's
+#                     table of skillgraft/PyTorch time ratios and peak memory per recipe
+#                     (docs/performance.md, "PyTorch side by side")
+# Extra arguments go to both C++ benchmarks (e.g. --benchmark_repetitions=5);
+# SKILLGRAFT_TORCH_ARGS to torch_reference.py (e.g. "--repetitions 7 --recipes llm,sa_proj").
+# SKILLGRAFT_BENCH_BUILD (default build-release) and SKILLGRAFT_BENCH_JOBS (default nproc)
+# choose the build folder and the parallel build jobs. The JSON results are kept in
+# <build>/bench-results/.
 # Usage: scripts/bench.sh [benchmark args...]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-build="$root/build-release"
+build="${SKILLGRAFT_BENCH_BUILD:-$root/build-release}"
+jobs="${SKILLGRAFT_BENCH_JOBS:-$(nproc 2>/dev/null || echo 2)}"
 "$root/scripts/install-deps.sh"
 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DSKILLGRAFT_NATIVE=ON \
   -DSKILLGRAFT_BUILD_TESTS=OFF -DSKILLGRAFT_BUILD_BENCHMARKS=ON -DSKILLGRAFT_BUILD_EXAMPLES=OFF >/dev/null
-cmake --build "$build" -j "$(nproc 2>/dev/null || echo 2)" --target bench_recipes bench_train_step
+cmake --build "$build" -j "$jobs" --target bench_recipes bench_train_step
 if cmake --build "$build" --target help | grep -c bench_distributed >/dev/null; then
-  cmake --build "$build" -j "$(nproc 2>/dev/null || echo 2)" --target bench_distributed
+  cmake --build "$build" -j "$jobs" --target bench_distributed
 fi
 args=("$@")
 ((${#args[@]})) || args=(--benchmark_repetitions=3 --benchmark_report_aggregates_only=true)
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
-"$build/bench/bench_recipes" "${args[@]}"
-"$build/bench/bench_train_step" "${args[@]}"
+results="$build/bench-results"
+mkdir -p "$results"
+"$build/bench/bench_recipes" "${args[@]}" --benchmark_out="$results/bench_recipes.json" --benchmark_out_format=json
+"$build/bench/bench_train_step" "${args[@]}" --benchmark_out="$results/bench_train_step.json" --benchmark_out_format=json
+torch_python=""
+for py in "$root/.venv-bench/bin/python" python3; do
+  if command -v "$py" >/dev/null && "$py" -c 'import torch, transformers' 2>/dev/null; then
+    torch_python="$py"
+    break
+  fi
+done
+if [[ -n "$torch_python" ]]; then
+  # Right after skillgraft's runs, with the same thread count, so that the ratios compare
+  # like with like on this machine as it is now.
+  # shellcheck disable=SC2086  # SKILLGRAFT_TORCH_ARGS is a list of arguments
+  "$torch_python" "$root/bench/torch_reference.py" --threads "$OMP_NUM_THREADS" \
+    --json "$results/torch_reference.json" ${SKILLGRAFT_TORCH_ARGS:-}
+  echo
+  "$torch_python" "$root/bench/compare_torch.py" "$results/bench_recipes.json" \
+    "$results/bench_train_step.json" "$results/torch_reference.json"
+else
+  echo "bench.sh: no python here imports torch and transformers; scripts/torch-venv.sh installs them" \
+    "(into .venv-bench) for the PyTorch side-by-side table"
+fi
 if [[ -x "$build/bench/bench_distributed" ]]; then
   mpirun --allow-run-as-root --oversubscribe --bind-to none -np 2 "$build/bench/bench_distributed" --iterations=3
 fi
