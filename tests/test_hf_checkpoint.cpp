@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "skillgraft/cl/lora_checkpoint.hpp"
+#include "skillgraft/cl/moe.hpp"
 #include "skillgraft/model/generate.hpp"
 #include "skillgraft/model/hf_checkpoint.hpp"
 #include "skillgraft/train/cross_entropy.hpp"
@@ -282,6 +283,41 @@ TEST_CASE("save: F32 checkpoints are byte-identical to transformers' and load ba
     CHECK(j.at("dtype") == "float32");
     CHECK(sg::model::decoder_config_to_hf(back.config) == sg::model::decoder_config_to_hf(w.config));
     CHECK(back.config.tie_word_embeddings == (dir == qwen2_dir));
+  }
+}
+
+TEST_CASE("save: models with expanded gates or a mixture of experts keep their extra tensors") {
+  for (const bool mixture : {false, true}) {
+    INFO((mixture ? "mixture of 3 experts with xSiLU ranges" : "xSiLU ranges"));
+    temp_dir tmp;
+    auto w = sg::model::load_hf_checkpoint<float>(llama_dir);
+    auto shape_like = [&](sg::model::lm_weights<float>& x) {  // what docs/moe-and-activations.md says to do
+      if (mixture) sg::cl::add_expert(x), sg::cl::add_expert(x);
+      sg::nn::add_act_range(x.trunk, 0.0f);
+    };
+    shape_like(w);
+    std::mt19937 rng(3);
+    std::normal_distribution<float> nd(0.0f, 0.5f);
+    sg::model::for_each_parameter(w, [&](const std::string& name, sg::cpu::tensor<float>& t, auto, int) {
+      if (name.find("act_fn.alpha") != std::string::npos || name.find("router") != std::string::npos ||
+          name.find("experts.2.") != std::string::npos)
+        for (std::size_t i = 0; i < t.size(); ++i) t[i] = nd(rng);
+    });
+    sg::model::save_hf_checkpoint(tmp.path, w);
+    std::set<std::string> names;
+    const io::safetensors_file saved(tmp / "model.safetensors");
+    for (const auto& t : saved.header().tensors) names.insert(t.name);
+    CHECK(names.count(mixture ? "model.layers.1.mlp.experts.0.act_fn.alpha" : "model.layers.1.mlp.act_fn.alpha") == 1);
+    CHECK(names.count("model.layers.0.mlp.router.weight") == (mixture ? 1 : 0));
+    CHECK(names.count("model.layers.0.mlp.experts.2.down_proj.weight") == (mixture ? 1 : 0));
+    auto back = sg::model::load_hf_checkpoint<float>(llama_dir);
+    shape_like(back);
+    sg::model::apply_task_checkpoint(tmp.path, back);
+    check_same_weights(w, back);
+    // A layer whose tensors differ from layer 0's is refused by name.
+    w.trunk.layers[1].mlp.act_alpha = sg::cpu::tensor<float>();
+    CHECK_THROWS_WITH(sg::model::save_hf_checkpoint(tmp / "bad", w),
+                      Contains("model.layers.1.mlp.") && Contains("act_fn.alpha is missing"));
   }
 }
 

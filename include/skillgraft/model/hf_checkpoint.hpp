@@ -42,6 +42,8 @@
 #include "skillgraft/io/safetensors_index.hpp"
 #include "skillgraft/model/hf_config.hpp"
 #include "skillgraft/model/parameters.hpp"
+#include "skillgraft/nn/gate_skip.hpp"
+#include "skillgraft/nn/moe_mlp.hpp"
 
 namespace skillgraft::model {
 
@@ -345,6 +347,24 @@ std::optional<nn::gate_shape> residual_gate_shape(const lm_weights<T>& w) {
 }
 inline const char* gate_shape_name(nn::gate_shape s) { return s == nn::gate_shape::vector ? "vector" : "scalar"; }
 
+template <class Mlp, class T>
+void check_layers_with(const lm_weights<T>& w, const typename Mlp::options& o) {
+  const auto gates = residual_gate_shape(w);
+  for (std::size_t i = 0; i < w.trunk.layers.size(); ++i) {
+    const auto& l = w.trunk.layers[i];
+    const std::string prefix = "model.layers." + std::to_string(i) + ".";
+    if (!gates) nn::check_block_weights<Mlp>(l, w.config, prefix, o);
+    else if (*gates == nn::gate_shape::vector) nn::check_block_weights<nn::gate_skip<Mlp>>(l, w.config, prefix, {o});
+    else nn::check_block_weights<nn::gate_skip<Mlp, nn::gate_shape::scalar>>(l, w.config, prefix, {o});
+  }
+}
+// Act: a gate policy with or without a range (which one of each kind does not matter here).
+template <class Act, class T>
+void check_layers_under(const lm_weights<T>& w, bool mixture) {
+  if (mixture) check_layers_with<nn::moe<Act, 1, false>>(w, {int(w.trunk.layers[0].mlp.router.dim(0))});
+  else check_layers_with<nn::swiglu<Act>>(w, {});
+}
+
 // Throws, naming the tensor, when w's tensors do not have the shapes its config gives.
 template <class T>
 void check_lm_weights(const lm_weights<T>& w) {
@@ -362,14 +382,14 @@ void check_lm_weights(const lm_weights<T>& w) {
   if (w.trunk.layers.size() != std::size_t(c.n_layers))
     throw std::invalid_argument("skillgraft: the weights have " + std::to_string(w.trunk.layers.size()) +
                                 " layers, the config " + std::to_string(c.n_layers));
-  const auto gates = residual_gate_shape(w);
-  for (std::size_t i = 0; i < w.trunk.layers.size(); ++i) {
-    const auto& l = w.trunk.layers[i];
-    const std::string prefix = "model.layers." + std::to_string(i) + ".";
-    if (!gates) nn::check_block_weights(l, c, prefix);
-    else if (*gates == nn::gate_shape::vector) nn::check_block_weights<nn::gate_skip<>>(l, c, prefix);
-    else nn::check_block_weights<nn::gate_skip<nn::default_mlp, nn::gate_shape::scalar>>(l, c, prefix);
-  }
+  if (w.trunk.layers.empty()) return;
+  // The weights do not carry their MLP policy, so the layers are checked under the policy
+  // their tensors describe (layer 0's): a range alpha (xSiLU, xGELU, xATLU: the same tensors),
+  // a router and experts, residual gates. Every other layer must then have the same tensors.
+  const auto& mlp0 = w.trunk.layers[0].mlp;
+  const bool ranged = !mlp0.act_alpha.empty(), mixture = mlp0.is_mixture();
+  if (ranged) check_layers_under<nn::act::xsilu>(w, mixture);
+  else check_layers_under<nn::act::silu>(w, mixture);
 }
 
 // Throws when the config.json of a checkpoint describes another model than `base`.
