@@ -37,18 +37,18 @@ struct lwf_result : train::loss_result<T, Backend> {
   double kl = 0;  // mean KL (before λ T²)
 };
 
-// One row of a chunk of positions per call (SKILLGRAFT_HD: the CUDA backend runs the same
-// functors, one thread per row). Rows of a vocabulary chunk are `cols` wide and packed.
+// Element functors of the loss (SKILLGRAFT_HD: the CUDA backend runs the same functors).
+// The log-sum-exps fold one row per call over a vocabulary chunk; the KL, CE and gradient
+// terms are one call per (row, column), so they spread over every core or GPU thread. Rows of
+// a chunk are `cols` wide and packed; acc is [9, m]: the running (max, sum) of log p, of
+// log p_s/T and of log p_t/T, then the three finished log-sum-exps.
 namespace lwf_kernels {
-// Starts the running log-sum-exps (max -inf, sum 0) and the row's CE and KL sums.
 struct start_rows {
-  double* acc;  // [8, m]: max and sum of log p, log p_s/T, log p_t/T; then CE and KL
+  double* acc;
   std::int64_t m;
   double minus_inf;
   SKILLGRAFT_HD void operator()(std::int64_t i) const {
     for (int k = 0; k < 6; k += 2) acc[k * m + i] = minus_inf, acc[(k + 1) * m + i] = 0;
-    acc[6 * m + i] = 0;
-    acc[7 * m + i] = 0;
   }
 };
 
@@ -71,43 +71,67 @@ struct fold_log_sum_exp {
   }
 };
 
-// KL and CE of row i over this chunk's columns; turns the student's logits into
-//   dz = λT (softmax(s/T) - softmax(t/T)) / n_kd  [+ (softmax(s) - onehot(y)) / n_ce with a target]
-template <class T>
-struct distil_row {
-  T* z;           // student logits, becomes dz
-  const T* zt;    // teacher logits
-  std::int64_t cols, col0, m;
-  const std::int64_t* y;  // ignore_index: distillation only
-  double* acc;            // start_rows' layout
-  double inv_t, kd_scale, n_ce, n_kd;
-  std::int64_t ignore;
+struct finish_rows {  // lse = max + log(sum), for the three distributions
+  double* acc;
+  std::int64_t m;
   SKILLGRAFT_HD void operator()(std::int64_t i) const {
-    const double l1 = acc[i] + scalar::log_(acc[m + i]), ls = acc[2 * m + i] + scalar::log_(acc[3 * m + i]),
-                 lt = acc[4 * m + i] + scalar::log_(acc[5 * m + i]);
-    T* zi = z + i * cols;
-    const T* ti = zt + i * cols;
-    const std::int64_t yi = y[i];
-    double ce = 0, kl = 0;
-    for (std::int64_t j = 0; j < cols; ++j) {
-      const double a = double(zi[j]), log_ps = a * inv_t - ls, log_pt = double(ti[j]) * inv_t - lt;
-      const double pt = scalar::exp_(log_pt);
-      kl += pt * (log_pt - log_ps);
-      double g = kd_scale * (scalar::exp_(log_ps) - pt) / n_kd;
-      if (yi != ignore) {
-        g += scalar::exp_(a - l1) / n_ce;
-        if (col0 + j == yi) g -= 1.0 / n_ce, ce += l1 - a;
-      }
-      zi[j] = T(g);
-    }
-    acc[6 * m + i] += ce;
-    acc[7 * m + i] += kl;
+    for (int k = 0; k < 3; ++k) acc[(6 + k) * m + i] = acc[2 * k * m + i] + scalar::log_(acc[(2 * k + 1) * m + i]);
   }
 };
 
-struct read_row {
-  const double* v;
-  SKILLGRAFT_HD double operator()(std::int64_t i) const { return v[i]; }
+// The logits of element e = (row i, column j) of this chunk, with the row's log-sum-exps.
+template <class T>
+struct chunk_element {
+  const T* z;   // student logits
+  const T* zt;  // teacher logits
+  std::int64_t cols, m;
+  const double* acc;
+  double inv_t;
+  SKILLGRAFT_HD double l1(std::int64_t i) const { return acc[6 * m + i]; }
+  SKILLGRAFT_HD double log_ps(std::int64_t e) const { return double(z[e]) * inv_t - acc[7 * m + e / cols]; }
+  SKILLGRAFT_HD double log_pt(std::int64_t e) const { return double(zt[e]) * inv_t - acc[8 * m + e / cols]; }
+};
+
+// KL(p_t || p_s) term of element e: p_t (log p_t - log p_s).
+template <class T>
+struct kl_term : chunk_element<T> {
+  SKILLGRAFT_HD double operator()(std::int64_t e) const {
+    const double lt = this->log_pt(e);
+    return scalar::exp_(lt) * (lt - this->log_ps(e));
+  }
+};
+
+// CE term of row i when its target falls in this chunk (columns col0 ..): lse - z[y].
+template <class T>
+struct ce_term : chunk_element<T> {
+  const std::int64_t* y;
+  std::int64_t col0, ignore;
+  SKILLGRAFT_HD double operator()(std::int64_t i) const {
+    const std::int64_t j = y[i] - col0;
+    if (y[i] == ignore || j < 0 || j >= this->cols) return 0;
+    return this->l1(i) - double(this->z[i * this->cols + j]);
+  }
+};
+
+// Turns the student's logits into
+//   dz = λT (softmax(s/T) - softmax(t/T)) / n_kd  [+ (softmax(s) - onehot(y)) / n_ce with a target]
+// (after the KL and CE terms have read them).
+template <class T>
+struct distil_grad {
+  T* z;
+  chunk_element<T> in;
+  const std::int64_t* y;
+  std::int64_t col0, ignore;
+  double kd_scale, n_ce, n_kd;
+  SKILLGRAFT_HD void operator()(std::int64_t e) const {
+    const std::int64_t i = e / in.cols, j = e % in.cols;
+    double g = kd_scale * (scalar::exp_(in.log_ps(e)) - scalar::exp_(in.log_pt(e))) / n_kd;
+    if (y[i] != ignore) {
+      g += scalar::exp_(double(z[e]) - in.l1(i)) / n_ce;
+      if (col0 + j == y[i]) g -= 1.0 / n_ce;
+    }
+    z[e] = T(g);
+  }
 };
 }  // namespace lwf_kernels
 
@@ -160,7 +184,7 @@ lwf_result<T, typename backend_of<Tensor<T>>::type> lwf_loss(const Tensor<T>& h,
   const std::size_t vc = opt.vocab ? std::min(opt.vocab, V) : V, nchunks = (V + vc - 1) / vc;
   Tensor<T> hs({mc, d}, memory_use::workspace), ht({mc, d}, memory_use::workspace), dhs({mc, d}, memory_use::workspace);
   Tensor<T> zs({mc, vc}, memory_use::workspace), zt({mc, vc}, memory_use::workspace);
-  Tensor<double> acc({8, mc}, memory_use::workspace);
+  Tensor<double> acc({9, mc}, memory_use::workspace);
   cpu::tensor<std::int64_t> y_host({mc}, memory_use::workspace);
   const int di = int(d);
   double ce = 0, kl = 0;
@@ -189,11 +213,16 @@ lwf_result<T, typename backend_of<Tensor<T>>::type> lwf_loss(const Tensor<T>& h,
       B::for_each_index(mi, lwf_kernels::fold_log_sum_exp<T>{zs.data(), cw, inv_t, a + 2 * M, a + 3 * M});
       B::for_each_index(mi, lwf_kernels::fold_log_sum_exp<T>{zt.data(), cw, inv_t, a + 4 * M, a + 5 * M});
     }
+    B::for_each_index(mi, lwf_kernels::finish_rows{a, M});
     for (std::size_t c = 0; c < nchunks; ++c) {  // pass 2: KL, CE and the gradient
       if (nchunks > 1) logits(c);  // one chunk: pass 1's logits are still there
       const std::size_t c0 = c * vc, cw = std::min(vc, V - c0);
-      B::for_each_index(mi, lwf_kernels::distil_row<T>{zs.data(), zt.data(), std::int64_t(cw), std::int64_t(c0), M,
-                                                       y.data(), a, inv_t, kd_scale, nce, nkd, ignore_index});
+      const lwf_kernels::chunk_element<T> el{zs.data(), zt.data(), std::int64_t(cw), M, a, inv_t};
+      const auto n = std::int64_t(m * cw);
+      kl += B::template sum_index<double>(n, lwf_kernels::kl_term<T>{el});
+      ce += B::template sum_index<double>(mi, lwf_kernels::ce_term<T>{el, y.data(), std::int64_t(c0), ignore_index});
+      B::for_each_index(n, lwf_kernels::distil_grad<T>{zs.data(), el, y.data(), std::int64_t(c0), ignore_index, kd_scale,
+                                                       nce, nkd});
       B::gemm("LwF: dh = dz W", op::n, op::n, int(m), di, int(cw), T(1), zs.data(), int(cw), head.data() + c0 * d, di,
               T(c == 0 ? 0 : 1), dhs.data(), di);
       if (dhead)
@@ -201,8 +230,6 @@ lwf_result<T, typename backend_of<Tensor<T>>::type> lwf_loss(const Tensor<T>& h,
                 dhead->data() + c0 * d, di);
     }
     B::scatter_rows(dhs, d, rc, r.dh);
-    ce += B::template sum_index<double>(mi, lwf_kernels::read_row{a + 6 * M});
-    kl += B::template sum_index<double>(mi, lwf_kernels::read_row{a + 7 * M});
   }
   r.ce = n_ce ? ce / nce : 0.0;
   r.kl = kl / nkd;
