@@ -144,6 +144,37 @@ TEST_CASE("GateSkip around another MLP policy: gates on an xSiLU block, its rang
   });
 }
 
+TEST_CASE("GateSkip around a mixture of experts: gates, router and the newest expert by finite differences") {
+  const auto c = sg::test::tiny_config(false);
+  sg::nn::rope_table<D> table(c.head_dim, c.max_seq, c.rope_theta);
+  using P = sg::nn::gate_skip<sg::nn::moe<sg::nn::act::silu, 2>>;
+  auto w = gated_weights<D>(c, sg::nn::gate_shape::vector, 17);
+  std::mt19937 rng(18);
+  w.mlp.router = sg::cpu::tensor<D>({3, std::size_t(c.hidden)}, sg::memory_use::weights);
+  sg::test::fill_normal(w.mlp.router, rng, 0.0, 1.0);
+  for (int e = 1; e < 3; ++e) {
+    w.mlp.experts.push_back(w.mlp.clone_expert(sg::memory_use::weights));
+    for (auto* p : {&w.mlp.experts.back().gate_proj, &w.mlp.experts.back().up_proj, &w.mlp.experts.back().down_proj})
+      sg::test::fill_linear(*p, rng);
+  }
+  typename P::options o{};
+  o.experts = 3;
+  auto recipes = sg::hana::make_tuple(sg::recipe::residual_gates | sg::trainable<sg::group::router>,
+                                      sg::recipe::mlp | sg::trainable<sg::group::router, mlp_gate>,
+                                      sg::recipe::sa_proj | sg::trainable<attn_gate>);
+  sg::hana::for_each(recipes, [&](auto r) {
+    using R = std::remove_const_t<decltype(r)>;
+    auto x = random_tensor<D>({2, 5, std::size_t(c.hidden)}, 19);
+    auto a = sg::test::gradcheck(block<R, true, P>(c, table, o), w, x);
+    auto b = sg::test::gradcheck(block<R, false, P>(c, table, o), w, x);
+    CHECK(a == b);
+    CHECK(a.count("mlp.router.weight") == std::size_t(sg::trains_v<sg::group::router, R>));
+    CHECK(a.count("mlp.experts.2.gate_proj.weight") == std::size_t(sg::trains_v<gate, R>));
+    CHECK(a.count("mlp_residual_gate.weight") == std::size_t(sg::trains_v<mlp_gate, R>));
+    CHECK(a.count("self_attn_residual_gate.weight") == std::size_t(sg::trains_v<attn_gate, R>));
+  });
+}
+
 TEST_CASE("GateSkip: a fully open gate reproduces the ungated block bit for bit") {
   // sigmoid(40) rounds to 1 in double: y = x + 1 * o = x + o, and dz = dg g (1 - g) = 0.
   const auto c = sg::test::tiny_config(true);
