@@ -16,6 +16,7 @@
 //   gated_product, gated_product_backward   m = phi(g; alpha) u for a gate policy (nn/activation.hpp);
 //                                 the _range forms over n elements from raw pointers (rows of a buffer)
 //   attention_forward, attention_backward   the core softmax(q k^T scale + mask) v per head
+//   cached_attention              the same core for listed query tokens over a KV cache (decoding)
 //
 // Every operation's math is written next to the layer that calls it (nn/), and each backend's
 // header in backend/<name>/ says how it is computed there.
@@ -24,6 +25,7 @@
 #include <vector>
 
 #include "skillgraft/backend/attention_dims.hpp"
+#include "skillgraft/backend/cached_attention_dims.hpp"
 #include "skillgraft/backend/cpu/tensor.hpp"
 #include "skillgraft/backend/gemm_op.hpp"
 #include "skillgraft/backend/memory.hpp"
@@ -49,7 +51,7 @@ struct probe_map {
 template <class B>
 concept operations_policy = requires(typename B::template tensor<float>& t, const typename B::template tensor<float>& c,
                                      typename B::template tensor<float>* p, const cpu::tensor<float>& host,
-                                     cpu::tensor<float>& host_out, const attention_dims& dims, float* raw,
+                                     cpu::tensor<float>& host_out, const attention_dims& dims, const cached_attention_dims& cached, float* raw,
                                      const float* craw, const std::int64_t* ids,
                                      const std::vector<std::int64_t>& rows) {
   { B::name } -> std::convertible_to<const char*>;
@@ -82,6 +84,7 @@ concept operations_policy = requires(typename B::template tensor<float>& t, cons
   B::template gated_product_backward_range<probe_gate, true, true, true>(craw, craw, &c, raw, raw, p, std::size_t(1));
   B::attention_forward(dims, 1.f, c, c, c, t, p);
   B::attention_backward(dims, 1.f, c, &c, &c, &c, c, p, p, p);
+  B::cached_attention(cached, 1.f, c, c, c, rows, t);
 };
 
 }  // namespace skillgraft::backend

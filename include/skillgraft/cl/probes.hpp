@@ -446,7 +446,7 @@ struct teacher_reference {
 
 // Mlp: the MLP policy of the probed models (dense by default); make_distribution_probe
 // takes it, with its options, from a model. Backend: where the probed weights live (the
-// teacher-forced probes run there; generation, and so `generated`, is CPU-only for now).
+// probes and generation run there; the row statistics read each logits block on the host).
 template <class T, class Mlp = nn::default_mlp, class Backend = backend::cpu>
 class distribution_probe {
  public:
@@ -516,9 +516,7 @@ class distribution_probe {
   // decoder sampled from, up to float rounding — so the reference scores the very same prefixes.
   template <class Ref = no_reference>
   token_ids generated(probe_accumulator& acc, const weights_t& w, const token_ids& prompt,
-                      const model::sampling& s, const tensor_t* prefix = nullptr, Ref ref = {}) const
-    requires std::is_same_v<Backend, backend::cpu>
-  {
+                      const model::sampling& s, const tensor_t* prefix = nullptr, Ref ref = {}) const {
     if (s.max_new_tokens <= 0)
       throw std::invalid_argument("skillgraft: a generation probe needs max_new_tokens >= 1 (got " +
                                   std::to_string(s.max_new_tokens) + ")");

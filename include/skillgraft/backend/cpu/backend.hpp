@@ -4,6 +4,7 @@
 // element-wise kernels. Each group of operations is one header in backend/cpu/.
 #include "skillgraft/backend/backend_of.hpp"
 #include "skillgraft/backend/cpu/attention.hpp"
+#include "skillgraft/backend/cpu/cached_attention.hpp"
 #include "skillgraft/backend/cpu/cross_entropy.hpp"
 #include "skillgraft/backend/cpu/elementwise.hpp"
 #include "skillgraft/backend/cpu/embedding.hpp"
@@ -23,6 +24,7 @@ struct cpu : skillgraft::cpu::gemm_ops,
              skillgraft::cpu::rope_ops,
              skillgraft::cpu::gated_ops,
              skillgraft::cpu::attention_ops,
+             skillgraft::cpu::cached_attention_ops,
              skillgraft::cpu::cross_entropy_ops,
              skillgraft::cpu::index_ops {
   template <class T>

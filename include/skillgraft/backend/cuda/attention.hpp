@@ -13,79 +13,82 @@
 namespace skillgraft::cuda {
 
 namespace kernels {
-// Row r of the scores is query position i = r % S; it sees keys j <= i (all keys when not causal).
+// Which scores a row sees. Training: row r of the [.., S, S] scores is query position i = r % S;
+// it sees keys j <= i (all keys when not causal).
 struct sees {
   index_t S;
   bool causal;
   SKILLGRAFT_HD bool operator()(index_t row, index_t j) const { return !causal || j <= row % S; }
 };
-template <class T>
+// The masked row softmax and its backward over rows of length `len`, for a mask as above.
+template <class T, class Mask>
 struct masked_score {  // element (row, j) of the scores, -inf where masked
   const T* p;
-  sees mask;
+  index_t len;
+  Mask mask;
   SKILLGRAFT_HD T operator()(index_t row, index_t j) const {
-    return mask(row, j) ? p[row * mask.S + j] : -std::numeric_limits<T>::infinity();
+    return mask(row, j) ? p[row * len + j] : -std::numeric_limits<T>::infinity();
   }
 };
-template <class T>
+template <class T, class Mask>
 struct masked_exp {  // exp(p - max) where seen
   const T* p;
   const T* mx;
-  sees mask;
-  SKILLGRAFT_HD T operator()(index_t row, index_t j) const {
-    return mask(row, j) ? exp_(p[row * mask.S + j] - mx[row]) : T(0);
-  }
+  index_t len;
+  Mask mask;
+  SKILLGRAFT_HD T operator()(index_t row, index_t j) const { return mask(row, j) ? exp_(p[row * len + j] - mx[row]) : T(0); }
 };
-template <class T>
+template <class T, class Mask>
 struct softmax_normalise {  // p = exp(p - max) / sum where seen, else 0
   T* p;
   const T* mx;
   const T* sum;
-  sees mask;
+  index_t len;
+  Mask mask;
   SKILLGRAFT_HD void operator()(index_t e) const {
-    const index_t row = e / mask.S, j = e % mask.S;
+    const index_t row = e / len, j = e % len;
     p[e] = mask(row, j) ? exp_(p[e] - mx[row]) * (T(1) / sum[row]) : T(0);
   }
 };
-template <class T>
+template <class T, class Mask>
 struct masked_dot {  // element (row, j): dP * P where seen
   const T* dp;
   const T* p;
-  sees mask;
+  index_t len;
+  Mask mask;
   SKILLGRAFT_HD T operator()(index_t row, index_t j) const {
-    return mask(row, j) ? dp[row * mask.S + j] * p[row * mask.S + j] : T(0);
+    return mask(row, j) ? dp[row * len + j] * p[row * len + j] : T(0);
   }
 };
-template <class T>
+template <class T, class Mask>
 struct softmax_backward {  // dS = P * (dP - dot) where seen, else 0; stored over dP
   T* dp;
   const T* p;
   const T* dot;
-  sees mask;
+  index_t len;
+  Mask mask;
   SKILLGRAFT_HD void operator()(index_t e) const {
-    const index_t row = e / mask.S, j = e % mask.S;
+    const index_t row = e / len, j = e % len;
     dp[e] = mask(row, j) ? p[e] * (dp[e] - dot[row]) : T(0);
   }
 };
 }  // namespace kernels
 
-// In-place softmax of `rows` rows of length S: P = softmax(scores + mask).
-template <class T>
-void masked_softmax(T* p, index_t rows, index_t S, bool causal) {
-  const kernels::sees mask{S, causal};
+// In-place softmax of `rows` rows of length len: P = softmax(scores + mask).
+template <class T, class Mask>
+void masked_softmax(T* p, index_t rows, index_t len, Mask mask) {
   tensor<T> mx({std::size_t(rows)}, memory_use::workspace), sum({std::size_t(rows)}, memory_use::workspace);
-  segmented_reduce(rows, S, kernels::masked_score<T>{p, mask}, mx.data(), maximum<T>());
-  segmented_sum(rows, S, kernels::masked_exp<T>{p, mx.data(), mask}, sum.data());
-  for_each_index(rows * S, kernels::softmax_normalise<T>{p, mx.data(), sum.data(), mask});
+  segmented_reduce(rows, len, kernels::masked_score<T, Mask>{p, len, mask}, mx.data(), maximum<T>());
+  segmented_sum(rows, len, kernels::masked_exp<T, Mask>{p, mx.data(), len, mask}, sum.data());
+  for_each_index(rows * len, kernels::softmax_normalise<T, Mask>{p, mx.data(), sum.data(), len, mask});
 }
 
 // dS = P * (dP - rowsum(dP * P)), in place over dP.
-template <class T>
-void masked_softmax_backward(T* dp, const T* p, index_t rows, index_t S, bool causal) {
-  const kernels::sees mask{S, causal};
+template <class T, class Mask>
+void masked_softmax_backward(T* dp, const T* p, index_t rows, index_t len, Mask mask) {
   tensor<T> dot({std::size_t(rows)}, memory_use::workspace);
-  segmented_sum(rows, S, kernels::masked_dot<T>{dp, p, mask}, dot.data());
-  for_each_index(rows * S, kernels::softmax_backward<T>{dp, p, dot.data(), mask});
+  segmented_sum(rows, len, kernels::masked_dot<T, Mask>{dp, p, len, mask}, dot.data());
+  for_each_index(rows * len, kernels::softmax_backward<T, Mask>{dp, p, dot.data(), len, mask});
 }
 
 // Where the matrices of one strided-batched call start and how far apart they are:
@@ -122,7 +125,7 @@ struct attention_ops {
         gemm_ops::gemm_strided_batched("attention scores: P = q k^T / sqrt(hd)", op::n, op::t, S, S, hd, scale,
                              q.data() + hb.q_offset(b, g), hb.q_ld(), hb.q_stride(), k.data() + hb.kv_offset(b),
                              hb.kv_ld(), hb.kv_stride(), T(0), p + hb.p_offset(b, g), S, hb.p_stride(), d.kv_heads);
-    masked_softmax(p, index_t(d.batch) * d.heads * S, S, d.causal);
+    masked_softmax(p, index_t(d.batch) * d.heads * S, S, kernels::sees{S, d.causal});
     for (int b = 0; b < d.batch; ++b)
       for (int g = 0; g < hb.group(); ++g)  // a = P v
         gemm_ops::gemm_strided_batched("attention output: a = P v", op::n, op::n, S, hd, S, T(1), p + hb.p_offset(b, g), S,
@@ -149,7 +152,7 @@ struct attention_ops {
         gemm_ops::gemm_strided_batched("attention: dP = da v^T", op::n, op::t, S, S, hd, T(1), da.data() + hb.q_offset(b, g),
                              hb.q_ld(), hb.q_stride(), v->data() + hb.kv_offset(b), hb.kv_ld(), hb.kv_stride(), T(0),
                              dp.data() + hb.p_offset(b, g), S, hb.p_stride(), KV);
-    masked_softmax_backward(dp.data(), probs.data(), index_t(d.batch) * d.heads * S, S, d.causal);  // dS, over dP
+    masked_softmax_backward(dp.data(), probs.data(), index_t(d.batch) * d.heads * S, S, kernels::sees{S, d.causal});  // dS, over dP
     for (int b = 0; b < d.batch; ++b)
       for (int g = 0; g < hb.group(); ++g) {
         if (dq)  // dq = dS k scale

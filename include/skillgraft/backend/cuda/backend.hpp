@@ -8,6 +8,7 @@
 #include "skillgraft/backend/backend_of.hpp"
 #include "skillgraft/backend/cuda/algorithms.hpp"
 #include "skillgraft/backend/cuda/attention.hpp"
+#include "skillgraft/backend/cuda/cached_attention.hpp"
 #include "skillgraft/backend/cuda/cross_entropy.hpp"
 #include "skillgraft/backend/cuda/elementwise.hpp"
 #include "skillgraft/backend/cuda/embedding.hpp"
@@ -27,6 +28,7 @@ struct cuda : skillgraft::cuda::gemm_ops,
               skillgraft::cuda::rope_ops,
               skillgraft::cuda::gated_ops,
               skillgraft::cuda::attention_ops,
+              skillgraft::cuda::cached_attention_ops,
               skillgraft::cuda::cross_entropy_ops,
               skillgraft::cuda::index_ops {
   template <class T>

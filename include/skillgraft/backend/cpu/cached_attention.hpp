@@ -1,0 +1,49 @@
+#pragma once
+// Attention over a KV cache on the CPU (math in model/generate.hpp): one OpenMP task per
+// (run of consecutive query tokens, head), each two Eigen GEMMs against the run's prefix of the
+// cache and a row softmax in between, so decoding one token per sequence and scoring a whole
+// prompt are the same code.
+#include <cstdint>
+#include <vector>
+
+#include "skillgraft/backend/cached_attention_dims.hpp"
+#include "skillgraft/backend/cpu/attention.hpp"
+#include "skillgraft/backend/cpu/tensor.hpp"
+
+namespace skillgraft::cpu {
+
+struct cached_attention_ops {
+  // a[t] = softmax(q[t] K[0..p]^T scale) V[0..p] for every token t in `rows` at position p, K
+  // and V the cached keys and values of t's sequence; rows of a not listed are left as they are.
+  template <class T>
+  static void cached_attention(const cached_attention_dims& d, T scale, const tensor<T>& q, const tensor<T>& k_cache,
+                               const tensor<T>& v_cache, const std::vector<std::int64_t>& rows, tensor<T>& a) {
+    using namespace attention_detail;
+    const auto runs = token_runs(d, rows);
+    const int H = d.heads, KV = d.kv_heads, hd = d.head_dim, group = d.group(), R = int(runs.size());
+    const std::size_t kv_rows = std::size_t(KV) * std::size_t(hd);
+#pragma omp parallel for collapse(2) schedule(dynamic)
+    for (int r = 0; r < R; ++r)
+      for (int head = 0; head < H; ++head) {
+        const std::int64_t t0 = runs[std::size_t(r)].first;
+        const int n = runs[std::size_t(r)].count, p0 = d.position_of(t0), L = p0 + n;
+        const std::size_t q_at = std::size_t(t0) * std::size_t(H) * std::size_t(hd) + std::size_t(head) * std::size_t(hd);
+        const std::size_t kv_at = std::size_t(d.sequence_of(t0)) * std::size_t(d.capacity) * kv_rows +
+                                  std::size_t(head / group) * std::size_t(hd);
+        const_strided_map<T> Q(q.data() + q_at, n, hd, Eigen::OuterStride<>(H * hd));
+        const_strided_map<T> K(k_cache.data() + kv_at, L, hd, Eigen::OuterStride<>(KV * hd));
+        const_strided_map<T> V(v_cache.data() + kv_at, L, hd, Eigen::OuterStride<>(KV * hd));
+        strided_map<T> A(a.data() + q_at, n, hd, Eigen::OuterStride<>(H * hd));
+        row_matrix<T> P = (Q * K.transpose()) * scale;
+        for (int i = 0; i < n; ++i) {  // query i of the run sits at position p0 + i: keys 0..p0 + i
+          auto seen = P.row(i).head(p0 + i + 1);
+          seen = (seen.array() - seen.maxCoeff()).exp();
+          seen /= seen.sum();
+          P.row(i).tail(L - (p0 + i + 1)).setZero();
+        }
+        A.noalias() = P * V;
+      }
+  }
+};
+
+}  // namespace skillgraft::cpu
