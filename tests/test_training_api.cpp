@@ -1,14 +1,17 @@
 // The training API cannot be misused silently: Hugging Face labels have their own type
 // and train the same step as shifted targets, unshifted labels passed as targets are
 // refused, the head's gradient cannot be forgotten under a recipe that trains it,
-// rank-1 token ids are refused with their rank, and the LoRA rank has one source.
+// rank-1 token ids are refused with their rank, the LoRA rank has one source, and AdamW's state
+// saved and loaded again resumes a run bit for bit (or is refused, naming what is wrong).
 #include <catch2/catch.hpp>
 #include <xtensor/xarray.hpp>
 
 #include "support/random_lm.hpp"
+#include "support/temp_dir.hpp"
 
 #include "skillgraft/cl/lora.hpp"
 #include "skillgraft/train/adamw.hpp"
+#include "skillgraft/train/optimizer_state.hpp"
 #include "skillgraft/train/schedule.hpp"
 #include "skillgraft/train/step.hpp"
 
@@ -169,4 +172,139 @@ TEST_CASE("LoRA: the rank and alpha come from the model's config") {
   sg::model::decoder_lm<float, decltype(recipe)> no_rank(nc, recipe);
   auto w3 = sg::test::random_lm<float>(nc, 1);
   CHECK_THROWS_WITH(sg::cl::attach_lora(no_rank, w3), Contains("set decoder_config::lora_rank"));
+}
+
+// --- AdamW's state across a restart ------------------------------------------------------------
+
+namespace {
+using sa_r = std::remove_const_t<decltype(sg::recipe::sa_proj)>;
+const sg::train::cosine_schedule resume_lr{.peak = 2e-2, .floor = 1e-3, .warmup = 2, .total = 5};
+
+template <class Model, class Weights, class Grads>
+std::vector<float> trained(const Model& lm, Weights& w, Grads& g) {
+  std::vector<float> out;
+  lm.for_each_trainable(w, g, [&](const std::string&, auto& t, auto&) { out.insert(out.end(), t.data(), t.data() + t.size()); });
+  return out;
+}
+std::vector<float> moments(const sg::train::adamw<float>& opt) {
+  std::vector<float> out;
+  opt.for_each_state([&](const std::string&, const auto& m, const auto& v) {
+    out.insert(out.end(), m.data(), m.data() + m.size());
+    out.insert(out.end(), v.data(), v.data() + v.size());
+  });
+  return out;
+}
+}  // namespace
+
+TEST_CASE("AdamW state: 3 steps, saved, loaded into a fresh optimizer and 2 more equal 5 uninterrupted, bit for bit") {
+  const auto c = sg::test::tiny_lm_config();
+  const sg::train::micro_batch<float> mb{ids, sg::hf_labels{ids}};
+  sg::model::decoder_lm<float, sa_r> lm(c, sg::recipe::sa_proj);
+  auto step = [&](auto& w, auto& g, auto& opt) { sg::train::train_step(lm, w, g, opt, resume_lr, std::span(&mb, 1)); };
+
+  auto wa = sg::test::random_lm<float>(c, 7);
+  auto ga = lm.make_grads(wa);
+  sg::train::adamw<float> oa(lm, wa, ga, {.lr = 2e-2, .weight_decay = 0.01});
+  for (int i = 0; i < 5; ++i) step(wa, ga, oa);
+
+  sg::test::temp_dir dir;
+  auto wb = sg::test::random_lm<float>(c, 7);
+  auto gb = lm.make_grads(wb);
+  {
+    sg::train::adamw<float> ob(lm, wb, gb, {.lr = 2e-2, .weight_decay = 0.01});
+    for (int i = 0; i < 3; ++i) step(wb, gb, ob);
+    sg::train::save_optimizer_state(ob, dir / "optimizer.safetensors");
+  }
+  // Only the recipe's tensors have moments: q, k, v and o of every layer, two moments each.
+  const sg::io::safetensors_file file(dir / "optimizer.safetensors");
+  CHECK(file.header().tensors.size() == std::size_t(2 * 4 * c.n_layers));
+  CHECK(file.contains("model.layers.1.self_attn.v_proj.weight.exp_avg_sq"));
+  CHECK(file.metadata().at("skillgraft.optimizer.step") == "3");
+
+  // The restarted run: the weights as saved, an optimizer built afresh (other options), the state loaded.
+  const auto before_restart = wb.trunk.layers[0].self_attn.q_proj.weight.clone();
+  sg::train::adamw<float> oc(lm, wb, gb, {.lr = 1.0});
+  sg::train::load_optimizer_state(oc, dir / "optimizer.safetensors");
+  CHECK(oc.steps() == 3);
+  CHECK(oc.options().weight_decay == 0.01);
+  for (int i = 0; i < 2; ++i) step(wb, gb, oc);
+  const auto a = trained(lm, wa, ga), b = trained(lm, wb, gb);
+  REQUIRE(a.size() == b.size());
+  CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+  CHECK(moments(oa) == moments(oc));
+
+  // A restart without the state restarts AdamW (moments and bias correction), and it shows.
+  auto wd = sg::test::random_lm<float>(c, 7);
+  auto gd = lm.make_grads(wd);
+  sg::train::adamw<float> od(lm, wd, gd, {.lr = 2e-2, .weight_decay = 0.01});
+  for (int i = 0; i < 3; ++i) step(wd, gd, od);
+  sg::train::adamw<float> oe(lm, wd, gd, {.lr = 2e-2, .weight_decay = 0.01});
+  for (int i = 0; i < 2; ++i) step(wd, gd, oe);
+  CHECK(trained(lm, wd, gd) != a);
+  CHECK(!(wb.trunk.layers[0].self_attn.q_proj.weight.vec() == before_restart.vec()));
+}
+
+TEST_CASE("AdamW state: another recipe's, a truncated, a poisoned or an unmarked file is refused by name and changes nothing") {
+  const auto c = sg::test::tiny_lm_config();
+  const sg::train::micro_batch<float> mb{ids, sg::hf_labels{ids}};
+  sg::test::temp_dir dir;
+  sg::model::decoder_lm<float, sa_r> lm(c, sg::recipe::sa_proj);
+  auto w = sg::test::random_lm<float>(c, 7);
+  auto g = lm.make_grads(w);
+  sg::train::adamw<float> opt(lm, w, g);
+  for (int i = 0; i < 2; ++i) sg::train::train_step(lm, w, g, opt, resume_lr, std::span(&mb, 1));
+  const auto state = moments(opt);
+  const auto unchanged = [&] {
+    CHECK(opt.steps() == 2);
+    CHECK(moments(opt) == state);
+  };
+
+  using mgu_r = std::remove_const_t<decltype(sg::recipe::mlp_gate_up)>;
+  sg::model::decoder_lm<float, mgu_r> other(c, sg::recipe::mlp_gate_up);
+  auto go = other.make_grads(w);
+  sg::train::adamw<float> other_opt(other, w, go);
+  sg::train::save_optimizer_state(other_opt, dir / "mlp.safetensors");
+  CHECK_THROWS_WITH(sg::train::load_optimizer_state(opt, dir / "mlp.safetensors"),
+                    Contains("has no model.layers.0.self_attn.q_proj.weight.exp_avg") && Contains("another model or recipe"));
+  unchanged();
+
+  using llm_r = std::remove_const_t<decltype(sg::recipe::llm)>;
+  sg::model::decoder_lm<float, llm_r> whole(c, sg::recipe::llm);
+  auto gw = whole.make_grads(w);
+  sg::train::adamw<float> whole_opt(whole, w, gw);
+  sg::train::save_optimizer_state(whole_opt, dir / "llm.safetensors");
+  CHECK_THROWS_WITH(sg::train::load_optimizer_state(opt, dir / "llm.safetensors"), Contains("which this optimizer does not train"));
+  unchanged();
+
+  sg::train::save_optimizer_state(opt, dir / "mine.safetensors");
+  const auto bytes = sg::test::read_text(dir / "mine.safetensors");
+  {
+    std::ofstream cut(dir / "cut.safetensors", std::ios::binary);
+    cut.write(bytes.data(), std::streamsize(bytes.size() - 100));
+  }
+  CHECK_THROWS_AS(sg::train::load_optimizer_state(opt, dir / "cut.safetensors"), sg::io::safetensors_error);
+  unchanged();
+
+  // A second moment below zero, and a file without the optimizer's mark.
+  const sg::io::safetensors_file mine(dir / "mine.safetensors");
+  std::vector<sg::cpu::tensor<float>> held;
+  held.reserve(mine.header().tensors.size());
+  sg::io::safetensors_writer poisoned, unmarked;
+  for (const auto& t : mine.header().tensors) {
+    held.push_back(mine.load<float>(t.name));
+    if (t.name == "model.layers.1.self_attn.k_proj.weight.exp_avg_sq") held.back()[5] = -1.0f;
+    poisoned.add(t.name, held.back());
+    unmarked.add(t.name, held.back());
+  }
+  for (const auto& [k, v] : mine.metadata()) poisoned.set_metadata(k, v);
+  poisoned.write(dir / "poisoned.safetensors");
+  unmarked.write(dir / "unmarked.safetensors");
+  CHECK_THROWS_WITH(sg::train::load_optimizer_state(opt, dir / "poisoned.safetensors"),
+                    Contains("model.layers.1.self_attn.k_proj.weight.exp_avg_sq holds -1 at element 5"));
+  unchanged();
+  CHECK_THROWS_WITH(sg::train::load_optimizer_state(opt, dir / "unmarked.safetensors"),
+                    Contains("is not an AdamW state"));
+  unchanged();
+  sg::train::load_optimizer_state(opt, dir / "mine.safetensors");  // its own state loads
+  unchanged();
 }

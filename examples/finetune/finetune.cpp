@@ -22,6 +22,7 @@
 #include <skillgraft/model/hf_checkpoint.hpp>
 #include <skillgraft/policy/dispatch.hpp>
 #include <skillgraft/train/adamw.hpp>
+#include <skillgraft/train/optimizer_state.hpp>
 #include <skillgraft/train/schedule.hpp>
 #include <skillgraft/train/step.hpp>
 #ifdef SKILLGRAFT_FINETUNE_MPI
@@ -117,11 +118,20 @@ double eval_loss(const Model& model, const typename Model::weights_t& w, const s
   return sum / double(count);
 }
 
+// f on rank 0 alone, every rank waiting for it (a file write); one process just runs it.
+template <class F>
+void on_rank0(communicator& comm, const std::string& what, F&& f) {
+  if constexpr (communicator::distributed) sg::dist::on_rank0(comm, what, f);
+  else f();
+}
+
 // 3. Training: a model type for the recipe, gradients and AdamW state for its trainable
-// tensors only, a cosine schedule, one train_step per batch with a progress line.
+// tensors only, a cosine schedule, one train_step per batch with a progress line. The
+// optimizer's state is saved beside the task checkpoint: with both, a run resumes exactly
+// (load_optimizer_state into an adamw built for the same recipe).
 template <class Model>
 void train(const Model& model, typename Model::weights_t& w, const std::vector<batch>& data, long steps, double lr,
-           communicator& comm) {
+           communicator& comm, const fs::path& state_file) {
   auto grads = model.make_grads(w);
   sg::train::adamw<float> opt(model, w, grads, {.lr = lr, .weight_decay = 0.0});
   const sg::train::cosine_schedule schedule{.peak = lr, .floor = lr / 10, .warmup = steps / 10, .total = steps};
@@ -133,18 +143,13 @@ void train(const Model& model, typename Model::weights_t& w, const std::vector<b
     say("\rstep %ld/%ld  loss %.4f  grad norm %.3f  lr %.2e", step + 1, steps, st.loss, st.grad_norm, st.lr);
   }
   say("\n");
+  on_rank0(comm, "saving the optimizer state", [&] { sg::train::save_optimizer_state(opt, state_file); });
 }
 
 // Ranks start alike (the same recipe and weights) or all stop; one process has nothing to check.
 template <class W>
 void check_ranks_agree(communicator& comm, const std::string& recipe, const W& w) {
   if constexpr (communicator::distributed) sg::dist::check_agreement(comm, recipe, w);
-}
-// f on rank 0 alone, every rank waiting for it (a file write); one process just runs it.
-template <class F>
-void on_rank0(communicator& comm, const std::string& what, F&& f) {
-  if constexpr (communicator::distributed) sg::dist::on_rank0(comm, what, f);
-  else f();
 }
 
 void check_same(const char* what, double a, double b) {
@@ -183,7 +188,8 @@ int run(int argc, char** argv, communicator& comm) {
         sg::model::lm_weights<float>::elements_for(w.config));
     check_ranks_agree(comm, recipe_name, w);
     const double before = eval_loss(model, w, eval_data);
-    train(model, w, train_data, steps, 1e-3, comm);
+    fs::create_directories(out);
+    train(model, w, train_data, steps, 1e-3, comm, out / "optimizer.safetensors");
     const double after = eval_loss(model, w, eval_data);
     say("evaluation loss: %.6f -> %.6f\n", before, after);
 
@@ -205,7 +211,7 @@ int run(int argc, char** argv, communicator& comm) {
   say("LoRA adapters on %d projections\n", sg::cl::attach_lora(lora_model, lora_w, {.seed = 1}));
   check_ranks_agree(comm, "lora<q_proj, v_proj>", lora_w);  // the same seed gives every rank the same A
   const double lora_before = eval_loss(lora_model, lora_w, eval_data);  // B = 0: the base model's loss
-  train(lora_model, lora_w, train_data, steps, 1e-2, comm);
+  train(lora_model, lora_w, train_data, steps, 1e-2, comm, out / "adapter-optimizer.safetensors");
   const double lora_loss = eval_loss(lora_model, lora_w, eval_data);
   say("LoRA evaluation loss: %.6f -> %.6f\n", lora_before, lora_loss);
 

@@ -26,10 +26,12 @@
 #include "skillgraft/nn/memory_report.hpp"
 #include "skillgraft/policy/dispatch.hpp"
 #include "skillgraft/train/adamw.hpp"
+#include "skillgraft/train/optimizer_state.hpp"
 #include "skillgraft/train/step.hpp"
 #include "skillgraft/train/schedule.hpp"
 #include "check.hpp"
 #include "support/random.hpp"
+#include "support/temp_dir.hpp"
 
 namespace sg = skillgraft;
 using sg::memory_use;
@@ -525,6 +527,27 @@ TEST_CASE("AdamW on the device: the CPU update on the same gradients, and non-fi
                                              Catch::Contains("element 17") && Catch::Contains("no weight was changed"));
   check_close("down_proj after the refused step", dw.layers[0].mlp.down_proj.weight, before, 0.0);
   CHECK(da.steps() == 3);
+
+  // The device optimizer's state, saved, resumes on the CPU (and back): one more step each.
+  g[17] = 0.5f;
+  dg.layer(0).down_proj.weight.copy_from(g);
+  sg::test::temp_dir dir;
+  sg::train::save_optimizer_state(da, dir / "device.safetensors");
+  sg::train::adamw<float> resumed(cs, hw, cg, {});
+  sg::train::load_optimizer_state(resumed, dir / "device.safetensors");
+  CHECK(resumed.steps() == 3);
+  CHECK(resumed.options().beta2 == 0.99);
+  sg::train::adamw<float, sg::backend::cuda> back(ds, dw, dg, {});
+  sg::train::save_optimizer_state(resumed, dir / "host.safetensors");
+  sg::train::load_optimizer_state(back, dir / "host.safetensors");
+  resumed.step(cs, hw, cg);
+  back.step(ds, dw, dg);
+  check_close("down_proj after a resumed step", dw.layers[0].mlp.down_proj.weight, hw.layers[0].mlp.down_proj.weight, 1e-6);
+  back.for_each_state([&](const std::string& name, const auto& m, const auto&) {
+    resumed.for_each_state([&](const std::string& n, const auto& hm, const auto&) {
+      if (n == name) check_close(name + " first moment", m, hm, 1e-6);
+    });
+  });
 }
 
 TEST_CASE("bad input on the device names the tensor and the shapes") {

@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "skillgraft/backend/cpu/backend.hpp"
@@ -99,6 +100,28 @@ class adamw {
     std::size_t b = 0;
     for (const auto& s : slots_) b += s.m.bytes() + s.v.bytes();
     return b;
+  }
+
+  // (name, m, v) of every trained tensor, in the order of the model's for_each_trainable:
+  // what train/optimizer_state.hpp saves.
+  template <class F>
+  void for_each_state(F&& f) const {
+    for (const auto& s : slots_) f(s.name, s.m, s.v);
+  }
+  // Puts back a saved state: the step count, the options and, per slot in order, the moments
+  // (the caller, load_optimizer_state, has checked names and shapes against this optimizer).
+  void restore(long steps, const adamw_options& o, std::vector<std::pair<tensor_t, tensor_t>> moments) {
+    if (steps < 0 || moments.size() != slots_.size())
+      throw std::logic_error("skillgraft: adamw::restore needs a step count >= 0 and one pair of moments per tensor");
+    for (std::size_t i = 0; i < slots_.size(); ++i)
+      if (!(moments[i].first.shape() == slots_[i].m.shape()) || !(moments[i].second.shape() == slots_[i].v.shape()))
+        throw std::logic_error("skillgraft: adamw::restore: the moments of " + slots_[i].name + " have another shape");
+    for (std::size_t i = 0; i < slots_.size(); ++i) {
+      slots_[i].m = std::move(moments[i].first);
+      slots_[i].v = std::move(moments[i].second);
+    }
+    t_ = steps;
+    opt_ = o;
   }
 
   // One update. A non-finite gradient, or a finite one so large that a moment or the
