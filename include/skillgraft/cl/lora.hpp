@@ -34,13 +34,9 @@ void for_each_adapted(nn::trunk_weights<T>& trunk, int first, int last, F&& f) {
   for (int i = first; i <= last; ++i) {
     auto& l = trunk.layers[std::size_t(i)];
     const std::string p = "model.layers." + std::to_string(i) + ".";
-    if constexpr (trains_v<lora<proj::q>, Recipe>) f(p + "self_attn.q_proj", l.self_attn.q_proj);
-    if constexpr (trains_v<lora<proj::k>, Recipe>) f(p + "self_attn.k_proj", l.self_attn.k_proj);
-    if constexpr (trains_v<lora<proj::v>, Recipe>) f(p + "self_attn.v_proj", l.self_attn.v_proj);
-    if constexpr (trains_v<lora<proj::o>, Recipe>) f(p + "self_attn.o_proj", l.self_attn.o_proj);
-    if constexpr (trains_v<lora<proj::gate>, Recipe>) f(p + "mlp.gate_proj", l.mlp.gate_proj);
-    if constexpr (trains_v<lora<proj::up>, Recipe>) f(p + "mlp.up_proj", l.mlp.up_proj);
-    if constexpr (trains_v<lora<proj::down>, Recipe>) f(p + "mlp.down_proj", l.mlp.down_proj);
+    nn::block_projections::for_each([&](auto e) {
+      if constexpr (trains_v<lora<typename decltype(e)::tag>, Recipe>) f(p + e.path(), e.in_block(l));
+    });
   }
 }
 template <class T, class F>
@@ -48,13 +44,7 @@ void for_each_projection(nn::trunk_weights<T>& trunk, F&& f) {
   for (std::size_t i = 0; i < trunk.layers.size(); ++i) {
     auto& l = trunk.layers[i];
     const std::string p = "model.layers." + std::to_string(i) + ".";
-    f(p + "self_attn.q_proj", l.self_attn.q_proj);
-    f(p + "self_attn.k_proj", l.self_attn.k_proj);
-    f(p + "self_attn.v_proj", l.self_attn.v_proj);
-    f(p + "self_attn.o_proj", l.self_attn.o_proj);
-    f(p + "mlp.gate_proj", l.mlp.gate_proj);
-    f(p + "mlp.up_proj", l.mlp.up_proj);
-    f(p + "mlp.down_proj", l.mlp.down_proj);
+    nn::block_projections::for_each([&](auto e) { f(p + e.path(), e.in_block(l)); });
   }
 }
 }  // namespace detail

@@ -85,8 +85,9 @@ inline std::string join(const std::set<int>& items) {
 
 // The seven projections PEFT can target by module name in these models.
 inline bool is_projection_name(const std::string& m) {
-  static const std::set<std::string> names{"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
-  return names.contains(m);
+  bool found = false;
+  nn::block_projections::for_each([&](auto e) { found = found || e.name() == m; });
+  return found;
 }
 
 }  // namespace detail

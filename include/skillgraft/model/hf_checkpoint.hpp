@@ -147,8 +147,7 @@ struct hf_save_options {
 inline std::map<std::string, cpu::shape_t, std::less<>> hf_tensor_shapes(const decoder_config& c,
                                                                           const std::vector<int>& layers = {}) {
   c.validate();
-  const std::size_t V = std::size_t(c.vocab_size), d = std::size_t(c.hidden), I = std::size_t(c.intermediate),
-                    q = std::size_t(c.q_dim()), kv = std::size_t(c.kv_dim());
+  const std::size_t V = std::size_t(c.vocab_size), d = std::size_t(c.hidden);
   std::map<std::string, cpu::shape_t, std::less<>> m;
   m.emplace("model.embed_tokens.weight", cpu::shape_t{V, d});
   m.emplace("model.norm.weight", cpu::shape_t{d});
@@ -157,14 +156,10 @@ inline std::map<std::string, cpu::shape_t, std::less<>> hf_tensor_shapes(const d
     const std::string p = "model.layers." + std::to_string(i) + ".";
     m.emplace(p + "input_layernorm.weight", cpu::shape_t{d});
     m.emplace(p + "post_attention_layernorm.weight", cpu::shape_t{d});
-    for (const auto& [n, rows, cols] : {std::tuple{"self_attn.q_proj", q, d}, std::tuple{"self_attn.k_proj", kv, d},
-                                        std::tuple{"self_attn.v_proj", kv, d}, std::tuple{"self_attn.o_proj", d, q},
-                                        std::tuple{"mlp.gate_proj", I, d}, std::tuple{"mlp.up_proj", I, d},
-                                        std::tuple{"mlp.down_proj", d, I}}) {
-      m.emplace(p + n + ".weight", cpu::shape_t{rows, cols});
-      if (c.attention_bias && std::string_view(n) != "self_attn.o_proj" && std::string_view(n).starts_with("self_attn"))
-        m.emplace(p + n + ".bias", cpu::shape_t{rows});
-    }
+    nn::block_projections::for_each([&](auto e) {
+      m.emplace(p + e.path() + ".weight", cpu::shape_t{e.out(c), e.in(c)});
+      if (e.bias(c)) m.emplace(p + e.path() + ".bias", cpu::shape_t{e.out(c)});
+    });
   };
   if (layers.empty())
     for (int i = 0; i < c.n_layers; ++i) layer(i);
@@ -476,12 +471,13 @@ template <class T>
 void save_hf_checkpoint(const fs::path& dir, const lm_weights<T>& w, hf_save_options o = {}) {
   for (std::size_t i = 0; i < w.trunk.layers.size(); ++i) {
     const auto& l = w.trunk.layers[i];
-    for (const auto* p : {&l.self_attn.q_proj, &l.self_attn.k_proj, &l.self_attn.v_proj, &l.self_attn.o_proj,
-                          &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj})
-      if (p->has_lora() && p->lora_scale != T(0))
+    nn::block_projections::for_each([&](auto e) {
+      const auto& p = e.in_block(l);
+      if (p.has_lora() && p.lora_scale != T(0))
         throw std::invalid_argument("skillgraft: layer " + std::to_string(i) +
                                     " has an active LoRA adapter, which a model checkpoint would lose; save it with "
                                     "cl::save_lora_adapter, or merge it (cl::lora_merge, then commit()) first");
+    });
   }
   detail::write_checkpoint(dir, w, o, false, [&](auto&& add) {
     for_each_parameter(w, [&](const std::string& name, const cpu::tensor<T>& t, auto tag, int) {

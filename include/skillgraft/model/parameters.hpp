@@ -37,17 +37,14 @@ void for_each_parameter(W& w, F&& f) {
       }
     };
     f(p + "input_layernorm.weight", l.attn_norm, hana::type_c<group::attn_norm>, li);
-    lin("self_attn.q_proj", l.self_attn.q_proj, hana::type_c<proj::q>);
-    lin("self_attn.k_proj", l.self_attn.k_proj, hana::type_c<proj::k>);
-    lin("self_attn.v_proj", l.self_attn.v_proj, hana::type_c<proj::v>);
-    lin("self_attn.o_proj", l.self_attn.o_proj, hana::type_c<proj::o>);
+    nn::attention_projections::for_each(
+        [&](auto e) { lin(e.path(), e.in_block(l), hana::type_c<typename decltype(e)::tag>); });
     if (!l.attn_gate.weight.empty())  // GateSkip (nn/gate_skip.hpp): not Hugging Face names
       lin("self_attn_residual_gate", l.attn_gate, hana::type_c<group::residual_gate<branch::attention>>);
     f(p + "post_attention_layernorm.weight", l.mlp_norm, hana::type_c<group::mlp_norm>, li);
     if (!l.mlp.is_mixture()) {
-      lin("mlp.gate_proj", l.mlp.gate_proj, hana::type_c<proj::gate>);
-      lin("mlp.up_proj", l.mlp.up_proj, hana::type_c<proj::up>);
-      lin("mlp.down_proj", l.mlp.down_proj, hana::type_c<proj::down>);
+      nn::mlp_projections::for_each(
+          [&](auto e) { lin(e.path(), e.in_block(l), hana::type_c<typename decltype(e)::tag>); });
       if (!l.mlp.act_alpha.empty()) f(p + "mlp.act_fn.alpha", l.mlp.act_alpha, hana::type_c<group::act_range>, li);
     } else {
       // A mixture (nn/moe_mlp.hpp): the router, then the experts; only the newest one can
@@ -57,18 +54,16 @@ void for_each_parameter(W& w, F&& f) {
       for (std::size_t e = 0; e < E; ++e) {
         auto& x = l.mlp.expert(e);
         const std::string q = "mlp.experts." + std::to_string(e) + ".";
-        auto expert = [&](auto gate, auto up, auto down, auto range) {
-          lin(q + "gate_proj", x.gate_proj, gate);
-          lin(q + "up_proj", x.up_proj, up);
-          lin(q + "down_proj", x.down_proj, down);
-          if (!x.act_alpha.empty()) f(p + q + "act_fn.alpha", x.act_alpha, range, li);
-        };
-        if (e + 1 == E)
-          expert(hana::type_c<proj::gate>, hana::type_c<proj::up>, hana::type_c<proj::down>,
-                 hana::type_c<group::act_range>);
-        else
-          expert(hana::type_c<past_expert<proj::gate>>, hana::type_c<past_expert<proj::up>>,
-                 hana::type_c<past_expert<proj::down>>, hana::type_c<past_expert<group::act_range>>);
+        const bool newest = e + 1 == E;
+        nn::mlp_projections::for_each([&](auto m) {
+          using P = typename decltype(m)::tag;
+          if (newest) lin(q + m.name(), m.weight(x), hana::type_c<P>);
+          else lin(q + m.name(), m.weight(x), hana::type_c<past_expert<P>>);
+        });
+        if (!x.act_alpha.empty()) {
+          if (newest) f(p + q + "act_fn.alpha", x.act_alpha, hana::type_c<group::act_range>, li);
+          else f(p + q + "act_fn.alpha", x.act_alpha, hana::type_c<past_expert<group::act_range>>, li);
+        }
       }
     }
     if (!l.mlp_gate.weight.empty())

@@ -132,15 +132,13 @@ void for_each_vision_parameter(W& w, F&& f) {
   for (std::size_t i = 0; i < w.layers.size(); ++i) {
     auto& l = w.layers[i];
     const std::string p = "vision_tower.layers." + std::to_string(i) + ".";
+    auto projections = [&](auto list) {
+      list.for_each([&](auto e) { f(p + e.path() + ".weight", e.in_block(l).weight); });
+    };
     f(p + "input_layernorm.weight", l.attn_norm);
-    f(p + "self_attn.q_proj.weight", l.self_attn.q_proj.weight);
-    f(p + "self_attn.k_proj.weight", l.self_attn.k_proj.weight);
-    f(p + "self_attn.v_proj.weight", l.self_attn.v_proj.weight);
-    f(p + "self_attn.o_proj.weight", l.self_attn.o_proj.weight);
+    projections(nn::attention_projections{});
     f(p + "post_attention_layernorm.weight", l.mlp_norm);
-    f(p + "mlp.gate_proj.weight", l.mlp.gate_proj.weight);
-    f(p + "mlp.up_proj.weight", l.mlp.up_proj.weight);
-    f(p + "mlp.down_proj.weight", l.mlp.down_proj.weight);
+    projections(nn::mlp_projections{});
   }
   f(std::string("vision_tower.post_layernorm.weight"), w.post_norm);
 }

@@ -23,6 +23,7 @@
 #include "skillgraft/nn/config.hpp"
 #include "skillgraft/nn/linear.hpp"
 #include "skillgraft/nn/optional_member.hpp"
+#include "skillgraft/nn/projection_schema.hpp"
 #include "skillgraft/nn/rope.hpp"
 #include "skillgraft/policy/trainable.hpp"
 
@@ -33,24 +34,22 @@ struct attention_weights {
   linear_weights<T, Backend> q_proj, k_proj, v_proj, o_proj;
 
   attention_weights() = default;
-  attention_weights(const decoder_config& c, memory_use use)
-      : q_proj(std::size_t(c.q_dim()), std::size_t(c.hidden), c.attention_bias, use),
-        k_proj(std::size_t(c.kv_dim()), std::size_t(c.hidden), c.attention_bias, use),
-        v_proj(std::size_t(c.kv_dim()), std::size_t(c.hidden), c.attention_bias, use),
-        o_proj(std::size_t(c.hidden), std::size_t(c.q_dim()), false, use) {}
+  attention_weights(const decoder_config& c, memory_use use) {
+    attention_projections::for_each(
+        [&](auto p) { decltype(p)::weight(*this) = linear_weights<T, Backend>(p.out(c), p.in(c), p.bias(c), use); });
+  }
   std::size_t elements() const {
     return q_proj.elements() + k_proj.elements() + v_proj.elements() + o_proj.elements();
   }
-  // Every tensor with its Hugging Face name relative to the attention ("q_proj.weight").
+  // Every tensor with its Hugging Face name relative to the attention ("q_proj.weight"),
+  // in the schema's order (nn/projection_schema.hpp).
   template <class Other, class F>
   void for_each_tensor(Other& other, F&& f) const {
-    auto sub = [&](const char* name, auto& mine, auto& theirs) {
-      mine.for_each_tensor(theirs, [&](const std::string& n, auto& a, auto& b) { f(std::string(name) + "." + n, a, b); });
-    };
-    sub("q_proj", q_proj, other.q_proj);
-    sub("k_proj", k_proj, other.k_proj);
-    sub("v_proj", v_proj, other.v_proj);
-    sub("o_proj", o_proj, other.o_proj);
+    attention_projections::for_each([&](auto p) {
+      using P = decltype(p);
+      P::weight(*this).for_each_tensor(P::weight(other),
+                                       [&](const std::string& n, auto& a, auto& b) { f(P::name() + "." + n, a, b); });
+    });
   }
 };
 
@@ -117,14 +116,7 @@ struct self_attention {
 
   grads_t make_grads(const weights_t& w) const {
     grads_t g;
-    if constexpr (plan::train_q) g.q_proj = w.q_proj.like(memory_use::gradients);
-    if constexpr (plan::train_k) g.k_proj = w.k_proj.like(memory_use::gradients);
-    if constexpr (plan::train_v) g.v_proj = w.v_proj.like(memory_use::gradients);
-    if constexpr (plan::train_o) g.o_proj = w.o_proj.like(memory_use::gradients);
-    if constexpr (plan::adapt_q) g.q_lora = (require_lora(w.q_proj, "q_proj"), w.q_proj.lora.like(memory_use::gradients));
-    if constexpr (plan::adapt_k) g.k_lora = (require_lora(w.k_proj, "k_proj"), w.k_proj.lora.like(memory_use::gradients));
-    if constexpr (plan::adapt_v) g.v_lora = (require_lora(w.v_proj, "v_proj"), w.v_proj.lora.like(memory_use::gradients));
-    if constexpr (plan::adapt_o) g.o_lora = (require_lora(w.o_proj, "o_proj"), w.o_proj.lora.like(memory_use::gradients));
+    attention_projections::for_each([&](auto p) { make_projection_grads<Recipe>(p, w, g); });
     return g;
   }
 
@@ -226,14 +218,7 @@ struct self_attention {
   // Per projection: base weight (and bias), then its adapter, as for_each_parameter orders them.
   template <class F>
   static void for_each_trainable(weights_t& w, grads_t& g, F&& f) {
-    if constexpr (plan::train_q) visit_linear("q_proj", w.q_proj, g.q_proj, f);
-    if constexpr (plan::adapt_q) visit_lora("q_proj", w.q_proj, g.q_lora, f);
-    if constexpr (plan::train_k) visit_linear("k_proj", w.k_proj, g.k_proj, f);
-    if constexpr (plan::adapt_k) visit_lora("k_proj", w.k_proj, g.k_lora, f);
-    if constexpr (plan::train_v) visit_linear("v_proj", w.v_proj, g.v_proj, f);
-    if constexpr (plan::adapt_v) visit_lora("v_proj", w.v_proj, g.v_lora, f);
-    if constexpr (plan::train_o) visit_linear("o_proj", w.o_proj, g.o_proj, f);
-    if constexpr (plan::adapt_o) visit_lora("o_proj", w.o_proj, g.o_lora, f);
+    attention_projections::for_each([&](auto p) { visit_projection<Recipe>(p, w, g, f); });
   }
 
  private:

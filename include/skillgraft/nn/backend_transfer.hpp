@@ -23,9 +23,7 @@ linear_weights<T, To> to_backend(const linear_weights<T>& w, memory_use use = me
 template <class To, class T>
 mlp_weights<T, To> to_backend(const mlp_weights<T>& w, memory_use use = memory_use::weights) {
   mlp_weights<T, To> out;
-  out.gate_proj = to_backend<To>(w.gate_proj, use);
-  out.up_proj = to_backend<To>(w.up_proj, use);
-  out.down_proj = to_backend<To>(w.down_proj, use);
+  mlp_projections::for_each([&](auto p) { p.weight(out) = to_backend<To>(p.weight(w), use); });
   if (!w.act_alpha.empty()) out.act_alpha = To::upload(w.act_alpha, use);
   if (!w.router.empty()) out.router = To::upload(w.router, use);
   for (const auto& e : w.experts) out.experts.push_back(to_backend<To>(e, use));
@@ -36,10 +34,7 @@ template <class To, class T>
 block_weights<T, To> to_backend(const block_weights<T>& w, memory_use use = memory_use::weights) {
   block_weights<T, To> out;
   out.attn_norm = To::upload(w.attn_norm, use);
-  out.self_attn.q_proj = to_backend<To>(w.self_attn.q_proj, use);
-  out.self_attn.k_proj = to_backend<To>(w.self_attn.k_proj, use);
-  out.self_attn.v_proj = to_backend<To>(w.self_attn.v_proj, use);
-  out.self_attn.o_proj = to_backend<To>(w.self_attn.o_proj, use);
+  attention_projections::for_each([&](auto p) { p.in_block(out) = to_backend<To>(p.in_block(w), use); });
   out.mlp_norm = To::upload(w.mlp_norm, use);
   out.mlp = to_backend<To>(w.mlp, use);
   if (!w.attn_gate.weight.empty()) out.attn_gate = to_backend<To>(w.attn_gate, use);  // GateSkip gates

@@ -79,13 +79,12 @@ struct block_weights {
 template <class Mlp = default_mlp, class T, class B>
 void check_block_weights(const block_weights<T, B>& w, const decoder_config& c, const std::string& prefix = "",
                          const typename Mlp::options& o = {}) {
-  const auto d = std::size_t(c.hidden), qd = std::size_t(c.q_dim()), kvd = std::size_t(c.kv_dim());
+  const auto d = std::size_t(c.hidden);
   cpu::expect_shape(w.attn_norm, {d}, prefix + "input_layernorm.weight");
   cpu::expect_shape(w.mlp_norm, {d}, prefix + "post_attention_layernorm.weight");
-  detail::check_projection(w.self_attn.q_proj, qd, d, c.attention_bias, prefix + "self_attn.q_proj");
-  detail::check_projection(w.self_attn.k_proj, kvd, d, c.attention_bias, prefix + "self_attn.k_proj");
-  detail::check_projection(w.self_attn.v_proj, kvd, d, c.attention_bias, prefix + "self_attn.v_proj");
-  detail::check_projection(w.self_attn.o_proj, d, qd, false, prefix + "self_attn.o_proj");
+  attention_projections::for_each([&](auto p) {
+    detail::check_projection(p.in_block(w), p.out(c), p.in(c), p.bias(c), prefix + p.path());
+  });
   Mlp::check_weights(w.mlp, c, o, prefix + "mlp.");
   constexpr bool gated = has_residual_gates_v<Mlp>;
   check_residual_gate(w.attn_gate, gated, gate_shape_of<Mlp>, d, prefix + "self_attn_residual_gate");
@@ -464,13 +463,7 @@ struct decoder_block {
 template <class Tag, class Block>
 auto& grad(typename Block::grads_t& g) {
   static_assert(gradient_of_frozen_tensor<Tag, typename Block::recipe_type>::ok);
-  if constexpr (std::is_same_v<Tag, proj::q>) return g.q_proj;
-  else if constexpr (std::is_same_v<Tag, proj::k>) return g.k_proj;
-  else if constexpr (std::is_same_v<Tag, proj::v>) return g.v_proj;
-  else if constexpr (std::is_same_v<Tag, proj::o>) return g.o_proj;
-  else if constexpr (std::is_same_v<Tag, proj::gate>) return g.gate_proj;
-  else if constexpr (std::is_same_v<Tag, proj::up>) return g.up_proj;
-  else if constexpr (std::is_same_v<Tag, proj::down>) return g.down_proj;
+  if constexpr (block_projections::has<Tag>) return projection_of<Tag>::grad(g);
   else if constexpr (std::is_same_v<Tag, group::attn_norm>) return g.attn_norm;
   else if constexpr (std::is_same_v<Tag, group::act_range>) return g.act_alpha;
   else if constexpr (std::is_same_v<Tag, group::router>) return g.router;

@@ -241,9 +241,10 @@ struct moe_mlp {
     const std::size_t E = experts_of(w, std::size_t(config.hidden));
     const auto& n = w.expert(E - 1);
     grads_t g;
-    if constexpr (plan::train_gate) g.gate_proj = n.gate_proj.like(memory_use::gradients);
-    if constexpr (plan::train_up) g.up_proj = n.up_proj.like(memory_use::gradients);
-    if constexpr (plan::train_down) g.down_proj = n.down_proj.like(memory_use::gradients);
+    mlp_projections::for_each([&](auto e) {
+      using P = decltype(e);
+      if constexpr (trains_v<typename P::tag, Recipe>) P::grad(g) = P::weight(n).like(memory_use::gradients);
+    });
     if constexpr (plan::train_alpha) g.act_alpha = (detail::range_of<Act>(n), tensor_t({1}, memory_use::gradients));
     if constexpr (plan::train_router) g.router = tensor_t(w.router.shape(), memory_use::gradients);
     return g;
@@ -429,9 +430,10 @@ struct moe_mlp {
       const std::size_t E = w.expert_count();
       auto& n = w.expert(E - 1);
       const std::string p = "experts." + std::to_string(E - 1) + ".";
-      if constexpr (plan::train_gate) f(p + "gate_proj.weight", n.gate_proj.weight, g.gate_proj.weight);
-      if constexpr (plan::train_up) f(p + "up_proj.weight", n.up_proj.weight, g.up_proj.weight);
-      if constexpr (plan::train_down) f(p + "down_proj.weight", n.down_proj.weight, g.down_proj.weight);
+      mlp_projections::for_each([&](auto e) {
+        using P = decltype(e);
+        if constexpr (trains_v<typename P::tag, Recipe>) f(p + P::name() + ".weight", P::weight(n).weight, P::grad(g).weight);
+      });
       if constexpr (plan::train_alpha) f(p + "act_fn.alpha", n.act_alpha, g.act_alpha);
     }
   }

@@ -19,6 +19,7 @@
 #include "skillgraft/nn/config.hpp"
 #include "skillgraft/nn/linear.hpp"
 #include "skillgraft/nn/optional_member.hpp"
+#include "skillgraft/nn/projection_schema.hpp"
 #include "skillgraft/policy/trainable.hpp"
 
 namespace skillgraft::nn {
@@ -38,10 +39,10 @@ struct mlp_weights {
   std::vector<mlp_weights> experts; // experts 1 .. E-1 (no router or experts of their own)
 
   mlp_weights() = default;
-  mlp_weights(const decoder_config& c, memory_use use)
-      : gate_proj(std::size_t(c.intermediate), std::size_t(c.hidden), false, use),
-        up_proj(std::size_t(c.intermediate), std::size_t(c.hidden), false, use),
-        down_proj(std::size_t(c.hidden), std::size_t(c.intermediate), false, use) {}
+  mlp_weights(const decoder_config& c, memory_use use) {
+    mlp_projections::for_each(
+        [&](auto p) { decltype(p)::weight(*this) = linear_weights<T, Backend>(p.out(c), p.in(c), p.bias(c), use); });
+  }
   bool is_mixture() const { return !router.empty(); }
   std::size_t expert_count() const { return is_mixture() ? router.dim(0) : 1; }
   mlp_weights& expert(std::size_t e) { return e == 0 ? *this : experts[e - 1]; }
@@ -54,13 +55,11 @@ struct mlp_weights {
   // Another expert with the same values (Gate, Up, Down and the range; no adapters).
   mlp_weights clone_expert(memory_use use) const {
     mlp_weights e;
-    auto copy = [&](const linear_weights<T, Backend>& from, linear_weights<T, Backend>& to) {
-      to.weight = from.weight.clone(use);
-      to.bias = from.bias.clone(use);
-    };
-    copy(gate_proj, e.gate_proj);
-    copy(up_proj, e.up_proj);
-    copy(down_proj, e.down_proj);
+    mlp_projections::for_each([&](auto p) {
+      using P = decltype(p);
+      P::weight(e).weight = P::weight(*this).weight.clone(use);
+      P::weight(e).bias = P::weight(*this).bias.clone(use);
+    });
     e.act_alpha = act_alpha.clone(use);
     return e;
   }
@@ -78,12 +77,11 @@ struct mlp_weights {
   // Gate, Up, Down and the range of one expert (not recursive: experts have no experts).
   template <class Other, class F>
   static void visit_expert(const mlp_weights& w, Other& other, const std::string& prefix, F& f) {
-    auto sub = [&](const char* name, auto& mine, auto& theirs) {
-      mine.for_each_tensor(theirs, [&](const std::string& n, auto& a, auto& b) { f(prefix + name + "." + n, a, b); });
-    };
-    sub("gate_proj", w.gate_proj, other.gate_proj);
-    sub("up_proj", w.up_proj, other.up_proj);
-    sub("down_proj", w.down_proj, other.down_proj);
+    mlp_projections::for_each([&](auto p) {
+      using P = decltype(p);
+      P::weight(w).for_each_tensor(P::weight(other),
+                                   [&](const std::string& n, auto& a, auto& b) { f(prefix + P::name() + "." + n, a, b); });
+    });
     if (!w.act_alpha.empty()) f(prefix + "act_fn.alpha", w.act_alpha, other.act_alpha);
   }
 };
@@ -153,10 +151,9 @@ void check_projection(const linear_weights<T, B>& l, std::size_t out, std::size_
 // Gate, Up, Down and the range of one MLP (or expert) named `prefix` ("model.layers.0.mlp.").
 template <class Act, class T, class B>
 void check_expert(const mlp_weights<T, B>& w, const decoder_config& c, const std::string& prefix) {
-  const auto d = std::size_t(c.hidden), I = std::size_t(c.intermediate);
-  check_projection(w.gate_proj, I, d, false, prefix + "gate_proj");
-  check_projection(w.up_proj, I, d, false, prefix + "up_proj");
-  check_projection(w.down_proj, d, I, false, prefix + "down_proj");
+  mlp_projections::for_each([&](auto p) {
+    check_projection(decltype(p)::weight(w), p.out(c), p.in(c), p.bias(c), prefix + p.name());
+  });
   if constexpr (Act::has_range) {
     if (w.act_alpha.empty())
       throw std::invalid_argument("skillgraft: " + prefix + "act_fn.alpha is missing: an " + std::string(Act::name) +
@@ -214,14 +211,7 @@ struct swiglu_mlp {
 
   grads_t make_grads(const weights_t& w) const {
     grads_t g;
-    if constexpr (plan::train_gate) g.gate_proj = w.gate_proj.like(memory_use::gradients);
-    if constexpr (plan::train_up) g.up_proj = w.up_proj.like(memory_use::gradients);
-    if constexpr (plan::train_down) g.down_proj = w.down_proj.like(memory_use::gradients);
-    if constexpr (plan::adapt_gate)
-      g.gate_lora = (require_lora(w.gate_proj, "gate_proj"), w.gate_proj.lora.like(memory_use::gradients));
-    if constexpr (plan::adapt_up) g.up_lora = (require_lora(w.up_proj, "up_proj"), w.up_proj.lora.like(memory_use::gradients));
-    if constexpr (plan::adapt_down)
-      g.down_lora = (require_lora(w.down_proj, "down_proj"), w.down_proj.lora.like(memory_use::gradients));
+    mlp_projections::for_each([&](auto p) { make_projection_grads<Recipe>(p, w, g); });
     if constexpr (plan::train_alpha)
       g.act_alpha = (detail::range_of<Act>(w), tensor_t({1}, memory_use::gradients));
     return g;
@@ -293,12 +283,7 @@ struct swiglu_mlp {
   // for_each_parameter orders them.
   template <class F>
   static void for_each_trainable(weights_t& w, grads_t& g, F&& f) {
-    if constexpr (plan::train_gate) visit_linear("gate_proj", w.gate_proj, g.gate_proj, f);
-    if constexpr (plan::adapt_gate) visit_lora("gate_proj", w.gate_proj, g.gate_lora, f);
-    if constexpr (plan::train_up) visit_linear("up_proj", w.up_proj, g.up_proj, f);
-    if constexpr (plan::adapt_up) visit_lora("up_proj", w.up_proj, g.up_lora, f);
-    if constexpr (plan::train_down) visit_linear("down_proj", w.down_proj, g.down_proj, f);
-    if constexpr (plan::adapt_down) visit_lora("down_proj", w.down_proj, g.down_lora, f);
+    mlp_projections::for_each([&](auto p) { visit_projection<Recipe>(p, w, g, f); });
     if constexpr (plan::train_alpha) f(std::string("act_fn.alpha"), w.act_alpha, g.act_alpha);
   }
 
