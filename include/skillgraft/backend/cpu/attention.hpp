@@ -3,6 +3,12 @@
 // forward and per (batch, kv head) backward, each a few Eigen GEMMs on strided head views and
 // a row softmax, so the scores of one head stay in cache. When the scores are not kept for
 // backward, each thread reuses one seq x seq scratch instead of holding [batch, heads, seq, seq].
+//
+// Causal attention is worked in blocks of query rows [r0, r1): their rows of P see keys
+// 0 .. r1 - 1 at most, so every product stops at column r1 (for QK^T, P V, dP = da V^T,
+// dS K, dS^T Q, P^T da). That skips all but the diagonal blocks of the masked upper half:
+// about (1 + block / seq) / 2 of the full square's multiply-adds. The masked entries of a
+// kept P are still written as zeros, so P's layout is unchanged.
 #include <algorithm>
 #include <cmath>
 
@@ -32,12 +38,20 @@ const_strided_map<T> head_view(const T* base, int b, int head, int seq, int head
   return {base + head_offset(b, head, seq, heads, hd), seq, hd, Eigen::OuterStride<>(heads * hd)};
 }
 
-// In-place softmax of each row of a seq x seq block; row i sees keys 0..i when causal.
+// Query rows per block of the causal tiling: small enough to skip most of the masked half,
+// large enough that each block's products still run at GEMM speed.
+constexpr int query_block = 64;
+
+// The keys query rows [r0, r1) can see: all of them, or 0 .. r1 - 1 when causal.
+inline int keys_seen(int r1, int seq, bool causal) { return causal ? r1 : seq; }
+
+// In-place softmax of each row of a block of P whose first row is query row r0; row i sees
+// keys 0..i when causal, and the columns it cannot see are set to 0.
 template <class T, class M>
-void softmax_rows(M& p, bool causal) {
+void softmax_rows(M& p, Eigen::Index r0, bool causal) {
   const Eigen::Index n = p.rows(), m = p.cols();
   for (Eigen::Index i = 0; i < n; ++i) {
-    const Eigen::Index seen = causal ? i + 1 : m;
+    const Eigen::Index seen = causal ? r0 + i + 1 : m;
     T mx = p(i, 0);
     for (Eigen::Index j = 1; j < seen; ++j) mx = std::max(mx, p(i, j));
     T sum = 0;
@@ -73,10 +87,15 @@ struct attention_ops {
           auto V = head_view(v.data(), b, head / group, S, KV, hd);
           auto A = head_view(a.data(), b, head, S, H, hd);
           T* pp = keep ? probs->data() + (std::size_t(b) * H + std::size_t(head)) * S * S : scratch.data();
-          Eigen::Map<row_matrix<T>> P(pp, S, S);
-          P.noalias() = (Q * K.transpose()) * scale;
-          softmax_rows<T>(P, d.causal);
-          A.noalias() = P * V;
+          for (int r0 = 0; r0 < S; r0 += query_block) {
+            const int r1 = std::min(S, r0 + query_block), rows = r1 - r0, seen = keys_seen(r1, S, d.causal);
+            strided_map<T> P(pp + std::size_t(r0) * S, rows, seen, Eigen::OuterStride<>(S));
+            P.noalias() = (Q.middleRows(r0, rows) * K.topRows(seen).transpose()) * scale;
+            softmax_rows<T>(P, r0, d.causal);
+            A.middleRows(r0, rows).noalias() = P * V.topRows(seen);
+            if (keep && seen < S)  // the masked keys no block product reached
+              strided_map<T>(pp + std::size_t(r0) * S + seen, rows, S - seen, Eigen::OuterStride<>(S)).setZero();
+          }
         }
     }
   }
@@ -95,37 +114,43 @@ struct attention_ops {
     // rows, so they run in one task, in order, with no races.
 #pragma omp parallel
     {
-      row_matrix<T> dP(need_ds ? S : 0, need_ds ? S : 0);
+      row_matrix<T> dP(need_ds ? query_block : 0, need_ds ? S : 0);  // one block's dP, then dS
 #pragma omp for collapse(2) schedule(static)
       for (int b = 0; b < B; ++b)
         for (int kvh = 0; kvh < KV; ++kvh)
           for (int head = kvh * group; head < (kvh + 1) * group; ++head) {
-            Eigen::Map<const row_matrix<T>> P(probs.data() + (std::size_t(b) * H + std::size_t(head)) * S * S, S, S);
+            const T* pp = probs.data() + (std::size_t(b) * H + std::size_t(head)) * S * S;
             auto dA = head_view(da.data(), b, head, S, H, hd);
-            if (dv) {
-              auto dV = head_view(dv->data(), b, kvh, S, KV, hd);
-              dV.noalias() += P.transpose() * dA;
-            }
-            if (!need_ds) continue;
-            auto V = head_view(v->data(), b, kvh, S, KV, hd);
-            dP.noalias() = dA * V.transpose();
-            // dS = P * (dP - rowsum(dP * P)), stored over dP (row i sees keys 0..i, or all when not causal)
-            for (int i = 0; i < S; ++i) {
-              const int seen = d.causal ? i + 1 : S;
-              T dot = 0;
-              for (int j = 0; j < seen; ++j) dot += dP(i, j) * P(i, j);
-              for (int j = 0; j < seen; ++j) dP(i, j) = P(i, j) * (dP(i, j) - dot);
-              for (int j = seen; j < S; ++j) dP(i, j) = T(0);
-            }
-            if (dq) {
-              auto K = head_view(k->data(), b, kvh, S, KV, hd);
-              auto dQ = head_view(dq->data(), b, head, S, H, hd);
-              dQ.noalias() = (dP * K) * scale;
-            }
-            if (dk) {
-              auto Q = head_view(q->data(), b, head, S, H, hd);
-              auto dK = head_view(dk->data(), b, kvh, S, KV, hd);
-              dK.noalias() += (dP.transpose() * Q) * scale;
+            for (int r0 = 0; r0 < S; r0 += query_block) {
+              const int r1 = std::min(S, r0 + query_block), rows = r1 - r0, seen = keys_seen(r1, S, d.causal);
+              const_strided_map<T> P(pp + std::size_t(r0) * S, rows, seen, Eigen::OuterStride<>(S));
+              const auto dA_rows = dA.middleRows(r0, rows);
+              if (dv) {
+                auto dV = head_view(dv->data(), b, kvh, S, KV, hd);
+                dV.topRows(seen).noalias() += P.transpose() * dA_rows;
+              }
+              if (!need_ds) continue;
+              auto V = head_view(v->data(), b, kvh, S, KV, hd);
+              auto dS = dP.topLeftCorner(rows, seen);
+              dS.noalias() = dA_rows * V.topRows(seen).transpose();
+              // dS = P * (dP - rowsum(dP * P)), over dP (row i sees keys 0..i, or all when not causal)
+              for (int i = 0; i < rows; ++i) {
+                const int row_seen = d.causal ? r0 + i + 1 : S;
+                T dot = 0;
+                for (int j = 0; j < row_seen; ++j) dot += dS(i, j) * P(i, j);
+                for (int j = 0; j < row_seen; ++j) dS(i, j) = P(i, j) * (dS(i, j) - dot);
+                for (int j = row_seen; j < seen; ++j) dS(i, j) = T(0);
+              }
+              if (dq) {
+                auto K = head_view(k->data(), b, kvh, S, KV, hd);
+                auto dQ = head_view(dq->data(), b, head, S, H, hd);
+                dQ.middleRows(r0, rows).noalias() = (dS * K.topRows(seen)) * scale;
+              }
+              if (dk) {
+                auto Q = head_view(q->data(), b, head, S, H, hd);
+                auto dK = head_view(dk->data(), b, kvh, S, KV, hd);
+                dK.topRows(seen).noalias() += (dS.transpose() * Q.middleRows(r0, rows)) * scale;
+              }
             }
           }
     }
