@@ -1,7 +1,8 @@
 #pragma once
 // The attention core on the CPU (math in nn/attention.hpp): one OpenMP task per (batch, head)
-// forward and per (batch, kv head) backward, each a few Eigen GEMMs on strided head views and
-// a row softmax, so the scores of one head stay in cache. When the scores are not kept for
+// forward and per (batch, kv head) backward, each a few single-threaded GEMMs (the backend's,
+// gemm.hpp, so the BLAS library's kernels) on strided head views and a row softmax, so the
+// scores of one head stay in cache. When the scores are not kept for
 // backward, each thread reuses one seq x seq scratch instead of holding [batch, heads, seq, seq].
 //
 // Causal attention is worked in blocks of query rows [r0, r1): their rows of P see keys
@@ -13,6 +14,7 @@
 #include <cmath>
 
 #include "skillgraft/backend/attention_dims.hpp"
+#include "skillgraft/backend/cpu/gemm.hpp"
 #include "skillgraft/backend/cpu/tensor.hpp"
 
 namespace skillgraft::cpu {
@@ -36,6 +38,15 @@ strided_map<T> head_view(T* base, int b, int head, int seq, int heads, int hd) {
 template <class T>
 const_strided_map<T> head_view(const T* base, int b, int head, int seq, int heads, int hd) {
   return {base + head_offset(b, head, seq, heads, hd), seq, hd, Eigen::OuterStride<>(heads * hd)};
+}
+
+// c = alpha op(a) op(b) + beta c on row-major Eigen maps or blocks of them, through the
+// backend's GEMM (one thread inside the callers' OpenMP region).
+template <class T, class A, class B, class C>
+void product(op ta, op tb, T alpha, const A& a, const B& b, T beta, C&& c) {
+  const int k = int(ta == op::n ? a.cols() : a.rows());
+  gemm_ops::gemm("attention core", ta, tb, int(c.rows()), int(c.cols()), k, alpha, a.data(), int(a.outerStride()),
+                 b.data(), int(b.outerStride()), beta, c.data(), int(c.outerStride()));
 }
 
 // Query rows per block of the causal tiling: small enough to skip most of the masked half,
@@ -90,9 +101,9 @@ struct attention_ops {
           for (int r0 = 0; r0 < S; r0 += query_block) {
             const int r1 = std::min(S, r0 + query_block), rows = r1 - r0, seen = keys_seen(r1, S, d.causal);
             strided_map<T> P(pp + std::size_t(r0) * S, rows, seen, Eigen::OuterStride<>(S));
-            P.noalias() = (Q.middleRows(r0, rows) * K.topRows(seen).transpose()) * scale;
+            product(op::n, op::t, scale, Q.middleRows(r0, rows), K.topRows(seen), T(0), P);
             softmax_rows<T>(P, r0, d.causal);
-            A.middleRows(r0, rows).noalias() = P * V.topRows(seen);
+            product(op::n, op::n, T(1), P, V.topRows(seen), T(0), A.middleRows(r0, rows));
             if (keep && seen < S)  // the masked keys no block product reached
               strided_map<T>(pp + std::size_t(r0) * S + seen, rows, S - seen, Eigen::OuterStride<>(S)).setZero();
           }
@@ -127,12 +138,12 @@ struct attention_ops {
               const auto dA_rows = dA.middleRows(r0, rows);
               if (dv) {
                 auto dV = head_view(dv->data(), b, kvh, S, KV, hd);
-                dV.topRows(seen).noalias() += P.transpose() * dA_rows;
+                product(op::t, op::n, T(1), P, dA_rows, T(1), dV.topRows(seen));
               }
               if (!need_ds) continue;
               auto V = head_view(v->data(), b, kvh, S, KV, hd);
               auto dS = dP.topLeftCorner(rows, seen);
-              dS.noalias() = dA_rows * V.topRows(seen).transpose();
+              product(op::n, op::t, T(1), dA_rows, V.topRows(seen), T(0), dS);
               // dS = P * (dP - rowsum(dP * P)), over dP (row i sees keys 0..i, or all when not causal)
               for (int i = 0; i < rows; ++i) {
                 const int row_seen = d.causal ? r0 + i + 1 : S;
@@ -144,12 +155,12 @@ struct attention_ops {
               if (dq) {
                 auto K = head_view(k->data(), b, kvh, S, KV, hd);
                 auto dQ = head_view(dq->data(), b, head, S, H, hd);
-                dQ.middleRows(r0, rows).noalias() = (dS * K.topRows(seen)) * scale;
+                product(op::n, op::n, scale, dS, K.topRows(seen), T(0), dQ.middleRows(r0, rows));
               }
               if (dk) {
                 auto Q = head_view(q->data(), b, head, S, H, hd);
                 auto dK = head_view(dk->data(), b, kvh, S, KV, hd);
-                dK.topRows(seen).noalias() += (dS.transpose() * Q.middleRows(r0, rows)) * scale;
+                product(op::t, op::n, scale, dS, Q.middleRows(r0, rows), T(1), dK.topRows(seen));
               }
             }
           }
