@@ -53,6 +53,9 @@ void product(op ta, op tb, T alpha, const A& a, const B& b, T beta, C&& c) {
 // large enough that each block's products still run at GEMM speed.
 constexpr int query_block = 64;
 
+// Without a mask there is nothing to skip: one block of all rows, the whole square at once.
+inline int rows_per_block(int seq, bool causal) { return causal ? std::min(seq, query_block) : seq; }
+
 // The keys query rows [r0, r1) can see: all of them, or 0 .. r1 - 1 when causal.
 inline int keys_seen(int r1, int seq, bool causal) { return causal ? r1 : seq; }
 
@@ -86,6 +89,7 @@ struct attention_ops {
     using namespace attention_detail;
     const int B = d.batch, S = d.seq, H = d.heads, KV = d.kv_heads, hd = d.head_dim, group = d.group();
     const bool keep = probs != nullptr;
+    const int block = rows_per_block(S, d.causal);
 #pragma omp parallel
     {
       row_matrix<T> scratch;
@@ -98,8 +102,8 @@ struct attention_ops {
           auto V = head_view(v.data(), b, head / group, S, KV, hd);
           auto A = head_view(a.data(), b, head, S, H, hd);
           T* pp = keep ? probs->data() + (std::size_t(b) * H + std::size_t(head)) * S * S : scratch.data();
-          for (int r0 = 0; r0 < S; r0 += query_block) {
-            const int r1 = std::min(S, r0 + query_block), rows = r1 - r0, seen = keys_seen(r1, S, d.causal);
+          for (int r0 = 0; r0 < S; r0 += block) {
+            const int r1 = std::min(S, r0 + block), rows = r1 - r0, seen = keys_seen(r1, S, d.causal);
             strided_map<T> P(pp + std::size_t(r0) * S, rows, seen, Eigen::OuterStride<>(S));
             product(op::n, op::t, scale, Q.middleRows(r0, rows), K.topRows(seen), T(0), P);
             softmax_rows<T>(P, r0, d.causal);
@@ -121,19 +125,20 @@ struct attention_ops {
     using namespace attention_detail;
     const int B = d.batch, S = d.seq, H = d.heads, KV = d.kv_heads, hd = d.head_dim, group = d.group();
     const bool need_ds = dq || dk;
+    const int block = rows_per_block(S, d.causal);
     // One task per (batch, kv head): the query heads sharing a kv head add into the same dk, dv
     // rows, so they run in one task, in order, with no races.
 #pragma omp parallel
     {
-      row_matrix<T> dP(need_ds ? query_block : 0, need_ds ? S : 0);  // one block's dP, then dS
+      row_matrix<T> dP(need_ds ? block : 0, need_ds ? S : 0);  // one block's dP, then dS
 #pragma omp for collapse(2) schedule(static)
       for (int b = 0; b < B; ++b)
         for (int kvh = 0; kvh < KV; ++kvh)
           for (int head = kvh * group; head < (kvh + 1) * group; ++head) {
             const T* pp = probs.data() + (std::size_t(b) * H + std::size_t(head)) * S * S;
             auto dA = head_view(da.data(), b, head, S, H, hd);
-            for (int r0 = 0; r0 < S; r0 += query_block) {
-              const int r1 = std::min(S, r0 + query_block), rows = r1 - r0, seen = keys_seen(r1, S, d.causal);
+            for (int r0 = 0; r0 < S; r0 += block) {
+              const int r1 = std::min(S, r0 + block), rows = r1 - r0, seen = keys_seen(r1, S, d.causal);
               const_strided_map<T> P(pp + std::size_t(r0) * S, rows, seen, Eigen::OuterStride<>(S));
               const auto dA_rows = dA.middleRows(r0, rows);
               if (dv) {
