@@ -32,10 +32,13 @@ class SkillgraftConan(ConanFile):
     options = {
         "openmp": [True, False],  # skillgraft::skillgraft links OpenMP::OpenMP_CXX
         "cuda": [True, False],    # installs the CMake component `cuda` (skillgraft::cuda)
+        "blas": ["openblas", "eigen"],  # the CPU GEMM (SKILLGRAFT_BLAS; eigen: Eigen's own, no library)
     }
     default_options = {
         "openmp": True,
         "cuda": False,
+        "blas": "openblas",
+        "openblas/*:dynamic_arch": True,  # kernels chosen for the running CPU, never at build time
         "boost/*:header_only": True,  # only Boost.Hana (headers) is used
     }
     exports_sources = ("CMakeLists.txt", "cmake/*", "include/*", "LICENSE*")
@@ -59,6 +62,8 @@ class SkillgraftConan(ConanFile):
         self.requires("xtensor/[>=0.24.3 <0.26]", transitive_headers=True)
         self.requires("boost/[>=1.74.0]", transitive_headers=True)
         self.requires("nlohmann_json/[>=3.11 <4]", transitive_headers=True)
+        if self.options.blas == "openblas":
+            self.requires("openblas/[>=0.3.21]", transitive_headers=True)
 
     def validate(self):
         check_min_cppstd(self, 20)
@@ -74,6 +79,7 @@ class SkillgraftConan(ConanFile):
         tc.cache_variables["SKILLGRAFT_INSTALL"] = True
         tc.cache_variables["SKILLGRAFT_OPENMP"] = bool(self.options.openmp)
         tc.cache_variables["SKILLGRAFT_CUDA"] = bool(self.options.cuda)
+        tc.cache_variables["SKILLGRAFT_BLAS"] = str(self.options.blas)
         tc.cache_variables["SKILLGRAFT_BUILD_TESTS"] = False
         tc.cache_variables["SKILLGRAFT_BUILD_BENCHMARKS"] = False
         tc.cache_variables["SKILLGRAFT_BUILD_EXAMPLES"] = False
@@ -101,6 +107,9 @@ class SkillgraftConan(ConanFile):
         # Everything else.
         self.cpp_info.set_property("pkg_config_name", "skillgraft")
         self.cpp_info.requires = ["eigen::eigen", "xtensor::xtensor", "boost::headers", "nlohmann_json::nlohmann_json"]
+        if self.options.blas == "openblas":
+            self.cpp_info.requires.append("openblas::openblas")
+            self.cpp_info.defines = ["SKILLGRAFT_BLAS_OPENBLAS"]
         if self.options.openmp and self.settings.get_safe("compiler") in ("gcc", "clang"):
             self.cpp_info.cxxflags = ["-fopenmp"]
             self.cpp_info.sharedlinkflags = ["-fopenmp"]

@@ -5,6 +5,7 @@
 #   include/skillgraft/...                              every header under include/
 #   share/cmake/skillgraft/skillgraftConfig.cmake       (SKILLGRAFT_INSTALL_CMAKEDIR)
 #                          skillgraftConfigVersion.cmake
+#                          skillgraftBlas.cmake         skillgraft::blas, the CPU GEMM library
 #                          skillgraftTargets.cmake      skillgraft::skillgraft
 #                          skillgraftCudaTargets.cmake  skillgraft::cuda (only with SKILLGRAFT_CUDA=ON)
 #   share/doc/skillgraft/LICENSE                        Apache-2.0 (CMAKE_INSTALL_DOCDIR)
@@ -92,5 +93,6 @@ write_basic_package_version_file(
 install(FILES
   ${PROJECT_BINARY_DIR}/skillgraft-package/skillgraftConfig.cmake
   ${PROJECT_BINARY_DIR}/skillgraft-package/skillgraftConfigVersion.cmake
+  ${CMAKE_CURRENT_LIST_DIR}/skillgraftBlas.cmake
   DESTINATION ${SKILLGRAFT_INSTALL_CMAKEDIR}
   COMPONENT skillgraft_headers)

@@ -3,6 +3,8 @@
 # Safe to run repeatedly; needs root or sudo on a fresh machine.
 set -euo pipefail
 packages=(build-essential cmake libeigen3-dev xtensor-dev nlohmann-json3-dev libboost-dev catch2 libbenchmark-dev
+  # the CPU backend's GEMM (SKILLGRAFT_BLAS=auto picks it; its OpenMP build shares the backend's threads)
+  libopenblas-openmp-dev
   # the safetensors header fuzz test (clang's libFuzzer) and the Conan packaging test (Conan from PyPI)
   clang libclang-rt-14-dev python3-venv python3-pip
   # data-parallel training (include/skillgraft/dist/mpi.hpp) and its 2-rank tests under mpirun

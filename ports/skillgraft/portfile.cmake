@@ -19,10 +19,17 @@ vcpkg_check_features(OUT_FEATURE_OPTIONS FEATURE_OPTIONS
     openmp  SKILLGRAFT_OPENMP
 )
 
+# The CPU GEMM: OpenBLAS with the default feature `openblas`, else Eigen's own.
+set(SKILLGRAFT_BLAS eigen)
+if("openblas" IN_LIST FEATURES)
+  set(SKILLGRAFT_BLAS openblas)
+endif()
+
 vcpkg_cmake_configure(
   SOURCE_PATH "${SOURCE_PATH}"
   OPTIONS
     ${FEATURE_OPTIONS}
+    -DSKILLGRAFT_BLAS=${SKILLGRAFT_BLAS}
     -DSKILLGRAFT_INSTALL=ON
     -DSKILLGRAFT_INSTALL_CMAKEDIR=share/skillgraft
     -DSKILLGRAFT_BUILD_TESTS=OFF

@@ -394,8 +394,12 @@ struct decoder_block {
     double forward = 0, backward = 0;
   };
   static flop_count flops(const decoder_config& c, seq_shape sh, const mlp_options_t& o = {}) {
+    // core: one S x S x hd product per head; causal attention pairs each query only with the
+    // keys up to it, S (S + 1) / 2 pairs (the CPU kernel's query blocks add part of the diagonal
+    // blocks to that, the CUDA backend multiplies the whole square).
+    const double S = double(sh.seq), pairs = c.causal ? S * (S + 1) / 2 : S * S;
     const double N = double(sh.tokens()), d = c.hidden, qd = c.q_dim(), kvd = c.kv_dim(),
-                 core = 2.0 * sh.batch * c.n_heads * double(sh.seq) * sh.seq * c.head_dim;
+                 core = 2.0 * sh.batch * c.n_heads * pairs * c.head_dim;
     using ap = typename attention_t::plan;
     const auto mf = mlp_t::flops(c, sh, o);  // the MLP's own forward and backward (adapters included)
     flop_count f;

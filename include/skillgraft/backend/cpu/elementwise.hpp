@@ -6,6 +6,7 @@
 #include <cstring>
 #include <vector>
 
+#include "skillgraft/backend/cpu/reduction.hpp"
 #include "skillgraft/backend/cpu/tensor.hpp"
 
 namespace skillgraft::cpu {
@@ -14,17 +15,29 @@ struct elementwise_ops {
   // y += x (same number of elements)
   template <class T>
   static void add_into(tensor<T>& y, const tensor<T>& x) {
-    y.vec() += x.vec();
+    const std::size_t n = y.size();
+    const T* xp = x.data();
+    T* yp = y.data();
+#pragma omp parallel for simd schedule(static) if (n > 32768)
+    for (std::size_t i = 0; i < n; ++i) yp[i] += xp[i];
   }
   // y[r, j] += b[j]
   template <class T>
   static void add_bias(tensor<T>& y, const tensor<T>& b) {
-    y.mat().rowwise() += b.vec().transpose();
+    const std::size_t rows = y.size() / b.size(), d = b.size();
+    const T* bp = b.data();
+    T* yp = y.data();
+#pragma omp parallel for schedule(static) if (rows * d > 32768)
+    for (std::size_t r = 0; r < rows; ++r)
+#pragma omp simd
+      for (std::size_t j = 0; j < d; ++j) yp[r * d + j] += bp[j];
   }
   // db[j] += sum_r dy[r, j]
   template <class T>
   static void add_column_sums(const tensor<T>& dy, tensor<T>& db) {
-    db.vec().noalias() += dy.mat().colwise().sum().transpose();
+    const std::size_t d = db.size();
+    const T* dyp = dy.data();
+    add_column_reduction(dy.size() / d, d, db.data(), [&](std::size_t r, std::size_t j) { return dyp[r * d + j]; });
   }
   // out[i] = f(in[i]) for an element-wise functor f (SKILLGRAFT_HD, so every backend can run it).
   template <class T, class F>

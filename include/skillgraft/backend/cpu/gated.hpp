@@ -6,28 +6,10 @@
 #include <cstddef>
 #include <type_traits>
 
+#include "skillgraft/backend/cpu/reduction.hpp"
 #include "skillgraft/backend/cpu/tensor.hpp"
 
 namespace skillgraft::cpu {
-
-// A sum over i < n of f(i) in a fixed order whatever the thread count: fixed chunks summed
-// in parallel, then the chunk sums in chunk order (so training stays bit-for-bit repeatable).
-template <class T, class F>
-T deterministic_sum(std::size_t n, F&& f) {
-  constexpr std::size_t chunks = 64;
-  T part[chunks] = {};
-  const std::size_t per = (n + chunks - 1) / chunks;
-#pragma omp parallel for schedule(static) if (n > 32768)
-  for (std::size_t c = 0; c < chunks; ++c) {
-    T s = T(0);
-    const std::size_t end = std::min(n, (c + 1) * per);
-    for (std::size_t i = c * per; i < end; ++i) s += f(i);
-    part[c] = s;
-  }
-  T s = T(0);
-  for (std::size_t c = 0; c < chunks; ++c) s += part[c];
-  return s;
-}
 
 // m = phi(g; alpha) * u over n elements at raw pointers (the mixture of experts calls this on
 // the rows routed to one expert).

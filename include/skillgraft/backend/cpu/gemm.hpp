@@ -1,30 +1,130 @@
 #pragma once
-// The CPU backend's GEMM (backend/gemm_op.hpp's interface): Eigen's GEMM on strided row-major
-// maps of the callers' memory, threaded by OpenMP when enabled. The host build of the CUDA
-// backend runs its GEMMs through this too.
+// The CPU backend's GEMM (backend/gemm_op.hpp's interface). float and double products go to the
+// BLAS library CMake chose (SKILLGRAFT_BLAS, cmake/skillgraftBlas.cmake): OpenBLAS or BLIS, both
+// of which pick their kernels for the running CPU themselves; anything else, and every product
+// when no library was chosen, is Eigen's GEMM on strided row-major maps of the callers' memory.
+// The host build of the CUDA backend runs its GEMMs through this too.
+//
+// Threads: the library runs on omp_get_max_threads() threads (OMP_NUM_THREADS), and on one
+// inside an OpenMP parallel region, so it never oversubscribes the cores the backend's own
+// loops use. For a fixed thread count the libraries split C, never the k sum, so a product is
+// bit-identical from run to run.
 #include <Eigen/Core>
 
+#include <atomic>
 #include <string_view>
+#include <type_traits>
 
 #include "skillgraft/backend/gemm_op.hpp"
 
+#if defined(SKILLGRAFT_BLAS_OPENBLAS) || defined(SKILLGRAFT_BLAS_BLIS)
+#include <cblas.h>
+#endif
+#if defined(SKILLGRAFT_BLAS_BLIS)
+#include <blis.h>
+#endif
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 namespace skillgraft::cpu {
 
-struct gemm_ops {
+// Which GEMM this process multiplies float and double with, for benchmarks and tests.
+struct gemm_library {
+  // "openblas", "blis" or "eigen": the library compiled in (SKILLGRAFT_BLAS).
+  static constexpr std::string_view compiled() {
+#if defined(SKILLGRAFT_BLAS_OPENBLAS)
+    return "openblas";
+#elif defined(SKILLGRAFT_BLAS_BLIS)
+    return "blis";
+#else
+    return "eigen";
+#endif
+  }
+
+  // The kernel set the library dispatched to on this CPU ("" for Eigen).
+  static std::string_view core() {
+#if defined(SKILLGRAFT_BLAS_OPENBLAS)
+    return openblas_get_corename();
+#elif defined(SKILLGRAFT_BLAS_BLIS)
+    return bli_arch_string(bli_arch_query_id());
+#else
+    return "";
+#endif
+  }
+
+  // False when the compiled-in library would run a generic kernel on this CPU: OpenBLAS
+  // 0.3.21 does not recognise some newer CPUs and then dispatches to its generic x86-64 core,
+  // "Prescott" (SSE3), about a quarter of Eigen's rate on a 2-core AVX-512 Xeon. The backend
+  // then multiplies with Eigen instead (decided once per process, so results stay repeatable).
+  static bool in_use() {
+#if defined(SKILLGRAFT_BLAS_OPENBLAS)
+    static const bool knows_cpu = [] {
+      const std::string_view c = core();
+      return !c.empty() && c != "Prescott" && c != "unknown";
+    }();
+    return knows_cpu;
+#elif defined(SKILLGRAFT_BLAS_BLIS)
+    return true;
+#else
+    return false;
+#endif
+  }
+
+  // "openblas", "blis" or "eigen": what really multiplies float and double here.
+  static std::string_view active() { return in_use() ? compiled() : "eigen"; }
+};
+
+namespace gemm_detail {
+
+// The thread count the library should use for a product started here.
+inline int library_threads() {
+#if defined(_OPENMP)
+  return omp_in_parallel() ? 1 : omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+// OpenBLAS's OpenMP build reads omp_get_max_threads() and omp_in_parallel() itself; its
+// pthreads build and BLIS keep a global count, set here only when it changes.
+inline void set_library_threads() {
+#if defined(SKILLGRAFT_BLAS_OPENBLAS) || defined(SKILLGRAFT_BLAS_BLIS)
+  static std::atomic<int> current{0};
+  const int want = library_threads();
+  if (current.exchange(want, std::memory_order_relaxed) == want) return;
+#if defined(SKILLGRAFT_BLAS_OPENBLAS)
+  if (openblas_get_parallel() != OPENBLAS_OPENMP) openblas_set_num_threads(want);
+#else
+  bli_thread_set_num_threads(want);
+#endif
+#endif
+}
+
+#if defined(SKILLGRAFT_BLAS_OPENBLAS) || defined(SKILLGRAFT_BLAS_BLIS)
 template <class T>
-static void gemm(std::string_view what, op ta, op tb, int m, int n, int k, T alpha, const T* A, int lda, const T* B, int ldb,
-          T beta, T* C, int ldc) {
-  gemm_check::arguments(what, ta, tb, m, n, k, lda, ldb, ldc);
-  if (m == 0 || n == 0) return;
+constexpr bool blas_type = std::is_same_v<T, float> || std::is_same_v<T, double>;
+
+// C = alpha op(A) op(B) + beta C through CBLAS, row-major.
+template <class T>
+void blas_gemm(op ta, op tb, int m, int n, int k, T alpha, const T* A, int lda, const T* B, int ldb, T beta, T* C,
+               int ldc) {
+  set_library_threads();
+  const auto trans = [](op o) { return o == op::t ? CblasTrans : CblasNoTrans; };
+  if constexpr (std::is_same_v<T, float>)
+    cblas_sgemm(CblasRowMajor, trans(ta), trans(tb), m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+  else
+    cblas_dgemm(CblasRowMajor, trans(ta), trans(tb), m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+#endif
+
+template <class T>
+void eigen_gemm(op ta, op tb, int m, int n, int k, T alpha, const T* A, int lda, const T* B, int ldb, T beta, T* C,
+                int ldc) {
   using matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using cmap = Eigen::Map<const matrix, Eigen::Unaligned, Eigen::OuterStride<>>;
   using map = Eigen::Map<matrix, Eigen::Unaligned, Eigen::OuterStride<>>;
   map c(C, m, n, Eigen::OuterStride<>(ldc));
-  if (k == 0) {
-    if (beta == T(0)) c.setZero();
-    else c *= beta;
-    return;
-  }
   const cmap a(A, ta == op::n ? m : k, ta == op::n ? k : m, Eigen::OuterStride<>(lda));
   const cmap b(B, tb == op::n ? k : n, tb == op::n ? n : k, Eigen::OuterStride<>(ldb));
   auto apply = [&](const auto& product) {
@@ -41,6 +141,29 @@ static void gemm(std::string_view what, op ta, op tb, int m, int n, int k, T alp
   else if (ta == op::n) apply(a * b.transpose());
   else if (tb == op::n) apply(a.transpose() * b);
   else apply(a.transpose() * b.transpose());
+}
+
+}  // namespace gemm_detail
+
+struct gemm_ops {
+template <class T>
+static void gemm(std::string_view what, op ta, op tb, int m, int n, int k, T alpha, const T* A, int lda, const T* B, int ldb,
+          T beta, T* C, int ldc) {
+  gemm_check::arguments(what, ta, tb, m, n, k, lda, ldb, ldc);
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, Eigen::Unaligned,
+               Eigen::OuterStride<>>
+        c(C, m, n, Eigen::OuterStride<>(ldc));
+    if (beta == T(0)) c.setZero();
+    else c *= beta;
+    return;
+  }
+#if defined(SKILLGRAFT_BLAS_OPENBLAS) || defined(SKILLGRAFT_BLAS_BLIS)
+  if constexpr (gemm_detail::blas_type<T>)
+    if (gemm_library::in_use()) return gemm_detail::blas_gemm(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+#endif
+  gemm_detail::eigen_gemm(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 // `batch` independent GEMMs; matrix i of A, B, C starts stride_a, stride_b, stride_c elements after matrix i - 1.

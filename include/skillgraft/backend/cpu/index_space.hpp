@@ -5,7 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "skillgraft/backend/cpu/gated.hpp"
+#include "skillgraft/backend/cpu/reduction.hpp"
 #include "skillgraft/backend/cpu/tensor.hpp"
 
 namespace skillgraft::cpu {

@@ -1,7 +1,9 @@
 #pragma once
-// RMSNorm on the CPU (math in nn/rmsnorm.hpp): rows in parallel, sums of squares in double.
+// RMSNorm on the CPU (math in nn/rmsnorm.hpp): rows in parallel, sums of squares in double;
+// the weight gradient in parallel over columns.
 #include <cmath>
 
+#include "skillgraft/backend/cpu/reduction.hpp"
 #include "skillgraft/backend/cpu/tensor.hpp"
 
 namespace skillgraft::cpu {
@@ -31,15 +33,13 @@ struct rmsnorm_ops {
   static void rmsnorm_backward(const tensor<T>& w, const tensor<T>& x, const tensor<T>& rstd, const tensor<T>& dy,
                                tensor<T>* dw, tensor<T>* dx, bool accumulate_dx) {
     const Eigen::Index n = x.rows(), d = x.cols();
-    if (dw) {
-      // Column reduction: serial over rows keeps the sum deterministic for any thread count.
-      T* dwp = dw->data();
-      for (Eigen::Index i = 0; i < n; ++i) {
-        const T r = rstd[static_cast<std::size_t>(i)];
-        const T* xr = x.data() + i * d;
-        const T* dyr = dy.data() + i * d;
-        for (Eigen::Index j = 0; j < d; ++j) dwp[j] += dyr[j] * (xr[j] * r);
-      }
+    if (dw) {  // dw[j] += sum_i dy[i, j] x[i, j] r_i, each column over the rows in order
+      const T* xp = x.data();
+      const T* dyp = dy.data();
+      const T* rp = rstd.data();
+      add_column_reduction(std::size_t(n), std::size_t(d), dw->data(), [&](std::size_t i, std::size_t j) {
+        return dyp[i * d + j] * (xp[i * d + j] * rp[i]);
+      });
     }
     if (dx) {
       const T* wp = w.data();
