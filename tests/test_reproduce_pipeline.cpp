@@ -363,6 +363,23 @@ TEST_CASE("seed statistics: t-interval, test-set standard error and rank correla
   // scipy.stats.spearmanr([0.1, 0.5, 0.3, 0.3], [1, 4, 2, 3]): ties share their mean rank.
   CHECK(rp::spearman({0.1, 0.5, 0.3, 0.3}, {1, 4, 2, 3}) == Approx(0.9486832980505138));
   CHECK(rp::spearman({1, 2, 3}, {30, 20, 10}) == Approx(-1));
+  // The comparison with llm: ratios of the means, and whether the forgetting intervals overlap.
+  auto run = [](const std::string& name, std::uint64_t seed, double learning, double heldout, double probe) {
+    rp::method_summary m;
+    m.name = name, m.seed = seed, m.learning = learning, m.heldout_mean = m.heldout_final = heldout;
+    m.probe_max = probe;
+    return m;
+  };
+  const auto agg = rp::aggregate({run("llm", 1, 20, -30, 0.4), run("mlp_gate_up", 1, 16, -5, 0.1), run("llm", 2, 22, -31, 0.5),
+                                  run("mlp_gate_up", 2, 14, -6, 0.1), run("sa_proj", 1, 18, -20, 0.3)});
+  REQUIRE(agg.size() == 3);
+  CHECK(agg[0].seeds == std::vector<std::uint64_t>{1, 2});
+  CHECK(agg[0].heldout_mean.mean == Approx(-30.5));
+  CHECK(agg[0].heldout_mean.half == Approx(12.7062 * std::sqrt(0.5) / std::sqrt(2.0)));
+  const auto text = rp::comparison_markdown(agg);
+  CHECK_THAT(text, Catch::Contains("- mlp_gate_up: forgets 0.18 of what llm forgets (0.18 after the last stage), learns "
+                                   "0.71 of its learning; its forgetting interval does not overlap llm's.") &&
+                       Catch::Contains("between the counting bias (max) and the mean held-out forgetting: 1.00."));
 }
 
 TEST_CASE("vision pretext: every token is labelled with the object covering most of it") {
@@ -433,6 +450,15 @@ TEST_CASE("reduced pipeline: every method runs once per seed; the table gives me
   const auto report = read(s.out / "report.md");
   CHECK_THAT(report, Catch::Contains("| sa_proj | q, k, v, o | 2 | ") && Catch::Contains(" ± ") &&
                          Catch::Contains("fine-tuning seeds 7..8") && Catch::Contains("Test-set noise") &&
-                         Catch::Contains("| method | base | after count |") && Catch::Contains("sa_proj: forgets"));
+                         Catch::Contains("| method | base | after count |")));
+  // The runs do not depend on how many run at once: in this process, one after another, the
+  // numbers are those the two single-threaded workers gave, bit for bit.
+  s.jobs = 1;
+  const auto in_turn = rp::run_pipeline(s, prog);
+  REQUIRE(in_turn.methods.size() == res.methods.size());
+  for (std::size_t i = 0; i < res.methods.size(); ++i) {
+    CHECK(in_turn.methods[i].final_loss == res.methods[i].final_loss);
+    CHECK(in_turn.methods[i].R == res.methods[i].R);
+  }
   std::filesystem::remove_all(s.out);
 }

@@ -103,7 +103,7 @@ inline std::vector<seeded_summary> aggregate(const std::vector<method_summary>& 
   for (std::size_t i = 0; i < runs.size(); ++i) {
     std::size_t k = 0;
     while (k < out.size() && out[k].mean.name != runs[i].name) ++k;
-    if (k == out.size()) out.emplace_back(), members.emplace_back();
+    if (k == out.size()) out.emplace_back().mean = runs[i], members.emplace_back();
     members[k].push_back(i);
   }
   for (std::size_t k = 0; k < out.size(); ++k) {
@@ -113,7 +113,6 @@ inline std::vector<seeded_summary> aggregate(const std::vector<method_summary>& 
       return t_interval(v);
     };
     auto& a = out[k];
-    a.mean = runs[members[k][0]];
     for (auto i : members[k]) a.seeds.push_back(runs[i].seed);
     a.learning = over([](const method_summary& m) { return m.learning; });
     a.learning_final = over([](const method_summary& m) { return m.learning_final; });
