@@ -450,7 +450,7 @@ TEST_CASE("reduced pipeline: every method runs once per seed; the table gives me
   const auto report = read(s.out / "report.md");
   CHECK_THAT(report, Catch::Contains("| sa_proj | q, k, v, o | 2 | ") && Catch::Contains(" ± ") &&
                          Catch::Contains("fine-tuning seeds 7..8") && Catch::Contains("Test-set noise") &&
-                         Catch::Contains("| method | base | after count |")));
+                         Catch::Contains("| method | base | after count |"));
   // The runs do not depend on how many run at once: in this process, one after another, the
   // numbers are those the two single-threaded workers gave, bit for bit.
   s.jobs = 1;

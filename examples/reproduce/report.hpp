@@ -138,7 +138,9 @@ inline std::vector<seeded_summary> aggregate(const std::vector<method_summary>& 
 
 // "mean ± half" (the half-width omitted with one seed).
 inline std::string with_interval(const interval& i, const char* f = "%+.1f") {
-  return i.n > 1 ? fmt(i.mean, f) + " ± " + fmt(i.half, "%.1f") : fmt(i.mean, f);
+  std::string half = f;  // the mean's precision, without its sign
+  if (const auto plus = half.find('+'); plus != std::string::npos) half.erase(plus, 1);
+  return i.n > 1 ? fmt(i.mean, f) + " ± " + fmt(i.half, half.c_str()) : fmt(i.mean, f);
 }
 
 inline std::string seeded_markdown(const std::vector<seeded_summary>& ms) {
