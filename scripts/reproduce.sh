@@ -4,7 +4,8 @@
 # reproduction for this CPU, pretrains the base model (cached as base.safetensors in the
 # output directory, so a rerun skips it), teaches five target skills in sequence with each
 # tuning method, and writes report.md, CSV files and SVG pictures.
-# The default run takes under 15 minutes on 2 cores; --full runs longer and closer to the paper.
+# The default run (four recipes, three seeds each) took 17 minutes on 2 busy cores, an estimated
+# 10-11 on idle ones (docs/reproduction.md); --full runs all ten methods, longer and closer to the paper.
 # Extra arguments go to the program (see --help), e.g. --methods sa_proj,mlp_gate_up,llm.
 # With --device cuda the program is built with its GPU path (SKILLGRAFT_REPRODUCE_CUDA, nvcc
 # from the CUDA toolkit; GPU architecture: CUDAARCHS, default the local GPU's, "native").

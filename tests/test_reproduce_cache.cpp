@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -73,6 +74,18 @@ TEST_CASE("reproduce cache: a saved base model loads back, and other settings me
   other.seed = 2;
   CHECK_FALSE(rp::load_checkpoint(back, file, rp::fingerprint(other)));
   CHECK_FALSE(rp::load_checkpoint(back, tmp / "none.safetensors", rp::fingerprint(s)));
+  // Each setting of the vision pretext is part of what the cache was made with.
+  for (auto change : std::vector<std::function<void(rp::settings&)>>{
+           [](rp::settings& o) { o.vision_pretext.steps += 1; }, [](rp::settings& o) { o.vision_pretext.steps = 0; },
+           [](rp::settings& o) { o.vision_pretext.batch *= 2; }, [](rp::settings& o) { o.vision_pretext.lr *= 0.5; }}) {
+    auto changed = s;
+    change(changed);
+    CHECK_FALSE(rp::load_checkpoint(back, file, rp::fingerprint(changed)));
+  }
+  // Settings that only matter after pretraining do not invalidate it.
+  auto later = s;
+  later.seeds = 5, later.test_examples = 16, later.stage_steps = 7;
+  CHECK(rp::load_checkpoint(back, file, rp::fingerprint(later)));
 }
 
 TEST_CASE("reproduce cache: damaged values are refused, naming the file") {

@@ -344,3 +344,121 @@ TEST_CASE("reduced pipeline: the MoE baseline grows one expert per target and tr
   CHECK(read(s.out / "report.md").find("| moe | MoE on the MLP |") != std::string::npos);
   std::filesystem::remove_all(s.out);
 }
+
+TEST_CASE("seed statistics: t-interval, test-set standard error and rank correlation against hand-computed values") {
+  // Values checked with Python: statistics.stdev and scipy.stats.t.ppf(0.975, n - 1).
+  const auto a = rp::t_interval({1, 2, 4});
+  CHECK(a.n == 3);
+  CHECK(a.mean == Approx(2.3333333333333335));
+  CHECK(a.sd == Approx(1.5275252316519468));
+  CHECK(a.half == Approx(3.7945830337394653).epsilon(1e-4));
+  const auto b = rp::t_interval({10.0, 12.5, 9.0, 11.0, 13.5});
+  CHECK(b.mean == Approx(11.2));
+  CHECK(b.half == Approx(2.2641224648299354).epsilon(1e-4));
+  CHECK(b.lo() == Approx(11.2 - b.half));
+  CHECK(rp::t_interval({5}).half == 0);  // one seed: no interval
+  CHECK(rp::t_quantile_975(60) == Approx(2.0003).epsilon(1e-3));
+  // sqrt(0.5 * 0.5 / 100 + 0.9 * 0.1 / 100) / 2, in points.
+  CHECK(rp::mean_accuracy_standard_error({0.5, 0.9}, 100) == Approx(2.9154759474226504));
+  // scipy.stats.spearmanr([0.1, 0.5, 0.3, 0.3], [1, 4, 2, 3]): ties share their mean rank.
+  CHECK(rp::spearman({0.1, 0.5, 0.3, 0.3}, {1, 4, 2, 3}) == Approx(0.9486832980505138));
+  CHECK(rp::spearman({1, 2, 3}, {30, 20, 10}) == Approx(-1));
+  // The comparison with llm: ratios of the means, and whether the forgetting intervals overlap.
+  auto run = [](const std::string& name, std::uint64_t seed, double learning, double heldout, double probe) {
+    rp::method_summary m;
+    m.name = name, m.seed = seed, m.learning = learning, m.heldout_mean = m.heldout_final = heldout;
+    m.probe_max = probe;
+    return m;
+  };
+  const auto agg = rp::aggregate({run("llm", 1, 20, -30, 0.4), run("mlp_gate_up", 1, 16, -5, 0.1), run("llm", 2, 22, -31, 0.5),
+                                  run("mlp_gate_up", 2, 14, -6, 0.1), run("sa_proj", 1, 18, -20, 0.3)});
+  REQUIRE(agg.size() == 3);
+  CHECK(agg[0].seeds == std::vector<std::uint64_t>{1, 2});
+  CHECK(agg[0].heldout_mean.mean == Approx(-30.5));
+  CHECK(agg[0].heldout_mean.half == Approx(12.7062 * std::sqrt(0.5) / std::sqrt(2.0)));
+  const auto text = rp::comparison_markdown(agg);
+  CHECK_THAT(text, Catch::Contains("- mlp_gate_up: forgets 0.18 of what llm forgets (0.18 after the last stage), learns "
+                                   "0.71 of its learning; its forgetting interval does not overlap llm's.") &&
+                       Catch::Contains("between the counting bias (max) and the mean held-out forgetting: 1.00."));
+}
+
+TEST_CASE("vision pretext: every token is labelled with the object covering most of it") {
+  rp::object sq;  // a large red square over the top-left token and parts of its neighbours
+  sq.shape = rp::shape_kind::square, sq.colour = 0, sq.cx = 5, sq.cy = 5, sq.r = 5;
+  rp::object dot;  // a small blue circle inside the bottom-right token
+  dot.shape = rp::shape_kind::circle, dot.colour = 2, dot.cx = 28, dot.cy = 28, dot.r = 2;
+  const auto labels = rp::token_labels({sq, dot}, 4);
+  REQUIRE(labels.size() == 16);
+  CHECK(labels[0] == std::array<int, 3>{1 + int(rp::shape_kind::square), 1 + 0, 2});  // large
+  CHECK(labels[1] == std::array<int, 3>{1 + int(rp::shape_kind::square), 1 + 0, 2});  // x 8..10 covered: 3 x 8 pixels
+  CHECK(labels[4] == labels[1]);  // y 8..10 covered
+  CHECK(labels[5] == std::array<int, 3>{1 + int(rp::shape_kind::square), 1 + 0, 2});  // the 3 x 3 corner at (8..10, 8..10)
+  CHECK(labels[15] == std::array<int, 3>{1 + int(rp::shape_kind::circle), 1 + 2, 1});  // small
+  for (int t : {2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14}) CHECK(labels[std::size_t(t)] == std::array<int, 3>{0, 0, 0});
+}
+
+TEST_CASE("repeatability: the same seed and thread count give bit-identical runs; another seed does not") {
+  rp::settings s = sg::test::reduced_settings("repeat");
+  s.order = {"count"};
+  const rp::run_data d(s);
+  rp::progress quiet(true);
+  // The base model, twice: vision pretext and joint pretraining are bit-identical.
+  rp::weights_t base(s.model), again(s.model);
+  rp::pretrain(base, s, d, quiet);
+  rp::pretrain(again, s, d, quiet);
+  CHECK(rp::content_checksum(base) == rp::content_checksum(again));
+  rp::evaluator ev(d.tok, s.model);
+  const auto row = rp::evaluate_all(ev, base, d, true);
+  const auto probe = ev.counting_bias(base, d.probe, base);
+  const auto one = rp::run_method("mlp_gate_up", s, base, row, probe, d, quiet);
+  const auto two = rp::run_method("mlp_gate_up", s, base, row, probe, d, quiet);
+  CHECK(one.final_loss == two.final_loss);  // exact
+  CHECK(one.R == two.R);
+  CHECK(one.probes.back().number_mass == two.probes.back().number_mass);
+  auto other = s;
+  other.seed = s.seed + 1;  // the next fine-tuning seed: other stage data
+  CHECK(rp::run_method("mlp_gate_up", other, base, row, probe, d, quiet).final_loss != one.final_loss);
+}
+
+TEST_CASE("reduced pipeline: every method runs once per seed; the table gives means with intervals") {
+  rp::settings s = sg::test::reduced_settings("seeds");
+  s.order = {"count"};
+  s.methods = {"sa_proj", "llm"};
+  s.seeds = 2;
+  s.seed = 7;
+  s.jobs = 2;
+  rp::progress prog(true);
+  const auto res = rp::run_pipeline(s, prog);
+  REQUIRE(res.summaries.size() == 4);
+  REQUIRE(res.seeded.size() == 2);
+  for (const auto& a : res.seeded) {
+    CHECK(a.seeds == std::vector<std::uint64_t>{7, 8});
+    std::vector<double> learning;
+    for (const auto& m : res.summaries)
+      if (m.name == a.mean.name) learning.push_back(m.learning);
+    CHECK(a.learning.mean == Approx(rp::t_interval(learning).mean));
+    CHECK(a.learning.half == Approx(rp::t_interval(learning).half));
+    CHECK(a.heldout_curve.size() == 2);  // base, after the one stage
+  }
+  for (const char* f : {"accuracy_sa_proj.csv", "accuracy_sa_proj_seed8.csv", "accuracy_llm_seed8.csv"}) {
+    INFO(f);
+    CHECK(std::filesystem::exists(s.out / f));
+  }
+  const auto summary = read(s.out / "summary.csv");
+  CHECK(lines(summary) == 5);
+  CHECK(summary.find(",8\n") != std::string::npos);
+  const auto report = read(s.out / "report.md");
+  CHECK_THAT(report, Catch::Contains("| sa_proj | q, k, v, o | 2 | ") && Catch::Contains(" ± ") &&
+                         Catch::Contains("fine-tuning seeds 7..8") && Catch::Contains("Test-set noise") &&
+                         Catch::Contains("| method | base | after count |"));
+  // The runs do not depend on how many run at once: in this process, one after another, the
+  // numbers are those the two single-threaded workers gave, bit for bit.
+  s.jobs = 1;
+  const auto in_turn = rp::run_pipeline(s, prog);
+  REQUIRE(in_turn.methods.size() == res.methods.size());
+  for (std::size_t i = 0; i < res.methods.size(); ++i) {
+    CHECK(in_turn.methods[i].final_loss == res.methods[i].final_loss);
+    CHECK(in_turn.methods[i].R == res.methods[i].R);
+  }
+  std::filesystem::remove_all(s.out);
+}

@@ -11,8 +11,8 @@ bool cuda_device_ready(std::string& why) {
   return false;
 }
 
-void pretrain_cuda(weights_t& w, const settings& s, const run_data& d, progress& prog) {
-  pretrain_on_device(w, s, d, prog);
+std::string pretrain_cuda(weights_t& w, const settings& s, const run_data& d, progress& prog) {
+  return pretrain_on_device(w, s, d, prog);
 }
 
 method_result run_method_cuda(const std::string& m, const settings& s, const weights_t& base,

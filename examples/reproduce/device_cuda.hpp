@@ -57,26 +57,30 @@ class cuda_stage {
   std::optional<cl::teacher<float, backend::cuda>> teach_;
 };
 
-// pretrain() with the steps on the GPU: the same initialisation, data, order and schedule.
-inline void pretrain_on_device(weights_t& w, const settings& s, const run_data& d, progress& prog) {
-  model::init_weights(w, s.seed);
-  model::multimodal_lm<float, full_t, backend::cuda> mm(w.config, recipe::full);
-  auto dw = model::to_backend<backend::cuda>(w);
-  auto g = mm.make_grads(dw);
-  train::adamw<float, backend::cuda> opt(mm, dw, g, {.lr = s.pretrain_lr, .weight_decay = 0.01});
-  const auto sched = pretrain_schedule(s);
-  pretrain_loop(s, d, mm.image_tokens(), prog, [&](const std::vector<encoded_batch>& enc) {
-    std::vector<skillgraft::cuda::tensor<float>> images;
-    images.reserve(enc.size());
-    std::vector<train::micro_batch<float, backend::cuda>> mbs;
-    for (const auto& e : enc) {
-      images.emplace_back();
-      if (!e.images.empty()) images.back() = skillgraft::cuda::tensor<float>::from_host(e.images, memory_use::workspace);
-      mbs.push_back({e.ids, e.targets, e.images.empty() ? nullptr : &images.back()});
-    }
-    return train::train_step(mm, dw, g, opt, sched, std::span<const train::micro_batch<float, backend::cuda>>(mbs));
+// pretrain() with the joint steps on the GPU: the same initialisation and vision pretext (on
+// the CPU), data, order, recipe and schedule.
+inline std::string pretrain_on_device(weights_t& w, const settings& s, const run_data& d, progress& prog) {
+  const std::string pretext = initial_weights(w, s, prog);
+  with_pretrain_recipe(s, [&](auto r) {
+    model::multimodal_lm<float, decltype(r), backend::cuda> mm(w.config, r);
+    auto dw = model::to_backend<backend::cuda>(w);
+    auto g = mm.make_grads(dw);
+    train::adamw<float, backend::cuda> opt(mm, dw, g, {.lr = s.pretrain_lr, .weight_decay = 0.01});
+    const auto sched = pretrain_schedule(s);
+    pretrain_loop(s, d, mm.image_tokens(), prog, [&](const std::vector<encoded_batch>& enc) {
+      std::vector<skillgraft::cuda::tensor<float>> images;
+      images.reserve(enc.size());
+      std::vector<train::micro_batch<float, backend::cuda>> mbs;
+      for (const auto& e : enc) {
+        images.emplace_back();
+        if (!e.images.empty()) images.back() = skillgraft::cuda::tensor<float>::from_host(e.images, memory_use::workspace);
+        mbs.push_back({e.ids, e.targets, e.images.empty() ? nullptr : &images.back()});
+      }
+      return train::train_step(mm, dw, g, opt, sched, std::span<const train::micro_batch<float, backend::cuda>>(mbs));
+    });
+    model::download(dw, w);
   });
-  model::download(dw, w);
+  return pretext;
 }
 
 // run_method() with the training on the GPU.

@@ -1,7 +1,8 @@
 // reproduce: the recipes' learning-vs-forgetting experiment on a small multimodal model.
 //
 //   reproduce [--full] [--methods llm,sa_proj,...] [--order birds,count,tissue,sign,clock]
-//             [--out DIR] [--checkpoint FILE] [--seed N] [--no-restrict] [--device cpu|cuda]
+//             [--out DIR] [--checkpoint FILE] [--seed N] [--seeds N] [--no-restrict] [--device cpu|cuda]
+//             [--vision-pretrain-steps N] [--vision-pretrain-batch N] [--vision-pretrain-lr X]
 //             [--pretrain-steps N] [--pretrain-batch N] [--pretrain-lr X] [--pretrain-threads N]
 //             [--vision-hidden N] [--vision-layers N]
 //             [--stage-steps N] [--stage-batch N] [--lr X] [--test-examples N]
@@ -42,8 +43,9 @@ std::vector<std::string> split(const std::string& s) {
 
 void usage() {
   std::cout << "usage: reproduce [options]\n"
-               "  --full                 longer, more faithful run (6000 pretraining steps, 1000 steps per stage)\n"
-               "  --methods a,b,...      methods to run (default: all): ";
+               "  --full                 longer, more faithful run of all ten methods (6000 pretraining steps,\n"
+               "                         1000 steps per stage)\n"
+               "  --methods a,b,...      methods to run (default: llm,mlp,mlp_gate_up,sa_proj; --full: all): ";
   for (const auto& m : rp::all_methods()) std::cout << m << ' ';
   std::cout << "\n"
                "                         any recipe name works too: "
@@ -53,11 +55,17 @@ void usage() {
                "  --out DIR              output directory (default reproduce-out)\n"
                "  --checkpoint FILE      base-model cache (default DIR/base.safetensors); a file there that is not\n"
                "                         one is refused, never overwritten\n"
-               "  --seed N               training-data and initialisation seed (default 1)\n"
+               "  --seed N               the base model's seed, and the first fine-tuning seed (default 1)\n"
+               "  --seeds N              fine-tuning seeds per method: seed, seed + 1, ... on the same base model;\n"
+               "                         the table gives means with 95 % t-intervals (default 3)\n"
                "  --no-restrict          free decoding everywhere (default: restricted where a task has a format)\n"
-               "  --pretrain-steps N --pretrain-batch N --pretrain-lr X\n"
+               "  --vision-pretrain-steps N --vision-pretrain-batch N --vision-pretrain-lr X\n"
+               "                         the vision encoder's own pretraining (default 1500 x 32, lr 2e-3; steps 0:\n"
+               "                         none, and the joint pretraining trains the encoder from scratch)\n"
+               "  --pretrain-steps N --pretrain-batch N --pretrain-lr X   the joint pretraining\n"
                "  --stage-steps N --stage-batch N --lr X --lora-lr X --test-examples N\n"
-               "  --pretrain-threads N   threads of the pretraining process (default: one per core)\n"
+               "  --pretrain-threads N   threads of the pretraining process (default 2 on every machine, so that the\n"
+               "                         base model does not depend on the core count; 0: one per core)\n"
                "  --vision-hidden N --vision-layers N   a wider/deeper vision encoder (default 64, 2)\n"
                "  --jobs N               methods run at once, each in its own process (default: one per core)\n"
                "  --threads N            threads inside each process (default 1; more than 1 runs methods in turn;\n"
@@ -113,8 +121,16 @@ int main(int argc, char** argv) {
         s.checkpoint = value();
       } else if (a == "--seed") {
         s.seed = number(std::uint64_t{});
+      } else if (a == "--seeds") {
+        s.seeds = integer();
       } else if (a == "--no-restrict") {
         s.restricted = false;
+      } else if (a == "--vision-pretrain-steps") {
+        s.vision_pretext.steps = integer();
+      } else if (a == "--vision-pretrain-batch") {
+        s.vision_pretext.batch = integer();
+      } else if (a == "--vision-pretrain-lr") {
+        s.vision_pretext.lr = real();
       } else if (a == "--pretrain-steps") {
         s.pretrain_steps = integer();
       } else if (a == "--pretrain-batch") {
@@ -163,6 +179,11 @@ int main(int argc, char** argv) {
         throw std::invalid_argument(o.str());
       }
     };
+    if (s.vision_pretext.steps < 0)
+      throw std::invalid_argument("option --vision-pretrain-steps must not be negative (0: no vision pretraining), got " +
+                                  std::to_string(s.vision_pretext.steps));
+    positive("--vision-pretrain-batch", s.vision_pretext.batch);
+    positive("--vision-pretrain-lr", s.vision_pretext.lr);
     positive("--pretrain-steps", s.pretrain_steps);
     positive("--pretrain-batch", s.pretrain_batch);
     positive("--pretrain-lr", s.pretrain_lr);
@@ -171,6 +192,7 @@ int main(int argc, char** argv) {
     positive("--lr", s.lr);
     positive("--lora-lr", s.lora_lr);
     positive("--test-examples", s.test_examples);
+    positive("--seeds", s.seeds);
     if (s.threads < 1) throw std::invalid_argument("option --threads must be at least 1");
     if (s.jobs < 0 || s.pretrain_threads < 0)
       throw std::invalid_argument("options --jobs and --pretrain-threads must not be negative (0: one per core)");
@@ -187,7 +209,7 @@ int main(int argc, char** argv) {
     rp::resize_vision(s.model, vision_hidden, vision_layers);
     rp::progress prog(s.quiet);
     auto res = rp::run_pipeline(s, prog);
-    std::cout << rp::summary_markdown(res.summaries) << "\nreport: " << (s.out / "report.md").string() << "  (whole run "
+    std::cout << rp::seeded_markdown(res.seeded) << "\nreport: " << (s.out / "report.md").string() << "  (whole run "
               << rp::fmt(res.total_seconds) << " s)\n";
     return 0;
   } catch (const std::exception& e) {

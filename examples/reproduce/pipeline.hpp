@@ -33,7 +33,8 @@ struct pipeline_result {
   double pretrain_seconds = 0, total_seconds = 0;
   std::vector<double> base_row;
   std::vector<method_result> methods;
-  std::vector<method_summary> summaries;
+  std::vector<method_summary> summaries;  // one per method and seed, in the order of `methods`
+  std::vector<seeded_summary> seeded;     // one per method: means and intervals over its seeds
   std::vector<std::string> skipped;  // methods not available in this build
 };
 
@@ -42,7 +43,7 @@ struct pipeline_result {
 inline std::string serialize(const method_result& r) {
   std::ostringstream o;
   auto num = [](double x) { return cl::detail::csv_number(x); };
-  o << "name " << r.name << "\ntrain_seconds " << num(r.train_seconds) << "\neval_seconds " << num(r.eval_seconds)
+  o << "name " << r.name << "\nseed " << r.seed << "\ntrain_seconds " << num(r.train_seconds) << "\neval_seconds " << num(r.eval_seconds)
     << "\npeak_bytes " << r.peak_bytes << "\ntrainable " << r.trainable << "\ndevice " << r.device
     << "\nfinal_loss " << r.final_loss.size();
   for (double l : r.final_loss) o << ' ' << num(l);
@@ -66,6 +67,8 @@ inline method_result deserialize(const std::string& text) {
   };
   expect("name");
   in >> r.name;
+  expect("seed");
+  in >> r.seed;
   expect("train_seconds");
   in >> r.train_seconds;
   expect("eval_seconds");
@@ -172,12 +175,11 @@ inline void pretrain_in_child(const settings& s, const run_data& d, const std::s
     Eigen::setNbThreads(threads);
     weights_t w(s.model);
 #ifdef SKILLGRAFT_REPRODUCE_CUDA
-    if (s.device == "cuda") pretrain_cuda(w, s, d, prog);
-    else pretrain(w, s, d, prog);
+    const std::string pretext = s.device == "cuda" ? pretrain_cuda(w, s, d, prog) : pretrain(w, s, d, prog);
 #else
-    pretrain(w, s, d, prog);
+    const std::string pretext = pretrain(w, s, d, prog);
 #endif
-    save_checkpoint(w, s.checkpoint_path(), fp);
+    save_checkpoint(w, s.checkpoint_path(), fp, pretext);
     return 0;
   });
   int status = 0;
@@ -269,65 +271,118 @@ inline pipeline_result run_pipeline(const settings& s, progress& prog) {
       res.skipped.push_back(m);
     }
   }
+  // Every method once per fine-tuning seed, on the same base model: run i of a method trains
+  // its stages with seed s.seed + i (data streams, LoRA's initialisation).
+  struct job {
+    std::string method;
+    std::uint64_t seed;
+    std::string label() const { return method + ".seed" + std::to_string(seed); }
+  };
+  std::vector<job> runs;
+  for (const auto& m : todo)
+    for (int i = 0; i < std::max(1, s.seeds); ++i) runs.push_back({m, s.seed + std::uint64_t(i)});
+  auto run_one = [&](const job& j, progress& p) {
+    settings si = s;
+    si.seed = j.seed;
+    auto r = run_method_on(j.method, si, base, res.base_row, base_probe, d, p);
+    r.seed = j.seed;
+    return r;
+  };
   auto finish = [&](method_result r) {
     r.recipe = method_description(r.name);
-    cl::write_accuracy_csv(s.out / ("accuracy_" + r.name + ".csv"), matrix_of(r, d));
+    // The first seed's matrix keeps the plain name (it is the run with the base model's seed).
+    const std::string suffix = r.seed == s.seed ? "" : "_seed" + std::to_string(r.seed);
+    cl::write_accuracy_csv(s.out / ("accuracy_" + r.name + suffix + ".csv"), matrix_of(r, d));
     auto sm = summarize(r, d);
-    prog.note(r.name + (r.device == "cpu" ? "" : " (" + r.device + ")") + ": learning " + signed1(sm.learning) + ", held-out " + signed1(sm.heldout_final) + " (mean " +
-              signed1(sm.heldout_mean) + "), counting bias max " + fmt(sm.probe_max, "%.4f") + ", train " +
-              fmt(sm.train_seconds) + " s, peak " + fmt(sm.peak_mib) + " MiB");
+    prog.note(r.name + (s.seeds > 1 ? " seed " + std::to_string(r.seed) : "") +
+              (r.device == "cpu" ? "" : " (" + r.device + ")") + ": learning " + signed1(sm.learning) + ", held-out " +
+              signed1(sm.heldout_final) + " (mean " + signed1(sm.heldout_mean) + "), counting bias max " +
+              fmt(sm.probe_max, "%.4f") + ", train " + fmt(sm.train_seconds) + " s, peak " + fmt(sm.peak_mib) + " MiB");
     res.methods.push_back(std::move(r));
     res.summaries.push_back(sm);
   };
   int jobs = s.jobs > 0 ? s.jobs : int(std::max(1u, std::thread::hardware_concurrency()));
-  jobs = std::min<int>(jobs, int(todo.size()));
+  jobs = std::min<int>(jobs, int(runs.size()));
   // A process whose OpenMP runtime has started threads must not fork workers (the runtime's
   // thread pool does not survive fork): with several threads per method, methods run in turn.
   if (threads > 1) jobs = 1;
   if (jobs <= 1) {
-    for (const auto& m : todo) finish(run_method_on(m, s, base, res.base_row, base_probe, d, prog));
+    for (const auto& j : runs) finish(run_one(j, prog));
   } else {
     // Workers report progress line by line (no redrawing), each line naming its method.
-    prog.note("running " + std::to_string(todo.size()) + " methods, " + std::to_string(jobs) + " at a time");
-    auto results = run_in_workers(todo, jobs, s.out, [&](const std::string& m) {
+    prog.note("running " + std::to_string(todo.size()) + " methods x " + std::to_string(std::max(1, s.seeds)) +
+              " seeds, " + std::to_string(jobs) + " at a time");
+    std::vector<std::string> labels;
+    for (const auto& j : runs) labels.push_back(j.label());
+    auto results = run_in_workers(labels, jobs, s.out, [&](const std::string& label) {
       progress worker(s.quiet, /*redraw=*/false);
-      return run_method_on(m, s, base, res.base_row, base_probe, d, worker);
+      const auto at = std::size_t(std::find(labels.begin(), labels.end(), label) - labels.begin());
+      return run_one(runs.at(at), worker);
     });
     for (auto& r : results) finish(std::move(r));
   }
+  res.seeded = aggregate(res.summaries);
+  std::vector<method_summary> means;
+  for (const auto& a : res.seeded) means.push_back(a.mean);
+  // The probe pictures show the first seed's runs (one line per method).
+  std::vector<method_result> first_seed;
+  for (const auto& r : res.methods)
+    if (r.seed == s.seed) first_seed.push_back(r);
   // Reports.
   write_text(s.out / "summary.csv", summary_csv(res.summaries));
   write_text(s.out / "probe.csv", probe_csv(res.methods));
-  write_text(s.out / "curves.csv", curves_csv(res.summaries));
-  write_text(s.out / "learning_forgetting.svg", learning_forgetting_svg(res.summaries));
-  write_text(s.out / "heldout_over_stages.svg", heldout_svg(res.summaries));
+  write_text(s.out / "curves.csv", curves_csv(means));
+  write_text(s.out / "learning_forgetting.svg", learning_forgetting_svg(means));
+  write_text(s.out / "heldout_over_stages.svg", heldout_svg(means));
   int count_stage = 0;
   for (std::size_t k = 0; k < d.targets.size(); ++k)
     if (d.targets[k].name == "count") count_stage = int(k + 1);
-  write_text(s.out / "probe_counting_stage.svg", probe_steps_svg(res.methods, count_stage, s.stage_steps));
-  write_text(s.out / "probe_over_stages.svg", probe_stages_svg(res.methods));
+  write_text(s.out / "probe_counting_stage.svg", probe_steps_svg(first_seed, count_stage, s.stage_steps));
+  write_text(s.out / "probe_over_stages.svg", probe_stages_svg(first_seed));
   res.total_seconds = std::chrono::duration<double>(clock::now() - t_start).count();
   std::string md = "# skillgraft reproduction\n\n";
-  md += "Settings: pretrain " + std::to_string(s.pretrain_steps) + " steps x " + std::to_string(s.pretrain_batch) +
+  md += "Settings: " + (s.vision_pretext.steps > 0 ? "vision pretext " + std::to_string(s.vision_pretext.steps) + " steps x " +
+                                                         std::to_string(s.vision_pretext.batch) + ", then "
+                                                   : std::string("no vision pretext, ")) +
+        "joint pretraining " + std::to_string(s.pretrain_steps) + " steps x " + std::to_string(s.pretrain_batch) +
         ", stages " + std::to_string(s.stage_steps) + " steps x " + std::to_string(s.stage_batch) + ", lr " + fmt(s.lr, "%g") +
         " (LoRA " + fmt(s.lora_lr, "%g") + "), " + std::to_string(s.test_examples) + " test examples per task, " +
         (s.restricted ? "restricted" : "free") + " decoding, order";
   for (const auto& t : s.order) md += " " + t;
-  md += ", seed " + std::to_string(s.seed) + ".\n\n";
+  md += ", base-model seed " + std::to_string(s.seed) + ", fine-tuning seeds " + std::to_string(s.seed) +
+        (s.seeds > 1 ? ".." + std::to_string(s.seed + std::uint64_t(s.seeds) - 1) : "") + ".\n\n";
   md += "Base model: " + std::string(res.pretrained ? "pretrained in " + fmt(res.pretrain_seconds) + " s" : "loaded from the cache") +
-        "; whole run " + fmt(res.total_seconds) + " s.\n\n";
-  md += summary_markdown(res.summaries) + "\n";
-  md += "learning: mean over targets of the gain right after its own stage; held-out Δ: mean change of the held-out "
-        "tasks (negative = forgetting); counting bias: number-token mass on generated captions (base " +
+        "; whole run " + fmt(res.total_seconds) + " s.";
+  if (auto f = open_cache(s.checkpoint_path())) {
+    const auto note = f->metadata().find(cache_pretext_key);
+    if (note != f->metadata().end()) md += " Vision pretext: " + note->second + ".";
+  }
+  md += "\n\n";
+  md += seeded_markdown(res.seeded) + "\n";
+  md += "Each number: the mean over the seeds ± the half-width of its 95 % t-interval. learning: mean over targets of "
+        "the gain right after its own stage; held-out Δ: mean change of the held-out tasks (negative = forgetting); "
+        "counting bias: number-token mass on generated captions (base " +
         fmt(base_probe.number_mass, "%.4f") + ").\n\n";
+  {
+    std::vector<double> held, targ;
+    for (std::size_t j = 0; j < d.tests.size(); ++j) (d.tests[j].target ? targ : held).push_back(res.base_row[j]);
+    md += "Test-set noise (binomial standard error at the base model's accuracies, " + std::to_string(s.test_examples) +
+          " examples per task): " + fmt(mean_accuracy_standard_error(held, s.test_examples), "%.2f") +
+          " points for the mean over the held-out tasks, " + fmt(mean_accuracy_standard_error(targ, s.test_examples), "%.2f") +
+          " for the mean over the targets. The test sets are the same for every seed and method.\n\n";
+  }
+  md += comparison_markdown(res.seeded);
+  md += "Mean held-out accuracy (%) after each stage:\n\n" + stages_markdown(res.seeded, s.order) + "\n";
   if (s.device != "cpu") {
     md += "Device: pretraining " + std::string(res.pretrained ? "on " + s.device : "loaded from the cache") +
           "; training of each method on:";
-    for (const auto& r : res.methods) md += " " + r.name + " " + r.device + ",";
+    for (const auto& r : first_seed) md += " " + r.name + " " + r.device + ",";
     md.back() = '.';
     md += " Evaluation and probes on the CPU; peak memory is the training device's.\n\n";
   }
-  for (const auto& r : res.methods) md += "## " + r.name + "\n\n```\n" + cl::accuracy_table(matrix_of(r, d)) + "```\n\n";
+  for (const auto& r : res.methods)
+    md += "## " + r.name + (s.seeds > 1 ? ", seed " + std::to_string(r.seed) : "") + "\n\n```\n" +
+          cl::accuracy_table(matrix_of(r, d)) + "```\n\n";
   if (!res.skipped.empty()) {
     md += "Not run (not available in this build):";
     for (const auto& m : res.skipped) md += " " + m;

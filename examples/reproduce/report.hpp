@@ -18,11 +18,13 @@
 #include "skillgraft/cl/metrics_table.hpp"
 
 #include "experiment.hpp"
+#include "intervals.hpp"
 
 namespace skillgraft::reproduce {
 
 struct method_summary {
   std::string name, recipe;
+  std::uint64_t seed = 0;       // the stages' seed
   double learning = 0;          // mean over targets of R(k, t_k) - R(0, t_k), points
   double learning_final = 0;    // mean over targets of R(T, t_k) - R(0, t_k), points
   double heldout_final = 0;     // mean over held-out of R(T, h) - R(0, h), points (negative = forgetting)
@@ -47,6 +49,7 @@ inline method_summary summarize(const method_result& r, const run_data& d) {
   const auto m = cl::summarize(R);
   method_summary s;
   s.name = r.name;
+  s.seed = r.seed;
   s.recipe = r.recipe;
   s.learning = 100 * m.learning_after_own_stage;
   s.learning_final = 100 * m.learning_final;
@@ -84,29 +87,132 @@ inline std::string fmt(double x, const char* f = "%.1f") {
 }
 inline std::string signed1(double x) { return fmt(x, "%+.1f"); }
 
-inline std::string summary_markdown(const std::vector<method_summary>& ms) {
+// One method over its seeds: every number of `mean` is the mean over the seeds' runs, and the
+// table's numbers carry their 95 % t-intervals.
+struct seeded_summary {
+  method_summary mean;
+  std::vector<std::uint64_t> seeds;
+  interval learning, learning_final, heldout_final, heldout_mean, probe_max;
+  std::vector<interval> heldout_curve;  // per stage 0..T, mean held-out accuracy (%)
+};
+
+// Groups the runs by method, in order of first appearance.
+inline std::vector<seeded_summary> aggregate(const std::vector<method_summary>& runs) {
+  std::vector<seeded_summary> out;
+  std::vector<std::vector<std::size_t>> members;
+  for (std::size_t i = 0; i < runs.size(); ++i) {
+    std::size_t k = 0;
+    while (k < out.size() && out[k].mean.name != runs[i].name) ++k;
+    if (k == out.size()) out.emplace_back().mean = runs[i], members.emplace_back();
+    members[k].push_back(i);
+  }
+  for (std::size_t k = 0; k < out.size(); ++k) {
+    auto over = [&](auto field) {
+      std::vector<double> v;
+      for (auto i : members[k]) v.push_back(field(runs[i]));
+      return t_interval(v);
+    };
+    auto& a = out[k];
+    for (auto i : members[k]) a.seeds.push_back(runs[i].seed);
+    a.learning = over([](const method_summary& m) { return m.learning; });
+    a.learning_final = over([](const method_summary& m) { return m.learning_final; });
+    a.heldout_final = over([](const method_summary& m) { return m.heldout_final; });
+    a.heldout_mean = over([](const method_summary& m) { return m.heldout_mean; });
+    a.probe_max = over([](const method_summary& m) { return m.probe_max; });
+    a.mean.learning = a.learning.mean, a.mean.learning_final = a.learning_final.mean;
+    a.mean.heldout_final = a.heldout_final.mean, a.mean.heldout_mean = a.heldout_mean.mean;
+    a.mean.probe_max = a.probe_max.mean;
+    a.mean.heldout_worst = over([](const method_summary& m) { return m.heldout_worst; }).mean;
+    a.mean.probe_final = over([](const method_summary& m) { return m.probe_final; }).mean;
+    a.mean.train_seconds = over([](const method_summary& m) { return m.train_seconds; }).mean;
+    a.mean.eval_seconds = over([](const method_summary& m) { return m.eval_seconds; }).mean;
+    a.mean.peak_mib = over([](const method_summary& m) { return m.peak_mib; }).mean;
+    for (std::size_t j = 0; j < a.mean.heldout_curve.size(); ++j) {
+      a.heldout_curve.push_back(over([&](const method_summary& m) { return m.heldout_curve.at(j); }));
+      a.mean.heldout_curve[j] = a.heldout_curve.back().mean;
+      a.mean.target_curve[j] = over([&](const method_summary& m) { return m.target_curve.at(j); }).mean;
+    }
+  }
+  return out;
+}
+
+// "mean ± half" (the half-width omitted with one seed).
+inline std::string with_interval(const interval& i, const char* f = "%+.1f") {
+  std::string half = f;  // the mean's precision, without its sign
+  if (const auto plus = half.find('+'); plus != std::string::npos) half.erase(plus, 1);
+  return i.n > 1 ? fmt(i.mean, f) + " ± " + fmt(i.half, half.c_str()) : fmt(i.mean, f);
+}
+
+inline std::string seeded_markdown(const std::vector<seeded_summary>& ms) {
   std::string o =
-      "| method | trains | learning | learning (final) | held-out Δ (final) | held-out Δ (mean over stages) | "
+      "| method | trains | seeds | learning | learning (final) | held-out Δ (final) | held-out Δ (mean over stages) | "
       "counting bias (max) | train s | peak MiB | trainable |\n"
-      "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
-  for (const auto& m : ms)
-    o += "| " + m.name + " | " + m.recipe + " | " + signed1(m.learning) + " | " + signed1(m.learning_final) + " | " +
-         signed1(m.heldout_final) + " | " + signed1(m.heldout_mean) + " | " + fmt(m.probe_max, "%.3f") + " | " +
-         fmt(m.train_seconds) + " | " + fmt(m.peak_mib) + " | " + std::to_string(m.trainable) + " |\n";
+      "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+  for (const auto& a : ms) {
+    const auto& m = a.mean;
+    o += "| " + m.name + " | " + m.recipe + " | " + std::to_string(a.seeds.size()) + " | " + with_interval(a.learning) +
+         " | " + with_interval(a.learning_final) + " | " + with_interval(a.heldout_final) + " | " +
+         with_interval(a.heldout_mean) + " | " + with_interval(a.probe_max, "%.3f") + " | " + fmt(m.train_seconds) +
+         " | " + fmt(m.peak_mib) + " | " + std::to_string(m.trainable) + " |\n";
+  }
+  return o;
+}
+
+// Held-out accuracy after every stage (the recovery phenomenon: forgetting after one stage
+// that later stages partly undo), mean ± interval over seeds.
+inline std::string stages_markdown(const std::vector<seeded_summary>& ms, const std::vector<std::string>& order) {
+  if (ms.empty()) return "";
+  std::string o = "| method | base |", rule = "|---|---:|";
+  for (std::size_t k = 0; k < order.size(); ++k) o += " after " + order[k] + " |", rule += "---:|";
+  o += "\n" + rule + "\n";
+  for (const auto& a : ms) {
+    o += "| " + a.mean.name + " |";
+    for (const auto& c : a.heldout_curve) o += " " + with_interval(c, "%.1f") + " |";
+    o += "\n";
+  }
+  return o;
+}
+
+// The paper's comparison against the whole LLM, and the probe's rank correlation with
+// forgetting over the methods.
+inline std::string comparison_markdown(const std::vector<seeded_summary>& ms) {
+  std::string o;
+  const seeded_summary* llm = nullptr;
+  for (const auto& a : ms)
+    if (a.mean.name == "llm") llm = &a;
+  if (llm && llm->heldout_mean.mean < 0 && llm->learning.mean > 0) {
+    o += "Against the whole LLM (means over seeds; forgetting is the mean held-out Δ over stages):\n\n";
+    for (const auto& a : ms) {
+      if (&a == llm) continue;
+      const bool apart = a.heldout_mean.lo() > llm->heldout_mean.hi();
+      o += "- " + a.mean.name + ": forgets " + fmt(a.heldout_mean.mean / llm->heldout_mean.mean, "%.2f") +
+           " of what llm forgets (" + fmt(a.heldout_final.mean / llm->heldout_final.mean, "%.2f") +
+           " after the last stage), learns " + fmt(a.learning.mean / llm->learning.mean, "%.2f") +
+           " of its learning; its forgetting interval " + (apart ? "does not overlap" : "overlaps") + " llm's.\n";
+    }
+    o += "\n";
+  }
+  if (ms.size() >= 3) {
+    std::vector<double> probe, forgetting;
+    for (const auto& a : ms) probe.push_back(a.probe_max.mean), forgetting.push_back(-a.heldout_mean.mean);
+    o += "Spearman rank correlation over the " + std::to_string(ms.size()) +
+         " methods between the counting bias (max) and the mean held-out forgetting: " +
+         fmt(spearman(probe, forgetting), "%.2f") + ".\n\n";
+  }
   return o;
 }
 
 inline std::string summary_csv(const std::vector<method_summary>& ms) {
   std::string o =
       "method,trains,learning,learning_final,heldout_delta_final,heldout_delta_mean,heldout_delta_worst,probe_final,"
-      "probe_max,train_seconds,eval_seconds,peak_mib,trainable\n";
+      "probe_max,train_seconds,eval_seconds,peak_mib,trainable,seed\n";
   for (const auto& m : ms)
     o += m.name + ",\"" + m.recipe + "\"," + cl::detail::csv_number(m.learning) + "," + cl::detail::csv_number(m.learning_final) +
          "," + cl::detail::csv_number(m.heldout_final) + "," + cl::detail::csv_number(m.heldout_mean) + "," +
          cl::detail::csv_number(m.heldout_worst) + "," + cl::detail::csv_number(m.probe_final) + "," +
          cl::detail::csv_number(m.probe_max) + "," + cl::detail::csv_number(m.train_seconds) + "," +
          cl::detail::csv_number(m.eval_seconds) + "," + cl::detail::csv_number(m.peak_mib) + "," +
-         std::to_string(m.trainable) + "\n";
+         std::to_string(m.trainable) + "," + std::to_string(m.seed) + "\n";
   return o;
 }
 

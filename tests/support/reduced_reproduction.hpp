@@ -15,8 +15,10 @@ inline reproduce::settings reduced_settings(const std::string& name) {
   s.model.projector = {.in = s.model.vision.out_features(), .intermediate = 24, .out = 32};
   auto& t = s.model.text;
   t.hidden = 32, t.n_heads = 2, t.n_kv_heads = 1, t.head_dim = 16, t.intermediate = 48, t.n_layers = 2;
+  s.vision_pretext.steps = 2, s.vision_pretext.batch = 4;
   s.pretrain_steps = 3, s.pretrain_batch = 8;
   s.stage_steps = 12, s.stage_batch = 4;
+  s.seeds = 1;
   s.test_examples = 6, s.probe_examples = 4;
   s.quiet = true;
   s.out = std::filesystem::temp_directory_path() / ("skillgraft_reproduce_" + name + "_" + std::to_string(::getpid()));
