@@ -1,7 +1,7 @@
 #pragma once
 // Attention over a KV cache on the CPU (math in model/generate.hpp): one OpenMP task per
-// (run of consecutive query tokens, head), each two Eigen GEMMs against the run's prefix of the
-// cache and a row softmax in between, so decoding one token per sequence and scoring a whole
+// (run of consecutive query tokens, head), each two products through the backend's GEMM (as the
+// training core's, attention.hpp) against the run's prefix of the cache and a row softmax in between, so decoding one token per sequence and scoring a whole
 // prompt are the same code.
 #include <cstdint>
 #include <vector>
@@ -34,14 +34,15 @@ struct cached_attention_ops {
         const_strided_map<T> K(k_cache.data() + kv_at, L, hd, Eigen::OuterStride<>(KV * hd));
         const_strided_map<T> V(v_cache.data() + kv_at, L, hd, Eigen::OuterStride<>(KV * hd));
         strided_map<T> A(a.data() + q_at, n, hd, Eigen::OuterStride<>(H * hd));
-        row_matrix<T> P = (Q * K.transpose()) * scale;
+        row_matrix<T> P(n, L);
+        product(op::n, op::t, scale, Q, K, T(0), P);
         for (int i = 0; i < n; ++i) {  // query i of the run sits at position p0 + i: keys 0..p0 + i
           auto seen = P.row(i).head(p0 + i + 1);
           seen = (seen.array() - seen.maxCoeff()).exp();
           seen /= seen.sum();
           P.row(i).tail(L - (p0 + i + 1)).setZero();
         }
-        A.noalias() = P * V;
+        product(op::n, op::n, T(1), P, V, T(0), A);
       }
   }
 };

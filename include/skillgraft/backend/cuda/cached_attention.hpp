@@ -40,25 +40,28 @@ struct cached_attention_ops {
     // P [heads, packed, keys]: query head kvh * G + g of packed row i at ((kvh * G + g) * R + i) * L.
     tensor<T> p({std::size_t(H), std::size_t(R), std::size_t(L)}, memory_use::workspace);
     const long long q_stride = static_cast<long long>(G) * hd, p_stride = static_cast<long long>(G) * R * L;
+    // f(run, its first packed row, group member g, offset of its sequence's cache rows)
     auto for_each_run = [&](auto&& f) {
-      index_t start = 0;  // packed row of the run's first token
+      index_t start = 0;
       for (const auto& run : runs) {
-        const T* kv_base_k = k_cache.data() + index_t(d.sequence_of(run.first)) * d.capacity * kvd;
-        const T* kv_base_v = v_cache.data() + index_t(d.sequence_of(run.first)) * d.capacity * kvd;
-        for (int g = 0; g < G; ++g) f(run.count, d.position_of(run.first) + run.count, start, g, kv_base_k, kv_base_v);
+        const index_t cache_at = index_t(d.sequence_of(run.first)) * d.capacity * kvd;
+        for (int g = 0; g < G; ++g) f(run, start, g, cache_at);
         start += run.count;
       }
     };
-    for_each_run([&](int n, int keys, index_t start, int g, const T* K, const T*) {  // P = q k^T scale
-      gemm_ops::gemm_strided_batched("cached attention scores: P = q k^T / sqrt(hd)", op::n, op::t, n, keys, hd, scale,
-                                     qr.data() + start * qd + index_t(g) * hd, int(qd), q_stride, K, int(kvd),
-                                     (long long)hd, T(0), p.data() + (index_t(g) * R + start) * L, L, p_stride, KV);
+    const auto keys_of = [&](const token_run& run) { return d.position_of(run.first) + run.count; };
+    for_each_run([&](const token_run& run, index_t start, int g, index_t cache_at) {  // P = q k^T scale
+      gemm_ops::gemm_strided_batched("cached attention scores: P = q k^T / sqrt(hd)", op::n, op::t, run.count,
+                                     keys_of(run), hd, scale, qr.data() + start * qd + index_t(g) * hd, int(qd), q_stride,
+                                     k_cache.data() + cache_at, int(kvd), (long long)hd, T(0),
+                                     p.data() + (index_t(g) * R + start) * L, L, p_stride, KV);
     });
     masked_softmax(p.data(), index_t(H) * R, index_t(L), kernels::sees_up_to{d_position.data(), R});
-    for_each_run([&](int n, int keys, index_t start, int g, const T*, const T* V) {  // a = P v
-      gemm_ops::gemm_strided_batched("cached attention output: a = P v", op::n, op::n, n, hd, keys, T(1),
-                                     p.data() + (index_t(g) * R + start) * L, L, p_stride, V, int(kvd), (long long)hd,
-                                     T(0), ar.data() + start * qd + index_t(g) * hd, int(qd), q_stride, KV);
+    for_each_run([&](const token_run& run, index_t start, int g, index_t cache_at) {  // a = P v
+      gemm_ops::gemm_strided_batched("cached attention output: a = P v", op::n, op::n, run.count, hd, keys_of(run), T(1),
+                                     p.data() + (index_t(g) * R + start) * L, L, p_stride, v_cache.data() + cache_at,
+                                     int(kvd), (long long)hd, T(0), ar.data() + start * qd + index_t(g) * hd, int(qd),
+                                     q_stride, KV);
     });
     elementwise_ops::scatter_rows(ar, std::size_t(qd), rows, a);
   }
