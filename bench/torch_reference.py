@@ -30,8 +30,16 @@ gradients and AdamW state (after a step) and the activations autograd saves for 
 
 Times: `--warmup` untimed iterations, then the median of `--repetitions` timed ones.
 
+`--device cuda` runs the same model on the GPU (the counterpart of
+bench/cuda/bench_cuda_train_step.cu): weights are drawn on the CPU from the same generator and
+moved, each timed iteration ends with torch.cuda.synchronize(), fp32 matrix products stay
+fp32 (PyTorch's default: TF32 off for matmul) unless `--tf32`, and the device's peak allocated
+bytes over the timed iterations (torch.cuda.max_memory_allocated) are reported beside the
+resident set.
+
   .venv-bench/bin/python bench/torch_reference.py --threads 2 --json torch.json
   .venv-bench/bin/python bench/torch_reference.py --tiny        # a quick run, ~2 min
+  python3 bench/torch_reference.py --device cuda --parts step   # on a GPU machine
 """
 
 import argparse
@@ -89,12 +97,15 @@ def rss_mib():
 # ----------------------------------------------------------------------------- worker
 
 
-def worker(part, recipe, c, threads, warmup, reps, seed=1, keep_model=False):
+def worker(part, recipe, c, threads, warmup, reps, seed=1, keep_model=False, device="cpu", tf32=False):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     torch.set_num_threads(threads)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
     rss_import = rss_mib()
     cfg = LlamaConfig(vocab_size=c["vocab"], hidden_size=c["hidden"], intermediate_size=c["intermediate"],
                       num_hidden_layers=c["layers"], num_attention_heads=c["heads"],
@@ -118,6 +129,9 @@ def worker(part, recipe, c, threads, warmup, reps, seed=1, keep_model=False):
                 p.fill_(1.0)
             else:
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    model.to(device)
+    if part == "trunk":
+        rotary.to(device)
     model.train()
     params = []
     for name, p in model.named_parameters():
@@ -130,9 +144,9 @@ def worker(part, recipe, c, threads, warmup, reps, seed=1, keep_model=False):
         raise SystemExit(f"torch_reference: {part}/{recipe} trains {trainable} elements, "
                          f"the recipe's definition gives {expected}")
 
-    positions = torch.arange(S).unsqueeze(0).expand(B, S)
+    positions = torch.arange(S).unsqueeze(0).expand(B, S).to(device)
     if part == "trunk":
-        x = torch.randn(B, S, c["hidden"], generator=g)
+        x = torch.randn(B, S, c["hidden"], generator=g).to(device)
 
         def forward(inp):
             h = inp
@@ -159,6 +173,7 @@ def worker(part, recipe, c, threads, warmup, reps, seed=1, keep_model=False):
         # reference_lm.hpp: targets at positions S/2 .. S-2 (target t = token t + 1); Hugging
         # Face labels are shifted inside the model, so label j is the target of position j - 1.
         labels[:, : S // 2 + 1] = -100
+        ids, labels = ids.to(device), labels.to(device)
         opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0) if params else None
 
         def iteration():
@@ -178,14 +193,20 @@ def worker(part, recipe, c, threads, warmup, reps, seed=1, keep_model=False):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         loss = float(iteration())
         return dict(trainable_elements=trainable, loss=loss, model=model, before=before)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(warmup):
         iteration()
+    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         iteration()
+        sync()
         times.append(time.perf_counter() - t0)
     rss_peak = rss_mib()
+    device_peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
 
     # Bytes autograd keeps for backward: unique storages of saved tensors, parameters excluded
     # (they are weights, not activations). Measured after the timing, so it cannot affect it.
@@ -210,6 +231,8 @@ def worker(part, recipe, c, threads, warmup, reps, seed=1, keep_model=False):
                 trainable_elements=trainable, saved_mib=sum(saved.values()) / 2**20, grads_mib=trainable * 4 / 2**20,
                 adamw_mib=None if adamw is None else adamw / 2**20,
                 rss_import_mib=rss_import, rss_setup_mib=rss_setup, rss_peak_mib=rss_peak,
+                device=device, tf32=tf32, device_peak_mib=device_peak,
+                gpu=torch.cuda.get_device_name() if device == "cuda" else None,
                 torch=torch.__version__, threads=torch.get_num_threads())
 
 
@@ -269,7 +292,8 @@ def training_check(c, threads):
 def table(rows, config, threads):
     by = {(r["part"], r["recipe"]): r for r in rows}
     recipes = [r for r in RECIPES if any(k[1] == r for k in by)]
-    lines = [f"PyTorch {rows[0]['torch'] if rows else '?'}, {threads} thread{'s' if threads != 1 else ''}, "
+    where = (f"on {rows[0]['gpu']}{' (TF32)' if rows[0]['tf32'] else ' (FP32)'}, " if rows and rows[0].get("gpu") else "")
+    lines = [f"PyTorch {rows[0]['torch'] if rows else '?'}, {where}{threads} thread{'s' if threads != 1 else ''}, "
              f"hidden {config['hidden']}, layers {config['layers']}, batch {config['batch']} x {config['seq']}, "
              f"vocab {config['vocab']}", "",
              "| recipe | trunk ms | trunk saved MiB | trunk peak RSS MiB (growth) | step ms | step trainable | "
@@ -282,6 +306,9 @@ def table(rows, config, threads):
         lines.append(f"| {rec} | {f(t, 'ms', '%.1f')} | {f(t, 'saved_mib', '%.1f')} | {rss(t)} | "
                      f"{f(s, 'ms', '%.0f')} | {f(s, 'trainable_elements', '%d')} | {f(s, 'grads_mib', '%.1f')} | "
                      f"{f(s, 'adamw_mib', '%.1f')} | {f(s, 'saved_mib', '%.1f')} | {rss(s)} |")
+    if any(r.get("device_peak_mib") is not None for r in rows):
+        lines.append("\nDevice peak allocated over the timed iterations (MiB): " + ", ".join(
+            f"{r['part']} {r['recipe']} {r['device_peak_mib']:.0f}" for r in rows if r.get("device_peak_mib") is not None))
     base = [r["rss_setup_mib"] for r in rows]
     if base:
         lines.append(f"\nResident set after import and model construction, before the first iteration: "
@@ -298,6 +325,8 @@ def main():
     ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated, of trunk, step")
     ap.add_argument("--tiny", action="store_true", help="a small configuration, for a quick check")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs (default cpu)")
+    ap.add_argument("--tf32", action="store_true", help="with --device cuda: TF32 tensor cores for fp32 products")
     ap.add_argument("--check", action="store_true",
                     help="no timing: check that the PyTorch side trains exactly each recipe's tensors "
                          "(exit 77 where torch or transformers cannot be imported)")
@@ -326,7 +355,8 @@ def main():
         print("torch_reference: every recipe trains exactly its tensors")
         return
     if a.worker:
-        print(json.dumps(worker(a.worker[0], a.worker[1], config, a.threads, a.warmup, a.repetitions)))
+        print(json.dumps(worker(a.worker[0], a.worker[1], config, a.threads, a.warmup, a.repetitions,
+                                device=a.device, tf32=a.tf32)))
         return
 
     causality_check(config)
@@ -335,7 +365,8 @@ def main():
     for rec in recipes:
         for part in parts:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", part, rec, "--threads", str(a.threads),
-                   "--repetitions", str(a.repetitions), "--warmup", str(a.warmup)] + (["--tiny"] if a.tiny else [])
+                   "--repetitions", str(a.repetitions), "--warmup", str(a.warmup), "--device", a.device] + \
+                (["--tiny"] if a.tiny else []) + (["--tf32"] if a.tf32 else [])
             out = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             r = rows[-1]
@@ -343,7 +374,7 @@ def main():
                   file=sys.stderr, flush=True)
     print(table(rows, config, a.threads))
     if a.json:
-        doc = dict(config=config, tiny=a.tiny, threads=a.threads, repetitions=a.repetitions, warmup=a.warmup,
+        doc = dict(config=config, tiny=a.tiny, threads=a.threads, device=a.device, tf32=a.tf32, repetitions=a.repetitions, warmup=a.warmup,
                    load_average=os.getloadavg(), results=rows)
         with open(a.json, "w") as f:
             json.dump(doc, f, indent=1)

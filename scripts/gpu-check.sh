@@ -11,6 +11,7 @@
 # The checks, in order:
 #   test_cuda_device        every layer, model and continual-learning method against the CPU
 #   bench_cuda_train_step   step time, TFLOP/s against cuBLAS, device memory per recipe
+#   torch_cuda              PyTorch eager's step on the same GPU (bench/torch_reference.py)
 #   reproduce               a reduced --device cuda run of all ten methods (report.md in $OUT)
 # A failing check does not stop the others; `run` exits with the number that failed and
 # prints one summary line per check.
@@ -39,8 +40,10 @@ case "${1:-}" in
   run)
     out="${OUT:-$root/gpu-check-out}"
     mkdir -p "$out"
-    export LD_LIBRARY_PATH="$bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    nvidia-smi > "$out/nvidia-smi.log" 2>&1
+    # CUDA's libraries: the machine's toolkit, else the ones PyTorch's wheels carry.
+    cuda_libs="/usr/local/cuda/lib64:$(python3 -c 'import glob, os, nvidia; print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(d + "/*/lib/lib*.so*")})))' 2>/dev/null)"
+    export LD_LIBRARY_PATH="$bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}:$cuda_libs"
+    { nvidia-smi; ldd --version | head -1; ldd "$bin/test_cuda_device" "$bin/reproduce"; nproc; } > "$out/env.log" 2>&1
     failed=0
     check() {  # check <name> <seconds> <command...>
       local name="$1" limit="$2"
@@ -51,10 +54,17 @@ case "${1:-}" in
       echo "$name: exit $rc after $((SECONDS - t0)) s" | tee -a "$out/summary.log"
       ((rc == 0)) || failed=$((failed + 1))
     }
-    check test_cuda_device 180 "$bin/test_cuda_device"
-    check bench_cuda_train_step 180 "$bin/bench_cuda_train_step" --benchmark_repetitions=3 \
+    check test_cuda_device 120 "$bin/test_cuda_device" --durations yes
+    check bench_cuda_train_step 100 "$bin/bench_cuda_train_step" --benchmark_repetitions=3 \
       --benchmark_report_aggregates_only=true
-    check reproduce 180 "$bin/reproduce" --device cuda --out "$out/reproduce" --pretrain-steps 200 --stage-steps 40
+    # PyTorch eager on the same GPU, model and recipes: the peer the step time is a ratio to.
+    check torch_cuda 120 python3 "$root/bench/torch_reference.py" --device cuda --parts step \
+      --recipes llm,mlp,mlp_gate_up,sa_proj,mlp_down --repetitions 20 --warmup 5 --json "$out/torch_cuda.json"
+    # At most 8 files come back: the run's report alone, not its directory.
+    check reproduce 200 "$bin/reproduce" --device cuda --out /tmp/reproduce-cuda --seeds 1 --quiet \
+      --methods llm,mlp,mlp_gate_up,sa_proj,vision_projector,full,lwf,wise_ft,lora,moe \
+      --vision-pretrain-steps 200 --pretrain-steps 200 --stage-steps 40 --jobs 8
+    cp /tmp/reproduce-cuda/report.md "$out/reproduce-report.md" 2>/dev/null
     exit "$failed"
     ;;
   *)
