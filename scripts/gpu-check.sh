@@ -3,8 +3,9 @@
 # the lent GPU machine has nvcc but none of the Debian packages and cannot fetch any:
 #
 #   scripts/gpu-check.sh build [arch]   here: builds the CUDA programs for `arch` (default 90,
-#                                       the H200) and copies them, with the OpenMP runtime they
-#                                       link, into gpu-check-bin/ (git-ignored, ~40 MiB)
+#                                       the H200) and packs them, stripped, with the Debian
+#                                       libraries they link, into gpu-check-bin/programs.tgz
+#                                       (git-ignored, ~26 MiB; `package` alone repacks)
 #   scripts/gpu-check.sh run            there (device tool: carry ["gpu-check-bin"]): runs each
 #                                       check under its own time limit, output in $OUT
 #
@@ -29,21 +30,36 @@ case "${1:-}" in
       -DSKILLGRAFT_CUDA_ARCHITECTURES="$arch" -DSKILLGRAFT_REPRODUCE_CUDA=ON -DSKILLGRAFT_FUZZ=OFF \
       -DSKILLGRAFT_BUILD_TESTS=ON -DSKILLGRAFT_BUILD_BENCHMARKS=ON -DSKILLGRAFT_BUILD_EXAMPLES=ON >/dev/null
     cmake --build "$build" -j "$(nproc 2>/dev/null || echo 2)" --target test_cuda_device bench_cuda_train_step reproduce
+    "$0" package
+    ;;
+  package)
+    # Stripped programs and the Debian libraries they link (OpenBLAS with its Fortran runtime,
+    # OpenMP): the GPU machine's image has CUDA's libraries but not these. Compressed, since
+    # what travels to the device machine is limited to 64 MiB (OpenBLAS alone is 36 MiB).
+    set -e
+    build="$root/build-gpu-check"
+    stage="$(mktemp -d)"
+    for p in tests/cuda/test_cuda_device bench/cuda/bench_cuda_train_step examples/reproduce/reproduce; do
+      strip -o "$stage/$(basename "$p")" "$build/$p"
+    done
+    ldd "$stage"/* | awk '/=> \// && !/cuda|cublas|libc\.so|libm\.so|libstdc|libgcc_s|librt|libpthread|libdl|ld-linux/ {print $3}' |
+      sort -u | xargs -r -I{} cp -L {} "$stage/"
     rm -rf "$bin" && mkdir -p "$bin"
-    cp "$build/tests/cuda/test_cuda_device" "$build/bench/cuda/bench_cuda_train_step" \
-      "$build/examples/reproduce/reproduce" "$bin/"
-    # The OpenMP runtime is Debian's (the GPU machine's image need not have it); CUDA's
-    # libraries are the machine's own.
-    cp "$(ldd "$bin/reproduce" | awk '/libgomp/ {print $3}')" "$bin/"
+    tar czf "$bin/programs.tgz" -C "$stage" .
+    rm -rf "$stage"
+    tar tzf "$bin/programs.tgz" | sed 's|^\./||' | grep -v '^$' | tr '\n' ' '
     du -sh "$bin"
     ;;
   run)
     out="${OUT:-$root/gpu-check-out}"
     mkdir -p "$out"
+    packed="$bin"
+    bin="$(mktemp -d)"
+    tar xzf "$packed/programs.tgz" -C "$bin"
     # CUDA's libraries: the machine's toolkit, else the ones PyTorch's wheels carry.
     cuda_libs="/usr/local/cuda/lib64:$(python3 -c 'import glob, os, nvidia; print(":".join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(d + "/*/lib/lib*.so*")})))' 2>/dev/null)"
     export LD_LIBRARY_PATH="$bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}:$cuda_libs"
-    { nvidia-smi; ldd --version | head -1; ldd "$bin/test_cuda_device" "$bin/reproduce"; nproc; } > "$out/env.log" 2>&1
+    { nvidia-smi; ldd --version | head -1; python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'; ldd "$bin/test_cuda_device" "$bin/reproduce"; nproc; } > "$out/env.log" 2>&1
     failed=0
     check() {  # check <name> <seconds> <command...>
       local name="$1" limit="$2"
@@ -55,11 +71,11 @@ case "${1:-}" in
       ((rc == 0)) || failed=$((failed + 1))
     }
     check test_cuda_device 120 "$bin/test_cuda_device" --durations yes
-    check bench_cuda_train_step 100 "$bin/bench_cuda_train_step" --benchmark_repetitions=3 \
-      --benchmark_report_aggregates_only=true
+    check bench_cuda_train_step 60 "$bin/bench_cuda_train_step" --steps 50 --warmup 5
+    check bench_cuda_train_step_tf32 40 "$bin/bench_cuda_train_step" --steps 50 --warmup 5 --tf32
     # PyTorch eager on the same GPU, model and recipes: the peer the step time is a ratio to.
     check torch_cuda 120 python3 "$root/bench/torch_reference.py" --device cuda --parts step \
-      --recipes llm,mlp,mlp_gate_up,sa_proj,mlp_down --repetitions 20 --warmup 5 --json "$out/torch_cuda.json"
+      --recipes llm,mlp,mlp_gate_up,sa_proj,mlp_down --repetitions 20 --warmup 5
     # At most 8 files come back: the run's report alone, not its directory.
     check reproduce 200 "$bin/reproduce" --device cuda --out /tmp/reproduce-cuda --seeds 1 --quiet \
       --methods llm,mlp,mlp_gate_up,sa_proj,vision_projector,full,lwf,wise_ft,lora,moe \
@@ -68,7 +84,7 @@ case "${1:-}" in
     exit "$failed"
     ;;
   *)
-    echo "usage: scripts/gpu-check.sh build [arch] | run" >&2
+    echo "usage: scripts/gpu-check.sh build [arch] | package | run" >&2
     exit 2
     ;;
 esac

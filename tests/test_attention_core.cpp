@@ -106,3 +106,40 @@ TEST_CASE("The CPU attention core over several query blocks equals the formulas"
     require_close(dv, want.dv, "dv");
   }
 }
+
+// The rows a cached-attention call lists (model/generate.hpp computes them) are grouped into
+// runs that one GEMM block serves: consecutive tokens of one sequence, never across a sequence
+// boundary; a list that is not strictly increasing or leaves [0, batch * queries) is refused by
+// name before any product runs, and the output is left untouched.
+TEST_CASE("Cached attention groups listed rows into runs and refuses rows out of order or range") {
+  sg::cached_attention_dims d;
+  d.batch = 3, d.queries = 4, d.past = 2, d.capacity = 8, d.heads = 2, d.kv_heads = 1, d.head_dim = 4;
+  auto runs_of = [&](std::vector<std::int64_t> rows) {
+    std::vector<std::pair<std::int64_t, int>> out;
+    for (const auto& r : sg::token_runs(d, rows)) out.emplace_back(r.first, r.count);
+    return out;
+  };
+  using runs = std::vector<std::pair<std::int64_t, int>>;
+  CHECK(runs_of({}) == runs{});
+  CHECK(runs_of({0, 1, 2, 3}) == runs{{0, 4}});
+  CHECK(runs_of({2, 3, 4, 5}) == runs{{2, 2}, {4, 2}});  // 3 ends sequence 0, 4 starts sequence 1
+  CHECK(runs_of({0, 2, 3, 11}) == runs{{0, 1}, {2, 2}, {11, 1}});
+  CHECK(d.position_of(5) == 3);
+  CHECK(d.sequence_of(11) == 2);
+
+  for (const auto& bad : std::vector<std::vector<std::int64_t>>{{1, 1}, {3, 2}, {-1}, {0, 12}}) {
+    CAPTURE(bad);
+    CHECK_THROWS_WITH(sg::token_runs(d, bad), Catch::Contains("rows must increase strictly within [0, 12)"));
+  }
+
+  using ftensor = sg::cpu::tensor<float>;
+  const std::size_t B = 3, Q = 4, C = 8;
+  ftensor q({B, Q, 8}, sg::memory_use::workspace), kc({B, C, 4}, sg::memory_use::workspace),
+      vc({B, C, 4}, sg::memory_use::workspace), a({B, Q, 8}, sg::memory_use::workspace);
+  for (std::size_t i = 0; i < a.size(); ++i) a[i] = 7.0f;
+  CHECK_THROWS_WITH(sg::backend::cpu::cached_attention(d, 0.5f, q, kc, vc, {4, 3}, a),
+                    Catch::Contains("row 1 is 3"));
+  bool untouched = true;
+  for (std::size_t i = 0; i < a.size(); ++i) untouched = untouched && a[i] == 7.0f;
+  CHECK(untouched);
+}

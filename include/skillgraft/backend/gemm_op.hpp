@@ -23,11 +23,13 @@ inline std::string describe(std::string_view what, op ta, op tb, int m, int n, i
          std::to_string(lda) + " ldb=" + std::to_string(ldb) + " ldc=" + std::to_string(ldc);
 }
 
-// Row strides must cover the stored rows (checked by every backend, so host tests catch misuse).
-inline void arguments(std::string_view what, op ta, op tb, int m, int n, int k, int lda, int ldb, int ldc) {
+// Every backend's GEMM entry, so host tests catch misuse: row strides must cover the stored
+// rows. Returns whether C has any element (m, n > 0); a GEMM without one has nothing to do.
+inline bool has_output(std::string_view what, op ta, op tb, int m, int n, int k, int lda, int ldb, int ldc) {
   const int a_cols = ta == op::n ? k : m, b_cols = tb == op::n ? n : k;
   if (m < 0 || n < 0 || k < 0 || lda < std::max(1, a_cols) || ldb < std::max(1, b_cols) || ldc < std::max(1, n))
     throw std::invalid_argument("skillgraft: invalid GEMM " + describe(what, ta, tb, m, n, k, lda, ldb, ldc));
+  return m > 0 && n > 0;
 }
 }  // namespace gemm_check
 

@@ -13,8 +13,8 @@
 //   embed_rows, embedding_backward, leading_positions, softmax_cross_entropy_rows
 //   rmsnorm_forward, rmsnorm_backward
 //   rope_apply                    rotate_half rotary embeddings from cos/sin tables of this backend
-//   gated_product, gated_product_backward   m = phi(g; alpha) u for a gate policy (nn/activation.hpp);
-//                                 the _range forms over n elements from raw pointers (rows of a buffer)
+//   gated_product, gated_product_backward   m = phi(g; alpha) u for a gate policy (nn/activation.hpp),
+//                                 over n elements from raw pointers (a whole buffer or an expert's rows)
 //   attention_forward, attention_backward   the core softmax(q k^T scale + mask) v per head
 //   cached_attention              the same core for listed query tokens over a KV cache (decoding)
 //
@@ -78,10 +78,8 @@ concept operations_policy = requires(typename B::template tensor<float>& t, cons
   B::rmsnorm_forward(c, c, 1e-6, t, p);
   B::rmsnorm_backward(c, c, c, c, p, p, false);
   B::rope_apply(craw, craw, raw, 1, 1, 1, 2, 0, false);
-  B::template gated_product<probe_gate>(c, c, &c, t);
-  B::template gated_product_backward<probe_gate, true, true, false>(c, &c, &c, t, p, p);
-  B::template gated_product_range<probe_gate>(craw, craw, &c, raw, std::size_t(1));
-  B::template gated_product_backward_range<probe_gate, true, true, true>(craw, craw, &c, raw, raw, p, std::size_t(1));
+  B::template gated_product<probe_gate>(craw, craw, &c, raw, std::size_t(1));
+  B::template gated_product_backward<probe_gate, true, true, true>(craw, craw, &c, raw, raw, p, std::size_t(1));
   B::attention_forward(dims, 1.f, c, c, c, t, p);
   B::attention_backward(dims, 1.f, c, &c, &c, &c, c, p, p, p);
   B::cached_attention(cached, 1.f, c, c, c, rows, t);

@@ -154,8 +154,7 @@ inline std::map<std::string, cpu::shape_t, std::less<>> hf_tensor_shapes(const d
   if (!c.tie_word_embeddings) m.emplace("lm_head.weight", cpu::shape_t{V, d});
   auto layer = [&](int i) {
     const std::string p = "model.layers." + std::to_string(i) + ".";
-    m.emplace(p + "input_layernorm.weight", cpu::shape_t{d});
-    m.emplace(p + "post_attention_layernorm.weight", cpu::shape_t{d});
+    nn::block_norms::for_each([&](auto e) { m.emplace(p + e.path(), cpu::shape_t{d}); });
     nn::block_projections::for_each([&](auto e) {
       m.emplace(p + e.path() + ".weight", cpu::shape_t{e.out(c), e.in(c)});
       if (e.bias(c)) m.emplace(p + e.path() + ".bias", cpu::shape_t{e.out(c)});
@@ -441,8 +440,9 @@ lm_weights<T> load_hf_checkpoint(const fs::path& dir, hf_load_options o = {}) {
   std::set<std::string> skip_before = skip;
   if (gates)
     for (int i = 0; i < c.n_layers; ++i)
-      for (const char* n : {"self_attn_residual_gate", "mlp_residual_gate"})
-        for (const char* t : {".weight", ".bias"}) skip_before.insert("model.layers." + std::to_string(i) + "." + n + t);
+      nn::residual_gates::for_each([&](auto e) {
+        for (const char* t : {".weight", ".bias"}) skip_before.insert("model.layers." + std::to_string(i) + "." + e.path() + t);
+      });
   if (head_copy && !(src.info("lm_head.weight").shape ==
                      std::vector<std::size_t>{std::size_t(c.vocab_size), std::size_t(c.hidden)}))
     throw std::invalid_argument("skillgraft: lm_head.weight has shape " + io::shape_string(src.info("lm_head.weight").shape) +

@@ -9,8 +9,9 @@
 // and mlp.experts.{e}.act_fn.alpha, where expert 0 is the original MLP and only the newest
 // expert carries the trainable tags (earlier ones: past_expert<P>, never trained).
 //
-// This is the one place that knows the LLaMA / Qwen2 naming; loaders, savers,
-// continual-learning state and tests iterate it instead of spelling names out.
+// The names come from the block's schema (nn/projection_schema.hpp, nn/block_schema.hpp);
+// loaders, savers, continual-learning state and tests iterate this list instead of spelling
+// names out.
 #include <string>
 
 #include "skillgraft/model/decoder_lm.hpp"
@@ -36,24 +37,29 @@ void for_each_parameter(W& w, F&& f) {
         f(p + n + ".lora_B.weight", lw.lora.B, hana::type_c<lora<P>>, li);
       }
     };
-    f(p + "input_layernorm.weight", l.attn_norm, hana::type_c<group::attn_norm>, li);
+    auto norm = [&](auto e) { f(p + e.path(), e.weight(l), hana::type_c<typename decltype(e)::tag>, li); };
+    auto gate = [&](auto e) {  // GateSkip (nn/gate_skip.hpp): not Hugging Face names
+      if (!e.weight(l).weight.empty()) lin(e.path(), e.weight(l), hana::type_c<typename decltype(e)::tag>);
+    };
+    norm(nn::schema::input_layernorm{});
     nn::attention_projections::for_each(
         [&](auto e) { lin(e.path(), e.in_block(l), hana::type_c<typename decltype(e)::tag>); });
-    if (!l.attn_gate.weight.empty())  // GateSkip (nn/gate_skip.hpp): not Hugging Face names
-      lin("self_attn_residual_gate", l.attn_gate, hana::type_c<group::residual_gate<branch::attention>>);
-    f(p + "post_attention_layernorm.weight", l.mlp_norm, hana::type_c<group::mlp_norm>, li);
+    gate(nn::schema::self_attn_residual_gate{});
+    norm(nn::schema::post_attention_layernorm{});
+    using alpha = nn::schema::act_fn_alpha;
     if (!l.mlp.is_mixture()) {
       nn::mlp_projections::for_each(
           [&](auto e) { lin(e.path(), e.in_block(l), hana::type_c<typename decltype(e)::tag>); });
-      if (!l.mlp.act_alpha.empty()) f(p + "mlp.act_fn.alpha", l.mlp.act_alpha, hana::type_c<group::act_range>, li);
+      if (!l.mlp.act_alpha.empty()) f(p + alpha::path(), alpha::weight(l.mlp), hana::type_c<alpha::tag>, li);
     } else {
       // A mixture (nn/moe_mlp.hpp): the router, then the experts; only the newest one can
       // train, the earlier ones carry past_expert<P> tags, which no recipe names.
-      f(p + "mlp.router.weight", l.mlp.router, hana::type_c<group::router>, li);
+      using router = nn::schema::router;
+      f(p + router::path(), router::weight(l.mlp), hana::type_c<router::tag>, li);
       const std::size_t E = l.mlp.expert_count();
       for (std::size_t e = 0; e < E; ++e) {
         auto& x = l.mlp.expert(e);
-        const std::string q = "mlp.experts." + std::to_string(e) + ".";
+        const std::string q = "mlp." + nn::schema::expert_prefix(e);
         const bool newest = e + 1 == E;
         nn::mlp_projections::for_each([&](auto m) {
           using P = typename decltype(m)::tag;
@@ -61,13 +67,12 @@ void for_each_parameter(W& w, F&& f) {
           else lin(q + m.name(), m.weight(x), hana::type_c<past_expert<P>>);
         });
         if (!x.act_alpha.empty()) {
-          if (newest) f(p + q + "act_fn.alpha", x.act_alpha, hana::type_c<group::act_range>, li);
-          else f(p + q + "act_fn.alpha", x.act_alpha, hana::type_c<past_expert<group::act_range>>, li);
+          if (newest) f(p + q + alpha::name(), alpha::weight(x), hana::type_c<alpha::tag>, li);
+          else f(p + q + alpha::name(), alpha::weight(x), hana::type_c<past_expert<alpha::tag>>, li);
         }
       }
     }
-    if (!l.mlp_gate.weight.empty())
-      lin("mlp_residual_gate", l.mlp_gate, hana::type_c<group::residual_gate<branch::mlp>>);
+    gate(nn::schema::mlp_residual_gate{});
   }
   f(std::string("model.norm.weight"), w.norm, hana::type_c<group::final_norm>, -1);
   if (!w.config.tie_word_embeddings) f(std::string("lm_head.weight"), w.lm_head, hana::type_c<group::lm_head>, -1);

@@ -135,9 +135,10 @@ void for_each_vision_parameter(W& w, F&& f) {
     auto projections = [&](auto list) {
       list.for_each([&](auto e) { f(p + e.path() + ".weight", e.in_block(l).weight); });
     };
-    f(p + "input_layernorm.weight", l.attn_norm);
+    auto norm = [&](auto e) { f(p + e.path(), e.weight(l)); };
+    norm(nn::schema::input_layernorm{});
     projections(nn::attention_projections{});
-    f(p + "post_attention_layernorm.weight", l.mlp_norm);
+    norm(nn::schema::post_attention_layernorm{});
     projections(nn::mlp_projections{});
   }
   f(std::string("vision_tower.post_layernorm.weight"), w.post_norm);

@@ -19,6 +19,7 @@
 
 #include "skillgraft/backend/cpu/backend.hpp"
 #include "skillgraft/nn/attention.hpp"
+#include "skillgraft/nn/block_schema.hpp"
 #include "skillgraft/nn/config.hpp"
 #include "skillgraft/nn/gate_skip.hpp"
 #include "skillgraft/nn/optional_member.hpp"
@@ -61,16 +62,18 @@ struct block_weights {
   // paired with the same tensor of `other`.
   template <class Other, class F>
   void for_each_tensor(Other& other, F&& f) const {
-    f(std::string("input_layernorm.weight"), attn_norm, other.attn_norm);
+    auto norm = [&](auto e) { f(e.path(), e.weight(*this), e.weight(other)); };
+    auto gate = [&](auto e) {
+      if (!e.weight(*this).weight.empty())
+        e.weight(*this).for_each_tensor(e.weight(other),
+                                        [&](const std::string& n, auto& a, auto& b) { f(e.path() + "." + n, a, b); });
+    };
+    norm(schema::input_layernorm{});
     self_attn.for_each_tensor(other.self_attn, [&](const std::string& n, auto& a, auto& b) { f("self_attn." + n, a, b); });
-    if (!attn_gate.weight.empty())
-      attn_gate.for_each_tensor(other.attn_gate,
-                                [&](const std::string& n, auto& a, auto& b) { f("self_attn_residual_gate." + n, a, b); });
-    f(std::string("post_attention_layernorm.weight"), mlp_norm, other.mlp_norm);
+    gate(schema::self_attn_residual_gate{});
+    norm(schema::post_attention_layernorm{});
     mlp.for_each_tensor(other.mlp, [&](const std::string& n, auto& a, auto& b) { f("mlp." + n, a, b); });
-    if (!mlp_gate.weight.empty())
-      mlp_gate.for_each_tensor(other.mlp_gate,
-                               [&](const std::string& n, auto& a, auto& b) { f("mlp_residual_gate." + n, a, b); });
+    gate(schema::mlp_residual_gate{});
   }
 };
 
@@ -80,15 +83,14 @@ template <class Mlp = default_mlp, class T, class B>
 void check_block_weights(const block_weights<T, B>& w, const decoder_config& c, const std::string& prefix = "",
                          const typename Mlp::options& o = {}) {
   const auto d = std::size_t(c.hidden);
-  cpu::expect_shape(w.attn_norm, {d}, prefix + "input_layernorm.weight");
-  cpu::expect_shape(w.mlp_norm, {d}, prefix + "post_attention_layernorm.weight");
+  block_norms::for_each([&](auto e) { cpu::expect_shape(e.weight(w), {d}, prefix + e.path()); });
   attention_projections::for_each([&](auto p) {
     detail::check_projection(p.in_block(w), p.out(c), p.in(c), p.bias(c), prefix + p.path());
   });
   Mlp::check_weights(w.mlp, c, o, prefix + "mlp.");
   constexpr bool gated = has_residual_gates_v<Mlp>;
-  check_residual_gate(w.attn_gate, gated, gate_shape_of<Mlp>, d, prefix + "self_attn_residual_gate");
-  check_residual_gate(w.mlp_gate, gated, gate_shape_of<Mlp>, d, prefix + "mlp_residual_gate");
+  residual_gates::for_each(
+      [&](auto e) { check_residual_gate(e.weight(w), gated, gate_shape_of<Mlp>, d, prefix + e.path()); });
 }
 
 // Gives a block the two residual gates of a gate_skip policy of shape `shape`, CPU weights
@@ -215,16 +217,18 @@ struct decoder_block {
     grads_t g;
     static_cast<typename attention_t::grads_t&>(g) = attention().make_grads(w.self_attn);
     static_cast<typename mlp_t::grads_t&>(g) = mlp().make_grads(w.mlp);
-    if constexpr (train_attn_norm) g.attn_norm = tensor_t(w.attn_norm.shape(), memory_use::gradients);
-    if constexpr (train_mlp_norm) g.mlp_norm = tensor_t(w.mlp_norm.shape(), memory_use::gradients);
-    auto gate_grads = [](const linear_weights<T, Backend>& gw, const char* name) {
-      if (gw.weight.empty())
-        throw std::invalid_argument(std::string("skillgraft: the recipe trains ") + name +
-                                    ", but the block has no residual gates (nn::add_residual_gates)");
-      return gw.like(memory_use::gradients);
-    };
-    if constexpr (attn_gate_plan::train) g.self_attn_residual_gate = gate_grads(w.attn_gate, "self_attn_residual_gate");
-    if constexpr (mlp_gate_plan::train) g.mlp_residual_gate = gate_grads(w.mlp_gate, "mlp_residual_gate");
+    block_norms::for_each([&](auto e) {
+      if constexpr (trains_v<typename decltype(e)::tag, recipe_type>)
+        e.grad(g) = tensor_t(e.weight(w).shape(), memory_use::gradients);
+    });
+    residual_gates::for_each([&](auto e) {
+      if constexpr (has_residual_gates_v<Mlp> && trains_v<typename decltype(e)::tag, recipe_type>) {
+        if (e.weight(w).weight.empty())
+          throw std::invalid_argument("skillgraft: the recipe trains " + e.name() +
+                                      ", but the block has no residual gates (nn::add_residual_gates)");
+        e.grad(g) = e.weight(w).like(memory_use::gradients);
+      }
+    });
     return g;
   }
 
@@ -235,22 +239,22 @@ struct decoder_block {
     tensor_t h1 = attn_norm().forward(w.attn_norm, x,
                                       part<attn_norm_t::keeps_input, typename attn_norm_t::saved_t>(
                                           s, [](auto& ss) -> auto& { return ss.attn_norm; }),
-                                      "input_layernorm");
+                                      schema::input_layernorm::tag::name);
     tensor_t x2 = attention().forward(w.self_attn, h1, part<attention_active, typename attention_t::saved_t>(
                                                            s, [](auto& ss) -> auto& { return ss.attention; }));
     if constexpr (gated)
-      x2 = attn_gate_t::forward(w.attn_gate, h1, std::move(x2), x, s.self_attn_residual_gate, "self_attn_residual_gate",
+      x2 = attn_gate_t::forward(w.attn_gate, h1, std::move(x2), x, s.self_attn_residual_gate, schema::self_attn_residual_gate::tag::name.data(),
                                 train_skip_of(mlp_options));
     else
       Backend::add_into(x2, x);
     tensor_t h2 = mlp_norm().forward(w.mlp_norm, x2,
                                      part<mlp_norm_t::keeps_input, typename mlp_norm_t::saved_t>(
                                          s, [](auto& ss) -> auto& { return ss.mlp_norm; }),
-                                     "post_attention_layernorm");
+                                     schema::post_attention_layernorm::tag::name);
     tensor_t y = mlp().forward(w.mlp, h2, part<mlp_active, typename mlp_t::saved_t>(
                                               s, [](auto& ss) -> auto& { return ss.mlp; }));
     if constexpr (gated)
-      y = mlp_gate_t::forward(w.mlp_gate, h2, std::move(y), x2, s.mlp_residual_gate, "mlp_residual_gate",
+      y = mlp_gate_t::forward(w.mlp_gate, h2, std::move(y), x2, s.mlp_residual_gate, schema::mlp_residual_gate::tag::name.data(),
                               train_skip_of(mlp_options));
     else
       Backend::add_into(y, x2);
@@ -313,14 +317,20 @@ struct decoder_block {
   // relative to the layer ("self_attn.q_proj.weight").
   template <class F>
   static void for_each_trainable(weights_t& w, grads_t& g, F&& f) {
-    if constexpr (train_attn_norm) f(std::string("input_layernorm.weight"), w.attn_norm, g.attn_norm);
+    auto norm = [&](auto e) {
+      if constexpr (trains_v<typename decltype(e)::tag, recipe_type>) f(e.path(), e.weight(w), e.grad(g));
+    };
+    auto gate = [&](auto e) {
+      if constexpr (gated && trains_v<typename decltype(e)::tag, recipe_type>) visit_linear(e.path(), e.weight(w), e.grad(g), f);
+    };
+    norm(schema::input_layernorm{});
     attention_t::for_each_trainable(w.self_attn, g, [&](const std::string& n, tensor_t& p, tensor_t& dp) {
       f("self_attn." + n, p, dp);
     });
-    if constexpr (attn_gate_plan::train) visit_linear("self_attn_residual_gate", w.attn_gate, g.self_attn_residual_gate, f);
-    if constexpr (train_mlp_norm) f(std::string("post_attention_layernorm.weight"), w.mlp_norm, g.mlp_norm);
+    gate(schema::self_attn_residual_gate{});
+    norm(schema::post_attention_layernorm{});
     mlp_t::for_each_trainable(w.mlp, g, [&](const std::string& n, tensor_t& p, tensor_t& dp) { f("mlp." + n, p, dp); });
-    if constexpr (mlp_gate_plan::train) visit_linear("mlp_residual_gate", w.mlp_gate, g.mlp_residual_gate, f);
+    gate(schema::mlp_residual_gate{});
   }
 
   // The gate records of this block's forward (attention's, then the MLP's); none without gates.

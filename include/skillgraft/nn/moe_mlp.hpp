@@ -292,7 +292,7 @@ struct moe_mlp {
                     ex.gate_proj.weight.data(), di, T(0), g, Ii);
       Backend::gemm("expert: u = h Wu^T", op::n, op::t, int(n), Ii, di, T(1), he.data(), di, ex.up_proj.weight.data(),
                     di, T(0), u, Ii);
-      Backend::template gated_product_range<Act>(g, u, detail::range_of<Act>(ex), m, n * I);
+      Backend::template gated_product<Act>(g, u, detail::range_of<Act>(ex), m, n * I);
       tensor_t ye({n, d}, memory_use::workspace);
       Backend::gemm("expert: y = m Wd^T", op::n, op::t, int(n), di, Ii, T(1), m, Ii, ex.down_proj.weight.data(), Ii, T(0),
                     ye.data(), di);
@@ -361,7 +361,7 @@ struct moe_mlp {
                         ex.down_proj.weight.data(), Ii, T(0), dm.data(), Ii);
           if constexpr (NeedsInputGrad) {  // a_te = (dout_t Wd) . m_te, m recomputed from g and u
             tensor_t m({n, I}, memory_use::workspace);
-            Backend::template gated_product_range<Act>(g, up, alpha, m.data(), n * I);
+            Backend::template gated_product<Act>(g, up, alpha, m.data(), n * I);
             Backend::for_each_index(std::int64_t(n), moe_kernels::row_dots<T>{a.data(), dm.data(), m.data(),
                                                                               maps.pair_d.data(), std::int64_t(I), 1});
           }
@@ -373,7 +373,7 @@ struct moe_mlp {
             constexpr bool dg = NeedsInputGrad || plan::train_gate, duu = NeedsInputGrad || plan::train_up;
             tensor_t* dalpha = nullptr;
             if constexpr (plan::train_alpha) dalpha = &gr.act_alpha;
-            Backend::template gated_product_backward_range<Act, dg, duu, plan::train_alpha>(
+            Backend::template gated_product_backward<Act, dg, duu, plan::train_alpha>(
                 g, up, alpha, dm.data(), du.empty() ? nullptr : du.data(), dalpha, n * I);
             if constexpr (plan::train_gate || plan::train_up) {
               tensor_t he = gather(s.x, maps);
@@ -385,7 +385,7 @@ struct moe_mlp {
                               T(1), gr.up_proj.weight.data(), di);
             }
           } else if constexpr (NeedsInputGrad) {
-            Backend::template gated_product_backward_range<Act, true, true, false>(g, up, alpha, dm.data(), du.data(),
+            Backend::template gated_product_backward<Act, true, true, false>(g, up, alpha, dm.data(), du.data(),
                                                                                    nullptr, n * I);
           }
           if constexpr (NeedsInputGrad) {  // dh_t += dg Wg + du Wu
@@ -425,16 +425,16 @@ struct moe_mlp {
   // The router, then the newest expert's tensors, as for_each_parameter orders them.
   template <class F>
   static void for_each_trainable(weights_t& w, grads_t& g, F&& f) {
-    if constexpr (plan::train_router) f(std::string("router.weight"), w.router, g.router);
+    if constexpr (plan::train_router) f(schema::router::name(), w.router, g.router);
     if constexpr (plan::newest_active) {
       const std::size_t E = w.expert_count();
       auto& n = w.expert(E - 1);
-      const std::string p = "experts." + std::to_string(E - 1) + ".";
+      const std::string p = schema::expert_prefix(E - 1);
       mlp_projections::for_each([&](auto e) {
         using P = decltype(e);
         if constexpr (trains_v<typename P::tag, Recipe>) f(p + P::name() + ".weight", P::weight(n).weight, P::grad(g).weight);
       });
-      if constexpr (plan::train_alpha) f(p + "act_fn.alpha", n.act_alpha, g.act_alpha);
+      if constexpr (plan::train_alpha) f(p + schema::act_fn_alpha::name(), n.act_alpha, g.act_alpha);
     }
   }
 
@@ -544,11 +544,11 @@ struct moe_mlp {
   // E, after checking the router and the experts' count against the policy and the options.
   std::size_t experts_of(const weights_t& w, std::size_t d) const {
     if (!w.is_mixture())
-      throw std::invalid_argument("skillgraft: mlp.router.weight is missing: an nn::moe MLP needs a router and its "
+      throw std::invalid_argument("skillgraft: " + schema::router::path() + " is missing: an nn::moe MLP needs a router and its "
                                   "experts (cl::add_expert)");
     const std::size_t E = w.router.dim(0);
     if (w.router.rank() != 2 || w.router.dim(1) != d || E != std::size_t(mlp_options.experts))
-      throw std::invalid_argument("skillgraft: mlp.router.weight has shape " + w.router.shape().str() + ", expected [" +
+      throw std::invalid_argument("skillgraft: " + schema::router::path() + " has shape " + w.router.shape().str() + ", expected [" +
                                   std::to_string(mlp_options.experts) + ", " + std::to_string(d) + "]");
     if (w.experts.size() + 1 != E)
       throw std::invalid_argument("skillgraft: the router has " + std::to_string(E) + " rows but the MLP has " +
@@ -591,15 +591,15 @@ struct moe {
       throw std::invalid_argument("skillgraft: moe_options.experts is " + std::to_string(o.experts) +
                                   ", fewer than the " + std::to_string(TopK) + " experts chosen per token");
     if (!w.is_mixture())
-      throw std::invalid_argument("skillgraft: " + prefix + "router.weight is missing: an nn::moe MLP needs a router "
+      throw std::invalid_argument("skillgraft: " + prefix + schema::router::name() + " is missing: an nn::moe MLP needs a router "
                                   "and its experts (cl::add_expert turns a dense MLP into a mixture)");
-    cpu::expect_shape(w.router, {E, d}, prefix + "router.weight");
+    cpu::expect_shape(w.router, {E, d}, prefix + schema::router::name());
     if (w.experts.size() + 1 != E)
       throw std::invalid_argument("skillgraft: " + prefix + "experts has " + std::to_string(w.experts.size() + 1) +
                                   " experts, expected " + std::to_string(E));
     for (std::size_t e = 0; e < E; ++e) {
       const auto& x = w.expert(e);
-      const std::string p = prefix + "experts." + std::to_string(e) + ".";
+      const std::string p = prefix + schema::expert_prefix(e);
       detail::check_expert<Act>(x, c, p);
       for (const auto* l : {&x.gate_proj, &x.up_proj, &x.down_proj})
         if (l->has_lora())

@@ -13,6 +13,7 @@
 #include <string>
 #include <type_traits>
 
+#include "skillgraft/nn/block_schema.hpp"
 #include "skillgraft/nn/config.hpp"
 #include "skillgraft/nn/linear.hpp"
 #include "skillgraft/policy/tags.hpp"
@@ -20,13 +21,9 @@
 
 namespace skillgraft::nn {
 
+// A list of projection entries: for_each(f) calls f(Entry{}) in order (nn/block_schema.hpp).
 template <class... Entries>
-struct projection_list {
-  // f(Entry{}) for every projection, in order.
-  template <class F>
-  static constexpr void for_each(F&& f) {
-    (f(Entries{}), ...);
-  }
+struct projection_list : tensor_list<Entries...> {
   template <class Tag>
   static constexpr bool has = (std::is_same_v<Tag, typename Entries::tag> || ...);
 };
@@ -43,18 +40,11 @@ projection_list<A..., B...> concat(projection_list<A...>, projection_list<B...>)
     using branch = BRANCH;                                                       \
     static std::string name() { return std::string(TAG::name); }                 \
     static std::string path() { return std::string(BRANCH::name) + "." + name(); } \
-    template <class W>                                                           \
-    static auto& weight(W& w) {                                                  \
-      return w.MEMBER;                                                           \
-    }                                                                            \
+    SKILLGRAFT_SCHEMA_MEMBERS(MEMBER, MEMBER)                                    \
     template <class Block>                                                       \
     static auto& in_block(Block& b) {                                            \
       if constexpr (std::is_same_v<BRANCH, b::attention>) return b.self_attn.MEMBER; \
       else return b.mlp.MEMBER;                                                  \
-    }                                                                            \
-    template <class G>                                                           \
-    static auto& grad(G& g) {                                                    \
-      return g.MEMBER;                                                           \
     }                                                                            \
     template <class G>                                                           \
     static auto& adapter_grad(G& g) {                                            \

@@ -17,6 +17,7 @@
 
 #include "skillgraft/nn/activation.hpp"
 #include "skillgraft/nn/config.hpp"
+#include "skillgraft/nn/block_schema.hpp"
 #include "skillgraft/nn/linear.hpp"
 #include "skillgraft/nn/optional_member.hpp"
 #include "skillgraft/nn/projection_schema.hpp"
@@ -68,9 +69,9 @@ struct mlp_weights {
   template <class Other, class F>
   void for_each_tensor(Other& other, F&& f) const {
     visit_expert(*this, other, std::string(), f);
-    if (!router.empty()) f(std::string("router.weight"), router, other.router);
+    if (!router.empty()) f(schema::router::name(), router, other.router);
     for (std::size_t e = 0; e < experts.size() && e < other.experts.size(); ++e)
-      visit_expert(experts[e], other.experts[e], "experts." + std::to_string(e + 1) + ".", f);
+      visit_expert(experts[e], other.experts[e], schema::expert_prefix(e + 1), f);
   }
 
  private:
@@ -82,7 +83,7 @@ struct mlp_weights {
       P::weight(w).for_each_tensor(P::weight(other),
                                    [&](const std::string& n, auto& a, auto& b) { f(prefix + P::name() + "." + n, a, b); });
     });
-    if (!w.act_alpha.empty()) f(prefix + "act_fn.alpha", w.act_alpha, other.act_alpha);
+    if (!w.act_alpha.empty()) f(prefix + schema::act_fn_alpha::name(), w.act_alpha, other.act_alpha);
   }
 };
 
@@ -92,7 +93,8 @@ template <class T>
 void add_act_range(mlp_weights<T>& w, T alpha = T(0)) {
   for (std::size_t e = 0; e < w.expert_count(); ++e) {
     auto& x = w.expert(e);
-    if (!x.act_alpha.empty()) throw std::invalid_argument("skillgraft: mlp.act_fn.alpha exists already");
+    if (!x.act_alpha.empty())
+      throw std::invalid_argument("skillgraft: " + schema::act_fn_alpha::path() + " exists already");
     x.act_alpha = tensor<T>({1}, memory_use::weights);
     x.act_alpha[0] = alpha;
   }
@@ -154,13 +156,14 @@ void check_expert(const mlp_weights<T, B>& w, const decoder_config& c, const std
   mlp_projections::for_each([&](auto p) {
     check_projection(decltype(p)::weight(w), p.out(c), p.in(c), p.bias(c), prefix + p.name());
   });
+  const std::string alpha = prefix + schema::act_fn_alpha::name();
   if constexpr (Act::has_range) {
     if (w.act_alpha.empty())
-      throw std::invalid_argument("skillgraft: " + prefix + "act_fn.alpha is missing: an " + std::string(Act::name) +
+      throw std::invalid_argument("skillgraft: " + alpha + " is missing: an " + std::string(Act::name) +
                                   " MLP needs its range alpha [1] (nn::add_act_range gives alpha = 0)");
-    cpu::expect_shape(w.act_alpha, {1}, prefix + "act_fn.alpha");
+    cpu::expect_shape(w.act_alpha, {1}, alpha);
   } else if (!w.act_alpha.empty()) {
-    throw std::invalid_argument("skillgraft: " + prefix + "act_fn.alpha present but the MLP's activation is " +
+    throw std::invalid_argument("skillgraft: " + alpha + " present but the MLP's activation is " +
                                 std::string(Act::name) + ", which has no range (use act::xsilu, act::xgelu or act::xatlu)");
   }
 }
@@ -170,7 +173,7 @@ template <class Act, class T, class B>
 const typename B::template tensor<T>* range_of(const mlp_weights<T, B>& w) {
   if constexpr (Act::has_range) {
     if (w.act_alpha.size() != 1)
-      throw std::invalid_argument("skillgraft: mlp.act_fn.alpha has shape " + w.act_alpha.shape().str() +
+      throw std::invalid_argument("skillgraft: " + schema::act_fn_alpha::path() + " has shape " + w.act_alpha.shape().str() +
                                   ", expected [1] (an " + std::string(Act::name) +
                                   " MLP needs its range: nn::add_act_range)");
     return &w.act_alpha;
@@ -233,7 +236,7 @@ struct swiglu_mlp {
              ud = adapter_input(plan::adapt_down, w.down_proj, "down_proj");
     linear_forward(w.gate_proj, h, g, plan::adapt_gate ? &ug : nullptr, "gate_proj: g = h Wg^T");
     linear_forward(w.up_proj, h, u, plan::adapt_up ? &uu : nullptr, "up_proj: u = h Wu^T");
-    Backend::template gated_product<Act>(g, u, alpha, m);
+    Backend::template gated_product<Act>(g.data(), u.data(), alpha, m.data(), m.size());
     tensor_t out(h.shape(), memory_use::workspace);
     linear_forward(w.down_proj, m, out, plan::adapt_down ? &ud : nullptr, "down_proj: out = m Wd^T");
     if constexpr (plan::adapt_gate) s.u_gate = std::move(ug);
@@ -263,7 +266,8 @@ struct swiglu_mlp {
       tensor_t* dalpha = nullptr;
       if constexpr (plan::train_alpha) dalpha = &gr.act_alpha;
       Backend::template gated_product_backward<Act, plan::need_dg, plan::need_du, plan::train_alpha>(
-          s.g, u, detail::range_of<Act>(w), dm, plan::need_du ? &du : nullptr, dalpha);
+          s.g.data(), u ? u->data() : nullptr, detail::range_of<Act>(w), dm.data(), plan::need_du ? du.data() : nullptr,
+          dalpha, dm.size());
       if constexpr (plan::train_gate) linear_backward_weight(s.h, dm, gr.gate_proj, "gate_proj: dWg += dg^T h");
       if constexpr (plan::train_up) linear_backward_weight(s.h, du, gr.up_proj, "up_proj: dWu += du^T h");
       if constexpr (plan::adapt_gate) lora_backward(w.gate_proj, s.h, s.u_gate, dm, gr.gate_lora);
@@ -284,7 +288,7 @@ struct swiglu_mlp {
   template <class F>
   static void for_each_trainable(weights_t& w, grads_t& g, F&& f) {
     mlp_projections::for_each([&](auto p) { visit_projection<Recipe>(p, w, g, f); });
-    if constexpr (plan::train_alpha) f(std::string("act_fn.alpha"), w.act_alpha, g.act_alpha);
+    if constexpr (plan::train_alpha) f(schema::act_fn_alpha::name(), w.act_alpha, g.act_alpha);
   }
 
   // --- what it costs, from the plan (decoder_block and memory_report add these up) ---------
@@ -363,7 +367,7 @@ struct swiglu {
   template <class T, class B>
   static void check_weights(const mlp_weights<T, B>& w, const decoder_config& c, const options&, const std::string& prefix) {
     if (w.is_mixture() || !w.experts.empty())
-      throw std::invalid_argument("skillgraft: " + prefix + "router.weight present, but the block's MLP policy is "
+      throw std::invalid_argument("skillgraft: " + prefix + schema::router::name() + " present, but the block's MLP policy is "
                                   "dense (nn::swiglu); a mixture of experts needs an nn::moe policy");
     detail::check_expert<Act>(w, c, prefix);
   }

@@ -54,28 +54,18 @@ struct gated_ops {
   // m = phi(g; alpha) * u over n elements (rows of larger tensors: a mixture's experts write
   // into their range of the saved buffers); alpha: the range [1], or null for a policy without one.
   template <class Act, class T>
-  static void gated_product_range(const T* g, const T* u, const tensor<T>* alpha, T* m, std::size_t n) {
+  static void gated_product(const T* g, const T* u, const tensor<T>* alpha, T* m, std::size_t n) {
     gated_product_n<Act>(g, u, alpha ? (*alpha)[0] : T(0), m, n);
-  }
-  template <class Act, class T>
-  static void gated_product(const tensor<T>& g, const tensor<T>& u, const tensor<T>* alpha, tensor<T>& m) {
-    gated_product_range<Act>(g.data(), u.data(), alpha, m.data(), m.size());
   }
 
   // Backward of m = phi(g; alpha) * u: dm (in place) becomes dg when NeedDg, du = dm * phi(g)
   // when NeedDu; dalpha[0] += sum(dm * u * dphi/dalpha) when NeedDalpha. u may be null
   // unless NeedDg or NeedDalpha.
   template <class Act, bool NeedDg, bool NeedDu, bool NeedDalpha, class T>
-  static void gated_product_backward_range(const T* g, const T* u, const tensor<T>* alpha, T* dm, T* du,
-                                           std::type_identity_t<tensor<T>>* dalpha, std::size_t n) {
+  static void gated_product_backward(const T* g, const T* u, const tensor<T>* alpha, T* dm, T* du,
+                                     std::type_identity_t<tensor<T>>* dalpha, std::size_t n) {
     const T da = gated_product_backward_n<Act, NeedDg, NeedDu, NeedDalpha>(g, u, alpha ? (*alpha)[0] : T(0), dm, du, n);
     if constexpr (NeedDalpha) (*dalpha)[0] += da;
-  }
-  template <class Act, bool NeedDg, bool NeedDu, bool NeedDalpha, class T>
-  static void gated_product_backward(const tensor<T>& g, const tensor<T>* u, const tensor<T>* alpha, tensor<T>& dm,
-                                     tensor<T>* du, tensor<T>* dalpha) {
-    gated_product_backward_range<Act, NeedDg, NeedDu, NeedDalpha>(g.data(), u ? u->data() : nullptr, alpha, dm.data(),
-                                                                  du ? du->data() : nullptr, dalpha, dm.size());
   }
 };
 

@@ -57,17 +57,13 @@ struct add_scalar {  // y[0] += v
 
 struct gated_ops {
   template <class Act, class T>
-  static void gated_product_range(const T* g, const T* u, const tensor<T>* alpha, T* m, std::size_t n) {
+  static void gated_product(const T* g, const T* u, const tensor<T>* alpha, T* m, std::size_t n) {
     for_each_index(index_t(n), kernels::gated_forward<Act, T>{m, g, u, alpha ? alpha->data() : nullptr});
-  }
-  template <class Act, class T>
-  static void gated_product(const tensor<T>& g, const tensor<T>& u, const tensor<T>* alpha, tensor<T>& m) {
-    gated_product_range<Act>(g.data(), u.data(), alpha, m.data(), m.size());
   }
 
   template <class Act, bool NeedDg, bool NeedDu, bool NeedDalpha, class T>
-  static void gated_product_backward_range(const T* g, const T* u, const tensor<T>* alpha, T* dm, T* du,
-                                           std::type_identity_t<tensor<T>>* dalpha, std::size_t n_) {
+  static void gated_product_backward(const T* g, const T* u, const tensor<T>* alpha, T* dm, T* du,
+                                     std::type_identity_t<tensor<T>>* dalpha, std::size_t n_) {
     const index_t n = index_t(n_);
     if constexpr (NeedDalpha) {  // before dm is overwritten by dg
       const T sum = sum_index<T>(n, kernels::dalpha_term<Act, T>{dm, u, g});
@@ -75,12 +71,6 @@ struct gated_ops {
     }
     if constexpr (NeedDg || NeedDu)
       for_each_index(n, kernels::gated_backward<Act, T, NeedDg, NeedDu>{dm, du, g, u, alpha ? alpha->data() : nullptr});
-  }
-  template <class Act, bool NeedDg, bool NeedDu, bool NeedDalpha, class T>
-  static void gated_product_backward(const tensor<T>& g, const tensor<T>* u, const tensor<T>* alpha, tensor<T>& dm,
-                                     tensor<T>* du, tensor<T>* dalpha) {
-    gated_product_backward_range<Act, NeedDg, NeedDu, NeedDalpha>(g.data(), u ? u->data() : nullptr, alpha, dm.data(),
-                                                                  du ? du->data() : nullptr, dalpha, dm.size());
   }
 };
 

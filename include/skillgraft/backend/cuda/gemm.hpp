@@ -30,8 +30,7 @@ struct gemm_ops {
 template <class T>
 static void gemm(std::string_view what, op ta, op tb, int m, int n, int k, T alpha, const T* A, int lda, const T* B, int ldb,
           T beta, T* C, int ldc) {
-  gemm_check::arguments(what, ta, tb, m, n, k, lda, ldb, ldc);
-  if (m == 0 || n == 0) return;
+  if (!gemm_check::has_output(what, ta, tb, m, n, k, lda, ldb, ldc)) return;
 #if SKILLGRAFT_CUDA_DEVICE
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "skillgraft: cuBLAS GEMMs take float or double");
   cublasStatus_t s;
@@ -54,8 +53,7 @@ template <class T>
 static void gemm_strided_batched(std::string_view what, op ta, op tb, int m, int n, int k, T alpha, const T* A, int lda,
                           long long stride_a, const T* B, int ldb, long long stride_b, T beta, T* C, int ldc,
                           long long stride_c, int batch) {
-  gemm_check::arguments(what, ta, tb, m, n, k, lda, ldb, ldc);
-  if (m == 0 || n == 0 || batch == 0) return;
+  if (!gemm_check::has_output(what, ta, tb, m, n, k, lda, ldb, ldc) || batch == 0) return;
 #if SKILLGRAFT_CUDA_DEVICE
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "skillgraft: cuBLAS GEMMs take float or double");
   cublasStatus_t s;

@@ -1,11 +1,9 @@
 #pragma once
-// The device tensor: a row-major, byte-accounted array of up to four dimensions in device
-// memory (host memory in the host build), the GPU twin of cpu::tensor.
-//
-// Move-only like cpu::tensor, zero-initialised, and counted in device_ledger() under the
-// purpose it is allocated for. Element access from the host is deliberately absent: data
-// crosses between host and device only through upload (`from_host`, `copy_from`) and
-// download (`to_host`, `copy_to`).
+// The device tensor: the shared storage (backend/tensor_storage.hpp: shape, purpose, move-only
+// ownership) over device memory (host memory in the host build), zero-initialised and counted
+// in device_ledger() under the purpose it is allocated for. Element access from the host is
+// deliberately absent: data crosses between host and device only through upload (`from_host`,
+// `copy_from`) and download (`to_host`, `copy_to`).
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -18,48 +16,57 @@
 
 #include "skillgraft/backend/cpu/tensor.hpp"
 #include "skillgraft/backend/cuda/memory.hpp"
+#include "skillgraft/backend/tensor_storage.hpp"
 
 namespace skillgraft::cuda {
 
-using cpu::shape_t;
+using skillgraft::shape_t;
+
+// Device memory from the caching pool (a failed allocation names the tensor's shape and
+// purpose), zeroed on the stream, counted in device_ledger().
+struct device_memory {
+  template <class T>
+  static T* allocate(const shape_t& shape, std::size_t bytes, memory_use use) {
+    T* p;
+    try {
+      p = static_cast<T*>(device_pool::instance().allocate(bytes, "tensor"));
+    } catch (const cuda_error& e) {
+      throw cuda_error(std::string(e.what()) + " for a tensor of shape " + shape.str() + " (" +
+                       std::string(memory_use_names[std::size_t(use)]) + ")");
+    }
+    device_ledger().add(use, std::int64_t(bytes));
+    zero(p, bytes, shape);
+    return p;
+  }
+  static void zero(void* p, std::size_t bytes, const shape_t& shape) {
+#if SKILLGRAFT_CUDA_DEVICE
+    check(cudaMemsetAsync(p, 0, bytes), "cudaMemsetAsync", "tensor " + shape.str());
+#else
+    (void)shape;
+    std::memset(p, 0, bytes);
+#endif
+  }
+  template <class T>
+  static void release(T* p, std::size_t bytes, memory_use use) {
+    device_ledger().add(use, -std::int64_t(bytes));
+    device_pool::instance().deallocate(p, bytes);
+  }
+};
 
 template <class T>
-class tensor {
- public:
-  using value_type = T;
+class tensor : public tensor_storage<T, device_memory> {
+  using storage = tensor_storage<T, device_memory>;
 
+ public:
   tensor() = default;
-  tensor(shape_t shape, memory_use use) : shape_(shape), use_(use) {
-    if (size() == 0) return;
-    try {
-      data_ = static_cast<T*>(device_pool::instance().allocate(bytes(), "tensor"));
-    } catch (const cuda_error& e) {
-      throw cuda_error(std::string(e.what()) + " for a tensor of shape " + shape_.str() + " (" +
-                       std::string(memory_use_names[std::size_t(use_)]) + ")");
-    }
-    device_ledger().add(use_, std::int64_t(bytes()));
-    set_zero();
-  }
-  tensor(const tensor&) = delete;
-  tensor& operator=(const tensor&) = delete;
-  tensor(tensor&& o) noexcept : data_(std::exchange(o.data_, nullptr)), shape_(std::exchange(o.shape_, {})), use_(o.use_) {}
-  tensor& operator=(tensor&& o) noexcept {
-    if (this != &o) {
-      release();
-      data_ = std::exchange(o.data_, nullptr);
-      shape_ = std::exchange(o.shape_, {});
-      use_ = o.use_;
-    }
-    return *this;
-  }
-  ~tensor() { release(); }
+  tensor(shape_t shape, memory_use use) : storage(shape, use) {}
 
   tensor clone(memory_use use) const {
-    tensor t(shape_, use);
-    copy_device(t.data_, data_, size());
+    tensor t(this->shape(), use);
+    copy_device(t.data(), this->data(), this->size());
     return t;
   }
-  tensor clone() const { return clone(use_); }
+  tensor clone() const { return clone(this->use()); }
 
   // Upload a host tensor (same shape) into new device memory.
   static tensor from_host(const cpu::tensor<T>& h, memory_use use) {
@@ -68,58 +75,39 @@ class tensor {
     return t;
   }
   void copy_from(const cpu::tensor<T>& h) {
-    if (!(h.shape() == shape_))
+    if (!(h.shape() == this->shape()))
       throw std::invalid_argument("skillgraft: cannot upload a host tensor of shape " + h.shape().str() +
-                                  " into a device tensor of shape " + shape_.str());
-    copy_bytes(data_, h.data(), bytes(), /*to_device=*/true);
+                                  " into a device tensor of shape " + this->shape().str());
+    copy_bytes(this->data(), h.data(), this->bytes(), /*to_device=*/true);
   }
   cpu::tensor<T> to_host(memory_use use = memory_use::workspace) const {
-    cpu::tensor<T> h(shape_, use);
+    cpu::tensor<T> h(this->shape(), use);
     copy_to(h);
     return h;
   }
   void copy_to(cpu::tensor<T>& h) const {
-    if (!(h.shape() == shape_))
-      throw std::invalid_argument("skillgraft: cannot download a device tensor of shape " + shape_.str() +
+    if (!(h.shape() == this->shape()))
+      throw std::invalid_argument("skillgraft: cannot download a device tensor of shape " + this->shape().str() +
                                   " into a host tensor of shape " + h.shape().str());
-    copy_bytes(h.data(), data_, bytes(), /*to_device=*/false);
+    copy_bytes(h.data(), this->data(), this->bytes(), /*to_device=*/false);
   }
   // Elements [first, first + n) into host memory (a few values for a message or a check).
   void copy_range_to(std::size_t first, std::size_t n, T* host) const {
-    if (first + n > size())
+    if (first + n > this->size())
       throw std::out_of_range("skillgraft: elements " + std::to_string(first) + ".." + std::to_string(first + n) +
-                              " of a device tensor of " + std::to_string(size()));
-    copy_bytes(host, data_ + first, n * sizeof(T), /*to_device=*/false);
+                              " of a device tensor of " + std::to_string(this->size()));
+    copy_bytes(host, this->data() + first, n * sizeof(T), /*to_device=*/false);
   }
 
-  T* data() { return data_; }
-  const T* data() const { return data_; }
-  std::size_t size() const { return shape_.elements(); }
-  std::size_t bytes() const { return size() * sizeof(T); }
-  const shape_t& shape() const { return shape_; }
-  std::size_t dim(int i) const { return shape_[i]; }
-  int rank() const { return shape_.rank; }
-  bool empty() const { return size() == 0; }
-  memory_use use() const { return use_; }
   // All leading dimensions folded into rows.
-  std::size_t rows() const { return shape_.rank ? size() / shape_.last() : 0; }
-  std::size_t cols() const { return shape_.last(); }
+  std::size_t rows() const { return this->rank() ? this->size() / this->shape().last() : 0; }
+  std::size_t cols() const { return this->shape().last(); }
 
   void fill(T value) {
-    if (size()) thrust::fill_n(exec(), data_, size(), value);
+    if (this->size()) thrust::fill_n(exec(), this->data(), this->size(), value);
   }
   void set_zero() {
-    if (!size()) return;
-#if SKILLGRAFT_CUDA_DEVICE
-    check(cudaMemsetAsync(data_, 0, bytes()), "cudaMemsetAsync", "tensor " + shape_.str());
-#else
-    std::memset(static_cast<void*>(data_), 0, bytes());
-#endif
-  }
-  void reshape(shape_t s) {
-    if (s.elements() != size())
-      throw std::invalid_argument("skillgraft: cannot reshape " + shape_.str() + " to " + s.str());
-    shape_ = s;
+    if (this->size()) device_memory::zero(this->data(), this->bytes(), this->shape());
   }
 
  private:
@@ -141,20 +129,9 @@ class tensor {
     std::memcpy(dst, src, n);
 #endif
   }
-  void release() {
-    if (data_) {
-      device_ledger().add(use_, -std::int64_t(bytes()));
-      device_pool::instance().deallocate(data_, bytes());
-      data_ = nullptr;
-    }
-  }
-
-  T* data_ = nullptr;
-  shape_t shape_{};
-  memory_use use_ = memory_use::workspace;
 };
 
-using cpu::expect_shape;
+using skillgraft::expect_shape;
 
 // Host indices (token ids, row maps) in device memory, for the kernels that read them.
 inline tensor<std::int64_t> upload_indices(const std::vector<std::int64_t>& v) {
