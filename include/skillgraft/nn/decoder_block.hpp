@@ -54,9 +54,7 @@ struct block_weights {
   bool has_residual_gates() const { return !attn_gate.weight.empty(); }
   // The same count from the config alone (for memory planning).
   static std::size_t elements_for(const decoder_config& c) {
-    const std::size_t d = std::size_t(c.hidden), qd = std::size_t(c.q_dim()), kvd = std::size_t(c.kv_dim()),
-                      I = std::size_t(c.intermediate), bias = c.attention_bias ? qd + 2 * kvd : 0;
-    return 2 * d + d * qd + 2 * d * kvd + bias + qd * d + 3 * d * I;
+    return 2 * std::size_t(c.hidden) + projection_elements(block_projections{}, c);  // norms, projections
   }
   // Every tensor with its Hugging Face name relative to the layer ("self_attn.q_proj.weight"),
   // paired with the same tensor of `other`.
@@ -243,8 +241,8 @@ struct decoder_block {
     tensor_t x2 = attention().forward(w.self_attn, h1, part<attention_active, typename attention_t::saved_t>(
                                                            s, [](auto& ss) -> auto& { return ss.attention; }));
     if constexpr (gated)
-      x2 = attn_gate_t::forward(w.attn_gate, h1, std::move(x2), x, s.self_attn_residual_gate, schema::self_attn_residual_gate::tag::name.data(),
-                                train_skip_of(mlp_options));
+      x2 = attn_gate_t::forward(w.attn_gate, h1, std::move(x2), x, s.self_attn_residual_gate,
+                                schema::self_attn_residual_gate::tag::name.data(), train_skip_of(mlp_options));
     else
       Backend::add_into(x2, x);
     tensor_t h2 = mlp_norm().forward(w.mlp_norm, x2,
@@ -254,8 +252,8 @@ struct decoder_block {
     tensor_t y = mlp().forward(w.mlp, h2, part<mlp_active, typename mlp_t::saved_t>(
                                               s, [](auto& ss) -> auto& { return ss.mlp; }));
     if constexpr (gated)
-      y = mlp_gate_t::forward(w.mlp_gate, h2, std::move(y), x2, s.mlp_residual_gate, schema::mlp_residual_gate::tag::name.data(),
-                              train_skip_of(mlp_options));
+      y = mlp_gate_t::forward(w.mlp_gate, h2, std::move(y), x2, s.mlp_residual_gate,
+                              schema::mlp_residual_gate::tag::name.data(), train_skip_of(mlp_options));
     else
       Backend::add_into(y, x2);
     return y;
@@ -321,7 +319,8 @@ struct decoder_block {
       if constexpr (trains_v<typename decltype(e)::tag, recipe_type>) f(e.path(), e.weight(w), e.grad(g));
     };
     auto gate = [&](auto e) {
-      if constexpr (gated && trains_v<typename decltype(e)::tag, recipe_type>) visit_linear(e.path(), e.weight(w), e.grad(g), f);
+      if constexpr (gated && trains_v<typename decltype(e)::tag, recipe_type>)
+        visit_linear(e.path(), e.weight(w), e.grad(g), f);
     };
     norm(schema::input_layernorm{});
     attention_t::for_each_trainable(w.self_attn, g, [&](const std::string& n, tensor_t& p, tensor_t& dp) {
@@ -373,24 +372,12 @@ struct decoder_block {
 
   // Trainable elements of one block (= gradient elements).
   static std::size_t trainable_elements(const decoder_config& c, const mlp_options_t& o = {}) {
-    const std::size_t d = std::size_t(c.hidden), qd = std::size_t(c.q_dim()), kvd = std::size_t(c.kv_dim()),
-                      bias = c.attention_bias ? 1 : 0;
-    using ap = typename attention_t::plan;
-    std::size_t n = 0;
+    const std::size_t d = std::size_t(c.hidden);
+    std::size_t n = trainable_projection_elements<recipe_type>(attention_projections{}, c) + mlp_t::trainable_elements(c, o);
     if (train_attn_norm) n += d;
     if (train_mlp_norm) n += d;
-    if (ap::train_q) n += qd * d + bias * qd;
-    if (ap::train_k) n += kvd * d + bias * kvd;
-    if (ap::train_v) n += kvd * d + bias * kvd;
-    if (ap::train_o) n += d * qd;
-    n += mlp_t::trainable_elements(c, o);
     const std::size_t gw = gate_width(gate_shape_of<Mlp>, d);
     n += (gw * d + gw) * (std::size_t(attn_gate_plan::train) + std::size_t(mlp_gate_plan::train));
-    const std::size_t r = std::size_t(c.lora_rank);  // A [r, in] + B [out, r]
-    if (ap::adapt_q) n += r * (d + qd);
-    if (ap::adapt_k) n += r * (d + kvd);
-    if (ap::adapt_v) n += r * (d + kvd);
-    if (ap::adapt_o) n += r * (qd + d);
     return n;
   }
 

@@ -104,4 +104,25 @@ void visit_projection(P, W& w, G& g, F& f) {
   if constexpr (trains_v<lora<tag>, Recipe>) visit_lora(P::name(), P::weight(w), P::adapter_grad(g), f);
 }
 
+// Elements of the projections of List (weights and biases) under a config.
+template <class List>
+std::size_t projection_elements(List, const decoder_config& c) {
+  std::size_t n = 0;
+  List::for_each([&](auto e) { n += e.out(c) * e.in(c) + (e.bias(c) ? e.out(c) : 0); });
+  return n;
+}
+// Trainable elements of the projections of List under Recipe: a trained weight with its bias,
+// an adapter's A [r, in] and B [out, r].
+template <class Recipe, class List>
+std::size_t trainable_projection_elements(List, const decoder_config& c) {
+  std::size_t n = 0;
+  List::for_each([&](auto e) {
+    using tag = typename decltype(e)::tag;
+    const std::size_t out = e.out(c), in = e.in(c);
+    if constexpr (trains_v<tag, Recipe>) n += out * in + (e.bias(c) ? out : 0);
+    if constexpr (trains_v<lora<tag>, Recipe>) n += std::size_t(c.lora_rank) * (in + out);
+  });
+  return n;
+}
+
 }  // namespace skillgraft::nn

@@ -305,16 +305,7 @@ struct swiglu_mlp {
     return n;
   }
   static std::size_t trainable_elements(const decoder_config& c, const options&) {
-    const std::size_t d = std::size_t(c.hidden), I = std::size_t(c.intermediate), r = std::size_t(c.lora_rank);
-    std::size_t n = 0;
-    if (plan::train_gate) n += I * d;
-    if (plan::train_up) n += I * d;
-    if (plan::train_down) n += d * I;
-    if (plan::train_alpha) n += 1;
-    if (plan::adapt_gate) n += r * (d + I);
-    if (plan::adapt_up) n += r * (d + I);
-    if (plan::adapt_down) n += r * (I + d);
-    return n;
+    return trainable_projection_elements<Recipe>(mlp_projections{}, c) + (plan::train_alpha ? 1 : 0);
   }
   // Multiply-add FLOPs (2 per MAC) of the GEMMs forward and backward run (adapters included).
   struct flop_count {
