@@ -36,7 +36,7 @@ TEST_CASE("GateSkip sweep: budget 100 % decodes without skipping, FLOPs fall wit
   o.calibration_examples = 6;
   rp::progress prog(true);
   const auto r = rp::run_gateskip_sweep(s, o, prog);
-  REQUIRE(r.variants.size() == 2);
+  REQUIRE(r.variants.size() == 3);
   REQUIRE(r.tasks.size() == 9);
   CHECK(r.target == std::vector<bool>{true, false, false, false, false, false, false, false, false});
   for (const auto& v : r.variants) {
@@ -48,6 +48,8 @@ TEST_CASE("GateSkip sweep: budget 100 % decodes without skipping, FLOPs fall wit
     CHECK(v.rows[0].stats.branch_skipped == 0);
     CHECK(v.rows[0].stats.flops_run == v.rows[0].stats.flops_full);
     CHECK(v.rows[0].stats.flops_full > 0);
+    // The gates run for every token, so the 100 % budget costs more than the model without gates.
+    CHECK(rp::flops_vs_ungated(r, v.rows[0]) > 1);
     for (std::size_t i = 1; i < v.rows.size(); ++i) {
       const auto& row = v.rows[i];
       INFO("keep " << row.keep);
@@ -65,10 +67,11 @@ TEST_CASE("GateSkip sweep: budget 100 % decodes without skipping, FLOPs fall wit
     CHECK(v.rows.back().stats.flops_saved() > 0);
   }
   const auto csv = sg::test::read_text(s.out / "gateskip.csv");
-  CHECK(std::count(csv.begin(), csv.end(), '\n') == 1 + 2 * 4);
+  CHECK(std::count(csv.begin(), csv.end(), '\n') == 1 + 3 * 4);
   CHECK(csv.rfind("variant,keep,count,caption,", 0) == 0);
   CHECK(csv.find("\nmlp_gate_up+gates,1,") != std::string::npos);
   CHECK(csv.find("\ngates,0.5,") != std::string::npos);
+  CHECK(csv.find("\ngates/general,0.75,") != std::string::npos);
   const auto md = sg::test::read_text(s.out / "gateskip.md");
   CHECK(md.find("| fine-tuned, no skipping decoder |") != std::string::npos);
   CHECK(md.find("| 50 % |") != std::string::npos);

@@ -74,9 +74,10 @@ void usage() {
                "                         --threads, --jobs and --pretrain-threads: at most 4 per core, at least 8)\n"
                "  --device cpu|cuda      where pretraining and the plain recipes train (cuda: a build with\n"
                "                         SKILLGRAFT_REPRODUCE_CUDA; LwF, LoRA, MoE and evaluation stay on the CPU)\n"
-               "  --gateskip-sweep       instead of the methods: residual gates fine-tuned with mlp_gate_up (and\n"
-               "                         alone) on the first --order task, then accuracy against compute saved at\n"
-               "                         skip budgets 100/90/75/50 % (gateskip.md, gateskip.csv, gateskip.svg)\n"
+               "  --gateskip-sweep       instead of the methods: residual gates fine-tuned with mlp_gate_up and alone on\n"
+               "                         the first --order task, and alone on the general abilities, for --stage-steps;\n"
+               "                         then accuracy against compute saved at skip budgets 100/90/75/50 %\n"
+               "                         (gateskip.md, gateskip.csv, gateskip.svg)\n"
                "  --quiet                no progress display\n";
 }
 
