@@ -45,10 +45,10 @@ struct budget_row {
 
 struct sweep_variant {
   std::string name, trains;
-  double final_loss = 0, mean_gate = 0;  // the last step's loss (CE + penalty) and mean gate value
-  std::vector<double> start;             // the gated model before fine-tuning, without skipping
-  std::vector<double> noskip;            // after fine-tuning, model::generate (no skipping decoder)
-  std::vector<budget_row> rows;          // in budget order; rows[0] is the 100 % budget
+  double final_loss = 0;         // the last step's loss (cross-entropy and gate penalty)
+  std::vector<double> start;     // the gated model before fine-tuning, without skipping
+  std::vector<double> noskip;    // after fine-tuning, model::generate (no skipping decoder)
+  std::vector<budget_row> rows;  // in budget order; rows[0] is the 100 % budget
 };
 
 struct sweep_result {
@@ -118,7 +118,7 @@ model::skip_plan calibrate(const Mm& mm, const weights_t& w, const calibration_s
   return model::calibrate_skipping(mm.lm(), w.lm, batches, keep);
 }
 
-// Every test set evaluated by `ev` (skipping as it is set), timed.
+// Every test set evaluated by `ev` (skipping as it is set), and the wall time it took.
 template <class Mlp>
 std::vector<double> timed_evaluation(const basic_evaluator<Mlp>& ev, const weights_t& w, const run_data& d,
                                      const settings& s, double& seconds) {
@@ -147,8 +147,7 @@ sweep_variant sweep_recipe(const std::string& name, const std::string& trains, R
   copy_weights(base, w);
   nn::add_residual_gates(w.lm.trunk);  // the paper's start: bias 5, weights N(0, 0.01^2)
   basic_evaluator<gated_mlp> ev(d.tok, w.config);
-  double seconds = 0;
-  v.start = timed_evaluation(ev, w, d, s, seconds);
+  v.start = evaluate_all(ev, w, d, s.restricted);
   {
     model::multimodal_lm<float, R, backend::cpu, gated_mlp> mm(w.config, recipe);
     auto g = mm.make_grads(w);
@@ -183,7 +182,7 @@ sweep_variant sweep_recipe(const std::string& name, const std::string& trains, R
       prog.end();
     }
   }
-  v.noskip = timed_evaluation(ev, w, d, s, seconds);
+  v.noskip = evaluate_all(ev, w, d, s.restricted);
   const model::multimodal_lm<float, frozen_t, backend::cpu, gated_mlp> frozen(w.config, recipe::frozen);
   for (double keep : o.budgets) {
     budget_row row;
