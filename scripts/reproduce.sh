@@ -7,6 +7,7 @@
 # The default run (four recipes, three seeds each) took 17 minutes on 2 busy cores, an estimated
 # 10-11 on idle ones (docs/reproduction.md); --full runs all ten methods, longer and closer to the paper.
 # Extra arguments go to the program (see --help), e.g. --methods sa_proj,mlp_gate_up,llm.
+# --gateskip-sweep runs the GateSkip demonstration instead (docs/gateskip.md), on the same cached base model.
 # With --device cuda the program is built with its GPU path (SKILLGRAFT_REPRODUCE_CUDA, nvcc
 # from the CUDA toolkit; GPU architecture: CUDAARCHS, default the local GPU's, "native").
 # Usage: scripts/reproduce.sh [--out DIR] [--full] [--device cpu|cuda] [reproduce options...]

@@ -402,7 +402,7 @@ sg::model::lm_weights<T> gated_lm(const sg::decoder_config& c, unsigned seed) {
 const token_ids prompt = {{1, 5, 7, 2, 11, 4}, {3, 3, 12, 0, 4, 9}};
 }  // namespace
 
-TEST_CASE("GateSkip inference: a gated model decodes what its forward computes; budget 100 % skips nothing, bit for bit") {
+TEST_CASE("GateSkip inference: a gated model decodes what its forward computes, and budget 100 % skips nothing, bit for bit") {
   const auto c = sg::test::tiny_lm_config(3);
   auto w = gated_lm<D>(c, 21);
   sg::model::decoder_lm<D, frozen_r, sg::backend::cpu, vector_gates> lm(c, sg::recipe::frozen);

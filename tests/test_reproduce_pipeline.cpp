@@ -244,12 +244,6 @@ TEST_CASE("training batches: targets cover the answer and <eos> only") {
 }
 
 namespace {
-std::string read(const std::filesystem::path& p) {
-  std::ifstream in(p);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
 std::size_t lines(const std::string& s) { return std::size_t(std::count(s.begin(), s.end(), '\n')); }
 
 }  // namespace
@@ -278,12 +272,12 @@ TEST_CASE("reduced pipeline: pretrain a few steps, one recipe, one target; outpu
   CHECK(R.task_count() == 9);
   CHECK(R.tasks()[0] == "count");
   CHECK(R.heldout_columns().size() == 8);
-  const auto summary = read(s.out / "summary.csv");
+  const auto summary = sg::test::read_text(s.out / "summary.csv");
   CHECK(lines(summary) == 3);
   CHECK(summary.rfind("method,trains,learning", 0) == 0);
   CHECK(summary.find("\nsa_proj,") != std::string::npos);
   // Probe: the base model, steps 1 and 10 and the stage's end (12) of the counting stage, after the stage.
-  const auto probe = read(s.out / "probe.csv");
+  const auto probe = sg::test::read_text(s.out / "probe.csv");
   for (const char* row : {"sa_proj,0,0,", "sa_proj,1,1,", "sa_proj,1,10,", "sa_proj,1,12,"}) {
     INFO(row);
     CHECK(probe.find(row) != std::string::npos);
@@ -298,12 +292,12 @@ TEST_CASE("reduced pipeline: pretrain a few steps, one recipe, one target; outpu
   CHECK(first.summaries[0].train_seconds > 0);
   CHECK(first.summaries[0].peak_mib > 0);
   for (const char* f : {"learning_forgetting.svg", "heldout_over_stages.svg", "probe_counting_stage.svg", "probe_over_stages.svg"}) {
-    const auto svg = read(s.out / f);
+    const auto svg = sg::test::read_text(s.out / f);
     CHECK(svg.rfind("<svg ", 0) == 0);
     CHECK(svg.find("</svg>") != std::string::npos);
     CHECK(svg.find("nan") == std::string::npos);
   }
-  CHECK(read(s.out / "report.md").find("| sa_proj | q, k, v, o |") != std::string::npos);
+  CHECK(sg::test::read_text(s.out / "report.md").find("| sa_proj | q, k, v, o |") != std::string::npos);
   // A second run finds the checkpoint, skips pretraining, and evaluates the same base model.
   s.methods = {"vision_projector"};
   s.jobs = 1;  // in process
@@ -336,12 +330,12 @@ TEST_CASE("reduced pipeline: the MoE baseline grows one expert per target and tr
   CHECK(R.stages() == 2);
   CHECK(R.task_count() == 10);
   CHECK(R.tasks()[1] == "birds");
-  const auto summary = read(s.out / "summary.csv");
+  const auto summary = sg::test::read_text(s.out / "summary.csv");
   CHECK(lines(summary) == 2);
   CHECK(summary.find("\nmoe,") != std::string::npos);
   CHECK(res.summaries[0].train_seconds > 0);
   CHECK(res.summaries[0].peak_mib > 0);
-  CHECK(read(s.out / "report.md").find("| moe | MoE on the MLP |") != std::string::npos);
+  CHECK(sg::test::read_text(s.out / "report.md").find("| moe | MoE on the MLP |") != std::string::npos);
   std::filesystem::remove_all(s.out);
 }
 
@@ -444,10 +438,10 @@ TEST_CASE("reduced pipeline: every method runs once per seed; the table gives me
     INFO(f);
     CHECK(std::filesystem::exists(s.out / f));
   }
-  const auto summary = read(s.out / "summary.csv");
+  const auto summary = sg::test::read_text(s.out / "summary.csv");
   CHECK(lines(summary) == 5);
   CHECK(summary.find(",8\n") != std::string::npos);
-  const auto report = read(s.out / "report.md");
+  const auto report = sg::test::read_text(s.out / "report.md");
   CHECK_THAT(report, Catch::Contains("| sa_proj | q, k, v, o | 2 | ") && Catch::Contains(" ± ") &&
                          Catch::Contains("fine-tuning seeds 7..8") && Catch::Contains("Test-set noise") &&
                          Catch::Contains("| method | base | after count |"));

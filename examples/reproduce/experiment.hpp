@@ -26,7 +26,7 @@
 #include "skillgraft/cl/teacher.hpp"
 #include "skillgraft/cl/wise_ft.hpp"
 #include "skillgraft/io/safetensors.hpp"
-#include "skillgraft/model/generate.hpp"
+#include "skillgraft/model/gate_skip.hpp"
 #include "skillgraft/model/multimodal.hpp"
 #include "skillgraft/policy/dispatch.hpp"
 #include "skillgraft/train/adamw.hpp"
@@ -236,14 +236,9 @@ class basic_evaluator {
     s.max_new_tokens = max_new > 0 ? max_new : int(longest) + 1;
     s.eos = tok_->eos();
     s.allowed = allowed_tokens(*tok_, r);
-    token_ids out;
-    if (ex[0]->has_image) {
-      auto images = image_batch(ex);
-      auto soft = mm_.soft_tokens(w, images);
-      out = model::generate(mm_.lm(), w.lm, ids, s, &soft);
-    } else {
-      out = model::generate(mm_.lm(), w.lm, ids, s);
-    }
+    std::optional<cpu::tensor<float>> soft;
+    if (ex[0]->has_image) soft = mm_.soft_tokens(w, image_batch(ex));
+    const token_ids out = decode(w, ids, s, soft ? &*soft : nullptr);
     std::vector<std::vector<std::int64_t>> answers(B);
     for (std::size_t b = 0; b < B; ++b) {
       bool ended = false;
@@ -261,6 +256,13 @@ class basic_evaluator {
   // KL(reference || model) of the next-token distribution from the reference model's (the
   // base model, fed its own soft tokens), with cl::probe_hidden; and the fraction of
   // captions that contain a number token.
+  // GateSkip (model/gate_skip.hpp): decoding skips tokens by `plan` (nullptr: none) and adds
+  // what ran to `stats`.
+  void skip_by(const model::skip_plan* plan, model::skip_stats* stats = nullptr) {
+    static_assert(nn::has_residual_gates_v<Mlp>, "reproduce: only a gate_skip model skips tokens");
+    plan_ = plan, stats_ = stats;
+  }
+
   probe_value counting_bias(const weights_t& w, const std::vector<example>& probe, const weights_t& reference) const {
     std::vector<std::vector<std::int64_t>> prompts(probe.size());
     std::vector<std::size_t> rows;
@@ -313,7 +315,16 @@ class basic_evaluator {
   }
 
  private:
+  token_ids decode(const weights_t& w, const token_ids& ids, const model::sampling& s,
+                   const cpu::tensor<float>* soft) const {
+    if constexpr (nn::has_residual_gates_v<Mlp>)
+      if (plan_) return model::generate_skipping(mm_.lm(), w.lm, ids, s, *plan_, stats_, soft);
+    return model::generate(mm_.lm(), w.lm, ids, s, soft);
+  }
+
   static constexpr std::size_t chunk = 64;
+  const model::skip_plan* plan_ = nullptr;
+  model::skip_stats* stats_ = nullptr;
   const tokenizer* tok_;
   model::multimodal_lm<float, frozen_t, backend::cpu, Mlp> mm_;
   model::multimodal_lm<float, frozen_t> reference_;
@@ -582,6 +593,18 @@ train::step_stats stage_step(const Model& mm, typename Model::weights_t& w, type
 
 enum class method_kind { plain, lwf, wise_ft, lora };
 
+// A stage's learning rate over its steps, and its next batch of the target's examples.
+inline train::cosine_schedule stage_schedule(const settings& s, double lr) {
+  return {.peak = lr, .floor = 0.1 * lr, .warmup = std::max(1, s.stage_steps / 10), .total = s.stage_steps};
+}
+inline encoded_batch next_stage_batch(example_stream& stream, const settings& s, const tokenizer& tok, int image_tokens) {
+  std::vector<example> rows;
+  for (int b = 0; b < s.stage_batch; ++b) rows.push_back(stream.next());
+  std::vector<const example*> ptrs;
+  for (const auto& e : rows) ptrs.push_back(&e);
+  return encode_for_training(tok, ptrs, image_tokens);
+}
+
 inline std::vector<int> probe_steps(int stage_steps) {
   std::vector<int> v;
   for (int s : {1, 10, 100, 1000})
@@ -660,8 +683,7 @@ method_result run_recipe(const std::string& name, R recipe, method_kind kind, co
     {
       stage_t stage(recipe, mm, w, lr, kind, s);
       if (k == 0) res.trainable = stage.trainable();
-      const train::cosine_schedule sched{
-          .peak = lr, .floor = 0.1 * lr, .warmup = std::max(1, s.stage_steps / 10), .total = s.stage_steps};
+      const auto sched = stage_schedule(s, lr);
       example_stream stream(target, train_seed(s.seed, target.name, int(k)));
       const auto probes = probe_steps(s.stage_steps);
       prog.begin(name + " " + std::to_string(k + 1) + "/" + std::to_string(d.targets.size()) + " " + target.name,
@@ -669,11 +691,7 @@ method_result run_recipe(const std::string& name, R recipe, method_kind kind, co
       double loss = 0;
       meter.reset_peaks();  // the peak of training alone (evaluation and probes excluded)
       for (int step = 0; step < s.stage_steps; ++step) {
-        std::vector<example> rows;
-        for (int b = 0; b < s.stage_batch; ++b) rows.push_back(stream.next());
-        std::vector<const example*> ptrs;
-        for (const auto& e : rows) ptrs.push_back(&e);
-        const auto enc = encode_for_training(d.tok, ptrs, mm.image_tokens());
+        const auto enc = next_stage_batch(stream, s, d.tok, mm.image_tokens());
         const auto t0 = clock::now();
         const train::step_stats st = stage.step(enc, sched);
         res.train_seconds += std::chrono::duration<double>(clock::now() - t0).count();

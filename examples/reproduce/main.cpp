@@ -7,10 +7,12 @@
 //             [--vision-hidden N] [--vision-layers N]
 //             [--stage-steps N] [--stage-batch N] [--lr X] [--test-examples N]
 //             [--jobs N] [--threads N]
+//   reproduce --gateskip-sweep [--out DIR] [--order TARGET,...] [--stage-steps N] ...
 //
 // Writes report.md, summary.csv, accuracy_<method>.csv, probe.csv, curves.csv and four SVG
 // pictures under --out (default reproduce-out/). The pretrained base model is cached there
-// as base.safetensors; a rerun with the same settings skips pretraining.
+// as base.safetensors; a rerun with the same settings skips pretraining. --gateskip-sweep runs
+// the GateSkip demonstration instead (gateskip_sweep.hpp) and writes gateskip.md, .csv, .svg.
 #include <algorithm>
 #include <charconv>
 #include <cmath>
@@ -26,7 +28,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "pipeline.hpp"
+#include "gateskip_sweep.hpp"
 
 namespace rp = skillgraft::reproduce;
 
@@ -72,6 +74,10 @@ void usage() {
                "                         --threads, --jobs and --pretrain-threads: at most 4 per core, at least 8)\n"
                "  --device cpu|cuda      where pretraining and the plain recipes train (cuda: a build with\n"
                "                         SKILLGRAFT_REPRODUCE_CUDA; LwF, LoRA, MoE and evaluation stay on the CPU)\n"
+               "  --gateskip-sweep       instead of the methods: residual gates fine-tuned with mlp_gate_up and alone on\n"
+               "                         the first --order task, and alone on the general abilities, for --stage-steps;\n"
+               "                         then accuracy against compute saved at skip budgets 100/90/75/50 %\n"
+               "                         (gateskip.md, gateskip.csv, gateskip.svg)\n"
                "  --quiet                no progress display\n";
 }
 
@@ -83,6 +89,7 @@ int main(int argc, char** argv) {
     rp::settings s = rp::default_settings();
     for (const auto& a : args)
       if (a == "--full") s = rp::full_settings();
+    bool gateskip_sweep = false;
     int vision_hidden = s.model.vision.blocks.hidden, vision_layers = s.model.vision.blocks.n_layers;
     for (std::size_t i = 0; i < args.size(); ++i) {
       const std::string& a = args[i];
@@ -157,6 +164,8 @@ int main(int argc, char** argv) {
         vision_hidden = integer();
       } else if (a == "--vision-layers") {
         vision_layers = integer();
+      } else if (a == "--gateskip-sweep") {
+        gateskip_sweep = true;
       } else if (a == "--quiet") {
         s.quiet = true;
       } else if (a == "--device") {
@@ -208,6 +217,12 @@ int main(int argc, char** argv) {
                                     " cores), got " + std::to_string(v));
     rp::resize_vision(s.model, vision_hidden, vision_layers);
     rp::progress prog(s.quiet);
+    if (gateskip_sweep) {
+      const auto r = rp::run_gateskip_sweep(s, {}, prog);
+      std::cout << rp::gateskip_markdown(r) << "report: " << (s.out / "gateskip.md").string() << "  (whole run "
+                << rp::fmt(r.seconds) << " s)\n";
+      return 0;
+    }
     auto res = rp::run_pipeline(s, prog);
     std::cout << rp::seeded_markdown(res.seeded) << "\nreport: " << (s.out / "report.md").string() << "  (whole run "
               << rp::fmt(res.total_seconds) << " s)\n";

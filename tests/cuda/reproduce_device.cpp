@@ -32,13 +32,6 @@ double squared_distance(rp::weights_t& a, rp::weights_t& b) {
   return ss;
 }
 
-std::string read(const std::filesystem::path& p) {
-  std::ifstream in(p);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
 }  // namespace
 
 TEST_CASE("reproduction on the device: pretraining has the CPU's loss at every step and hands its weights back") {
@@ -107,10 +100,10 @@ TEST_CASE("reproduction on the device: a reduced run trains all ten methods on t
       for (double v : row) CHECK((v >= 0 && v <= 1));
     CHECK(r.probes.size() == c.probes.size());
   }
-  const auto report = read(s.out / "report.md");
+  const auto report = sg::test::read_text(s.out / "report.md");
   CHECK_THAT(report, Catch::Contains("Device: pretraining on cuda; training of each method on: " + on_devices + "."));
   CHECK_THAT(on_devices, Catch::Contains("lwf cuda") && Catch::Contains("lora cuda") && Catch::Contains("moe cuda"));
-  CHECK(read(on_cpu.out / "report.md").find("Device:") == std::string::npos);
+  CHECK(sg::test::read_text(on_cpu.out / "report.md").find("Device:") == std::string::npos);
   std::filesystem::remove_all(s.out);
   std::filesystem::remove_all(on_cpu.out);
 }

@@ -4,6 +4,8 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <string>
 
 namespace skillgraft::test {
@@ -24,6 +26,14 @@ inline reproduce::settings reduced_settings(const std::string& name) {
   s.out = std::filesystem::temp_directory_path() / ("skillgraft_reproduce_" + name + "_" + std::to_string(::getpid()));
   std::filesystem::remove_all(s.out);
   return s;
+}
+
+// The whole of a report file the run wrote.
+inline std::string read_text(const std::filesystem::path& p) {
+  std::ifstream in(p);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
 }
 
 }  // namespace skillgraft::test

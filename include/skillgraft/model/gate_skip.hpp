@@ -222,22 +222,32 @@ typename Bk::template tensor<T> decode_skipping(const decoder_lm<T, R, Bk, M>& m
   return out;
 }
 
-// Thresholds for a budget: the tokens of `ids` (after optional soft tokens) run through the
-// model without skipping; per layer and branch the top fraction `keep` of their importances is
-// kept, the threshold put halfway between the last kept and the first skipped importance.
+// One batch of calibration tokens: ids [batch, seq] after optional soft tokens [batch, prefix, hidden].
+template <class T, class Bk = backend::cpu>
+struct calibration_batch {
+  const token_ids* ids = nullptr;
+  const typename Bk::template tensor<T>* prefix = nullptr;
+};
+
+// Thresholds for a budget: the tokens of every batch run through the model without skipping
+// (batches of other lengths, with or without soft tokens, pool their importances); per layer and
+// branch the top fraction `keep` of the importances is kept, the threshold put halfway between
+// the last kept and the first skipped importance.
 template <class T, class R, class Bk, class M>
-skip_plan calibrate_skipping(const decoder_lm<T, R, Bk, M>& model, const lm_weights<T, Bk>& w, const token_ids& ids,
-                             double keep, const typename Bk::template tensor<T>* prefix = nullptr) {
+skip_plan calibrate_skipping(const decoder_lm<T, R, Bk, M>& model, const lm_weights<T, Bk>& w,
+                             const std::vector<calibration_batch<T, Bk>>& batches, double keep) {
   if (!(keep > 0 && keep <= 1))
     throw std::invalid_argument("skillgraft: a skip budget keeps a fraction in (0, 1], got " + std::to_string(keep));
   const int layers = model.config().n_layers;
   std::vector<std::vector<double>> seen(2 * std::size_t(layers));
-  auto x = model.embed(w, ids, prefix);
-  kv_cache<T, Bk> cache(model.config(), int(x.dim(0)), int(x.dim(1)));
-  decode_skipping(model, w, cache, x, keep_all(layers), nullptr, [&](int l, int branch, const std::vector<double>& imp) {
-    auto& v = seen[2 * std::size_t(l) + std::size_t(branch)];
-    v.insert(v.end(), imp.begin(), imp.end());
-  });
+  for (const auto& batch : batches) {
+    auto x = model.embed(w, *batch.ids, batch.prefix);
+    kv_cache<T, Bk> cache(model.config(), int(x.dim(0)), int(x.dim(1)));
+    decode_skipping(model, w, cache, x, keep_all(layers), nullptr, [&](int l, int branch, const std::vector<double>& imp) {
+      auto& v = seen[2 * std::size_t(l) + std::size_t(branch)];
+      v.insert(v.end(), imp.begin(), imp.end());
+    });
+  }
   skip_plan plan = keep_all(layers);
   plan.keep = keep;
   for (int l = 1; l < layers; ++l)
@@ -250,6 +260,11 @@ skip_plan calibrate_skipping(const decoder_lm<T, R, Bk, M>& model, const lm_weig
       (branch == 0 ? plan.attention : plan.mlp)[std::size_t(l)] = threshold;
     }
   return plan;
+}
+template <class T, class R, class Bk, class M>
+skip_plan calibrate_skipping(const decoder_lm<T, R, Bk, M>& model, const lm_weights<T, Bk>& w, const token_ids& ids,
+                             double keep, const typename Bk::template tensor<T>* prefix = nullptr) {
+  return calibrate_skipping(model, w, std::vector<calibration_batch<T, Bk>>{{&ids, prefix}}, keep);
 }
 
 // generate and continuation_logprob of a gate_skip model, skipping by `plan`.

@@ -182,6 +182,13 @@ class multimodal_lm {
 
   const multimodal_config& config() const { return config_; }
   const mlp_options_t& mlp_options() const { return lm_.mlp_options(); }
+  void set_mlp_options(const mlp_options_t& o) { lm_.set_mlp_options(o); }
+  // f(layer, gate_record&) for every residual gate of a forward (gate_skip language models), so
+  // that train::gate_sparsity_objective fine-tunes the gates of a multimodal model.
+  template <class F>
+  void for_each_gate_record(saved_t& s, F&& f) const {
+    lm_.for_each_gate_record(s.lm, f);
+  }
   const lm_t& lm() const { return lm_; }
   const vision_t& vision() const { return vision_; }
   const typename lm_t::stack_t& stack() const { return lm_.stack(); }

@@ -19,6 +19,7 @@
 #include <cstddef>
 #include <stdexcept>
 
+#include "skillgraft/nn/residual_gate.hpp"
 #include "skillgraft/train/cross_entropy.hpp"
 
 namespace skillgraft::train {
