@@ -23,6 +23,17 @@
 
 namespace skillgraft::train {
 
+// When a step's gradient buckets are summed: the schedule policy of a distributed
+// communicator (its `bucket_schedule`), types so that train_step compiles only the path taken.
+//   overlap_with_backward   each bucket as soon as backward has finished its gradients, while
+//                           backward works on the layers below; only during the last
+//                           micro-batch's backward (the earlier ones only accumulate). Models
+//                           whose backward takes no gradient hook fall back to the next.
+//   reduce_after_backward   every bucket after the last micro-batch's backward
+// Both sum the same buffers in the same order: the results are the same to the bit.
+struct overlap_with_backward {};
+struct reduce_after_backward {};
+
 // One process: train_step's default, which compiles every exchange away.
 struct no_communicator {
   static constexpr bool distributed = false;
