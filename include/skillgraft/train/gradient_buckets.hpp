@@ -9,12 +9,15 @@
 // without blocking, and unpacked once the bucket two behind it is on its way: a bucket is
 // packed while the one before it is on the wire. A bucket that is one whole tensor is summed
 // in place, without staging. Frozen tensors have no gradient and are never visited, so the
-// bytes sent per step are exactly the plan's gradient bytes.
+// bytes sent per step are exactly the plan's gradient bytes. A bucket starts as soon as
+// backward has reported all its gradients final (bucket_reducer is the model's gradient hook),
+// or after backward (reduce_in_buckets); the buckets and their sums are the same either way.
 //
 // A transport provides, for the element type T of the model and memory of its backend:
 //   t.template staging<T>(slot, elements) -> T*     slot 0 or 1, at least `elements` long
 //   t.start_sum(T* data, std::size_t n)   -> request (summed in place over the ranks)
 //   t.wait(request&, const std::string& what)       throws (naming `what`) on error or timeout
+//   t.test(request&) -> bool                        optional: moves the sum on, true once done
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
