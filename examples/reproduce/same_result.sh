@@ -1,6 +1,6 @@
 #!/bin/sh
-# The reproduction as one process and as a 2-rank MPI job at the same global batch, on the
-# same cached base model: the reports' numbers must agree up to float rounding (relative 1e-5;
+# The reproduction as one process and as a 2-rank MPI job at the same global batch: the same
+# base model to the byte, and the reports' numbers agree up to float rounding (relative 1e-5;
 # here they differ by about 1e-9, the stage losses in their sixth decimal at most).
 #
 #   same_result.sh <reproduce> <reproduce_mpi> <dir> <mpirun -np 2 ...>
@@ -11,11 +11,14 @@ rm -rf "$dir"
 mkdir -p "$dir"
 tiny="--methods sa_proj,lwf --order count,birds --vision-pretrain-steps 2 --vision-pretrain-batch 4
       --pretrain-steps 3 --pretrain-batch 8 --stage-steps 4 --stage-batch 4 --test-examples 4 --seeds 1
-      --jobs 1 --quiet --checkpoint $dir/base.safetensors"
+      --jobs 1 --quiet"
+# Each pretrains its own base model: the single process in a child, the job on rank 0 alone.
 # shellcheck disable=SC2086
 "$one" $tiny --out "$dir/one" >"$dir/one.txt"
 # shellcheck disable=SC2086
 "$@" "$many" $tiny --out "$dir/two" >"$dir/two.txt"
+cmp "$dir/one/base.safetensors" "$dir/two/base.safetensors" ||
+  { echo "the job's rank 0 pretrained another base model than the single process"; exit 1; }
 # Every number of the files that hold results (not times or memory): each stage's last
 # training loss, the accuracy matrices, the probes (the number-token mass and the KL to the
 # base model after steps 1 and 4 and after each stage) and the summary's learning, forgetting
