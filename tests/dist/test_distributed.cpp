@@ -114,7 +114,7 @@ std::vector<float> summed_gradients(const Model& model, typename Model::weights_
   } else {
     auto reduction = comm.start_reduction(model, w, g);
     if (how == send::during_backward) {
-      model.backward(w, saved, r.dh, g, reduction);
+      model.backward(w, saved, r.dh, g, reduction.hook());
     } else {  // what a hook placed too early would do: every bucket before its gradients exist
       std::vector<typename Model::tensor_t*> all;
       model.for_each_trainable(w, g, [&](const std::string&, auto&, auto& dp) { all.push_back(&dp); });

@@ -15,7 +15,7 @@
 //   c.sum(std::uint64_t), c.sum(double)          host scalars summed over the ranks
 //   c.reduce_gradients(model, w, g)              every trainable gradient summed in place
 // and, to sum while backward runs (C::bucket_schedule is overlap_with_backward):
-//   c.start_reduction(model, w, g) -> r          a gradient hook for model.backward(..., r)
+//   c.start_reduction(model, w, g) -> r          model.backward(..., r.hook()) drives it
 //   c.finish_reduction(r)                        waits for every sum
 // `no_communicator` (here) is the default. The distributed ones live under skillgraft/dist/
 // and are compiled only where a program includes them: dist::mpi_communicator (CPU processes,

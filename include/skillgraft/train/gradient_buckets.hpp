@@ -29,6 +29,7 @@
 
 #include "skillgraft/backend/backend_of.hpp"
 #include "skillgraft/backend/host_device.hpp"
+#include "skillgraft/nn/gradient_hook.hpp"
 #include "skillgraft/train/communicator.hpp"
 
 namespace skillgraft::train {
@@ -80,8 +81,8 @@ std::vector<std::vector<bucket_piece<T>>> cut_into_buckets(const std::vector<std
   return buckets;
 }
 
-// The sum of one step's trainable gradients over the ranks: a gradient hook of the model's
-// backward (nn/gradient_hook.hpp). ready(dp) marks dp final and starts, in order, every bucket
+// The sum of one step's trainable gradients over the ranks, driven by the model's backward
+// through hook() (nn/gradient_hook.hpp). ready(dp) marks dp final and starts, in order, every bucket
 // whose gradients are all final; finish() starts the rest and waits for all. Buckets start in
 // the same order on every rank (collectives must), and the bytes are the same whether ready()
 // was heard or not: overlap changes when a bucket is sent, never what is summed.
@@ -94,8 +95,6 @@ class bucket_reducer {
  public:
   using T = typename Model::value_type;
   using tensor_t = typename Model::backend_type::template tensor<T>;
-  static constexpr bool active = true;
-
   bucket_reducer(Transport& transport, const Model& model, typename Model::weights_t& w, typename Model::grads_t& g,
                  std::size_t bucket_bytes)
       : transport_(transport) {
@@ -122,6 +121,9 @@ class bucket_reducer {
   }
   bucket_reducer(const bucket_reducer&) = delete;
   bucket_reducer& operator=(const bucket_reducer&) = delete;
+
+  // What model.backward(..., hook) takes: a pointer to this reducer.
+  nn::gradient_hook_ref<bucket_reducer> hook() { return {this}; }
 
   // dp is final: send every bucket whose gradients are all final now.
   void ready(tensor_t& dp) {
@@ -235,7 +237,7 @@ class bucketed_gradients {
     auto& self = static_cast<Derived&>(*this);
     last_ = reduce_in_buckets(self, model, w, g, self.options().bucket_bytes);
   }
-  // A reduction that the last micro-batch's backward drives as its gradient hook; g must hold
+  // A reduction that the last micro-batch's backward drives through its hook(); g must hold
   // every earlier micro-batch's gradients already. finish_reduction waits for it.
   template <class Model>
   bucket_reducer<Derived, Model> start_reduction(const Model& model, typename Model::weights_t& w,

@@ -151,7 +151,7 @@ concept overlaps_backward =
     requires(C& c, const Model& m, typename Model::weights_t& w, typename Model::grads_t& g,
              const typename Model::saved_t& s, const typename Model::tensor_t& dh) {
       c.start_reduction(m, w, g);
-      m.backward(w, s, dh, g, c.start_reduction(m, w, g));
+      m.backward(w, s, dh, g, c.start_reduction(m, w, g).hook());
     };
 
 // One step on any backend: the model, its weights and gradients, the optimizer's state and the
@@ -191,7 +191,7 @@ step_stats train_step(const Model& model, typename Model::weights_t& w, typename
       // The last micro-batch's backward finishes each gradient for good: its buckets go then.
       if (&mb == &batches.back()) {
         auto reduction = comm.start_reduction(model, w, g);
-        model.backward(w, saved, r.dh, g, reduction);
+        model.backward(w, saved, r.dh, g, reduction.hook());
         comm.finish_reduction(reduction);
         continue;
       }
