@@ -19,6 +19,7 @@
 //   t.wait(request&, const std::string& what)       throws (naming `what`) on error or timeout
 //   t.test(request&) -> bool                        optional: moves the sum on, true once done
 #include <algorithm>
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <optional>
@@ -148,8 +149,6 @@ class bucket_reducer {
     for (std::size_t k = buckets_.size(); k < buckets_.size() + 2; ++k) complete(slots_[k % 2], staging_[k % 2]);
     return stats_;
   }
-  // Buckets started so far (before finish: how many went while backward was running).
-  std::size_t started() const { return next_; }
 
  private:
   using request_t = decltype(std::declval<Transport&>().start_sum(std::declval<T*>(), std::size_t{}));
