@@ -228,8 +228,7 @@ class decoder_lm {
           return {};
         } else {
           const std::size_t B = dx.dim(0), P = std::size_t(s.prefix), d = dx.dim(2);
-          if constexpr (train_embed)  // dE[id] += dx[position of id], repeated ids in a fixed order
-          {
+          if constexpr (train_embed) {  // dE[id] += dx[position of id], repeated ids in a fixed order
             Backend::embedding_backward(s.ids.data(), s.ids.shape(0), s.ids.shape(1), dx, g.embed_tokens);
             nn::gradient_ready(g.embed_tokens, hook...);
           }

@@ -150,7 +150,6 @@ concept overlaps_backward =
     std::same_as<typename C::bucket_schedule, overlap_with_backward> &&
     requires(C& c, const Model& m, typename Model::weights_t& w, typename Model::grads_t& g,
              const typename Model::saved_t& s, const typename Model::tensor_t& dh) {
-      c.start_reduction(m, w, g);
       m.backward(w, s, dh, g, c.start_reduction(m, w, g).hook());
     };
 
