@@ -62,6 +62,10 @@ class mpi_stage : public cpu_stage<R, Mlp> {
 
 // run_pipeline over the job's ranks. s: the settings every rank parsed alike.
 inline pipeline_result data_parallel_run(settings s, progress& prog, dist::mpi_communicator& comm) {
+  // The GPU path forks to probe the device and trains without the job's communicator.
+  if (s.device != "cpu")
+    throw std::invalid_argument("reproduce_mpi trains on the CPU only (--device " + s.device +
+                                "): for the GPU, run reproduce --device cuda");
   job_communicator() = &comm;
   s.write_files = comm.rank() == 0;
   s.jobs = 1;
