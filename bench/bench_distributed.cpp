@@ -8,7 +8,8 @@
 //   BM_one_rank_2_threads/<recipe>   rank 0 alone, 2 OpenMP threads, the whole batch, no
 //                                    communicator; rank 1 waits (sleeping) for the next benchmark
 //   BM_two_ranks_1_thread/<recipe>   both ranks, 1 thread each, half the batch each, summing the
-//                                    trainable gradients over MPI
+//                                    trainable gradients over MPI in buckets that overlap with backward
+//   BM_two_ranks_1_thread_after_backward/<recipe>   the same, every bucket summed after backward
 // Bytes per step are what reduce_gradients sent from one rank, reported as a ratio to the
 // memory plan's gradient bytes (cl::plan_method_memory): only trainable gradients travel, so
 // the ratio is 1 and the bytes follow the recipe. Iteration counts are fixed (--iterations,
@@ -33,11 +34,12 @@ namespace sg = skillgraft;
 namespace {
 
 struct result {
-  double one_rank = 0, two_ranks = 0;  // seconds per step
+  double one_rank = 0, two_ranks = 0, two_ranks_after = 0;  // seconds per step
   double bytes = 0, plan_bytes = 0, buckets = 0;
 };
 std::map<std::string, result> results;
-sg::dist::mpi_communicator* world = nullptr;
+sg::dist::mpi_communicator* world = nullptr;  // buckets overlap with backward
+sg::dist::basic_mpi_communicator<sg::train::reduce_after_backward>* world_after = nullptr;
 
 // This rank's half of the global batch (rows [2r, 2r + 2) of 4).
 sg::train::micro_batch<float> half_batch(const sg::train::micro_batch<float>& whole, int rank, int ranks) {
@@ -87,6 +89,13 @@ void BM_two_ranks_1_thread(benchmark::State& state, R recipe, const std::string&
   state.counters["buckets"] = r.buckets;
 }
 
+// The same steps with every bucket summed after backward: what overlap gains.
+template <class R>
+void BM_two_ranks_1_thread_after_backward(benchmark::State& state, R recipe) {
+  omp_set_num_threads(1);
+  run_steps(state, recipe, half_batch(sg::bench::make_batch(), world->rank(), world->size()), *world_after);
+}
+
 class summary_reporter : public benchmark::ConsoleReporter {
  public:
   void ReportRuns(const std::vector<Run>& runs) override {
@@ -95,7 +104,9 @@ class summary_reporter : public benchmark::ConsoleReporter {
       const auto slash = n.find('/');
       if (slash == std::string::npos) continue;
       auto& r = results[n.substr(slash + 1)];
-      (n.starts_with("BM_one_rank") ? r.one_rank : r.two_ranks) = run.GetAdjustedRealTime() / 1e3;
+      (n.starts_with("BM_one_rank")                             ? r.one_rank
+       : n.starts_with("BM_two_ranks_1_thread_after_backward/") ? r.two_ranks_after
+                                                                : r.two_ranks) = run.GetAdjustedRealTime() / 1e3;
     }
     ConsoleReporter::ReportRuns(runs);
   }
@@ -114,7 +125,9 @@ int main(int argc, char** argv) {
   sg::dist::mpi_environment mpi(argc, argv);
   // Rank 1 waits out rank 0's single-rank measurements inside an exchange: a long deadline.
   sg::dist::mpi_communicator comm({.timeout = std::chrono::minutes(30)});
+  sg::dist::basic_mpi_communicator<sg::train::reduce_after_backward> after({.timeout = std::chrono::minutes(30)});
   world = &comm;
+  world_after = &after;
   int iterations = 3;
   for (int i = 1; i < argc; ++i)
     if (std::string(argv[i]).starts_with("--iterations=")) iterations = std::stoi(argv[i] + 13);
@@ -135,6 +148,11 @@ int main(int argc, char** argv) {
           ->Unit(benchmark::kMillisecond)
           ->UseRealTime()
           ->Iterations(iterations);
+      benchmark::RegisterBenchmark(("BM_two_ranks_1_thread_after_backward/" + n).c_str(),
+                                   [recipe](benchmark::State& s) { BM_two_ranks_1_thread_after_backward(s, recipe); })
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime()
+          ->Iterations(iterations);
     });
   }
   std::vector<char*> args{argv[0]};
@@ -150,11 +168,13 @@ int main(int argc, char** argv) {
   benchmark::Shutdown();
   if (comm.rank() != 0) return 0;
   std::printf("\n| recipe | bytes per step (MiB) | of plan's gradient bytes | buckets | 1 rank x 2 threads ms "
-              "| 2 ranks x 1 thread ms | 2x1 vs 1x2 |\n|---|---|---|---|---|---|---|\n");
+              "| 2 ranks x 1 thread ms | 2x1 vs 1x2 | 2x1, buckets after backward ms | overlapped vs after "
+              "|\n|---|---|---|---|---|---|---|---|---|\n");
   for (const char* name : {"llm", "mlp", "mlp_gate_up", "sa_proj", "mlp_down"}) {
     const auto& r = results[name];
-    std::printf("| %s | %.2f | %.3f | %.0f | %.0f | %.0f | %.2f |\n", name, r.bytes / (1 << 20),
+    std::printf("| %s | %.2f | %.3f | %.0f | %.0f | %.0f | %.2f | %.0f | %.2f |\n", name, r.bytes / (1 << 20),
                 r.plan_bytes ? r.bytes / r.plan_bytes : 0.0, r.buckets, r.one_rank * 1e3, r.two_ranks * 1e3,
-                r.one_rank ? r.two_ranks / r.one_rank : 0.0);
+                r.one_rank ? r.two_ranks / r.one_rank : 0.0, r.two_ranks_after * 1e3,
+                r.two_ranks_after ? r.two_ranks / r.two_ranks_after : 0.0);
   }
 }

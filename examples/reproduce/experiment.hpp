@@ -106,6 +106,8 @@ struct settings {
   // SKILLGRAFT_REPRODUCE_CUDA (device_cuda.hpp). Evaluation and the probes always run on the
   // CPU, on weights copied back after each stage; LwF, LoRA and MoE train on the CPU.
   std::string device = "cpu";
+  // false on every rank but 0 of a data-parallel run (data_parallel.hpp): one writer of the files.
+  bool write_files = true;
 
   std::filesystem::path checkpoint_path() const { return checkpoint.empty() ? out / "base.safetensors" : checkpoint; }
 };
@@ -576,19 +578,20 @@ struct multimodal_lwf_objective {
 };
 
 // One step of a stage on any backend: LwF's objective when the method distils (and the recipe
-// leaves the vision path frozen, as LwF's does), else the masked cross-entropy.
-template <class Model, class Optimizer, class Backend>
+// leaves the vision path frozen, as LwF's does), else the masked cross-entropy. `comm`: the
+// ranks that share the step (data_parallel.hpp), one process by default.
+template <class Model, class Optimizer, class Backend, class Comm = train::no_communicator>
 train::step_stats stage_step(const Model& mm, typename Model::weights_t& w, typename Model::grads_t& g,
                              Optimizer& opt, const train::cosine_schedule& sched,
                              const train::micro_batch<float, Backend>& mb, cl::teacher<float, Backend>* teach,
-                             const settings& s) {
+                             const settings& s, Comm&& comm = {}) {
   if constexpr (!Model::train_vision && !Model::train_projector) {
     if (teach) {
       const multimodal_lwf_objective<Backend> obj{teach, {.lambda = s.lwf_lambda, .temperature = s.lwf_temperature}};
-      return train::train_step(mm, w, g, opt, sched, std::span(&mb, 1), {}, obj);
+      return train::train_step(mm, w, g, opt, sched, std::span(&mb, 1), {}, obj, comm);
     }
   }
-  return train::train_step(mm, w, g, opt, sched, std::span(&mb, 1));
+  return train::train_step(mm, w, g, opt, sched, std::span(&mb, 1), {}, train::masked_ce_objective{}, comm);
 }
 
 enum class method_kind { plain, lwf, wise_ft, lora };
@@ -638,7 +641,7 @@ class cpu_stage {
   }
   void sync(weights_t&) const {}  // the host weights are the ones that train
 
- private:
+ protected:  // data_parallel.hpp's stage shares the step between ranks
   const model_t& mm_;
   weights_t& w_;
   typename model_t::grads_t g_;
@@ -778,22 +781,24 @@ extern template SKILLGRAFT_REPRODUCE_RUN_RECIPE(lora_recipe);
 extern template SKILLGRAFT_REPRODUCE_RUN_RECIPE_WITH(moe_recipe, moe_policy);
 #endif
 
-inline method_result run_method(const std::string& m, const settings& s, const weights_t& base,
-                                const std::vector<double>& base_row, const probe_value& base_probe,
-                                const run_data& d, progress& prog) {
+// Stage: where each step trains (cpu_stage; data_parallel.hpp's shares it between ranks).
+template <template <class, class> class Stage = cpu_stage>
+method_result run_method(const std::string& m, const settings& s, const weights_t& base,
+                         const std::vector<double>& base_row, const probe_value& base_probe, const run_data& d,
+                         progress& prog) {
+  auto run = [&]<class Mlp = nn::default_mlp>(auto recipe, method_kind kind) {
+    return run_recipe<std::remove_cv_t<decltype(recipe)>, Mlp, Stage>(m, recipe, kind, s, base, base_row, base_probe,
+                                                                       d, prog);
+  };
   method_result r;
-  if (m == "lwf") r = run_recipe(m, recipe::mlp, method_kind::lwf, s, base, base_row, base_probe, d, prog);
-  else if (m == "wise_ft") r = run_recipe(m, recipe::llm, method_kind::wise_ft, s, base, base_row, base_probe, d, prog);
-  else if (m == "lora") r = run_recipe(m, lora_recipe, method_kind::lora, s, base, base_row, base_probe, d, prog);
-  else if (m == "moe")
-    r = run_recipe<std::remove_cv_t<decltype(moe_recipe)>, moe_policy>(m, moe_recipe, method_kind::plain, s, base,
-                                                                       base_row, base_probe, d, prog);
+  if (m == "lwf") r = run(recipe::mlp, method_kind::lwf);
+  else if (m == "wise_ft") r = run(recipe::llm, method_kind::wise_ft);
+  else if (m == "lora") r = run(lora_recipe, method_kind::lora);
+  else if (m == "moe") r = run.template operator()<moe_policy>(moe_recipe, method_kind::plain);
   else if (!method_available(m))
     throw std::invalid_argument("reproduce: method '" + m + "' is not available in this build");
   else
-    r = with_multimodal_recipe(m, [&](auto rc) {
-      return run_recipe(m, rc, method_kind::plain, s, base, base_row, base_probe, d, prog);
-    });
+    r = with_multimodal_recipe(m, [&](auto rc) { return run(rc, method_kind::plain); });
   r.recipe = method_description(m);
   return r;
 }

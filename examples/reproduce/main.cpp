@@ -29,6 +29,10 @@
 #include <vector>
 
 #include "gateskip_sweep.hpp"
+#include "pipeline.hpp"
+#ifdef SKILLGRAFT_REPRODUCE_MPI
+#include "data_parallel.hpp"  // reproduce_mpi: the same program as the ranks of an MPI job
+#endif
 
 namespace rp = skillgraft::reproduce;
 
@@ -84,6 +88,9 @@ void usage() {
 }  // namespace
 
 int main(int argc, char** argv) {
+#ifdef SKILLGRAFT_REPRODUCE_MPI
+  skillgraft::dist::mpi_environment mpi(argc, argv);
+#endif
   try {
     std::vector<std::string> args(argv + 1, argv + argc);
     rp::settings s = rp::default_settings();
@@ -216,6 +223,14 @@ int main(int argc, char** argv) {
                                     " (four per core, at least 8; this machine has " + std::to_string(cores) +
                                     " cores), got " + std::to_string(v));
     rp::resize_vision(s.model, vision_hidden, vision_layers);
+#ifdef SKILLGRAFT_REPRODUCE_MPI
+    if (gateskip_sweep)
+      throw std::invalid_argument("reproduce_mpi: --gateskip-sweep runs in one process (use reproduce)");
+    skillgraft::dist::mpi_communicator comm;
+    rp::progress prog(s.quiet || comm.rank() != 0);
+    auto res = rp::data_parallel_run(s, prog, comm);
+    if (comm.rank() != 0) return 0;
+#else
     rp::progress prog(s.quiet);
     if (gateskip_sweep) {
       const auto r = rp::run_gateskip_sweep(s, {}, prog);
@@ -224,6 +239,7 @@ int main(int argc, char** argv) {
       return 0;
     }
     auto res = rp::run_pipeline(s, prog);
+#endif
     std::cout << rp::seeded_markdown(res.seeded) << "\nreport: " << (s.out / "report.md").string() << "  (whole run "
               << rp::fmt(res.total_seconds) << " s)\n";
     return 0;
@@ -231,6 +247,9 @@ int main(int argc, char** argv) {
     std::string what = e.what();
     if (what.rfind("reproduce: ", 0) == 0) what.erase(0, 11);  // one prefix, not two
     std::cerr << "reproduce: " << what << "\n";
+#ifdef SKILLGRAFT_REPRODUCE_MPI
+    skillgraft::dist::mpi_environment::abort(1);  // the other ranks may wait inside an exchange
+#endif
     return 1;
   }
 }

@@ -21,6 +21,7 @@
 #include <string>
 #include <system_error>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "experiment.hpp"
@@ -216,22 +217,26 @@ inline void check_device(const settings& s) {
 }
 
 // run_method on the settings' device: with --device cuda every method trains on the GPU.
-inline method_result run_method_on(const std::string& m, const settings& s, const weights_t& base,
-                                   const std::vector<double>& base_row, const probe_value& base_probe,
-                                   const run_data& d, progress& prog) {
+template <template <class, class> class Stage = cpu_stage>
+method_result run_method_on(const std::string& m, const settings& s, const weights_t& base,
+                            const std::vector<double>& base_row, const probe_value& base_probe, const run_data& d,
+                            progress& prog) {
 #ifdef SKILLGRAFT_REPRODUCE_CUDA
   if (s.device == "cuda") return run_method_cuda(m, s, base, base_row, base_probe, d, prog);
 #endif
-  return run_method(m, s, base, base_row, base_probe, d, prog);
+  return run_method<Stage>(m, s, base, base_row, base_probe, d, prog);
 }
 
-inline pipeline_result run_pipeline(const settings& s, progress& prog) {
+// Stage: where the methods' steps train (cpu_stage; data_parallel.hpp's mpi_stage shares each
+// step between the ranks of an MPI job, which then run the methods in turn, never forked).
+template <template <class, class> class Stage = cpu_stage>
+pipeline_result run_pipeline(const settings& s, progress& prog) {
   using clock = std::chrono::steady_clock;
   const auto t_start = clock::now();
   pipeline_result res;
   check_device(s);  // before anything is written
   open_cache(s.checkpoint_path());  // refuses a file that is not this program's cache, before anything is written
-  std::filesystem::create_directories(s.out);
+  if (s.write_files) std::filesystem::create_directories(s.out);
   const int threads = std::max(1, s.threads);
 #ifdef _OPENMP
   omp_set_num_threads(threads);
@@ -284,7 +289,7 @@ inline pipeline_result run_pipeline(const settings& s, progress& prog) {
   auto run_one = [&](const job& j, progress& p) {
     settings si = s;
     si.seed = j.seed;
-    auto r = run_method_on(j.method, si, base, res.base_row, base_probe, d, p);
+    auto r = run_method_on<Stage>(j.method, si, base, res.base_row, base_probe, d, p);
     r.seed = j.seed;
     return r;
   };
@@ -292,7 +297,7 @@ inline pipeline_result run_pipeline(const settings& s, progress& prog) {
     r.recipe = method_description(r.name);
     // The first seed's matrix keeps the plain name (it is the run with the base model's seed).
     const std::string suffix = r.seed == s.seed ? "" : "_seed" + std::to_string(r.seed);
-    cl::write_accuracy_csv(s.out / ("accuracy_" + r.name + suffix + ".csv"), matrix_of(r, d));
+    if (s.write_files) cl::write_accuracy_csv(s.out / ("accuracy_" + r.name + suffix + ".csv"), matrix_of(r, d));
     auto sm = summarize(r, d);
     prog.note(r.name + (s.seeds > 1 ? " seed " + std::to_string(r.seed) : "") +
               (r.device == "cpu" ? "" : " (" + r.device + ")") + ": learning " + signed1(sm.learning) + ", held-out " +
@@ -305,7 +310,7 @@ inline pipeline_result run_pipeline(const settings& s, progress& prog) {
   jobs = std::min<int>(jobs, int(runs.size()));
   // A process whose OpenMP runtime has started threads must not fork workers (the runtime's
   // thread pool does not survive fork): with several threads per method, methods run in turn.
-  if (threads > 1) jobs = 1;
+  if (threads > 1 || !std::is_same_v<Stage<full_t, nn::default_mlp>, cpu_stage<full_t, nn::default_mlp>>) jobs = 1;
   if (jobs <= 1) {
     for (const auto& j : runs) finish(run_one(j, prog));
   } else {
@@ -328,6 +333,10 @@ inline pipeline_result run_pipeline(const settings& s, progress& prog) {
   std::vector<method_result> first_seed;
   for (const auto& r : res.methods)
     if (r.seed == s.seed) first_seed.push_back(r);
+  if (!s.write_files) {  // another rank writes the reports
+    res.total_seconds = std::chrono::duration<double>(clock::now() - t_start).count();
+    return res;
+  }
   // Reports.
   write_text(s.out / "summary.csv", summary_csv(res.summaries));
   write_text(s.out / "probe.csv", probe_csv(res.methods));
@@ -380,9 +389,12 @@ inline pipeline_result run_pipeline(const settings& s, progress& prog) {
     md.back() = '.';
     md += " Evaluation and probes on the CPU; peak memory is the training device's.\n\n";
   }
-  for (const auto& r : res.methods)
+  for (const auto& r : res.methods) {
     md += "## " + r.name + (s.seeds > 1 ? ", seed " + std::to_string(r.seed) : "") + "\n\n```\n" +
-          cl::accuracy_table(matrix_of(r, d)) + "```\n\n";
+          cl::accuracy_table(matrix_of(r, d)) + "```\n\nLast training loss of each stage:";
+    for (double l : r.final_loss) md += " " + fmt(l, "%.6f");
+    md += "\n\n";
+  }
   if (!res.skipped.empty()) {
     md += "Not run (not available in this build):";
     for (const auto& m : res.skipped) md += " " + m;

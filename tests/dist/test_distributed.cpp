@@ -10,7 +10,9 @@
 #include <vector>
 
 
+#include "support/random.hpp"
 #include "support/random_lm.hpp"
+#include "support/random_multimodal.hpp"
 #include "two_ranks.hpp"
 
 #include "skillgraft/cl/memory_plan.hpp"
@@ -29,11 +31,15 @@ using sg::test::global_batch;
 constexpr std::size_t rows = global_batch::rows, seq = global_batch::seq;
 constexpr int steps = 4;
 
+// The buckets summed after backward instead of during it (mpi_communicator overlaps them).
+using after_backward_communicator = sg::dist::basic_mpi_communicator<sg::train::reduce_after_backward>;
+
 // micro_batches: how many micro-batches each rank splits its half into (gradient accumulation
 // within a rank, summing across ranks).
 template <class Recipe>
 void check_two_ranks_match_one_process(Recipe recipe, std::size_t bucket_bytes, int micro_batches = 1) {
   sg::dist::mpi_communicator comm({.timeout = std::chrono::seconds(60), .bucket_bytes = bucket_bytes});
+  after_backward_communicator after({.timeout = std::chrono::seconds(60), .bucket_bytes = bucket_bytes});
   REQUIRE(comm.size() == 2);
   const global_batch data;
   sg::train::no_communicator one;
@@ -43,6 +49,17 @@ void check_two_ranks_match_one_process(Recipe recipe, std::size_t bucket_bytes, 
   else
     for (std::size_t r = 0; r < 2; ++r) mine.push_back(data.rows_of(2 * std::size_t(comm.rank()) + r, 1));
   const auto half = sg::test::train_tiny_lm<sg::backend::cpu>(recipe, mine, comm, steps);
+  // Overlap changes when each bucket goes, not what is summed: the same weights to the bit.
+  const auto half_after = sg::test::train_tiny_lm<sg::backend::cpu>(recipe, mine, after, steps);
+  CHECK(half.weights == half_after.weights);
+  CHECK(after.last_reduction().during_backward == 0);
+  // Backward reported every trainable gradient, so every bucket went from inside it (the last
+  // one as the lowest layer, or the embeddings, finished).
+  const auto& sent = comm.last_reduction();
+  INFO(sent.during_backward << " of " << sent.buckets << " buckets went during backward");
+  CHECK(sent.buckets == after.last_reduction().buckets);
+  CHECK(sent.bytes == after.last_reduction().bytes);
+  CHECK(sent.during_backward == sent.buckets);
   REQUIRE(whole.weights.size() == half.weights.size());
   double worst = 0;
   for (std::size_t i = 0; i < whole.weights.size(); ++i)
@@ -74,6 +91,84 @@ TEST_CASE("two ranks on half batches take the steps of one process on the whole 
 
 TEST_CASE("two ranks of two micro-batches each take the steps of one process on the whole batch: mlp_gate_up") {
   check_two_ranks_match_one_process(sg::recipe::mlp_gate_up, std::size_t(25) << 20, 2);
+}
+
+namespace {
+// One step's gradients of `model` on this rank's micro-batch, summed over the ranks, each
+// rank dividing by the global target count as train_step does. How the buckets are sent:
+enum class send { after_backward, during_backward, before_backward };
+template <class Model>
+std::vector<float> summed_gradients(const Model& model, typename Model::weights_t& w,
+                                    const sg::train::micro_batch_for<Model>& mb, send how) {
+  sg::dist::mpi_communicator comm({.timeout = std::chrono::seconds(60), .bucket_bytes = 1000});
+  auto g = model.make_grads(w);
+  std::uint64_t targets = 0;
+  for (auto y : mb.targets) targets += (y != sg::ignore_index);
+  targets = comm.sum(targets);
+  typename Model::saved_t saved;
+  auto h = model.forward(w, mb.ids, saved, mb.prefix);
+  auto r = sg::train::masked_ce_objective{}.micro(model, w, g, mb, h, mb.targets, std::size_t(targets));
+  if (how == send::after_backward) {
+    model.backward(w, saved, r.dh, g);
+    comm.reduce_gradients(model, w, g);
+  } else {
+    auto reduction = comm.start_reduction(model, w, g);
+    if (how == send::during_backward) {
+      model.backward(w, saved, r.dh, g, reduction.hook());
+    } else {  // what a hook placed too early would do: every bucket before its gradients exist
+      std::vector<typename Model::tensor_t*> all;
+      model.for_each_trainable(w, g, [&](const std::string&, auto&, auto& dp) { all.push_back(&dp); });
+      for (auto it = all.rbegin(); it != all.rend(); ++it) reduction.ready(**it);
+      model.backward(w, saved, r.dh, g);
+    }
+    comm.finish_reduction(reduction);
+  }
+  std::vector<float> out;
+  model.for_each_trainable(w, g, [&](const std::string&, auto&, auto& dp) {
+    out.insert(out.end(), dp.data(), dp.data() + dp.size());
+  });
+  return out;
+}
+
+template <class Model>
+void check_buckets_wait_for_final_gradients(const Model& model, typename Model::weights_t& w,
+                                            const sg::train::micro_batch_for<Model>& mb) {
+  const auto after = summed_gradients(model, w, mb, send::after_backward);
+  const auto during = summed_gradients(model, w, mb, send::during_backward);
+  const auto before = summed_gradients(model, w, mb, send::before_backward);
+  REQUIRE(after.size() == during.size());
+  CHECK(during == after);  // the same sums of the same buffers: equal to the bit
+  CHECK(before != after);  // the comparison sees a bucket sent too early
+  std::size_t wrong = 0;
+  for (std::size_t i = 0; i < after.size(); ++i) wrong += before[i] != after[i];
+  INFO(wrong << " of " << after.size() << " gradient elements differ when the buckets go before backward");
+  CHECK(wrong > after.size() / 2);
+}
+}  // namespace
+
+TEST_CASE("buckets sent during backward hold final gradients: the sums equal those sent after backward") {
+  const global_batch data;
+  const auto c = sg::test::tiny_lm_config();
+  sg::dist::mpi_communicator comm;
+  SECTION("llm: embeddings, every layer, final norm, head; tensors split across 1000-byte buckets") {
+    auto w = sg::test::random_lm<float>(c, 11);
+    sg::model::decoder_lm<float, std::remove_const_t<decltype(sg::recipe::llm)>> lm(c, sg::recipe::llm);
+    check_buckets_wait_for_final_gradients(lm, w, data.half(comm.rank()));
+  }
+  SECTION("multimodal, every part: vision encoder and projector after the language model") {
+    const auto mc = sg::test::tiny_multimodal();
+    auto w = sg::test::random_multimodal<float>(mc, 15);
+    using full_t = std::remove_const_t<decltype(sg::recipe::full)>;
+    sg::model::multimodal_lm<float, full_t> mm(mc, sg::recipe::full);
+    const auto images = sg::test::random_tensor<float>({2, 8, 8, 3}, 16 + unsigned(comm.rank()), 0.5);
+    const std::size_t P = std::size_t(mm.image_tokens());
+    auto half = data.half(comm.rank());
+    sg::train::micro_batch<float> mb{half.ids, xt::full_like(sg::token_ids::from_shape({2, P + seq}), sg::ignore_index),
+                                     &images};
+    for (std::size_t b = 0; b < 2; ++b)
+      for (std::size_t s = 0; s < seq; ++s) mb.targets(b, P + s) = half.targets(b, s);
+    check_buckets_wait_for_final_gradients(mm, w, mb);
+  }
 }
 
 TEST_CASE("only the recipe's trainable gradients go on the wire: the plan's gradient bytes") {

@@ -110,13 +110,18 @@ struct mpi_options {
   std::size_t bucket_bytes = std::size_t(25) << 20;  // as PyTorch DDP's default bucket
 };
 
-// Gradients: train::bucketed_gradients (reduce_gradients, last_reduction) over this transport.
-class mpi_communicator : public train::bucketed_gradients<mpi_communicator, backend::cpu> {
+// Gradients: train::bucketed_gradients (reduce_gradients, start_reduction, last_reduction) over
+// this transport. Schedule: when the buckets go (train/communicator.hpp); mpi_communicator
+// overlaps them with backward, polling them with test() between layers, because Open MPI's
+// non-blocking collectives move on only inside MPI calls (it starts no progress thread for them).
+template <class Schedule = train::overlap_with_backward>
+class basic_mpi_communicator
+    : public train::bucketed_gradients<basic_mpi_communicator<Schedule>, backend::cpu, Schedule> {
  public:
   static constexpr bool distributed = true;
   using request = MPI_Request;
 
-  explicit mpi_communicator(mpi_options o = {}, MPI_Comm base = MPI_COMM_WORLD) : options_(o) {
+  explicit basic_mpi_communicator(mpi_options o = {}, MPI_Comm base = MPI_COMM_WORLD) : options_(o) {
     if (o.timeout.count() <= 0)
       throw std::invalid_argument("skillgraft: mpi_options.timeout must be positive (it is " +
                                   std::to_string(o.timeout.count()) + " ms)");
@@ -134,9 +139,9 @@ class mpi_communicator : public train::bucketed_gradients<mpi_communicator, back
     MPI_Comm_rank(comm_, &rank_);
     MPI_Comm_size(comm_, &size_);
   }
-  mpi_communicator(const mpi_communicator&) = delete;
-  mpi_communicator& operator=(const mpi_communicator&) = delete;
-  ~mpi_communicator() {
+  basic_mpi_communicator(const basic_mpi_communicator&) = delete;
+  basic_mpi_communicator& operator=(const basic_mpi_communicator&) = delete;
+  ~basic_mpi_communicator() {
     int done = 0;
     MPI_Finalized(&done);
     if (!done && !detail::mpi_exchange_failed()) MPI_Comm_free(&comm_);
@@ -186,6 +191,12 @@ class mpi_communicator : public train::bucketed_gradients<mpi_communicator, back
                       "MPI_Iallreduce of " + std::to_string(n) + " elements");
     return r;
   }
+  // Moves the exchange on; true once it completed (then it needs no wait).
+  bool test(request& r) {
+    int done = 0;
+    detail::check_mpi(MPI_Test(&r, &done, MPI_STATUS_IGNORE), "MPI_Test of a gradient bucket");
+    return done != 0;
+  }
   // Polls until the exchange completes, or throws peer_timeout after options().timeout.
   void wait(request& r, const std::string& what) {
     wait_for_peers(
@@ -212,5 +223,7 @@ class mpi_communicator : public train::bucketed_gradients<mpi_communicator, back
   int rank_ = 0, size_ = 1;
   std::vector<std::byte> staging_[2];
 };
+
+using mpi_communicator = basic_mpi_communicator<train::overlap_with_backward>;
 
 }  // namespace skillgraft::dist

@@ -201,29 +201,37 @@ class decoder_lm {
   }
 
   // dh: gradient of the loss with respect to forward's output. Returns d prefix when
-  // something upstream of the soft tokens trains, else an empty tensor.
-  tensor_t backward(const weights_t& w, const saved_t& s, const tensor_t& dh, grads_t& g) const {
+  // something upstream of the soft tokens trains, else an empty tensor. `hook` hears of each
+  // trainable gradient once it is final (nn/gradient_hook.hpp): the head's at once (the loss
+  // formed it), the final norm's, the layers' from the top, the embeddings' last.
+  template <class... Hook>
+  tensor_t backward(const weights_t& w, const saved_t& s, const tensor_t& dh, grads_t& g, const Hook&... hook) const {
     if (!s.valid) throw std::logic_error("skillgraft: decoder_lm::backward called without a forward");
     if (!(dh.shape() == shape_t{std::size_t(s.shape.batch), std::size_t(s.shape.seq), std::size_t(config_.hidden)}))
       throw std::invalid_argument("skillgraft: gradient of the hidden states has shape " + dh.shape().str() +
                                   ", expected [" + std::to_string(s.shape.batch) + ", " + std::to_string(s.shape.seq) +
                                   ", " + std::to_string(config_.hidden) + "]");
+    if constexpr (train_head)
+      if (!config_.tie_word_embeddings) nn::gradient_ready(g.lm_head, hook...);
     if constexpr (!any_below_head) {
       return {};
     } else {
       tensor_t* dnorm = nullptr;
       if constexpr (train_norm) dnorm = &g.norm;
       auto dhs = final_norm_t::backward_into(w.norm, s.norm, dh, dnorm);
+      if constexpr (train_norm) nn::gradient_ready(g.norm, hook...);
       if constexpr (!(stack_t::any_trainable || needs_input_grad)) {
         return {};
       } else {
-        auto dx = stack_.backward(w.trunk, s.trunk, dhs, g.layers);
+        auto dx = stack_.backward(w.trunk, s.trunk, dhs, g.layers, 0, hook...);
         if constexpr (!needs_input_grad) {
           return {};
         } else {
           const std::size_t B = dx.dim(0), P = std::size_t(s.prefix), d = dx.dim(2);
-          if constexpr (train_embed)  // dE[id] += dx[position of id], repeated ids in a fixed order
+          if constexpr (train_embed) {  // dE[id] += dx[position of id], repeated ids in a fixed order
             Backend::embedding_backward(s.ids.data(), s.ids.shape(0), s.ids.shape(1), dx, g.embed_tokens);
+            nn::gradient_ready(g.embed_tokens, hook...);
+          }
           tensor_t dprefix;
           if (upstream_trains && P) {
             dprefix = tensor_t({B, P, d}, memory_use::workspace);

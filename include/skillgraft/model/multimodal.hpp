@@ -226,13 +226,20 @@ class multimodal_lm {
     return lm_.forward(w.lm, ids, s.lm, &soft);
   }
 
-  // Adds every trainable tensor's gradient into g; the image gets none.
-  void backward(const weights_t& w, const saved_t& s, const tensor_t& dh, grads_t& g) const {
-    auto dsoft = lm_.backward(w.lm, s.lm, dh, g.lm);
+  // Adds every trainable tensor's gradient into g; the image gets none. `hook` hears of each
+  // gradient once it is final (nn/gradient_hook.hpp): the language model's, the projector's,
+  // the vision encoder's.
+  template <class... Hook>
+  void backward(const weights_t& w, const saved_t& s, const tensor_t& dh, grads_t& g, const Hook&... hook) const {
+    auto dsoft = lm_.backward(w.lm, s.lm, dh, g.lm, hook...);
     if constexpr (projector_t::active) {
       if (!s.image) return;
       auto dv = projector_t{}.backward(w.projector, s.projector, dsoft, g.projector);
-      if constexpr (train_vision) vision_.backward(w.vision, s.vision, dv, g.vision);
+      nn::gradients_ready<projector_t>(w.projector, g.projector, hook...);
+      if constexpr (train_vision) {
+        vision_.backward(w.vision, s.vision, dv, g.vision);
+        nn::gradients_ready<vision_t>(w.vision, g.vision, hook...);
+      }
     }
   }
 

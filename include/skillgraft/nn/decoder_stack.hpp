@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "skillgraft/nn/decoder_block.hpp"
+#include "skillgraft/nn/gradient_hook.hpp"
 #include "skillgraft/nn/rope.hpp"
 #include "skillgraft/policy/recipes.hpp"
 
@@ -150,8 +151,11 @@ class decoder_stack {
   }
 
   // Walks down from the top to the lowest trainable layer (to layer 0 when the input
-  // gradient is wanted), adding weight gradients into g.
-  tensor_t backward(const weights_t& w, const saved_t& s, const tensor_t& dy, grads_t& g, int first_pos = 0) const {
+  // gradient is wanted), adding weight gradients into g. `hook` hears of each trainable layer's
+  // gradients as soon as that layer's backward returns (nn/gradient_hook.hpp).
+  template <class... Hook>
+  tensor_t backward(const weights_t& w, const saved_t& s, const tensor_t& dy, grads_t& g, int first_pos = 0,
+                    const Hook&... hook) const {
     check_weights(w);
     if (!s.lowest && first_ < config_.n_layers)
       throw std::logic_error("skillgraft: decoder_stack::backward called without a forward that saved activations");
@@ -162,11 +166,15 @@ class decoder_stack {
       typename above_t::grads_t none;
       d = block<above_t>(first_pos).backward(w.layers[std::size_t(i)], s.above[std::size_t(i - last_ - 1)], d, none);
     }
-    for (int i = last_; i > first_; --i)
+    for (int i = last_; i > first_; --i) {
       d = block<middle_t>(first_pos).backward(w.layers[std::size_t(i)], s.middle[std::size_t(i - first_ - 1)], d,
                                               g.layers[std::size_t(i - first_)]);
-    if (first_ < config_.n_layers)
+      gradients_ready<middle_t>(w.layers[std::size_t(i)], g.layers[std::size_t(i - first_)], hook...);
+    }
+    if (first_ < config_.n_layers) {
       d = block<lowest_t>(first_pos).backward(w.layers[std::size_t(first_)], *s.lowest, d, g.layers[0]);
+      gradients_ready<lowest_t>(w.layers[std::size_t(first_)], g.layers[0], hook...);
+    }
     if constexpr (NeedsInputGrad) {
       for (int i = first_ - 1; i >= 0; --i) {
         typename below_t::grads_t none;

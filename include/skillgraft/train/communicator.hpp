@@ -14,6 +14,9 @@
 //   c.rank(), c.size()
 //   c.sum(std::uint64_t), c.sum(double)          host scalars summed over the ranks
 //   c.reduce_gradients(model, w, g)              every trainable gradient summed in place
+// and, to sum while backward runs (C::bucket_schedule is overlap_with_backward):
+//   c.start_reduction(model, w, g) -> r          model.backward(..., r.hook()) drives it
+//   c.finish_reduction(r)                        waits for every sum
 // `no_communicator` (here) is the default. The distributed ones live under skillgraft/dist/
 // and are compiled only where a program includes them: dist::mpi_communicator (CPU processes,
 // MPI) and dist::nccl_communicator (one rank per GPU, NCCL); both cut the gradients into
@@ -22,6 +25,17 @@
 #include <cstdint>
 
 namespace skillgraft::train {
+
+// When a step's gradient buckets are summed: the schedule policy of a distributed
+// communicator (its `bucket_schedule`), types so that train_step compiles only the path taken.
+//   overlap_with_backward   each bucket as soon as backward has finished its gradients, while
+//                           backward works on the layers below; only during the last
+//                           micro-batch's backward (the earlier ones only accumulate). Models
+//                           whose backward takes no gradient hook fall back to the next.
+//   reduce_after_backward   every bucket after the last micro-batch's backward
+// Both sum the same buffers in the same order: the results are the same to the bit.
+struct overlap_with_backward {};
+struct reduce_after_backward {};
 
 // One process: train_step's default, which compiles every exchange away.
 struct no_communicator {

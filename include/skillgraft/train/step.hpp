@@ -13,8 +13,11 @@
 // before the first forward, so every rank divides by the global count; after the last backward
 // the trainable gradients and the loss are summed over the ranks; the penalty, the checks,
 // clipping and the optimizer then see the global gradient, identical on every rank. Without
-// one (no_communicator) none of this is compiled.
+// one (no_communicator) none of this is compiled. A communicator whose schedule is
+// overlap_with_backward starts each bucket during the last micro-batch's backward, as soon as
+// the bucket's gradients are final; the sums are the same.
 #include <cmath>
+#include <concepts>
 #include <span>
 #include <stdexcept>
 #include <string>
@@ -139,6 +142,17 @@ struct model_backend<Model> {
 template <class Model>
 using micro_batch_for = micro_batch<typename Model::value_type, typename model_backend<Model>::type>;
 
+// A communicator whose buckets go while backward runs, for a model whose backward takes the
+// gradient hook (nn/gradient_hook.hpp); other models' buckets go after backward.
+template <class C, class Model>
+concept overlaps_backward =
+    C::distributed && requires { typename C::bucket_schedule; } &&
+    std::same_as<typename C::bucket_schedule, overlap_with_backward> &&
+    requires(C& c, const Model& m, typename Model::weights_t& w, typename Model::grads_t& g,
+             const typename Model::saved_t& s, const typename Model::tensor_t& dh) {
+      m.backward(w, s, dh, g, c.start_reduction(m, w, g).hook());
+    };
+
 // One step on any backend: the model, its weights and gradients, the optimizer's state and the
 // micro-batches' prefixes are tensors of the model's backend. `comm`: the ranks this step is
 // shared with (see above); the overload without it is one process.
@@ -172,10 +186,19 @@ step_stats train_step(const Model& model, typename Model::weights_t& w, typename
         return objective.micro(model, w, g, mb, h, mb.targets, st.targets);
     }();
     st.loss += r.loss;
+    if constexpr (overlaps_backward<Communicator, Model>) {
+      // The last micro-batch's backward finishes each gradient for good: its buckets go then.
+      if (&mb == &batches.back()) {
+        auto reduction = comm.start_reduction(model, w, g);
+        model.backward(w, saved, r.dh, g, reduction.hook());
+        comm.finish_reduction(reduction);
+        continue;
+      }
+    }
     model.backward(w, saved, r.dh, g);
   }
   if constexpr (Communicator::distributed) {
-    comm.reduce_gradients(model, w, g);
+    if constexpr (!overlaps_backward<Communicator, Model>) comm.reduce_gradients(model, w, g);
     st.loss = comm.sum(st.loss);
   }
   // After the sums: a penalty (EWC) depends on the weights alone, which every rank holds alike,
