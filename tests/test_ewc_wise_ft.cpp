@@ -85,7 +85,7 @@ std::int64_t method_state() { return sg::ledger().live(sg::memory_use::method_st
 
 }  // namespace
 
-TEST_CASE("WiSE-FT: interpolation is exact at alpha 0, 1, 1/2 and per group; frozen tensors untouched") {
+TEST_CASE("WiSE-FT: interpolation is exact at alpha 0, 1, 1/2 and per group, frozen tensors untouched") {
   const auto c = cfg();
   using Recipe = std::remove_cv_t<decltype(sg::recipe::sa_proj | sg::trainable<sg::group::lm_head>)>;
   sg::model::decoder_lm<float, Recipe> lm(c, Recipe{});

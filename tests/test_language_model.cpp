@@ -144,7 +144,7 @@ TEST_CASE("LM: chunking the loss does not change it") {
                     Catch::Contains("target [0, 4] is 13, outside the vocabulary [0, 13)"));
 }
 
-TEST_CASE("LM: cached decoding matches the full forward; sampling is seeded") {
+TEST_CASE("LM: cached decoding matches the full forward, sampling is seeded") {
   const auto c = lm_config(false, true);
   auto w = random_lm<double>(c, 4);
   sg::model::decoder_lm<double, decltype(sg::recipe::frozen)> lm(c, sg::recipe::frozen);

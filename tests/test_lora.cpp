@@ -82,7 +82,7 @@ sg::model::lm_weights<T> random_lm(const sg::decoder_config& c, unsigned seed) {
 const sg::token_ids ids = {{1, 5, 7, 2, 11}, {3, 3, 12, 0, 4}};
 }  // namespace
 
-TEST_CASE("LoRA: attached adapters start at the base model; merge and unmerge are exact") {
+TEST_CASE("LoRA: attached adapters start at the base model, merge and unmerge are exact") {
   const auto c = lm_config(4);
   auto w = random_lm<float>(c, 1);
   constexpr auto recipe = sg::trainable<lora<q>, lora<v>, lora<gate>, lora<up>>;
@@ -127,7 +127,7 @@ TEST_CASE("LoRA: attached adapters start at the base model; merge and unmerge ar
   }
 }
 
-TEST_CASE("LoRA: memory plan equals the ledger; names follow PEFT") {
+TEST_CASE("LoRA: memory plan equals the ledger, names follow PEFT") {
   const auto c = lm_config(2);
   auto w = sg::test::random_trunk<float>(c, 4);
   constexpr auto recipe = sg::trainable<lora<q>, lora<down>>;

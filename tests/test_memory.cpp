@@ -126,7 +126,7 @@ TEST_CASE("memory plan equals what the code allocates, for every recipe") {
   check_plan_against_ledger(sg::recipe::sa_proj.on_layers(3, 3), c, sh);
 }
 
-TEST_CASE("a frozen trunk keeps nothing; recipes keep less than the whole model") {
+TEST_CASE("a frozen trunk keeps nothing, recipes keep less than the whole model") {
   auto c = sg::decoder_config::reference();
   const sg::seq_shape sh{4, 256};
   auto saved = [&](auto r) {

@@ -103,7 +103,7 @@ TEST_CASE("SiLU MLP: the default policy computes what the MLP computed before, b
   CHECK(bitwise_equal(gr.down_proj.weight, dWd.weight));
 }
 
-TEST_CASE("xSiLU / xGELU: alpha = 0 is SiLU / GELU gating; alpha widens the gate's range") {
+TEST_CASE("xSiLU / xGELU: alpha = 0 is SiLU / GELU gating, alpha widens the gate's range") {
   const auto c = sg::test::tiny_config(true);
   sg::nn::rope_table<D> table(c.head_dim, c.max_seq, c.rope_theta);
   std::mt19937 rng(4);
@@ -183,7 +183,7 @@ TEST_CASE("xSiLU / xGELU: alpha, weight and input gradients by finite difference
   }
 }
 
-TEST_CASE("xATLU: alpha = 0 is the arctan unit exactly; phi, dphi/dz and dphi/dalpha by finite differences") {
+TEST_CASE("xATLU: alpha = 0 is the arctan unit exactly, phi, dphi/dz and dphi/dalpha by finite differences") {
   constexpr double pi = 3.14159265358979323846;
   const double zs[] = {-30.0, -4.0, -1.3, -0.2, 0.0, 0.05, 0.7, 2.5, 40.0};
   for (double z : zs) {

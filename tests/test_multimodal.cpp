@@ -143,7 +143,7 @@ TEST_CASE("vision encoder: the patch merger concatenates each 2x2 block of neigh
   CHECK_THROWS_WITH(sg::model::merge_patches(m, c), Catch::Contains("patch merger: input of shape [1, 4, 8], expected [1, 16, 2]"));
 }
 
-TEST_CASE("vision encoder with a patch merger: gradients of every tensor; merged soft tokens through the LM") {
+TEST_CASE("vision encoder with a patch merger: gradients of every tensor, merged soft tokens through the LM") {
   const auto c = tiny_merged_multimodal();
   auto w = random_multimodal<D>(c, 5);
   auto images = random_tensor<D>({2, 8, 8, 3}, 6, 0.5);
@@ -265,7 +265,7 @@ TEST_CASE("multimodal: text-only rows, soft tokens, and generation from an image
   CHECK_THROWS_WITH(mm.forward(w, ids, s, &three), Catch::Contains("3 images for a batch of 2 token rows"));
 }
 
-TEST_CASE("multimodal: a mixture grown from the dense MLP starts at the dense model bit for bit; its router trains") {
+TEST_CASE("multimodal: a mixture grown from the dense MLP starts at the dense model bit for bit, its router trains") {
   const auto c = tiny_multimodal();
   const auto dense = random_multimodal<float>(c, 17);
   auto grown = random_multimodal<float>(c, 17);
@@ -367,7 +367,7 @@ void check_train_step(R recipe) {
 }
 }  // namespace
 
-TEST_CASE("multimodal: train_step drives the model; frozen tensors stay bit-identical") {
+TEST_CASE("multimodal: train_step drives the model, frozen tensors stay bit-identical") {
   check_train_step(sg::recipe::vision_projector);
   check_train_step(sg::recipe::sa_proj);
   check_train_step(sg::recipe::full);

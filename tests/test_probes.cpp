@@ -348,7 +348,7 @@ TEST_CASE("generation probe: each step's distribution, as the decoder saw it, st
   CHECK_THROWS_WITH(probe.generated(given, w, prompt, s), Catch::Contains("max_new_tokens >= 1"));
 }
 
-TEST_CASE("references: an LwF teacher and the base weights give the same KL; KL is 0 before training") {
+TEST_CASE("references: an LwF teacher and the base weights give the same KL, KL is 0 before training") {
   const auto c = lm_config();
   auto w = random_weights<float>(c, 31);
   const auto w_base = random_weights<float>(c, 31);  // the same draws: the base model

@@ -83,7 +83,7 @@ TEST_CASE("tokenizer: fixed vocabulary, contiguous number tokens, round trip") {
   CHECK_THROWS_WITH(tok.encode("a purple elephant"), Catch::Contains("'elephant' is not in the vocabulary"));
 }
 
-TEST_CASE("every task: encodable prompts and answers; no numbers in the general abilities") {
+TEST_CASE("every task: encodable prompts and answers, no numbers in the general abilities") {
   for (const auto& list : {rp::general_tasks(), rp::target_tasks()})
     for (const auto& t : list) {
       INFO("task " << t.name);
@@ -248,7 +248,7 @@ std::size_t lines(const std::string& s) { return std::size_t(std::count(s.begin(
 
 }  // namespace
 
-TEST_CASE("reduced pipeline: pretrain a few steps, one recipe, one target; outputs well formed; cache reused") {
+TEST_CASE("reduced pipeline: pretrain a few steps, one recipe, one target, outputs well formed, cache reused") {
   rp::settings s = sg::test::reduced_settings("test");
   s.order = {"count"};
   s.methods = {"sa_proj", "lora", "no_such_method"};
@@ -391,7 +391,7 @@ TEST_CASE("vision pretext: every token is labelled with the object covering most
   for (int t : {2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14}) CHECK(labels[std::size_t(t)] == std::array<int, 3>{0, 0, 0});
 }
 
-TEST_CASE("repeatability: the same seed and thread count give bit-identical runs; another seed does not") {
+TEST_CASE("repeatability: the same seed and thread count give bit-identical runs, another seed does not") {
   rp::settings s = sg::test::reduced_settings("repeat");
   s.order = {"count"};
   const rp::run_data d(s);
@@ -414,7 +414,7 @@ TEST_CASE("repeatability: the same seed and thread count give bit-identical runs
   CHECK(rp::run_method("mlp_gate_up", other, base, row, probe, d, quiet).final_loss != one.final_loss);
 }
 
-TEST_CASE("reduced pipeline: every method runs once per seed; the table gives means with intervals") {
+TEST_CASE("reduced pipeline: every method runs once per seed, the table gives means with intervals") {
   rp::settings s = sg::test::reduced_settings("seeds");
   s.order = {"count"};
   s.methods = {"sa_proj", "llm"};
