@@ -79,14 +79,7 @@ inline pipeline_result data_parallel_run(settings s, progress& prog, dist::mpi_c
       weights_t w(s.model);
       if (load_checkpoint(w, s.checkpoint_path(), fingerprint(s))) return;
       std::filesystem::create_directories(s.out);
-      const int threads =
-          s.pretrain_threads > 0 ? s.pretrain_threads : int(std::max(1u, std::thread::hardware_concurrency()));
-#ifdef _OPENMP
-      omp_set_num_threads(threads);
-#endif
-      Eigen::setNbThreads(threads);
-      const std::string pretext = pretrain(w, s, d, prog);
-      save_checkpoint(w, s.checkpoint_path(), fingerprint(s), pretext);
+      pretrain_and_save(s, d, fingerprint(s), prog);
     });
   }
   auto res = run_pipeline<mpi_stage>(s, prog);

@@ -162,25 +162,32 @@ std::vector<method_result> run_in_workers(const std::vector<std::string>& method
   return out;
 }
 
+// Pretrains the base model on --pretrain-threads threads (one per core for 0) and saves it as
+// the checkpoint with fingerprint fp: in a forked child (pretrain_in_child) or, under MPI, on
+// rank 0 (data_parallel.hpp).
+inline void pretrain_and_save(const settings& s, const run_data& d, const std::string& fp, progress& prog) {
+  const int threads =
+      s.pretrain_threads > 0 ? s.pretrain_threads : int(std::max(1u, std::thread::hardware_concurrency()));
+#ifdef _OPENMP
+  omp_set_num_threads(threads);
+#endif
+  Eigen::setNbThreads(threads);
+  weights_t w(s.model);
+#ifdef SKILLGRAFT_REPRODUCE_CUDA
+  const std::string pretext = s.device == "cuda" ? pretrain_cuda(w, s, d, prog) : pretrain(w, s, d, prog);
+#else
+  const std::string pretext = pretrain(w, s, d, prog);
+#endif
+  save_checkpoint(w, s.checkpoint_path(), fp, pretext);
+}
+
 // Pretrains the base model in a child process with settings.pretrain_threads threads and
 // saves it as the checkpoint. The parent never starts an OpenMP thread pool (a pool does not
 // survive fork), so it can still run one single-threaded worker per core afterwards, while
 // the pretraining, one long run of one model, uses every core.
 inline void pretrain_in_child(const settings& s, const run_data& d, const std::string& fp, progress& prog) {
-  const int threads =
-      s.pretrain_threads > 0 ? s.pretrain_threads : int(std::max(1u, std::thread::hardware_concurrency()));
   const pid_t pid = fork_child("pretraining", [&] {
-#ifdef _OPENMP
-    omp_set_num_threads(threads);
-#endif
-    Eigen::setNbThreads(threads);
-    weights_t w(s.model);
-#ifdef SKILLGRAFT_REPRODUCE_CUDA
-    const std::string pretext = s.device == "cuda" ? pretrain_cuda(w, s, d, prog) : pretrain(w, s, d, prog);
-#else
-    const std::string pretext = pretrain(w, s, d, prog);
-#endif
-    save_checkpoint(w, s.checkpoint_path(), fp, pretext);
+    pretrain_and_save(s, d, fp, prog);
     return 0;
   });
   int status = 0;

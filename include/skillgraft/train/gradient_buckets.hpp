@@ -165,11 +165,15 @@ class bucket_reducer {
   };
 
   static std::size_t size_of(const std::vector<bucket_piece<T>>& b) { return b.back().offset + b.back().elements; }
-  // The tensor whose data starts at p; tensors_.size() if none.
+  // The tensor whose data starts at p; tensors_.size() if none. Backward reports in the
+  // tensors' order, so the search starts where the final prefix ends and usually stops there.
   std::size_t tensor_index(const T* p) const {
-    for (std::size_t i = 0; i < tensors_.size(); ++i)
+    const std::size_t n = tensors_.size();
+    for (std::size_t k = 0; k < n; ++k) {
+      const std::size_t i = (final_prefix_ + k) % n;
       if (tensors_[i].data == p) return i;
-    return tensors_.size();
+    }
+    return n;
   }
 
   void complete(std::optional<in_flight>& f, T* staging) {
