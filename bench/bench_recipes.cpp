@@ -93,6 +93,7 @@ void BM_step(benchmark::State& state, R recipe, std::string name) {
   for (std::size_t i = 0; i < x.size(); ++i) x[i] = nd(rng);
   sg::ledger().reset_peaks();
   const auto live_before = sg::ledger().live_total();
+  const auto misses = sg::cpu::host_pool().misses();
   for (auto _ : state) {
     typename decltype(stack)::saved_t s;
     auto y = stack.forward(w, x, s);
@@ -106,6 +107,8 @@ void BM_step(benchmark::State& state, R recipe, std::string name) {
   state.counters["saved_MiB"] = double(plan.saved_activations) / (1 << 20);
   state.counters["grads_MiB"] = double(plan.gradients) / (1 << 20);
   state.counters["step_peak_MiB"] = double(sg::ledger().peak_total() - live_before) / (1 << 20);
+  state.counters["pool_misses_per_step"] =
+      double(sg::cpu::host_pool().misses() - misses) / double(state.iterations());
   auto& r = results[name];
   r.model_flops = total_flops;
   r.saved = double(plan.saved_activations);

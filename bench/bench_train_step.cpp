@@ -58,10 +58,14 @@ void BM_train_step(benchmark::State& state, R recipe, std::string name) {
   sg::ledger().reset_peaks();
   const auto live = sg::ledger().live_total();
   reset_rss_peak();
+  const auto misses = sg::cpu::host_pool().misses();
   for (auto _ : state) {
     auto st = sg::train::train_step(lm, w, g, opt, lr, std::span(&mb, 1));
     benchmark::DoNotOptimize(st.loss);
   }
+  // Host blocks the caching pool had to ask the system for (the first step's, then none).
+  state.counters["pool_misses_per_step"] =
+      double(sg::cpu::host_pool().misses() - misses) / double(state.iterations());
   auto& r = results[name];
   r.ledger_peak = double(sg::ledger().peak_total());
   r.rss_peak = double(rss_peak_kib()) * 1024.0;

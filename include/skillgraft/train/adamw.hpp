@@ -50,9 +50,10 @@ struct not_finite {
   const T* g;
   SKILLGRAFT_HD bool operator()(std::int64_t i) const { return !scalar::is_finite(g[i]); }
 };
-// True where the update would overflow a moment or the weight (the gradient is finite).
+// True where the gradient is not finite or the update would overflow a moment or the weight:
+// one pass over the tensor finds either.
 template <class T>
-struct would_overflow {
+struct update_fails {
   const T* p;
   const T* g;
   const T* m;
@@ -60,7 +61,7 @@ struct would_overflow {
   adamw_math<T> math;
   SKILLGRAFT_HD bool operator()(std::int64_t j) const {
     const auto e = math(p[j], m[j], v[j], g[j]);
-    return !scalar::is_finite(e.m) || !scalar::is_finite(e.v) || !scalar::is_finite(e.p);
+    return !scalar::is_finite(g[j]) || !scalar::is_finite(e.m) || !scalar::is_finite(e.v) || !scalar::is_finite(e.p);
   }
 };
 template <class T>
@@ -136,15 +137,16 @@ class adamw {
       if (i >= slots_.size() || slots_[i].name != name || !(slots_[i].m.shape() == p.shape()))
         throw std::logic_error("skillgraft: adamw state was built for another model or recipe (at " + name + ")");
       const auto n = std::int64_t(dp.size());
-      if (const auto j = Backend::find_first_index(n, kernels::not_finite<T>{dp.data()}); j >= 0)
-        throw std::domain_error("skillgraft: non-finite gradient in " + name + " at element " + std::to_string(j) +
-                                "; no weight was changed");
       const auto& s = slots_[i];
-      const auto j = Backend::find_first_index(
-          n, kernels::would_overflow<T>{p.data(), dp.data(), s.m.data(), s.v.data(), math});
+      const auto j =
+          Backend::find_first_index(n, kernels::update_fails<T>{p.data(), dp.data(), s.m.data(), s.v.data(), math});
       if (j >= 0) {
         const auto at = std::size_t(j);
         const T gj = Backend::value_at(dp, at);
+        // The message names the first element where the update fails, and why.
+        if (!std::isfinite(gj))
+          throw std::domain_error("skillgraft: non-finite gradient in " + name + " at element " + std::to_string(j) +
+                                  "; no weight was changed");
         const auto e = math(Backend::value_at(p, at), Backend::value_at(s.m, at), Backend::value_at(s.v, at), gj);
         throw std::domain_error("skillgraft: the gradient of " + name + " at element " + std::to_string(j) + " (" +
                                 number(gj) + ") makes the AdamW " +

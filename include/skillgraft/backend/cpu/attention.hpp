@@ -15,6 +15,7 @@
 
 #include "skillgraft/backend/attention_dims.hpp"
 #include "skillgraft/backend/cpu/gemm.hpp"
+#include "skillgraft/backend/cpu/row_math.hpp"
 #include "skillgraft/backend/cpu/tensor.hpp"
 
 namespace skillgraft::cpu {
@@ -66,16 +67,8 @@ void softmax_rows(M& p, Eigen::Index r0, bool causal) {
   const Eigen::Index n = p.rows(), m = p.cols();
   for (Eigen::Index i = 0; i < n; ++i) {
     const Eigen::Index seen = causal ? r0 + i + 1 : m;
-    T mx = p(i, 0);
-    for (Eigen::Index j = 1; j < seen; ++j) mx = std::max(mx, p(i, j));
-    T sum = 0;
-    for (Eigen::Index j = 0; j < seen; ++j) {
-      p(i, j) = std::exp(p(i, j) - mx);
-      sum += p(i, j);
-    }
-    const T inv = T(1) / sum;
-    for (Eigen::Index j = 0; j < seen; ++j) p(i, j) *= inv;
-    for (Eigen::Index j = seen; j < m; ++j) p(i, j) = T(0);
+    row::softmax(&p(i, 0), std::size_t(seen));  // row_math.hpp: the same bits at any address
+    p.row(i).tail(m - seen).setZero();
   }
 }
 }  // namespace attention_detail
@@ -152,10 +145,11 @@ struct attention_ops {
               // dS = P * (dP - rowsum(dP * P)), over dP (row i sees keys 0..i, or all when not causal)
               for (int i = 0; i < rows; ++i) {
                 const int row_seen = d.causal ? r0 + i + 1 : S;
-                T dot = 0;
-                for (int j = 0; j < row_seen; ++j) dot += dS(i, j) * P(i, j);
-                for (int j = 0; j < row_seen; ++j) dS(i, j) = P(i, j) * (dS(i, j) - dot);
-                for (int j = row_seen; j < seen; ++j) dS(i, j) = T(0);
+                T* ds = &dS(i, 0);
+                const T* p = P.data() + std::size_t(i) * std::size_t(P.outerStride());
+                const T dot = row::lane_sum<T>(std::size_t(row_seen), [&](std::size_t j) { return ds[j] * p[j]; });
+                for (int j = 0; j < row_seen; ++j) ds[j] = p[j] * (ds[j] - dot);
+                dS.row(i).segment(row_seen, seen - row_seen).setZero();
               }
               if (dq) {
                 auto K = head_view(k->data(), b, kvh, S, KV, hd);

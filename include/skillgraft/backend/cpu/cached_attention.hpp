@@ -37,9 +37,7 @@ struct cached_attention_ops {
         row_matrix<T> P(n, L);
         product(op::n, op::t, scale, Q, K, T(0), P);
         for (int i = 0; i < n; ++i) {  // query i of the run sits at position p0 + i: keys 0..p0 + i
-          auto seen = P.row(i).head(p0 + i + 1);
-          seen = (seen.array() - seen.maxCoeff()).exp();
-          seen /= seen.sum();
+          row::softmax(&P(i, 0), std::size_t(p0 + i + 1));  // as training's attention core does
           P.row(i).tail(L - (p0 + i + 1)).setZero();
         }
         product(op::n, op::n, T(1), P, V, T(0), A);

@@ -38,11 +38,20 @@ struct index_ops {
     for (std::int64_t c = 0; c < chunks; ++c) {
       found[c] = -1;
       const std::int64_t end = std::min(n, (c + 1) * per);
-      for (std::int64_t i = c * per; i < end; ++i)
-        if (pred(i)) {
-          found[c] = i;
-          break;
-        }
+      // Blocks tested without a branch per element (vectorisable), the one that hits searched.
+      constexpr std::int64_t block = 512;
+      for (std::int64_t b = c * per; b < end && found[c] < 0; b += block) {
+        const std::int64_t b1 = std::min(end, b + block);
+        bool any = false;
+#pragma omp simd reduction(| : any)
+        for (std::int64_t i = b; i < b1; ++i) any |= pred(i);
+        if (any)
+          for (std::int64_t i = b; i < b1; ++i)
+            if (pred(i)) {
+              found[c] = i;
+              break;
+            }
+      }
     }
     for (std::int64_t c = 0; c < chunks; ++c)
       if (found[c] >= 0) return found[c];

@@ -1,9 +1,11 @@
 #pragma once
-// RMSNorm on the CPU (math in nn/rmsnorm.hpp): rows in parallel, sums of squares in double;
+// RMSNorm on the CPU (math in nn/rmsnorm.hpp): rows in parallel, sums of squares in double
+// (row_math.hpp: in lanes of a fixed order, the same bits at any address and thread count);
 // the weight gradient in parallel over columns.
 #include <cmath>
 
 #include "skillgraft/backend/cpu/reduction.hpp"
+#include "skillgraft/backend/cpu/row_math.hpp"
 #include "skillgraft/backend/cpu/tensor.hpp"
 
 namespace skillgraft::cpu {
@@ -19,8 +21,8 @@ struct rmsnorm_ops {
 #pragma omp parallel for schedule(static) if (n * d > 32768)
     for (Eigen::Index i = 0; i < n; ++i) {
       const T* xr = xp + i * d;
-      double ss = 0;  // sum of squares in double: d can be thousands of terms
-      for (Eigen::Index j = 0; j < d; ++j) ss += double(xr[j]) * double(xr[j]);
+      // sum of squares in double: d can be thousands of terms
+      const double ss = row::lane_sum<double>(std::size_t(d), [&](std::size_t j) { return double(xr[j]) * double(xr[j]); });
       const T r = static_cast<T>(1.0 / std::sqrt(ss / double(d) + eps));
       T* yr = yp + i * d;
       for (Eigen::Index j = 0; j < d; ++j) yr[j] = wp[j] * (xr[j] * r);
@@ -48,8 +50,8 @@ struct rmsnorm_ops {
         const T r = rstd[static_cast<std::size_t>(i)];
         const T* xr = x.data() + i * d;
         const T* dyr = dy.data() + i * d;
-        double dot = 0;
-        for (Eigen::Index j = 0; j < d; ++j) dot += double(wp[j]) * double(dyr[j]) * double(xr[j] * r);
+        const double dot = row::lane_sum<double>(
+            std::size_t(d), [&](std::size_t j) { return double(wp[j]) * double(dyr[j]) * double(xr[j] * r); });
         const T mean = static_cast<T>(dot / double(d));
         T* dxr = dx->data() + i * d;
         for (Eigen::Index j = 0; j < d; ++j) {

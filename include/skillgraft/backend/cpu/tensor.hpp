@@ -7,8 +7,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <new>
 
+#include "skillgraft/backend/cpu/host_memory.hpp"
 #include "skillgraft/backend/memory.hpp"
 #include "skillgraft/backend/tensor_storage.hpp"
 
@@ -16,25 +16,6 @@ namespace skillgraft::cpu {
 
 using skillgraft::expect_shape;
 using skillgraft::shape_t;
-
-// Host memory, 64-byte aligned for Eigen's aligned maps and AVX-512 loads. Zeroed: a fresh
-// gradient or moment buffer must start at zero, and activations that are overwritten pay one
-// memset, which is cheap next to a GEMM.
-struct host_memory {
-  static constexpr std::size_t alignment = 64;
-  template <class T>
-  static T* allocate(const shape_t&, std::size_t bytes, memory_use use) {
-    T* p = static_cast<T*>(::operator new[](bytes, std::align_val_t{alignment}));
-    std::memset(static_cast<void*>(p), 0, bytes);
-    ledger().add(use, static_cast<std::int64_t>(bytes));
-    return p;
-  }
-  template <class T>
-  static void release(T* p, std::size_t bytes, memory_use use) {
-    ledger().add(use, -static_cast<std::int64_t>(bytes));
-    ::operator delete[](p, std::align_val_t{alignment});
-  }
-};
 
 template <class T>
 class tensor : public tensor_storage<T, host_memory> {

@@ -6,18 +6,15 @@
 // program holding a CPU reference and a GPU model (the parity tests) sees each side's bytes
 // apart, and `plan_memory` of a GPU model is checked against the device ledger alone.
 //
-// Allocation goes through `device_pool`: cudaMalloc and cudaFree synchronise the device,
-// so freed blocks are kept, by size, for the next tensor of that size (a training step
-// allocates the same shapes every time). All work runs in order on the default stream,
-// which makes reusing a block freed by earlier, still running work safe.
+// Allocation goes through `device_pool` (backend/block_pool.hpp): cudaMalloc and cudaFree
+// synchronise the device, so freed blocks are kept, by size, for the next tensor of that size.
 #include <cstddef>
 #include <cstdint>
-#include <mutex>
+#include <exception>
 #include <new>
 #include <string>
-#include <unordered_map>
-#include <vector>
 
+#include "skillgraft/backend/block_pool.hpp"
 #include "skillgraft/backend/cuda/error.hpp"
 #include "skillgraft/backend/memory.hpp"
 
@@ -47,64 +44,9 @@ inline void synchronize() {
 #endif
 }
 
-class device_pool {
- public:
-  static device_pool& instance() {
-    static device_pool pool;
-    return pool;
-  }
-  device_pool() = default;
-  device_pool(const device_pool&) = delete;
-  device_pool& operator=(const device_pool&) = delete;
-  ~device_pool() {
-    for (auto& [size, blocks] : free_)
-      for (void* p : blocks) raw_free(p, size, /*throwing=*/false);
-  }
-
-  // Blocks are rounded up to 512 bytes (cudaMalloc aligns to 256).
-  static std::size_t rounded(std::size_t bytes) { return (bytes + 511) / 512 * 512; }
-
-  void* allocate(std::size_t bytes, const char* what) {
-    const std::size_t n = rounded(bytes);
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto it = free_.find(n);
-    if (it != free_.end() && !it->second.empty()) {
-      void* p = it->second.back();
-      it->second.pop_back();
-      cached_ -= n;
-      return p;
-    }
-    void* p = nullptr;
-    try {
-      p = raw_allocate(n, what);
-    } catch (const cuda_error&) {
-      release_cached_locked();  // out of memory with blocks parked: give them back and retry once
-      p = raw_allocate(n, what);
-    }
-    reserved_ += n;
-    if (reserved_ > peak_reserved_) peak_reserved_ = reserved_;
-    return p;
-  }
-  void deallocate(void* p, std::size_t bytes) {
-    if (!p) return;
-    const std::size_t n = rounded(bytes);
-    std::lock_guard<std::mutex> lock(mutex_);
-    free_[n].push_back(p);
-    cached_ += n;
-  }
-  // Frees every parked block.
-  void release_cached() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    release_cached_locked();
-  }
-  // Bytes obtained from the device (in use or parked), and their highest value.
-  std::size_t reserved() const { return reserved_; }
-  std::size_t cached() const { return cached_; }
-  std::size_t peak_reserved() const { return peak_reserved_; }
-  void reset_peak() { peak_reserved_ = reserved_; }
-
- private:
-  static void* raw_allocate(std::size_t n, const char* what) {
+// Where device blocks come from (host memory in the host build).
+struct device_raw {
+  static void* allocate(std::size_t n, const char* what) {
 #if SKILLGRAFT_CUDA_DEVICE
     void* p = nullptr;
     check(cudaMalloc(&p, n), "cudaMalloc", std::string(what) + ", " + std::to_string(n) + " bytes");
@@ -114,31 +56,26 @@ class device_pool {
     return ::operator new(n, std::align_val_t{64});
 #endif
   }
-  static void raw_free(void* p, std::size_t n, bool throwing) {
+  static void free(void* p, std::size_t) noexcept {
 #if SKILLGRAFT_CUDA_DEVICE
-    (void)n;
-    const cudaError_t e = cudaFree(p);
-    if (throwing) check(e, "cudaFree");
+    (void)cudaFree(p);  // nothing to do about a failure here (also runs at exit)
 #else
-    (void)n;
-    (void)throwing;
     ::operator delete(p, std::align_val_t{64});
 #endif
   }
-  void release_cached_locked() {
-    for (auto& [size, blocks] : free_) {
-      for (void* p : blocks) {
-        raw_free(p, size, true);
-        reserved_ -= size;
-      }
-      blocks.clear();
-    }
-    cached_ = 0;
+  static bool out_of_memory(const std::exception& e) {
+    return dynamic_cast<const cuda_error*>(&e) != nullptr || dynamic_cast<const std::bad_alloc*>(&e) != nullptr;
   }
+};
 
-  std::mutex mutex_;
-  std::unordered_map<std::size_t, std::vector<void*>> free_;
-  std::size_t reserved_ = 0, cached_ = 0, peak_reserved_ = 0;
+// The process's pool of device blocks, rounded up to 512 bytes (cudaMalloc aligns to 256).
+// All work runs in order on the default stream, which makes reusing a block freed by earlier,
+// still running work safe.
+struct device_pool {
+  static block_pool<device_raw>& instance() {
+    static block_pool<device_raw> pool(512);
+    return pool;
+  }
 };
 
 // Scratch memory Thrust algorithms ask for (reduce_by_key, sort): from the pool, counted as workspace.

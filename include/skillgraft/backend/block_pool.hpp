@@ -1,0 +1,154 @@
+#pragma once
+// A caching pool of memory blocks, shared by the backends' memory policies.
+//
+// Why: a training step allocates the same shapes every time. Handing each freed block back to
+// the system makes the next step pay for it again: on the GPU cudaMalloc/cudaFree synchronise
+// the device; on the CPU glibc returns large blocks to the kernel (munmap, heap trimming), so
+// every step page-faults its activations in afresh, one zeroed page at a time, on one thread
+// while the others wait (docs/performance.md measured ~20 % of a CPU step). Freed blocks are
+// parked by size and the next request of that size takes one back.
+//
+// `Raw` says where blocks come from:
+//   static void* allocate(std::size_t bytes, const char* what)   throws on failure
+//   static void free(void* p, std::size_t bytes) noexcept
+//   static bool out_of_memory(const std::exception&)              a failure worth a retry
+//
+// The pool never holds more than the most its blocks were ever in use at once: a block that
+// would take `reserved()` above the high-water mark of bytes in use makes the longest-parked
+// blocks go back first. A training step parks what it frees and takes it back next step, with
+// the same peak as without a pool; a workload whose shapes change (generation, evaluation at
+// other lengths) does not pin memory for shapes that never return. `set_cache_limit` bounds
+// the parked bytes further. When an allocation fails for lack of memory, every parked block is
+// freed and it is retried once.
+//
+// Parked blocks are not in the byte ledger (memory.hpp counts what tensors hold); `reserved()`
+// counts both, and is what the process or device really holds through the pool.
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <limits>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+namespace skillgraft {
+
+template <class Raw>
+class block_pool {
+ public:
+  // Requests are rounded up to a multiple of `granularity` so that nearly equal sizes share
+  // blocks.
+  explicit block_pool(std::size_t granularity) : granularity_(granularity) {}
+  block_pool(const block_pool&) = delete;
+  block_pool& operator=(const block_pool&) = delete;
+  ~block_pool() {
+    for (auto& [size, blocks] : parked_)
+      for (const parked& b : blocks) Raw::free(b.p, size);
+  }
+
+  std::size_t rounded(std::size_t bytes) const { return (bytes + granularity_ - 1) / granularity_ * granularity_; }
+
+  void* allocate(std::size_t bytes, const char* what) {
+    const std::size_t n = rounded(bytes);
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = parked_.find(n);
+    if (it != parked_.end() && !it->second.empty()) {
+      void* p = it->second.back().p;
+      it->second.pop_back();
+      cached_ -= n;
+      ++hits_;
+      return p;
+    }
+    ++misses_;
+    // Make room first, so that the process never holds the new block and the old ones at once.
+    const std::size_t peak_in_use = std::max(peak_in_use_, reserved_ - cached_ + n);
+    while (reserved_ + n > peak_in_use && cached_ > 0) evict_oldest_locked();
+    void* p = nullptr;
+    try {
+      p = Raw::allocate(n, what);
+    } catch (const std::exception& e) {
+      if (!Raw::out_of_memory(e) || cached_ == 0) throw;
+      release_cached_locked();  // out of memory with blocks parked: give them back and retry once
+      p = Raw::allocate(n, what);
+    }
+    reserved_ += n;
+    peak_in_use_ = peak_in_use;
+    if (reserved_ > peak_reserved_) peak_reserved_ = reserved_;
+    return p;
+  }
+
+  void deallocate(void* p, std::size_t bytes) {
+    if (!p) return;
+    const std::size_t n = rounded(bytes);
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (n > limit_) {  // could never be parked
+      free_locked(p, n);
+      return;
+    }
+    while (cached_ + n > limit_) evict_oldest_locked();
+    parked_[n].push_back({p, ++clock_});
+    cached_ += n;
+  }
+
+  // Frees every parked block.
+  void release_cached() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    release_cached_locked();
+  }
+  // The most bytes kept parked; lowering it frees the longest-parked blocks now.
+  void set_cache_limit(std::size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    limit_ = bytes;
+    while (cached_ > limit_) evict_oldest_locked();
+  }
+  std::size_t cache_limit() const { return limit_; }
+
+  // Bytes obtained through the pool (in use or parked), and their highest value.
+  std::size_t reserved() const { return reserved_; }
+  std::size_t cached() const { return cached_; }
+  std::size_t peak_reserved() const { return peak_reserved_; }
+  std::size_t peak_in_use() const { return peak_in_use_; }
+  void reset_peak() { peak_reserved_ = reserved_; }
+  // Requests served from a parked block, and requests that went to `Raw`.
+  std::uint64_t hits() const { return hits_; }
+  std::uint64_t misses() const { return misses_; }
+
+ private:
+  struct parked {
+    void* p;
+    std::uint64_t stamp;  // when it was parked: eviction frees the oldest first
+  };
+
+  void free_locked(void* p, std::size_t n) {
+    Raw::free(p, n);
+    reserved_ -= n;
+  }
+  // Each size's list is in parking order, so its front is its oldest block.
+  void evict_oldest_locked() {
+    auto oldest = parked_.end();
+    for (auto it = parked_.begin(); it != parked_.end(); ++it)
+      if (!it->second.empty() && (oldest == parked_.end() || it->second.front().stamp < oldest->second.front().stamp))
+        oldest = it;
+    if (oldest == parked_.end()) return;
+    free_locked(oldest->second.front().p, oldest->first);
+    oldest->second.erase(oldest->second.begin());
+    cached_ -= oldest->first;
+  }
+  void release_cached_locked() {
+    for (auto& [size, blocks] : parked_) {
+      for (const parked& b : blocks) free_locked(b.p, size);
+      blocks.clear();
+    }
+    cached_ = 0;
+  }
+
+  std::size_t granularity_;
+  std::size_t limit_ = std::numeric_limits<std::size_t>::max();
+  std::mutex mutex_;
+  std::unordered_map<std::size_t, std::vector<parked>> parked_;
+  std::size_t reserved_ = 0, cached_ = 0, peak_reserved_ = 0, peak_in_use_ = 0;
+  std::uint64_t clock_ = 0, hits_ = 0, misses_ = 0;
+};
+
+}  // namespace skillgraft

@@ -1,0 +1,172 @@
+// The caching pool behind both backends' tensors (backend/block_pool.hpp): blocks come back by
+// size, the pool never holds more than its high-water mark of bytes in use, a changing workload
+// evicts the longest-parked blocks, and running out of memory frees the parked ones and retries.
+#include <catch2/catch.hpp>
+
+#include <cstddef>
+#include <map>
+#include <new>
+#include <stdexcept>
+#include <vector>
+
+#include "skillgraft/backend/block_pool.hpp"
+#include "skillgraft/backend/cpu/backend.hpp"
+
+namespace {
+
+// A source of blocks that counts what it hands out and can be told to run out.
+struct counted_raw {
+  static inline std::size_t live = 0, allocations = 0, frees = 0, budget = std::size_t(-1);
+  static inline std::map<void*, std::size_t> blocks;
+  static void reset() {
+    live = allocations = frees = 0;
+    budget = std::size_t(-1);
+    blocks.clear();
+  }
+  static void* allocate(std::size_t n, const char*) {
+    if (live + n > budget) throw std::bad_alloc();
+    void* p = ::operator new(n);
+    blocks[p] = n;
+    live += n;
+    ++allocations;
+    return p;
+  }
+  static void free(void* p, std::size_t n) noexcept {
+    live -= n;
+    ++frees;
+    blocks.erase(p);
+    ::operator delete(p);
+  }
+  static bool out_of_memory(const std::exception& e) { return dynamic_cast<const std::bad_alloc*>(&e) != nullptr; }
+};
+
+using pool_t = skillgraft::block_pool<counted_raw>;
+
+}  // namespace
+
+TEST_CASE("block pool: a repeated pattern of allocations is served from parked blocks", "[block_pool]") {
+  counted_raw::reset();
+  pool_t pool(64);
+  const std::vector<std::size_t> step{6000, 1000, 6000, 300, 2048};  // one "training step"
+  for (int round = 0; round < 4; ++round) {
+    std::vector<void*> held;
+    for (std::size_t n : step) held.push_back(pool.allocate(n, "test"));
+    for (std::size_t i = 0; i < held.size(); ++i) pool.deallocate(held[i], step[i]);
+  }
+  CHECK(counted_raw::allocations == step.size());  // only the first round asked the source
+  CHECK(pool.hits() == 3 * step.size());
+  CHECK(pool.misses() == step.size());
+  CHECK(pool.reserved() == counted_raw::live);
+  CHECK(pool.cached() == pool.reserved());  // everything parked between rounds
+  CHECK(pool.rounded(6000) == 6016);
+  pool.release_cached();
+  CHECK(counted_raw::live == 0);
+  CHECK(pool.reserved() == 0);
+}
+
+TEST_CASE("block pool: reserved bytes never exceed the high-water mark of bytes in use", "[block_pool]") {
+  counted_raw::reset();
+  pool_t pool(1);
+  // Sizes change every round (generation at growing lengths): without eviction the parked
+  // blocks of every earlier length would pile up.
+  std::size_t peak_in_use = 0;
+  for (std::size_t len = 1; len <= 50; ++len) {
+    void* a = pool.allocate(1000 * len, "a");
+    void* b = pool.allocate(10, "b");
+    peak_in_use = std::max(peak_in_use, 1000 * len + 10);
+    CHECK(pool.reserved() <= peak_in_use);
+    CHECK(counted_raw::live == pool.reserved());
+    pool.deallocate(a, 1000 * len);
+    pool.deallocate(b, 10);
+  }
+  CHECK(pool.peak_in_use() == peak_in_use);
+  CHECK(pool.peak_reserved() <= peak_in_use);
+  CHECK(counted_raw::frees > 0);  // the longest-parked lengths went back
+}
+
+TEST_CASE("block pool: a cache limit bounds the parked bytes, oldest first", "[block_pool]") {
+  counted_raw::reset();
+  pool_t pool(1);
+  void* a = pool.allocate(100, "a");
+  void* b = pool.allocate(200, "b");
+  void* c = pool.allocate(300, "c");
+  pool.set_cache_limit(450);
+  pool.deallocate(a, 100);
+  pool.deallocate(b, 200);
+  CHECK(pool.cached() == 300);
+  pool.deallocate(c, 300);  // 600 > 450: a (parked first) and then b go back
+  CHECK(pool.cached() == 300);
+  CHECK(counted_raw::blocks.count(c) == 1);
+  CHECK(counted_raw::blocks.count(a) == 0);
+  CHECK(counted_raw::blocks.count(b) == 0);
+  pool.set_cache_limit(0);
+  CHECK(pool.cached() == 0);
+  CHECK(counted_raw::live == 0);
+  void* d = pool.allocate(50, "d");
+  pool.deallocate(d, 50);  // larger than the limit: freed at once
+  CHECK(counted_raw::live == 0);
+}
+
+TEST_CASE("block pool: out of memory frees the parked blocks and retries once", "[block_pool]") {
+  counted_raw::reset();
+  pool_t pool(1);
+  void* a = pool.allocate(600, "a");
+  pool.deallocate(a, 600);
+  CHECK(pool.cached() == 600);
+  counted_raw::budget = 1000;
+  void* b = pool.allocate(500, "b");  // 600 + 500 > 1000: the parked 600 go back first
+  CHECK(pool.cached() == 0);
+  CHECK(counted_raw::live == 500);
+  CHECK_THROWS_AS(pool.allocate(800, "c"), std::bad_alloc);  // nothing parked: the failure stands
+  CHECK(pool.reserved() == 500);
+  pool.deallocate(b, 500);
+}
+
+TEST_CASE("block pool: CPU tensors of 64 KiB and more come back from the pool zeroed", "[block_pool]") {
+  using namespace skillgraft;
+  auto& pool = cpu::host_pool();
+  const std::size_t n = 300, d = 512;  // 600 KiB: pooled
+  const void* first = nullptr;
+  {
+    cpu::tensor<float> t({n, d}, memory_use::workspace);
+    t.fill(1.5f);
+    first = t.data();
+  }
+  const auto hits = pool.hits();
+  cpu::tensor<float> again({n, d}, memory_use::gradients);
+  CHECK(pool.hits() == hits + 1);
+  CHECK(static_cast<const void*>(again.data()) == first);  // the block just parked
+  bool zero = true;
+  for (std::size_t i = 0; i < again.size(); ++i) zero = zero && again[i] == 0.0f;
+  CHECK(zero);  // a fresh gradient starts at zero, reused block or not
+  CHECK(ledger().live(memory_use::workspace) >= 0);
+  {
+    cpu::tensor<float> small({100}, memory_use::workspace);  // 400 bytes: malloc's, not the pool's
+    CHECK(pool.hits() == hits + 1);
+  }
+}
+
+TEST_CASE("block pool: CPU kernels give the same bits with and without parked blocks", "[block_pool]") {
+  using namespace skillgraft;
+  auto& pool = cpu::host_pool();
+  const std::size_t n = 256, d = 512;
+  auto step = [&] {
+    cpu::tensor<float> x({n, d}, memory_use::workspace), w({d}, memory_use::weights);
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] = float(int(i * 37 % 101) - 50) / 50.0f;
+    for (std::size_t j = 0; j < d; ++j) w[j] = 1.0f + float(j % 7) / 10.0f;
+    cpu::tensor<float> y({n, d}, memory_use::workspace), rstd({n}, memory_use::saved_activations);
+    backend::cpu::rmsnorm_forward(w, x, 1e-6, y, &rstd);
+    cpu::tensor<float> dw({d}, memory_use::gradients), dx({n, d}, memory_use::workspace);
+    backend::cpu::rmsnorm_backward(w, x, rstd, y, &dw, &dx, true);  // accumulates into a fresh dx
+    return std::vector<float>(dx.data(), dx.data() + dx.size());
+  };
+  const auto first = step();
+  const auto misses = pool.misses();
+  const auto second = step();
+  CHECK(pool.misses() == misses);  // every pooled block parked by the first step
+  pool.set_cache_limit(0);  // nothing parked: every block from the system
+  const auto unpooled = step();
+  pool.set_cache_limit(std::size_t(-1));
+  CHECK(first == second);
+  CHECK(first == unpooled);
+}
