@@ -55,6 +55,7 @@ void usage() {
                "  --methods a,b,...      methods to run (default: llm,mlp,mlp_gate_up,sa_proj; --full: all): ";
   for (const auto& m : rp::all_methods()) std::cout << m << ' ';
   std::cout << "\n"
+               "                         ',' alone: none, the base model is pretrained (or loaded) and evaluated only\n"
                "                         any recipe name works too: "
             << skillgraft::multimodal_recipe_names()
             << "\n"
@@ -125,9 +126,11 @@ int main(int argc, char** argv) {
         return 0;
       } else if (a == "--full") {
       } else if (a == "--methods") {
-        s.methods = split(value());
-        if (s.methods.empty())
-          throw std::invalid_argument("option --methods needs at least one method name (see --help)");
+        const std::string v = value();
+        s.methods = split(v);
+        // "," alone: no method, the base model is pretrained (or loaded) and evaluated only.
+        if (v.empty())
+          throw std::invalid_argument("option --methods needs method names, or ',' for the base model only (see --help)");
         for (const auto& m : s.methods)
           if (!rp::method_available(m)) throw std::invalid_argument("unknown method '" + m + "'");
       } else if (a == "--order") {
