@@ -73,8 +73,8 @@ struct settings {
   // (binding_tasks(): the colour and shape questions name one object by one attribute and ask
   // for another, which the language model learns last). Four times the weight of the others
   // for colour and shape: with the uniform draw the language model never learned to find the
-  // named object in 3000 steps, with weight 3 or 4 it learned it for the shape question
-  // (docs/reproduction.md, "The vision pretext").
+  // named object in 3000 steps; with weight 4 (and the 4000-step pretext) it learned it for
+  // both questions (docs/reproduction.md, "The task mixture").
   std::vector<std::pair<std::string, int>> pretrain_mix{{"colour", 4}, {"shape", 4}};
   int pretrain_focus_steps = 0;
   // Each target stage: the same budget for every method.
@@ -471,10 +471,7 @@ std::vector<double> evaluate_all(const basic_evaluator<Mlp>& ev, const weights_t
 
 // --- pretraining ----------------------------------------------------------------------
 
-// The base model: every parameter trains on the eight general abilities and the text-only
-// number sequences (what an LLM knows about numbers before it sees images), mixed uniformly.
-// `step(batches)` runs one optimisation step on the encoded micro-batches (images first, then
-// text-only rows) wherever the model lives; the data and its order are the same everywhere.
+// The questions that name one object by one attribute and ask for another.
 inline const std::vector<std::string>& binding_tasks() {
   static const std::vector<std::string> t{"colour", "shape"};
   return t;
@@ -519,6 +516,11 @@ inline std::vector<std::string> pretrain_task_names() {
   return n;
 }
 
+// The base model: every parameter trains on the eight general abilities and the text-only
+// number sequences (what an LLM knows about numbers before it sees images), drawn in the
+// proportions of settings::pretrain_mix (and pretrain_focus_steps).
+// `step(batches)` runs one optimisation step on the encoded micro-batches (images first, then
+// text-only rows) wherever the model lives; the data and its order are the same everywhere.
 template <class Step>
 void pretrain_loop(const settings& s, const run_data& d, int image_tokens, progress& prog, Step&& step) {
   std::vector<example_stream> streams;
