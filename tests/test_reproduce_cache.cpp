@@ -74,10 +74,13 @@ TEST_CASE("reproduce cache: a saved base model loads back, and other settings me
   other.seed = 2;
   CHECK_FALSE(rp::load_checkpoint(back, file, rp::fingerprint(other)));
   CHECK_FALSE(rp::load_checkpoint(back, tmp / "none.safetensors", rp::fingerprint(s)));
-  // Each setting of the vision pretext is part of what the cache was made with.
+  // Each setting of the vision pretext and of the joint pretraining's draw is part of what the
+  // cache was made with.
   for (auto change : std::vector<std::function<void(rp::settings&)>>{
            [](rp::settings& o) { o.vision_pretext.steps += 1; }, [](rp::settings& o) { o.vision_pretext.steps = 0; },
-           [](rp::settings& o) { o.vision_pretext.batch *= 2; }, [](rp::settings& o) { o.vision_pretext.lr *= 0.5; }}) {
+           [](rp::settings& o) { o.vision_pretext.batch *= 2; }, [](rp::settings& o) { o.vision_pretext.lr *= 0.5; },
+           [](rp::settings& o) { o.pretrain_mix.emplace_back("relation", 2); },
+           [](rp::settings& o) { o.pretrain_focus_steps += 100; }}) {
     auto changed = s;
     change(changed);
     CHECK_FALSE(rp::load_checkpoint(back, file, rp::fingerprint(changed)));

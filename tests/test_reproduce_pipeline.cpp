@@ -391,6 +391,55 @@ TEST_CASE("vision pretext: every token is labelled with the object covering most
   for (int t : {2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14}) CHECK(labels[std::size_t(t)] == std::array<int, 3>{0, 0, 0});
 }
 
+TEST_CASE("joint pretraining draw: weights repeat a task, focus steps draw only the colour and shape questions") {
+  rp::settings s = sg::test::reduced_settings("mix");
+  const auto names = rp::pretrain_task_names();
+  auto count = [](const std::vector<std::size_t>& slots, std::size_t i) { return std::count(slots.begin(), slots.end(), i); };
+  auto at = [&](const std::string& n) { return std::size_t(std::find(names.begin(), names.end(), n) - names.begin()); };
+  s.pretrain_mix = {{"colour", 3}, {"repeat", 0}};
+  const auto slots = rp::pretrain_slots(s, names, false);
+  CHECK(count(slots, at("colour")) == 3);
+  CHECK(count(slots, at("repeat")) == 0);
+  CHECK(count(slots, at("shape")) == 1);
+  CHECK(count(slots, at("numbers")) == 1);
+  CHECK(slots.size() == names.size() + 2 - 1);
+  const auto focus = rp::pretrain_slots(s, names, true);
+  CHECK(focus.size() == 4);  // colour three times, shape once
+  CHECK(count(focus, at("shape")) == 1);
+  s.pretrain_mix = {{"counting", 2}};
+  CHECK_THROWS_WITH(rp::pretrain_slots(s, names, false), Catch::Contains("'counting'"));
+  s.pretrain_mix = {{"colour", 0}, {"shape", 0}};
+  CHECK_THROWS_WITH(rp::pretrain_slots(s, names, true), Catch::Contains("no task"));
+
+  // What the loop trains on: the first focus steps only the two binding questions (one image
+  // batch, prompts "what colour ..." / "what shape ..."), afterwards the whole mixture.
+  s.pretrain_mix = {};
+  s.pretrain_focus_steps = 3;
+  s.pretrain_steps = 12;
+  const rp::run_data d(s);
+  rp::progress quiet(true);
+  std::vector<std::set<std::string>> asked;  // per step: the prompts' second words, or "text" for a text-only batch
+  rp::pretrain_loop(s, d, 4, quiet, [&](const std::vector<rp::encoded_batch>& enc) {
+    std::set<std::string> words;
+    for (const auto& e : enc) {
+      if (e.images.empty()) words.insert("text");
+      else
+        for (std::size_t b = 0; b < e.ids.shape(0); ++b) words.insert(d.tok.word(e.ids(b, 1)));
+    }
+    asked.push_back(words);
+    return sg::train::step_stats{};
+  });
+  REQUIRE(asked.size() == 12);
+  for (int n = 0; n < 3; ++n) {
+    CAPTURE(n);
+    for (const auto& w : asked[std::size_t(n)]) CHECK((w == "colour" || w == "shape"));
+  }
+  std::set<std::string> later;
+  for (std::size_t n = 3; n < asked.size(); ++n) later.insert(asked[n].begin(), asked[n].end());
+  CHECK(later.size() > 3);  // the other tasks come back
+  CHECK(later.count("text") == 1);
+}
+
 TEST_CASE("repeatability: the same seed and thread count give bit-identical runs, another seed does not") {
   rp::settings s = sg::test::reduced_settings("repeat");
   s.order = {"count"};

@@ -168,7 +168,7 @@ sweep_variant sweep_recipe(const std::string& name, const std::string& trains, R
     };
     if (data == gate_data::general) {
       settings mix = s;  // the pretraining mixture, at the stage's length and batch
-      mix.pretrain_steps = s.stage_steps, mix.pretrain_batch = s.stage_batch;
+      mix.pretrain_steps = s.stage_steps, mix.pretrain_batch = s.stage_batch, mix.pretrain_focus_steps = 0;
       pretrain_loop(mix, d, mm.image_tokens(), prog, step);
     } else {
       const auto& target = d.targets.front();

@@ -4,6 +4,7 @@
 //             [--out DIR] [--checkpoint FILE] [--seed N] [--seeds N] [--no-restrict] [--device cpu|cuda]
 //             [--vision-pretrain-steps N] [--vision-pretrain-batch N] [--vision-pretrain-lr X]
 //             [--pretrain-steps N] [--pretrain-batch N] [--pretrain-lr X] [--pretrain-threads N]
+//             [--pretrain-mix task=weight,...] [--pretrain-focus-steps N]
 //             [--vision-hidden N] [--vision-layers N]
 //             [--stage-steps N] [--stage-batch N] [--lr X] [--test-examples N]
 //             [--jobs N] [--threads N]
@@ -54,6 +55,7 @@ void usage() {
                "  --methods a,b,...      methods to run (default: llm,mlp,mlp_gate_up,sa_proj; --full: all): ";
   for (const auto& m : rp::all_methods()) std::cout << m << ' ';
   std::cout << "\n"
+               "                         ',' alone: none, the base model is pretrained (or loaded) and evaluated only\n"
                "                         any recipe name works too: "
             << skillgraft::multimodal_recipe_names()
             << "\n"
@@ -66,9 +68,13 @@ void usage() {
                "                         the table gives means with 95 % t-intervals (default 3)\n"
                "  --no-restrict          free decoding everywhere (default: restricted where a task has a format)\n"
                "  --vision-pretrain-steps N --vision-pretrain-batch N --vision-pretrain-lr X\n"
-               "                         the vision encoder's own pretraining (default 1500 x 32, lr 2e-3; steps 0:\n"
+               "                         the vision encoder's own pretraining (default 4000 x 32, lr 2e-3; steps 0:\n"
                "                         none, and the joint pretraining trains the encoder from scratch)\n"
                "  --pretrain-steps N --pretrain-batch N --pretrain-lr X   the joint pretraining\n"
+               "  --pretrain-mix t=w,...  the joint pretraining's task weights (integers; a task not named: 1; '':\n"
+               "                         uniform; default colour=4,shape=4); tasks: caption colour shape position size\n"
+               "                         exist relation repeat numbers\n"
+               "  --pretrain-focus-steps N   the first N joint steps draw only the colour and shape questions\n"
                "  --stage-steps N --stage-batch N --lr X --lora-lr X --test-examples N\n"
                "  --pretrain-threads N   threads of the pretraining process (default 2 on every machine, so that the\n"
                "                         base model does not depend on the core count; 0: one per core)\n"
@@ -121,9 +127,11 @@ int main(int argc, char** argv) {
         return 0;
       } else if (a == "--full") {
       } else if (a == "--methods") {
-        s.methods = split(value());
-        if (s.methods.empty())
-          throw std::invalid_argument("option --methods needs at least one method name (see --help)");
+        const std::string v = value();
+        s.methods = split(v);
+        // "," alone: no method, the base model is pretrained (or loaded) and evaluated only.
+        if (v.empty())
+          throw std::invalid_argument("option --methods needs method names, or ',' for the base model only (see --help)");
         for (const auto& m : s.methods)
           if (!rp::method_available(m)) throw std::invalid_argument("unknown method '" + m + "'");
       } else if (a == "--order") {
@@ -151,6 +159,22 @@ int main(int argc, char** argv) {
         s.pretrain_batch = integer();
       } else if (a == "--pretrain-lr") {
         s.pretrain_lr = real();
+      } else if (a == "--pretrain-mix") {
+        s.pretrain_mix.clear();
+        for (const auto& item : split(value())) {
+          const auto eq = item.find('=');
+          if (eq == std::string::npos)
+            throw std::invalid_argument("option --pretrain-mix needs task=weight items, got '" + item + "'");
+          const std::string w = item.substr(eq + 1);
+          int x = -1;
+          const auto [end, ec] = std::from_chars(w.data(), w.data() + w.size(), x);
+          if (ec != std::errc{} || end != w.data() + w.size() || w.empty() || x < 0)
+            throw std::invalid_argument("option --pretrain-mix needs a weight of 0 or more for '" + item.substr(0, eq) +
+                                        "', got '" + w + "'");
+          s.pretrain_mix.emplace_back(item.substr(0, eq), x);
+        }
+      } else if (a == "--pretrain-focus-steps") {
+        s.pretrain_focus_steps = integer();
       } else if (a == "--pretrain-threads") {
         s.pretrain_threads = integer();
       } else if (a == "--stage-steps") {
@@ -203,6 +227,8 @@ int main(int argc, char** argv) {
     positive("--pretrain-steps", s.pretrain_steps);
     positive("--pretrain-batch", s.pretrain_batch);
     positive("--pretrain-lr", s.pretrain_lr);
+    if (s.pretrain_focus_steps < 0) throw std::invalid_argument("option --pretrain-focus-steps must not be negative");
+    rp::pretrain_slots(s, rp::pretrain_task_names(), false);  // names a pretraining task, leaves one to draw
     positive("--stage-steps", s.stage_steps);
     positive("--stage-batch", s.stage_batch);
     positive("--lr", s.lr);

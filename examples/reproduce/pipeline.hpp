@@ -361,7 +361,7 @@ pipeline_result run_pipeline(const settings& s, progress& prog) {
                                                          std::to_string(s.vision_pretext.batch) + ", then "
                                                    : std::string("no vision pretext, ")) +
         "joint pretraining " + std::to_string(s.pretrain_steps) + " steps x " + std::to_string(s.pretrain_batch) +
-        ", stages " + std::to_string(s.stage_steps) + " steps x " + std::to_string(s.stage_batch) + ", lr " + fmt(s.lr, "%g") +
+        pretrain_mix_text(s) + ", stages " + std::to_string(s.stage_steps) + " steps x " + std::to_string(s.stage_batch) + ", lr " + fmt(s.lr, "%g") +
         " (LoRA " + fmt(s.lora_lr, "%g") + "), " + std::to_string(s.test_examples) + " test examples per task, " +
         (s.restricted ? "restricted" : "free") + " decoding, order";
   for (const auto& t : s.order) md += " " + t;
