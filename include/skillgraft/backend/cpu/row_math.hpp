@@ -37,9 +37,7 @@ Acc lane_sum(std::size_t n, F term) {
 
 template <class T>
 T max(const T* x, std::size_t n) {
-  T m = x[0];
-  for (std::size_t i = 1; i < n; ++i) m = std::max(m, x[i]);
-  return m;
+  return *std::max_element(x, x + n);
 }
 
 // x[i] = exp(x[i] - shift) for i < n, every element through Eigen's packet exp.
