@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "skillgraft/nn/backend_transfer.hpp"
 #include "skillgraft/nn/decoder_block.hpp"
 #include "skillgraft/policy/recipes.hpp"
 

@@ -24,9 +24,12 @@
 
 namespace skillgraft::nn {
 
+// T is float or double, or a CPU packet of them (backend/cpu/simd.hpp) for gates that say
+// packet_math: the same expression serves a packet loop.
 template <class T>
 SKILLGRAFT_HD inline T sigmoid(T z) {
-  return T(1) / (T(1) + scalar::exp_(-z));
+  using scalar::exp_;
+  return T(1) / (T(1) + exp_(-z));
 }
 
 namespace act {
@@ -55,6 +58,7 @@ struct expanded {
 struct silu {
   static constexpr std::string_view name = "silu";
   static constexpr bool has_range = false;
+  static constexpr bool packet_math = true;
   template <class T>
   SKILLGRAFT_HD static T gate(T z) { return sigmoid(z); }
   template <class T>
@@ -75,6 +79,7 @@ struct silu {
 
 // Expanded SiLU: SiLU's gate sigmoid(z) stretched to [-alpha, 1 + alpha].
 struct sigmoid_gate {
+  static constexpr bool packet_math = true;
   template <class T>
   SKILLGRAFT_HD static T gate(T z) { return silu::gate(z); }
   template <class T>

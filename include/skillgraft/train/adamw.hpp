@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "skillgraft/backend/cpu/backend.hpp"
+#include "skillgraft/backend/host_device.hpp"
 
 namespace skillgraft::train {
 
@@ -30,18 +31,20 @@ struct adamw_options {
 };
 
 namespace kernels {
-// One element's new first moment, second moment and weight.
+// One element's new first moment, second moment and weight; V is T, or a CPU packet of T
+// (backend/cpu/simd.hpp) when the loop runs the same formula on several elements at once.
 template <class T>
 struct adamw_math {
   T b1, b2, step, inv_sqrt_bc2, eps, lr_wd;
+  template <class V>
   struct element {
-    T m, v, p;
+    V m, v, p;
   };
-  SKILLGRAFT_HD element operator()(T p, T m, T v, T g) const {
-    element e;
-    e.m = b1 * m + (T(1) - b1) * g;
-    e.v = b2 * v + (T(1) - b2) * g * g;
-    e.p = p - (step * e.m / (scalar::sqrt_(e.v) * inv_sqrt_bc2 + eps) + lr_wd * p);
+  template <class V>
+  SKILLGRAFT_HD element<V> operator()(V p, V m, V v, V g) const {
+    using scalar::sqrt_;
+    element<V> e{b1 * m + (T(1) - b1) * g, b2 * v + (T(1) - b2) * g * g, p};
+    e.p = p - (step * e.m / (sqrt_(e.v) * inv_sqrt_bc2 + eps) + lr_wd * p);
     return e;
   }
 };
@@ -54,6 +57,7 @@ struct not_finite {
 // one pass over the tensor finds either.
 template <class T>
 struct update_fails {
+  using value_type = T;
   const T* p;
   const T* g;
   const T* m;
@@ -63,9 +67,16 @@ struct update_fails {
     const auto e = math(p[j], m[j], v[j], g[j]);
     return !scalar::is_finite(g[j]) || !scalar::is_finite(e.m) || !scalar::is_finite(e.v) || !scalar::is_finite(e.p);
   }
+  template <class V>  // CPU packets: NaN in the lanes where the update fails, 0 elsewhere
+  V lanes_fail(std::int64_t j) const {
+    const V gj = V::load(g + j);
+    const auto e = math(V::load(p + j), V::load(m + j), V::load(v + j), gj);
+    return not_finite_flag(gj) + not_finite_flag(e.m) + not_finite_flag(e.v) + not_finite_flag(e.p);
+  }
 };
 template <class T>
 struct adamw_update {
+  using value_type = T;
   T* p;
   const T* g;
   T* m;
@@ -76,6 +87,13 @@ struct adamw_update {
     m[j] = e.m;
     v[j] = e.v;
     p[j] = e.p;
+  }
+  template <class V>  // CPU packets: elements j .. j + V::size - 1
+  void lanes(std::int64_t j) const {
+    const auto e = math(V::load(p + j), V::load(m + j), V::load(v + j), V::load(g + j));
+    e.m.store(m + j);
+    e.v.store(v + j);
+    e.p.store(p + j);
   }
 };
 }  // namespace kernels

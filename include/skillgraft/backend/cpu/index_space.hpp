@@ -6,16 +6,26 @@
 #include <cstdint>
 
 #include "skillgraft/backend/cpu/reduction.hpp"
+#include "skillgraft/backend/cpu/simd.hpp"
 #include "skillgraft/backend/cpu/tensor.hpp"
 
 namespace skillgraft::cpu {
 
 struct index_ops {
-  // f(i) for every i in [0, n), in parallel.
+  // f(i) for every i in [0, n), in parallel; a packet at a time where f offers it (the last
+  // n mod packet-size elements one by one, so an element's bits depend on its index only).
   template <class F>
   static void for_each_index(std::int64_t n, F f) {
+    if constexpr (simd::packet_kernel<F>) {
+      using V = simd::vec<typename F::value_type>;
+      const std::int64_t packets = n / V::size;
 #pragma omp parallel for schedule(static) if (n > 32768)
-    for (std::int64_t i = 0; i < n; ++i) f(i);
+      for (std::int64_t k = 0; k < packets; ++k) f.template lanes<V>(k * V::size);
+      for (std::int64_t i = packets * V::size; i < n; ++i) f(i);
+    } else {
+#pragma omp parallel for schedule(static) if (n > 32768)
+      for (std::int64_t i = 0; i < n; ++i) f(i);
+    }
   }
   // sum of f(i) in Acc, in a fixed order whatever the thread count.
   template <class Acc, class F>
@@ -42,10 +52,7 @@ struct index_ops {
       constexpr std::int64_t block = 512;
       for (std::int64_t b = c * per; b < end && found[c] < 0; b += block) {
         const std::int64_t b1 = std::min(end, b + block);
-        bool any = false;
-#pragma omp simd reduction(| : any)
-        for (std::int64_t i = b; i < b1; ++i) any |= pred(i);
-        if (any)
+        if (any_in(b, b1, pred))
           for (std::int64_t i = b; i < b1; ++i)
             if (pred(i)) {
               found[c] = i;
@@ -56,6 +63,21 @@ struct index_ops {
     for (std::int64_t c = 0; c < chunks; ++c)
       if (found[c] >= 0) return found[c];
     return -1;
+  }
+  // Whether pred holds anywhere in [b, b1), without a branch per element.
+  template <class F>
+  static bool any_in(std::int64_t b, std::int64_t b1, const F& pred) {
+    bool any = false;
+    std::int64_t i = b;
+    if constexpr (simd::packet_predicate<F>) {
+      using V = simd::vec<typename F::value_type>;
+      V flags(typename F::value_type(0));
+      for (; i + V::size <= b1; i += V::size) flags = flags + pred.template lanes_fail<V>(i);
+      any = any_flag(flags);
+    }
+#pragma omp simd reduction(| : any)
+    for (std::int64_t j = i; j < b1; ++j) any |= pred(j);
+    return any;
   }
   // One element, read on the host (error messages).
   template <class T>
