@@ -505,3 +505,161 @@ TEST_CASE("reduced pipeline: every method runs once per seed, the table gives me
   }
   std::filesystem::remove_all(s.out);
 }
+
+namespace {
+bool same_content(const rp::example& a, const rp::example& b) {
+  return a.has_image == b.has_image && a.prompt == b.prompt && a.answer == b.answer &&
+         (!a.has_image || a.image.pixels() == b.image.pixels());
+}
+bool in(const rp::example& e, const std::vector<rp::example>& set) {
+  return std::any_of(set.begin(), set.end(), [&](const rp::example& x) { return same_content(e, x); });
+}
+}  // namespace
+
+TEST_CASE("learning-rate rule: the highest validation score wins, a tie goes to the smaller rate") {
+  const std::vector<double> grid{2e-4, 5e-4, 1e-3, 2e-3};
+  CHECK(rp::choose_rate(grid, {1.0, 4.0, 3.0, -2.0}) == 5e-4);
+  CHECK(rp::choose_rate(grid, {1.0, 2.0, 3.0, 3.5}) == 2e-3);  // at the largest rate too
+  CHECK(rp::choose_rate(grid, {1.0, 3.0, 3.0, 3.0}) == 5e-4);  // a tie: the smaller rate
+  CHECK(rp::choose_rate(grid, {0.0, 0.0, 0.0, 0.0}) == 2e-4);
+  CHECK(rp::choose_rate({2e-3, 5e-4, 1e-3}, {2.0, 2.0, 1.0}) == 5e-4);  // in any grid order
+  // The same accuracies summed in another order are equal; one example more is not.
+  CHECK(rp::choose_rate({5e-4, 1e-3}, {0.1 + 0.2, 0.3}) == 5e-4);
+  CHECK(rp::choose_rate({5e-4, 1e-3}, {0.3, 0.3 + 100.0 / 192}) == 1e-3);
+  CHECK_THROWS(rp::choose_rate(grid, {1.0, 2.0}));
+  CHECK_THROWS(rp::choose_rate({}, {}));
+  // The score: the mean over the searched stages of each target's gain right after its own stage.
+  rp::method_result r;
+  r.R = {{0.10, 0.20}, {0.50, 0.10}, {0.30, 0.60}};
+  CHECK(rp::validation_gain(r) == Approx(100 * ((0.50 - 0.10) + (0.60 - 0.20)) / 2));
+  r.R = {{0.25}, {0.75}};
+  CHECK(rp::validation_gain(r) == Approx(50.0));
+  const auto c = rp::choose("sa_proj", grid, {1.0, 4.0, 3.0, -2.0});
+  CHECK(rp::chosen_text(c) == "0.0005");
+  CHECK(rp::chosen_text(rp::choose("llm", grid, {1.0, 2.0, 3.0, 4.0})) == "0.002 (largest)");
+}
+
+TEST_CASE("the lr grid option: rates in increasing order, '' for none, anything else refused naming the option") {
+  CHECK(rp::parse_rate_grid("1e-3,2e-4,5e-4") == std::vector<double>{2e-4, 5e-4, 1e-3});
+  CHECK(rp::parse_rate_grid("0.002") == std::vector<double>{2e-3});
+  CHECK(rp::parse_rate_grid("").empty());
+  for (const char* bad : {"1e-3,x", "1e-3,,2e-3", "1e-3,", ",1e-3", "-1e-3", "0", "1e-3,1e-3", "inf", "nan", "1e-3 "}) {
+    INFO(bad);
+    CHECK_THROWS_WITH(rp::parse_rate_grid(bad), Catch::Contains("option --lr-grid") && Catch::Contains(bad));
+  }
+}
+
+TEST_CASE("validation split: a seed stream of its own, no example of a test set") {
+  rp::settings s = rp::default_settings();
+  s.test_examples = 48, s.validation_examples = 48, s.lr_search_stages = 5;
+  const rp::run_data d(s);
+  const auto v = rp::validation_data(s, d);
+  REQUIRE(v.targets.size() == 5);
+  REQUIRE(v.tests.size() == 5);  // the targets only: a search run evaluates nothing else
+  CHECK(v.probe.empty());
+  for (std::size_t k = 0; k < 5; ++k) {
+    const auto& name = d.targets[k].name;
+    INFO(name);
+    CHECK(v.targets[k].name == name);
+    CHECK(v.tests[k].task == name);
+    REQUIRE(v.tests[k].examples.size() == 48);
+    CHECK(d.tests[k].task == name);
+    rp::example_stream first_stage(d.targets[k], rp::train_seed(s.seed, name, int(k)));
+    std::vector<rp::example> trained;
+    for (int i = 0; i < 48; ++i) trained.push_back(first_stage.next());
+    for (const auto& e : v.tests[k].examples) {
+      CHECK_FALSE(in(e, d.tests[k].examples));
+      CHECK_FALSE(in(e, trained));
+    }
+  }
+  // The exclusion itself: drawn from the test set's own seed, the first examples are the test
+  // set's (which the check above would see) and are skipped.
+  const auto& birds = d.targets[0];
+  const auto test = rp::make_test_set(birds, 8, rp::test_seed(birds.name));
+  const auto unguarded = rp::make_validation_set(birds, 8, rp::test_seed(birds.name), {});
+  for (const auto& e : unguarded) CHECK(in(e, test));
+  const auto guarded = rp::make_validation_set(birds, 8, rp::test_seed(birds.name), test);
+  REQUIRE(guarded.size() == 8);
+  for (const auto& e : guarded) CHECK_FALSE(in(e, test));
+  s.lr_search_stages = 2;
+  CHECK(rp::validation_data(s, d).targets.size() == 2);
+}
+
+TEST_CASE("learning-rate search: each method trains at its best validation rate, the same with any --jobs") {
+  rp::settings s = sg::test::reduced_settings("lr_search");
+  s.order = {"count", "birds"};
+  s.methods = {"sa_proj", "lora"};
+  s.lr_grid = {1e-4, 3e-2};
+  s.lr_search_stages = 2;
+  s.jobs = 2;
+  rp::progress quiet(true);
+  const auto res = rp::run_pipeline(s, quiet);
+  REQUIRE(res.rates.size() == 2);
+  CHECK(res.lr_search_seconds > 0);
+  // Each score is what a run of the first stage at that rate gives on the validation split,
+  // recomputed here in this process, bit for bit; the choice is the rule's.
+  rp::weights_t base(s.model);
+  REQUIRE(rp::load_checkpoint(base, s.checkpoint_path(), rp::fingerprint(s)));
+  const rp::run_data d(s);
+  const auto v = rp::validation_data(s, d);
+  REQUIRE(v.targets.size() == 2);
+  const rp::evaluator ev(d.tok, s.model);
+  const auto base_row = rp::evaluate_all(ev, base, v, s.restricted);
+  for (std::size_t m = 0; m < 2; ++m) {
+    const auto& c = res.rates[m];
+    CHECK(c.method == s.methods[m]);
+    REQUIRE(c.score.size() == 2);
+    for (std::size_t i = 0; i < 2; ++i) {
+      auto at = s;
+      at.lr = at.lora_lr = s.lr_grid[i];
+      const auto r = rp::run_method(c.method, at, base, base_row, {}, v, quiet);
+      CHECK(r.R.size() == 3);  // base, after each searched stage
+      CHECK(rp::validation_gain(r) == c.score[i]);
+    }
+    CHECK(c.rate == rp::choose_rate(s.lr_grid, c.score));
+  }
+  // The reported runs train at the chosen rates (LoRA's too: one rule).
+  REQUIRE(res.methods.size() == 2);
+  for (const auto& r : res.methods) CHECK(r.lr == rp::rate_of(r.name, res.rates, s));
+  const auto report = sg::test::read_text(s.out / "report.md");
+  CHECK_THAT(report, Catch::Contains("chosen from {0.0001, 0.03}") && Catch::Contains("| method | 0.0001 | 0.03 | chosen |") &&
+                         Catch::Contains("| sa_proj | ") && Catch::Contains("| lora | ") &&
+                         Catch::Contains("validation examples, held apart from the test sets"));
+  const auto csv = sg::test::read_text(s.out / "lr_search.csv");
+  CHECK(csv.rfind("method,lr,validation_gain,chosen\n", 0) == 0);
+  CHECK(lines(csv) == 1 + 4);
+  std::size_t chosen_rows = 0;
+  for (auto at = csv.find(",1\n"); at != std::string::npos; at = csv.find(",1\n", at + 1)) ++chosen_rows;
+  CHECK(chosen_rows == 2);  // one chosen rate per method
+  const auto summary = sg::test::read_text(s.out / "summary.csv");
+  CHECK(summary.find(",trainable,lr,seed\n") != std::string::npos);
+  for (const auto& r : res.methods) CHECK(summary.find("," + sg::cl::detail::csv_number(r.lr) + ",1\n") != std::string::npos);
+  // The same search in this process, one run after another: the same scores bit for bit.
+  s.jobs = 1;
+  const auto in_turn = rp::run_pipeline(s, quiet);
+  REQUIRE(in_turn.rates.size() == 2);
+  for (std::size_t m = 0; m < 2; ++m) {
+    CHECK(in_turn.rates[m].score == res.rates[m].score);
+    CHECK(in_turn.rates[m].rate == res.rates[m].rate);
+  }
+  std::filesystem::remove_all(s.out);
+}
+
+TEST_CASE("fixed learning rates: no search, every seed of a method at --lr, LoRA at --lora-lr") {
+  rp::settings s = sg::test::reduced_settings("lr_fixed");
+  s.order = {"count"};
+  s.methods = {"sa_proj", "lora"};
+  s.lr = 7e-4;
+  s.jobs = 1;
+  rp::progress quiet(true);
+  const auto res = rp::run_pipeline(s, quiet);
+  CHECK(res.rates.empty());
+  REQUIRE(res.methods.size() == 2);
+  CHECK(res.methods[0].lr == 7e-4);
+  CHECK(res.methods[1].lr == s.lora_lr);
+  CHECK_FALSE(std::filesystem::exists(s.out / "lr_search.csv"));
+  const auto report = sg::test::read_text(s.out / "report.md");
+  CHECK(report.find("lr 0.0007 (LoRA 0.002)") != std::string::npos);
+  CHECK(report.find("| chosen |") == std::string::npos);
+  std::filesystem::remove_all(s.out);
+}

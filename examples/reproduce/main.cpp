@@ -6,7 +6,8 @@
 //             [--pretrain-steps N] [--pretrain-batch N] [--pretrain-lr X] [--pretrain-threads N]
 //             [--pretrain-mix task=weight,...] [--pretrain-focus-steps N]
 //             [--vision-hidden N] [--vision-layers N]
-//             [--stage-steps N] [--stage-batch N] [--lr X] [--test-examples N]
+//             [--stage-steps N] [--stage-batch N] [--lr-grid X,Y,... | --lr X] [--test-examples N]
+//             [--lr-search-stages N] [--validation-examples N]
 //             [--jobs N] [--threads N]
 //   reproduce --gateskip-sweep [--out DIR] [--order TARGET,...] [--stage-steps N] ...
 //
@@ -75,7 +76,14 @@ void usage() {
                "                         uniform; default colour=4,shape=4); tasks: caption colour shape position size\n"
                "                         exist relation repeat numbers\n"
                "  --pretrain-focus-steps N   the first N joint steps draw only the colour and shape questions\n"
-               "  --stage-steps N --stage-batch N --lr X --lora-lr X --test-examples N\n"
+               "  --stage-steps N --stage-batch N --test-examples N\n"
+               "  --lr-grid X,Y,...      every method's peak learning rate, LoRA's too, is the rate of this grid whose\n"
+               "                         first stages learn their targets best on validation examples held apart from\n"
+               "                         the test sets (a tie: the smaller rate); '': no search (default 5e-4,1e-3,2e-3,5e-3)\n"
+               "  --lr-search-stages N --validation-examples N   the search's stages (default 2) and validation\n"
+               "                         examples per target (default 192)\n"
+               "  --lr X --lora-lr X     fixed rates instead of the search: X for every method but LoRA, LoRA's\n"
+               "                         (defaults 5e-4 and 2e-3 with --lr-grid '')\n"
                "  --pretrain-threads N   threads of the pretraining process (default 2 on every machine, so that the\n"
                "                         base model does not depend on the core count; 0: one per core)\n"
                "  --vision-hidden N --vision-layers N   a wider/deeper vision encoder (default 64, 2)\n"
@@ -104,6 +112,7 @@ int main(int argc, char** argv) {
       if (a == "--full") s = rp::full_settings();
     bool gateskip_sweep = false;
     int vision_hidden = s.model.vision.blocks.hidden, vision_layers = s.model.vision.blocks.n_layers;
+    bool fixed_rate = false, grid_given = false;  // --lr / --lora-lr, --lr-grid
     for (std::size_t i = 0; i < args.size(); ++i) {
       const std::string& a = args[i];
       auto value = [&]() -> std::string {
@@ -183,8 +192,17 @@ int main(int argc, char** argv) {
         s.stage_batch = integer();
       } else if (a == "--lr") {
         s.lr = real();
+        fixed_rate = true;
       } else if (a == "--lora-lr") {
         s.lora_lr = real();
+        fixed_rate = true;
+      } else if (a == "--lr-grid") {
+        s.lr_grid = rp::parse_rate_grid(value());
+        grid_given = true;
+      } else if (a == "--lr-search-stages") {
+        s.lr_search_stages = integer();
+      } else if (a == "--validation-examples") {
+        s.validation_examples = integer();
       } else if (a == "--test-examples") {
         s.test_examples = integer();
       } else if (a == "--threads") {
@@ -233,6 +251,11 @@ int main(int argc, char** argv) {
     positive("--stage-batch", s.stage_batch);
     positive("--lr", s.lr);
     positive("--lora-lr", s.lora_lr);
+    if (fixed_rate && grid_given && !s.lr_grid.empty())
+      throw std::invalid_argument("options --lr and --lora-lr fix the learning rates, --lr-grid searches them: give one");
+    if (fixed_rate) s.lr_grid.clear();  // the rates given, for every method and seed
+    positive("--lr-search-stages", s.lr_search_stages);
+    positive("--validation-examples", s.validation_examples);
     positive("--test-examples", s.test_examples);
     positive("--seeds", s.seeds);
     if (s.threads < 1) throw std::invalid_argument("option --threads must be at least 1");

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "experiment.hpp"
+#include "lr_search.hpp"
 #include "report.hpp"
 
 namespace skillgraft::reproduce {
@@ -37,6 +38,8 @@ struct pipeline_result {
   std::vector<method_summary> summaries;  // one per method and seed, in the order of `methods`
   std::vector<seeded_summary> seeded;     // one per method: means and intervals over its seeds
   std::vector<std::string> skipped;  // methods not available in this build
+  std::vector<rate_choice> rates;    // the learning-rate search, one per method (empty: fixed rates)
+  double lr_search_seconds = 0;
 };
 
 // A method's results as text, for a worker process to hand them to the parent (exact:
@@ -45,7 +48,7 @@ inline std::string serialize(const method_result& r) {
   std::ostringstream o;
   auto num = [](double x) { return cl::detail::csv_number(x); };
   o << "name " << r.name << "\nseed " << r.seed << "\ntrain_seconds " << num(r.train_seconds) << "\neval_seconds " << num(r.eval_seconds)
-    << "\npeak_bytes " << r.peak_bytes << "\ntrainable " << r.trainable << "\ndevice " << r.device
+    << "\npeak_bytes " << r.peak_bytes << "\ntrainable " << r.trainable << "\ndevice " << r.device << "\nlr " << num(r.lr)
     << "\nfinal_loss " << r.final_loss.size();
   for (double l : r.final_loss) o << ' ' << num(l);
   o << "\nR " << r.R.size() << ' ' << (r.R.empty() ? 0 : r.R[0].size());
@@ -80,6 +83,8 @@ inline method_result deserialize(const std::string& text) {
   in >> r.trainable;
   expect("device");
   in >> r.device;
+  expect("lr");
+  in >> r.lr;
   std::size_t n = 0, m = 0;
   expect("final_loss");
   in >> n;
@@ -234,6 +239,72 @@ method_result run_method_on(const std::string& m, const settings& s, const weigh
   return run_method<Stage>(m, s, base, base_row, base_probe, d, prog);
 }
 
+// How many runs go at once: --jobs (0: one per core), at most n. One, in this process, when
+// the OpenMP runtime may have started threads (its thread pool does not survive fork) or when
+// a step is shared between MPI ranks.
+template <template <class, class> class Stage>
+int worker_count(const settings& s, int threads, std::size_t n) {
+  const int jobs = s.jobs > 0 ? s.jobs : int(std::max(1u, std::thread::hardware_concurrency()));
+  if (threads > 1 || !std::is_same_v<Stage<full_t, nn::default_mlp>, cpu_stage<full_t, nn::default_mlp>>) return 1;
+  return std::max(1, std::min(jobs, int(n)));
+}
+
+// run(i, progress) for every label: in turn in this process with one job, else in forked
+// single-threaded workers. done(result) gets the results in label order, the same bit for bit
+// either way.
+template <class Run, class Done>
+void run_each(const std::vector<std::string>& labels, int jobs, const settings& s, progress& prog, Run&& run,
+              Done&& done) {
+  if (jobs <= 1) {
+    for (std::size_t i = 0; i < labels.size(); ++i) done(run(i, prog));
+    return;
+  }
+  auto results = run_in_workers(labels, jobs, s.out, [&](const std::string& label) {
+    progress worker(s.quiet, /*redraw=*/false);  // line by line, each line naming its method
+    const auto at = std::size_t(std::find(labels.begin(), labels.end(), label) - labels.begin());
+    return run(at, worker);
+  });
+  for (auto& r : results) done(std::move(r));
+}
+
+// The learning-rate search (lr_search.hpp): every method trains the searched stages once per
+// grid rate, evaluated on the validation split only; returns each method's scores and choice.
+template <template <class, class> class Stage = cpu_stage>
+std::vector<rate_choice> search_rates(const settings& s, const std::vector<std::string>& methods, const weights_t& base,
+                                      const run_data& d, int threads, progress& prog) {
+  const run_data v = validation_data(s, d);
+  const evaluator ev(d.tok, s.model);
+  const auto base_row = evaluate_all(ev, base, v, s.restricted);
+  const std::size_t G = s.lr_grid.size();
+  std::vector<std::string> labels;
+  for (const auto& m : methods)
+    for (double lr : s.lr_grid) labels.push_back("lr_" + m + "_" + rate_text(lr));
+  const int jobs = worker_count<Stage>(s, threads, labels.size());
+  prog.note("learning-rate search: " + std::to_string(methods.size()) + " methods x " + std::to_string(G) +
+            " rates, " + std::to_string(v.targets.size()) + " stage(s) each, " +
+            std::to_string(s.validation_examples) + " validation examples per target, " + std::to_string(jobs) +
+            " at a time");
+  std::vector<double> score;
+  run_each(
+      labels, jobs, s, prog,
+      [&](std::size_t i, progress& p) {
+        settings at_rate = s;
+        at_rate.lr = at_rate.lora_lr = s.lr_grid[i % G];
+        return run_method_on<Stage>(methods[i / G], at_rate, base, base_row, probe_value{}, v, p);
+      },
+      [&](const method_result& r) {
+        score.push_back(validation_gain(r));
+        prog.note(r.name + " at lr " + rate_text(r.lr) + ": validation gain " + signed1(score.back()));
+      });
+  std::vector<rate_choice> chosen;
+  for (std::size_t m = 0; m < methods.size(); ++m) {
+    const std::vector<double> of_m(score.begin() + long(m * G), score.begin() + long((m + 1) * G));
+    chosen.push_back(choose(methods[m], s.lr_grid, of_m));
+    prog.note(methods[m] + ": learning rate " + chosen_text(chosen.back()));
+  }
+  return chosen;
+}
+
 // Stage: where the methods' steps train (cpu_stage; data_parallel.hpp's mpi_stage shares each
 // step between the ranks of an MPI job, which then run the methods in turn, never forked).
 template <template <class, class> class Stage = cpu_stage>
@@ -293,9 +364,15 @@ pipeline_result run_pipeline(const settings& s, progress& prog) {
   std::vector<job> runs;
   for (const auto& m : todo)
     for (int i = 0; i < std::max(1, s.seeds); ++i) runs.push_back({m, s.seed + std::uint64_t(i)});
+  if (!s.lr_grid.empty() && !todo.empty()) {
+    const auto t0 = clock::now();
+    res.rates = search_rates<Stage>(s, todo, base, d, threads, prog);
+    res.lr_search_seconds = std::chrono::duration<double>(clock::now() - t0).count();
+  }
   auto run_one = [&](const job& j, progress& p) {
     settings si = s;
     si.seed = j.seed;
+    si.lr = si.lora_lr = rate_of(j.method, res.rates, s);
     auto r = run_method_on<Stage>(j.method, si, base, res.base_row, base_probe, d, p);
     r.seed = j.seed;
     return r;
@@ -313,26 +390,15 @@ pipeline_result run_pipeline(const settings& s, progress& prog) {
     res.methods.push_back(std::move(r));
     res.summaries.push_back(sm);
   };
-  int jobs = s.jobs > 0 ? s.jobs : int(std::max(1u, std::thread::hardware_concurrency()));
-  jobs = std::min<int>(jobs, int(runs.size()));
-  // A process whose OpenMP runtime has started threads must not fork workers (the runtime's
-  // thread pool does not survive fork): with several threads per method, methods run in turn.
-  if (threads > 1 || !std::is_same_v<Stage<full_t, nn::default_mlp>, cpu_stage<full_t, nn::default_mlp>>) jobs = 1;
-  if (jobs <= 1) {
-    for (const auto& j : runs) finish(run_one(j, prog));
-  } else {
-    // Workers report progress line by line (no redrawing), each line naming its method.
+  const int jobs = worker_count<Stage>(s, threads, runs.size());
+  if (jobs > 1)
     prog.note("running " + std::to_string(todo.size()) + " methods x " + std::to_string(std::max(1, s.seeds)) +
               " seeds, " + std::to_string(jobs) + " at a time");
-    std::vector<std::string> labels;
-    for (const auto& j : runs) labels.push_back(j.label());
-    auto results = run_in_workers(labels, jobs, s.out, [&](const std::string& label) {
-      progress worker(s.quiet, /*redraw=*/false);
-      const auto at = std::size_t(std::find(labels.begin(), labels.end(), label) - labels.begin());
-      return run_one(runs.at(at), worker);
-    });
-    for (auto& r : results) finish(std::move(r));
-  }
+  std::vector<std::string> labels;
+  for (const auto& j : runs) labels.push_back(j.label());
+  run_each(
+      labels, jobs, s, prog, [&](std::size_t i, progress& p) { return run_one(runs[i], p); },
+      [&](method_result r) { finish(std::move(r)); });
   res.seeded = aggregate(res.summaries);
   std::vector<method_summary> means;
   for (const auto& a : res.seeded) means.push_back(a.mean);
@@ -346,6 +412,7 @@ pipeline_result run_pipeline(const settings& s, progress& prog) {
   }
   // Reports.
   write_text(s.out / "summary.csv", summary_csv(res.summaries));
+  if (!res.rates.empty()) write_text(s.out / "lr_search.csv", lr_search_csv(res.rates));
   write_text(s.out / "probe.csv", probe_csv(res.methods));
   write_text(s.out / "curves.csv", curves_csv(means));
   write_text(s.out / "learning_forgetting.svg", learning_forgetting_svg(means));
@@ -361,8 +428,8 @@ pipeline_result run_pipeline(const settings& s, progress& prog) {
                                                          std::to_string(s.vision_pretext.batch) + ", then "
                                                    : std::string("no vision pretext, ")) +
         "joint pretraining " + std::to_string(s.pretrain_steps) + " steps x " + std::to_string(s.pretrain_batch) +
-        pretrain_mix_text(s) + ", stages " + std::to_string(s.stage_steps) + " steps x " + std::to_string(s.stage_batch) + ", lr " + fmt(s.lr, "%g") +
-        " (LoRA " + fmt(s.lora_lr, "%g") + "), " + std::to_string(s.test_examples) + " test examples per task, " +
+        pretrain_mix_text(s) + ", stages " + std::to_string(s.stage_steps) + " steps x " + std::to_string(s.stage_batch) + ", " + rates_text(s, res.rates) + ", " +
+        std::to_string(s.test_examples) + " test examples per task, " +
         (s.restricted ? "restricted" : "free") + " decoding, order";
   for (const auto& t : s.order) md += " " + t;
   md += ", base-model seed " + std::to_string(s.seed) + ", fine-tuning seeds " + std::to_string(s.seed) +
@@ -387,6 +454,7 @@ pipeline_result run_pipeline(const settings& s, progress& prog) {
           " points for the mean over the held-out tasks, " + fmt(mean_accuracy_standard_error(targ, s.test_examples), "%.2f") +
           " for the mean over the targets. The test sets are the same for every seed and method.\n\n";
   }
+  md += lr_search_markdown(res.rates, s, searched_stages(s, d), res.lr_search_seconds);
   md += comparison_markdown(res.seeded);
   md += "Mean held-out accuracy (%) after each stage:\n\n" + stages_markdown(res.seeded, s.order) + "\n";
   if (s.device != "cpu") {

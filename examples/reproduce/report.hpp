@@ -34,6 +34,7 @@ struct method_summary {
   double train_seconds = 0, eval_seconds = 0;
   double peak_mib = 0;
   std::size_t trainable = 0;
+  double lr = 0;                      // peak learning rate
   std::vector<double> heldout_curve;  // per stage 0..T, mean held-out accuracy (%)
   std::vector<double> target_curve;   // per stage, mean accuracy over the targets trained so far (%)
 };
@@ -69,6 +70,7 @@ inline method_summary summarize(const method_result& r, const run_data& d) {
   s.eval_seconds = r.eval_seconds;
   s.peak_mib = double(r.peak_bytes) / (1024.0 * 1024.0);
   s.trainable = r.trainable;
+  s.lr = r.lr;
   for (std::size_t i = 0; i < r.R.size(); ++i) {
     double h = 0, t = 0;
     for (auto c : R.heldout_columns()) h += R(i, c);
@@ -205,14 +207,14 @@ inline std::string comparison_markdown(const std::vector<seeded_summary>& ms) {
 inline std::string summary_csv(const std::vector<method_summary>& ms) {
   std::string o =
       "method,trains,learning,learning_final,heldout_delta_final,heldout_delta_mean,heldout_delta_worst,probe_final,"
-      "probe_max,train_seconds,eval_seconds,peak_mib,trainable,seed\n";
+      "probe_max,train_seconds,eval_seconds,peak_mib,trainable,lr,seed\n";
   for (const auto& m : ms)
     o += m.name + ",\"" + m.recipe + "\"," + cl::detail::csv_number(m.learning) + "," + cl::detail::csv_number(m.learning_final) +
          "," + cl::detail::csv_number(m.heldout_final) + "," + cl::detail::csv_number(m.heldout_mean) + "," +
          cl::detail::csv_number(m.heldout_worst) + "," + cl::detail::csv_number(m.probe_final) + "," +
          cl::detail::csv_number(m.probe_max) + "," + cl::detail::csv_number(m.train_seconds) + "," +
          cl::detail::csv_number(m.eval_seconds) + "," + cl::detail::csv_number(m.peak_mib) + "," +
-         std::to_string(m.trainable) + "," + std::to_string(m.seed) + "\n";
+         std::to_string(m.trainable) + "," + cl::detail::csv_number(m.lr) + "," + std::to_string(m.seed) + "\n";
   return o;
 }
 

@@ -11,7 +11,9 @@ rm -rf "$dir"
 mkdir -p "$dir"
 tiny="--methods sa_proj,lwf --order count,birds --vision-pretrain-steps 2 --vision-pretrain-batch 4
       --pretrain-steps 3 --pretrain-batch 8 --stage-steps 4 --stage-batch 4 --test-examples 4 --seeds 1
-      --jobs 1 --quiet"
+      --jobs 1 --quiet --lr 5e-4"
+# (--lr: fixed rates. The learning-rate search runs the same stages on every rank, but a near
+# tie between two rates could be decided either way by the ranks' float rounding.)
 # Each pretrains its own base model: the single process in a child, the job on rank 0 alone.
 # shellcheck disable=SC2086
 "$one" $tiny --out "$dir/one" >"$dir/one.txt"

@@ -22,6 +22,8 @@ inline reproduce::settings reduced_settings(const std::string& name) {
   s.stage_steps = 12, s.stage_batch = 4;
   s.seeds = 1;
   s.test_examples = 6, s.probe_examples = 4;
+  // The fixed rates: a test of the learning-rate search turns it on with a grid of its own.
+  s.lr_grid.clear(), s.validation_examples = 6;
   s.quiet = true;
   s.out = std::filesystem::temp_directory_path() / ("skillgraft_reproduce_" + name + "_" + std::to_string(::getpid()));
   std::filesystem::remove_all(s.out);
