@@ -569,6 +569,68 @@ TEST_CASE("AdamW: a finite gradient that would overflow a moment is refused befo
   CHECK(pw[5] != before[5]);
 }
 
+// A model of one flat tensor: the optimizer's CPU packet paths at a size past the threshold
+// where they run in parallel, with a tail that is not a whole packet.
+struct one_tensor_model {
+  template <class W, class G, class F>
+  void for_each_trainable(W& w, G& g, F&& f) const {
+    f(std::string("t"), w, g);
+  }
+};
+
+TEST_CASE("AdamW on packets: the formula's update, and a bad element in a packet or the tail found before anything changes") {
+  const std::size_t n = 70001;
+  sg::cpu::tensor<float> p({n}, sg::memory_use::weights), g({n}, sg::memory_use::gradients);
+  for (std::size_t i = 0; i < n; ++i) {
+    p[i] = float(std::cos(0.011 * double(i)));
+    g[i] = float(std::sin(0.37 * double(i))) * (i % 7 == 0 ? 1e-6f : 1.f);
+  }
+  one_tensor_model model;
+  const double lr = 1e-2, wd = 0.1, b1 = 0.9, b2 = 0.999, eps = 1e-8;
+  sg::train::adamw<float> opt(model, p, g, {.lr = lr, .beta1 = b1, .beta2 = b2, .eps = eps, .weight_decay = wd});
+  const auto bytes_of = [](const sg::cpu::tensor<float>& t) {
+    return std::vector<unsigned char>((const unsigned char*)t.data(), (const unsigned char*)t.data() + t.bytes());
+  };
+  const auto moments = [&] {
+    std::vector<unsigned char> b;
+    opt.for_each_state([&](const std::string&, const auto& m, const auto& v) {
+      for (const auto* t : {&m, &v}) {
+        const auto x = bytes_of(*t);
+        b.insert(b.end(), x.begin(), x.end());
+      }
+    });
+    return b;
+  };
+  // A non-finite gradient and one whose square overflows, inside a packet and in the tail.
+  for (const std::size_t j : {std::size_t(40000), n - 1})
+    for (const float bad : {std::numeric_limits<float>::quiet_NaN(), 1e30f}) {
+      const auto p0 = bytes_of(p), m0 = moments();
+      const float ok = g[j];
+      g[j] = bad;
+      const auto e = error_of([&] { opt.step(model, p, g); });
+      CHECK_THAT(e, Catch::Contains("at element " + std::to_string(j)));
+      CHECK_THAT(e, Catch::Contains(std::isnan(bad) ? "non-finite gradient" : "second moment overflow"));
+      CHECK(bytes_of(p) == p0);
+      CHECK(moments() == m0);
+      CHECK(opt.steps() == 0);
+      g[j] = ok;
+    }
+  // The first step against the formula in double: m = (1 - b1) g, v = (1 - b2) g^2,
+  // p -= lr (m / (1 - b1) / (sqrt(v / (1 - b2)) + eps) + wd p); float's rounding of the few
+  // operations and of the final subtraction: a few ulp of |p| and of the step.
+  const std::vector<float> before(p.data(), p.data() + n);
+  opt.step(model, p, g);
+  double worst = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const double gi = g[i], m = (1 - b1) * gi, v = (1 - b2) * gi * gi;
+    const double step = lr * (m / (1 - b1) / (std::sqrt(v / (1 - b2)) + eps) + wd * before[i]);
+    const double ref = before[i] - step;
+    const double ulp = std::numeric_limits<float>::epsilon();
+    worst = std::max(worst, std::abs(p[i] - ref) / (ulp * (std::abs(before[i]) + 8 * std::abs(step))));
+  }
+  CHECK(worst <= 1.0);
+}
+
 // ---- 7. names in messages, F64 range -----------------------------------------------------------
 
 TEST_CASE("messages: names from files are escaped") {

@@ -33,9 +33,12 @@ struct adamw_options {
 namespace kernels {
 // One element's new first moment, second moment and weight; V is T, or a CPU packet of T
 // (backend/cpu/simd.hpp) when the loop runs the same formula on several elements at once.
+// 1 - b1 and 1 - b2 come rounded from double: 1 - 0.999f in float is 1.3e-5 off 0.001 (the
+// float 0.999 is not 0.999), a bias of every second moment that PyTorch, which passes 1 - beta2
+// from a double, does not have.
 template <class T>
 struct adamw_math {
-  T b1, b2, step, inv_sqrt_bc2, eps, lr_wd;
+  T b1, b2, one_minus_b1, one_minus_b2, step, inv_sqrt_bc2, eps, lr_wd;
   template <class V>
   struct element {
     V m, v, p;
@@ -43,7 +46,7 @@ struct adamw_math {
   template <class V>
   SKILLGRAFT_HD element<V> operator()(V p, V m, V v, V g) const {
     using scalar::sqrt_;
-    element<V> e{b1 * m + (T(1) - b1) * g, b2 * v + (T(1) - b2) * g * g, p};
+    element<V> e{b1 * m + one_minus_b1 * g, b2 * v + one_minus_b2 * g * g, p};
     e.p = p - (step * e.m / (sqrt_(e.v) * inv_sqrt_bc2 + eps) + lr_wd * p);
     return e;
   }
@@ -197,8 +200,8 @@ class adamw {
   kernels::adamw_math<T> next_math() const {
     const double t = double(t_ + 1);
     const double bc1 = 1.0 - std::pow(opt_.beta1, t), bc2 = 1.0 - std::pow(opt_.beta2, t);
-    return {T(opt_.beta1), T(opt_.beta2), T(opt_.lr / bc1), T(1.0 / std::sqrt(bc2)), T(opt_.eps),
-            T(opt_.lr) * T(opt_.weight_decay)};
+    return {T(opt_.beta1),        T(opt_.beta2),           T(1.0 - opt_.beta1), T(1.0 - opt_.beta2),
+            T(opt_.lr / bc1),      T(1.0 / std::sqrt(bc2)), T(opt_.eps),         T(opt_.lr) * T(opt_.weight_decay)};
   }
   adamw_options opt_;
   std::vector<slot> slots_;

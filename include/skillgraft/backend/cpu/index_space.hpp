@@ -11,6 +11,24 @@
 
 namespace skillgraft::cpu {
 
+namespace detail {
+// Whether pred holds anywhere in [b, b1), without a branch per element.
+template <class F>
+bool any_in(std::int64_t b, std::int64_t b1, const F& pred) {
+  bool any = false;
+  std::int64_t i = b;
+  if constexpr (simd::packet_predicate<F>) {
+    using V = simd::vec<typename F::value_type>;
+    V flags(typename F::value_type(0));
+    for (; i + V::size <= b1; i += V::size) flags = flags + pred.template lanes_fail<V>(i);
+    any = any_flag(flags);
+  }
+#pragma omp simd reduction(| : any)
+  for (std::int64_t j = i; j < b1; ++j) any |= pred(j);
+  return any;
+}
+}  // namespace detail
+
 struct index_ops {
   // f(i) for every i in [0, n), in parallel; a packet at a time where f offers it (the last
   // n mod packet-size elements one by one, so an element's bits depend on its index only).
@@ -52,7 +70,7 @@ struct index_ops {
       constexpr std::int64_t block = 512;
       for (std::int64_t b = c * per; b < end && found[c] < 0; b += block) {
         const std::int64_t b1 = std::min(end, b + block);
-        if (any_in(b, b1, pred))
+        if (detail::any_in(b, b1, pred))
           for (std::int64_t i = b; i < b1; ++i)
             if (pred(i)) {
               found[c] = i;
@@ -63,21 +81,6 @@ struct index_ops {
     for (std::int64_t c = 0; c < chunks; ++c)
       if (found[c] >= 0) return found[c];
     return -1;
-  }
-  // Whether pred holds anywhere in [b, b1), without a branch per element.
-  template <class F>
-  static bool any_in(std::int64_t b, std::int64_t b1, const F& pred) {
-    bool any = false;
-    std::int64_t i = b;
-    if constexpr (simd::packet_predicate<F>) {
-      using V = simd::vec<typename F::value_type>;
-      V flags(typename F::value_type(0));
-      for (; i + V::size <= b1; i += V::size) flags = flags + pred.template lanes_fail<V>(i);
-      any = any_flag(flags);
-    }
-#pragma omp simd reduction(| : any)
-    for (std::int64_t j = i; j < b1; ++j) any |= pred(j);
-    return any;
   }
   // One element, read on the host (error messages).
   template <class T>
