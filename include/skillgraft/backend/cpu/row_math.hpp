@@ -13,12 +13,9 @@
 #include <algorithm>
 #include <cstddef>
 
-namespace skillgraft::cpu::row {
+#include "skillgraft/backend/cpu/simd.hpp"
 
-template <class T>
-using packet = typename Eigen::internal::packet_traits<T>::type;
-template <class T>
-inline constexpr std::size_t width = std::size_t(Eigen::internal::unpacket_traits<packet<T>>::size);
+namespace skillgraft::cpu::row {
 
 // sum over i < n of term(i), accumulated in Acc: 16 lanes (lane i % 16), then the lanes pairwise.
 template <class Acc, class F>
@@ -43,17 +40,16 @@ T max(const T* x, std::size_t n) {
 // x[i] = exp(x[i] - shift) for i < n, every element through Eigen's packet exp.
 template <class T>
 void exp_shifted(T* x, std::size_t n, T shift) {
-  using namespace Eigen::internal;
-  using P = packet<T>;
-  constexpr std::size_t w = width<T>;
-  const P s = pset1<P>(shift);
+  using V = simd::vec<T>;
+  constexpr std::size_t w = std::size_t(V::size);
+  const V s(shift);
   std::size_t i = 0;
-  for (; i + w <= n; i += w) pstoreu(x + i, pexp(psub(ploadu<P>(x + i), s)));
+  for (; i + w <= n; i += w) exp_(V::load(x + i) - s).store(x + i);
   if (i < n) {
     T tail[w];
     std::fill(tail, tail + w, shift);
     std::copy(x + i, x + n, tail);
-    pstoreu(tail, pexp(psub(ploadu<P>(tail), s)));
+    exp_(V::load(tail) - s).store(tail);
     std::copy(tail, tail + (n - i), x + i);
   }
 }
