@@ -452,6 +452,8 @@ template <class T, class Inner = train::masked_ce_objective, class Backend = bac
 struct ewc_objective {
   const ewc<T, Backend>* state = nullptr;
   Inner inner{};
+  // The penalty reads no activation: the rows the inner objective reads are all it needs.
+  static constexpr bool reads_target_rows_only = train::reads_target_rows_only<Inner>;
 
   template <class Model, class W>
   auto micro(const Model& model, W& w, typename Model::grads_t& g, const train::micro_batch<T, Backend>& mb,

@@ -14,7 +14,10 @@
 //   constants        = rotary cos/sin tables, 2 · max_seq · head_dim/2 · sizeof(T) each: the
 //                      model's, and the LwF teacher's frozen model's own
 //   saved            = the stack's plan (nn/memory_report.hpp) + the final norm's input and
-//                      1/rms when something below the head trains, for [batch, prefix + seq]
+//                      1/rms when something below the head trains, for [batch, prefix + seq];
+//                      given the micro-batch's target count, train_step's forward of the rows
+//                      with a target (nn/output_rows.hpp): the top block's MLP half and the
+//                      final norm keep those rows only (not under LwF, which reads every row)
 //
 // EWC's consolidation (estimate F_new on the task's data, fold it in) holds, while it runs,
 // F_new (A more method state) and its own gradient buffer (A more gradients, on top of the
@@ -213,17 +216,21 @@ std::size_t adapter_elements_per_layer(const decoder_config& c) {
 }
 
 // Saved activations of the whole LM (stack + final norm) for one micro-batch shape.
+// output_rows: the rows a forward of output rows returns (0: every row).
 template <class Model>
-std::size_t saved_bytes(const Model& model, seq_shape sh) {
+std::size_t saved_bytes(const Model& model, seq_shape sh, std::size_t output_rows = 0) {
   using T = typename Model::value_type;
-  std::size_t e = model.stack().saved_elements(sh);
-  if constexpr (Model::final_norm_t::keeps_input) e += sh.tokens() * std::size_t(model.config().hidden) + sh.tokens();
+  std::size_t e = model.stack().saved_elements(sh, output_rows);
+  const std::size_t top = output_rows ? output_rows : sh.tokens();
+  if constexpr (Model::final_norm_t::keeps_input) e += top * std::size_t(model.config().hidden) + top;
   return e * sizeof(T);
 }
 }  // namespace plan_detail
 
 // The plan for a built model (its recipe and layer range); `micro_batch` counts positions
-// including soft-prefix tokens.
+// including soft-prefix tokens. `target_rows`: the positions with a target in one micro-batch,
+// for train_step's default forward of those rows alone (step_options::target_rows_only); 0
+// plans the forward of every row, an upper bound of that.
 template <class Model>
   requires requires(const Model& lm) {
     typename Model::value_type;
@@ -232,7 +239,7 @@ template <class Model>
     lm.trainable_elements();
   }
 method_memory plan_method_memory(const Model& model, method m, seq_shape micro_batch,
-                                 optimizer_kind opt = optimizer_kind::adamw) {
+                                 optimizer_kind opt = optimizer_kind::adamw, std::size_t target_rows = 0) {
   using T = typename Model::value_type;
   using R = typename Model::recipe_type;
   if (micro_batch.batch <= 0 || micro_batch.seq <= 0)
@@ -256,7 +263,12 @@ method_memory plan_method_memory(const Model& model, method m, seq_shape micro_b
   p.weights = trunk.weights + (vd * (c.tie_word_embeddings ? 1 : 2) + std::size_t(c.hidden)) * sizeof(T);
   p.gradients = A;
   p.optimizer_state = opt == optimizer_kind::adamw ? 2 * A : opt == optimizer_kind::sgd_momentum ? A : 0;
-  p.saved_activations = plan_detail::saved_bytes(model, micro_batch);
+  if (target_rows > micro_batch.tokens())
+    throw std::invalid_argument("skillgraft: memory plan: " + std::to_string(target_rows) +
+                                " target rows in a micro-batch of " + std::to_string(micro_batch.tokens()) + " positions");
+  // LwF's objective reads every row (the teacher's distribution at each position): no selection.
+  const bool selects = target_rows && m != method::lwf;
+  p.saved_activations = plan_detail::saved_bytes(model, micro_batch, selects ? target_rows : 0);
   p.constants = trunk.constants;
   const int trained_layers = st.first_trainable() < c.n_layers ? st.last_trainable() - st.first_trainable() + 1 : 0;
   p.lora_adapters = std::size_t(trained_layers) * plan_detail::adapter_elements_per_layer<R>(c) * sizeof(T);
@@ -283,9 +295,9 @@ method_memory plan_method_memory(const Model& model, method m, seq_shape micro_b
 // this runs, but no weights).
 template <class T, class S>
 method_memory plan_method_memory(const decoder_config& c, trainable_set<S> r, method m, seq_shape micro_batch,
-                                 optimizer_kind opt = optimizer_kind::adamw) {
+                                 optimizer_kind opt = optimizer_kind::adamw, std::size_t target_rows = 0) {
   const model::decoder_lm<T, trainable_set<S>> model(c, r);
-  return plan_method_memory(model, m, micro_batch, opt);
+  return plan_method_memory(model, m, micro_batch, opt, target_rows);
 }
 
 }  // namespace skillgraft::cl

@@ -16,6 +16,7 @@
 #include "skillgraft/model/token_batch.hpp"
 #include "skillgraft/nn/backend_transfer.hpp"
 #include "skillgraft/nn/decoder_stack.hpp"
+#include "skillgraft/nn/output_rows.hpp"
 
 namespace skillgraft::model {
 
@@ -116,6 +117,7 @@ class decoder_lm {
     token_ids ids;        // for the embedding gradient
     int prefix = 0;       // soft tokens before the ids
     seq_shape shape{};
+    std::optional<std::size_t> output_rows;  // forward returned these many rows (nn/output_rows.hpp)
     bool valid = false;
   };
 
@@ -177,14 +179,18 @@ class decoder_lm {
     return x;
   }
 
-  // Final hidden states h (after the final norm), [batch, prefix + seq, hidden].
-  tensor_t forward(const weights_t& w, const token_ids& ids, saved_t& s, const tensor_t* prefix = nullptr) const {
+  // Final hidden states h (after the final norm), [batch, prefix + seq, hidden]; with `rows`
+  // (rows of the flattened [batch * (prefix + seq)], e.g. those with a target), only those,
+  // [1, rows, hidden], and the top block's MLP half runs on them alone (nn/output_rows.hpp).
+  tensor_t forward(const weights_t& w, const token_ids& ids, saved_t& s, const tensor_t* prefix = nullptr,
+                   const nn::output_rows* rows = nullptr) const {
     check_weights(w);
     s = saved_t{};
     auto x = embed(w, ids, prefix);
     s.prefix = int(x.dim(1) - ids.shape(1));
     s.shape = {int(x.dim(0)), int(x.dim(1))};
-    auto hs = stack_.forward(w.trunk, x, s.trunk);
+    if (rows) s.output_rows = rows->count();
+    auto hs = stack_.forward(w.trunk, x, s.trunk, 0, rows);
     auto h = final_norm().forward(w.norm, hs, s.norm, "model.norm");
     if constexpr (train_embed) s.ids = ids;
     s.valid = true;
@@ -207,10 +213,13 @@ class decoder_lm {
   template <class... Hook>
   tensor_t backward(const weights_t& w, const saved_t& s, const tensor_t& dh, grads_t& g, const Hook&... hook) const {
     if (!s.valid) throw std::logic_error("skillgraft: decoder_lm::backward called without a forward");
-    if (!(dh.shape() == shape_t{std::size_t(s.shape.batch), std::size_t(s.shape.seq), std::size_t(config_.hidden)}))
+    const shape_t expected = s.output_rows ? shape_t{1, *s.output_rows, std::size_t(config_.hidden)}
+                                           : shape_t{std::size_t(s.shape.batch), std::size_t(s.shape.seq),
+                                                     std::size_t(config_.hidden)};
+    if (!(dh.shape() == expected))
       throw std::invalid_argument("skillgraft: gradient of the hidden states has shape " + dh.shape().str() +
-                                  ", expected [" + std::to_string(s.shape.batch) + ", " + std::to_string(s.shape.seq) +
-                                  ", " + std::to_string(config_.hidden) + "]");
+                                  ", expected " + expected.str() +
+                                  (s.output_rows ? " (forward returned the output rows only)" : ""));
     if constexpr (train_head)
       if (!config_.tie_word_embeddings) nn::gradient_ready(g.lm_head, hook...);
     if constexpr (!any_below_head) {

@@ -213,17 +213,19 @@ class multimodal_lm {
     return frozen_projector{}.forward(w.projector, v, ps);
   }
 
-  // Final hidden states [batch, patches + seq, hidden] (patches = 0 without images).
-  tensor_t forward(const weights_t& w, const token_ids& ids, saved_t& s, const tensor_t* images = nullptr) const {
+  // Final hidden states [batch, patches + seq, hidden] (patches = 0 without images); with
+  // `rows`, those rows alone, [1, rows, hidden] (decoder_lm::forward, nn/output_rows.hpp).
+  tensor_t forward(const weights_t& w, const token_ids& ids, saved_t& s, const tensor_t* images = nullptr,
+                   const nn::output_rows* rows = nullptr) const {
     s = saved_t{};
     s.image = images && !images->empty();
-    if (!s.image) return lm_.forward(w.lm, ids, s.lm, nullptr);
+    if (!s.image) return lm_.forward(w.lm, ids, s.lm, nullptr, rows);
     if (images->dim(0) != ids.shape(0))
       throw std::invalid_argument("skillgraft: " + std::to_string(images->dim(0)) + " images for a batch of " +
                                   std::to_string(ids.shape(0)) + " token rows");
     auto v = vision_.forward(w.vision, *images, s.vision);
     auto soft = projector_t{}.forward(w.projector, v, s.projector);
-    return lm_.forward(w.lm, ids, s.lm, &soft);
+    return lm_.forward(w.lm, ids, s.lm, &soft, rows);
   }
 
   // Adds every trainable tensor's gradient into g; the image gets none. `hook` hears of each

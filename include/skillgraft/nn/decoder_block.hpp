@@ -23,6 +23,7 @@
 #include "skillgraft/nn/config.hpp"
 #include "skillgraft/nn/gate_skip.hpp"
 #include "skillgraft/nn/optional_member.hpp"
+#include "skillgraft/nn/output_rows.hpp"
 #include "skillgraft/nn/rmsnorm.hpp"
 #include "skillgraft/nn/swiglu.hpp"
 #include "skillgraft/policy/trainable.hpp"
@@ -192,6 +193,10 @@ struct decoder_block {
       residual_gate_plan<gated, trains_v<group::residual_gate<branch::mlp>, recipe_type>, mlp_needs_dh, mlp_active>;
   using mlp_gate_t = residual_gate<T, mlp_gate_plan, Backend>;
   static constexpr bool any_backward = mlp_active || mlp_gate_plan::active;  // nothing trains at or below: none
+  // Runs its MLP half on the output rows alone (nn/output_rows.hpp) where the MLP policy says its
+  // rows are independent. A mixture's routing and a gated block's token-wise skipping look at the
+  // whole batch: those run every row, and the stack selects after the block.
+  static constexpr bool selects_rows = !gated && requires { requires Mlp::rows_independent; };
 
   struct saved_t : members::optional_attn_norm<attn_norm_t::keeps_input, typename attn_norm_t::saved_t>,
                    members::optional_attention<attention_active, typename attention_t::saved_t>,
@@ -230,7 +235,9 @@ struct decoder_block {
     return g;
   }
 
-  tensor_t forward(const weights_t& w, const tensor_t& x, saved_t& s) const {
+  // rows: when given (selects_rows blocks only), the MLP half runs on those rows of x2 alone and
+  // the output is [1, rows, hidden] (nn/output_rows.hpp); backward then takes the same rows.
+  tensor_t forward(const weights_t& w, const tensor_t& x, saved_t& s, const output_rows* rows = nullptr) const {
     if (x.rank() != 3 || x.dim(2) != std::size_t(config.hidden))
       throw std::invalid_argument("skillgraft: decoder block input has shape " + x.shape().str() +
                                   ", expected [batch, seq, " + std::to_string(config.hidden) + "]");
@@ -245,6 +252,10 @@ struct decoder_block {
                                 schema::self_attn_residual_gate::tag::name.data(), train_skip_of(mlp_options));
     else
       Backend::add_into(x2, x);
+    if (rows) {
+      if constexpr (!selects_rows) throw std::logic_error("skillgraft: a gated block runs every row; the stack selects");
+      x2 = select_rows<Backend>(x2, *rows);
+    }
     tensor_t h2 = mlp_norm().forward(w.mlp_norm, x2,
                                      part<mlp_norm_t::keeps_input, typename mlp_norm_t::saved_t>(
                                          s, [](auto& ss) -> auto& { return ss.mlp_norm; }),
@@ -260,7 +271,9 @@ struct decoder_block {
   }
 
   // Adds weight gradients into g; returns dx when NeedsInputGrad, else an empty tensor.
-  tensor_t backward(const weights_t& w, const saved_t& s, const tensor_t& dy, grads_t& g) const {
+  // rows: those given to forward (dy is then [1, rows, hidden]); dx has every row.
+  tensor_t backward(const weights_t& w, const saved_t& s, const tensor_t& dy, grads_t& g,
+                    const output_rows* rows = nullptr) const {
     if (dy.rank() != 3 || dy.dim(2) != std::size_t(config.hidden))
       throw std::invalid_argument("skillgraft: decoder block output gradient has shape " + dy.shape().str() +
                                   ", expected [batch, seq, " + std::to_string(config.hidden) + "]");
@@ -287,6 +300,7 @@ struct decoder_block {
         return {};
       } else {
         Backend::add_into(dx2, dy);
+        if (rows) dx2 = spread_rows<Backend>(dx2, *rows);
         tensor_t dh1;
         if constexpr (gated) {  // do = dx2 * ga into attention, then the gate's own dz
           auto gb = attn_gate_t::template backward_gate<attention_active>(s.self_attn_residual_gate, dx2);
@@ -342,7 +356,11 @@ struct decoder_block {
   }
 
   // Elements forward keeps for backward, from the plan (not from running it).
-  static std::size_t saved_elements(const decoder_config& c, seq_shape sh, const mlp_options_t& o = {}) {
+  // mlp_rows: the rows the MLP half runs on when the block selects output rows (0: every row).
+  static std::size_t saved_elements(const decoder_config& c, seq_shape sh, const mlp_options_t& o = {},
+                                    std::size_t mlp_rows = 0) {
+    const std::size_t M = selects_rows && mlp_rows ? mlp_rows : sh.tokens();
+    const seq_shape mlp_shape = M == sh.tokens() ? sh : seq_shape{1, int(M)};
     const std::size_t N = sh.tokens(), d = std::size_t(c.hidden), qd = std::size_t(c.q_dim()),
                       kvd = std::size_t(c.kv_dim()),
                       probs = std::size_t(sh.batch) * std::size_t(c.n_heads) * std::size_t(sh.seq) * std::size_t(sh.seq);
@@ -355,8 +373,8 @@ struct decoder_block {
     if (ap::save_v) n += N * kvd;
     if (ap::save_probs) n += probs;
     if (ap::save_a) n += N * qd;
-    if (mlp_norm_t::keeps_input) n += N * d + N;
-    if (mlp_active) n += mlp_t::saved_elements(c, sh, o);
+    if (mlp_norm_t::keeps_input) n += M * d + M;
+    if (mlp_active) n += mlp_t::saved_elements(c, mlp_shape, o);
     const std::size_t gw = gate_width(gate_shape_of<Mlp>, d);  // residual gates: h, o, g
     auto gate = [&](auto plan) {
       using P = decltype(plan);

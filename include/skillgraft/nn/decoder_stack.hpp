@@ -77,6 +77,7 @@ class decoder_stack {
     std::optional<typename lowest_t::saved_t> lowest;
     std::vector<typename middle_t::saved_t> middle;
     std::vector<typename above_t::saved_t> above;
+    std::optional<output_rows> rows;  // forward's output rows (nn/output_rows.hpp), if it had some
   };
 
   // Gradients of the trainable layers [first, last] only.
@@ -129,23 +130,35 @@ class decoder_stack {
     return g;
   }
 
-  // x: [batch, seq, hidden]; token s sits at position first_pos + s.
-  tensor_t forward(const weights_t& w, const tensor_t& x, saved_t& s, int first_pos = 0) const {
+  // x: [batch, seq, hidden]; token s sits at position first_pos + s. With `rows`, the output is
+  // those rows alone, [1, rows, hidden], and the top block computes its MLP half on them only
+  // (nn/output_rows.hpp); backward then takes dy of that shape.
+  tensor_t forward(const weights_t& w, const tensor_t& x, saved_t& s, int first_pos = 0,
+                   const output_rows* rows = nullptr) const {
     check_weights(w);
     const int n = config_.n_layers;
     s = saved_t{};
+    if (rows) {
+      rows->check_against(x, "the trunk's input");
+      s.rows = *rows;
+    }
     tensor_t h = x.clone(memory_use::workspace);
     for (int i = 0; i < n; ++i) {
       const auto& wi = w.layers[std::size_t(i)];
-      if (i < first_) {
-        h = block<below_t>(first_pos).forward(wi, h, s.below.emplace_back());
-      } else if (i == first_) {
-        h = block<lowest_t>(first_pos).forward(wi, h, s.lowest.emplace());
-      } else if (i <= last_) {
-        h = block<middle_t>(first_pos).forward(wi, h, s.middle.emplace_back());
-      } else {
-        h = block<above_t>(first_pos).forward(wi, h, s.above.emplace_back());
-      }
+      const output_rows* top = i == n - 1 && s.rows ? &*s.rows : nullptr;
+      auto run = [&](auto b, auto& saved) {
+        using B = decltype(b);
+        if constexpr (B::selects_rows) {
+          h = b.forward(wi, h, saved, top);
+        } else {
+          h = b.forward(wi, h, saved);
+          if (top) h = select_rows<Backend>(h, *top);
+        }
+      };
+      if (i < first_) run(block<below_t>(first_pos), s.below.emplace_back());
+      else if (i == first_) run(block<lowest_t>(first_pos), s.lowest.emplace());
+      else if (i <= last_) run(block<middle_t>(first_pos), s.middle.emplace_back());
+      else run(block<above_t>(first_pos), s.above.emplace_back());
     }
     return h;
   }
@@ -161,24 +174,39 @@ class decoder_stack {
       throw std::logic_error("skillgraft: decoder_stack::backward called without a forward that saved activations");
     if (g.first != first_ || int(g.layers.size()) != last_ - first_ + 1)
       throw std::invalid_argument("skillgraft: gradients were made for another recipe or layer range");
+    const int n = config_.n_layers;
+    if (s.rows && !(dy.rank() == 3 && dy.dim(0) == 1 && dy.dim(1) == s.rows->count()))
+      throw std::invalid_argument("skillgraft: the trunk's output gradient has shape " + dy.shape().str() +
+                                  ", forward kept " + std::to_string(s.rows->count()) + " output rows: expected [1, " +
+                                  std::to_string(s.rows->count()) + ", hidden]");
     tensor_t d = dy.clone(memory_use::workspace);
-    for (int i = config_.n_layers - 1; i > last_; --i) {
+    // Block i's backward; the top block takes forward's output rows, or the stack spreads them first.
+    auto back = [&](auto b, int i, const auto& saved, auto& grads) {
+      using B = decltype(b);
+      const output_rows* top = i == n - 1 && s.rows ? &*s.rows : nullptr;
+      if constexpr (B::selects_rows) {
+        return b.backward(w.layers[std::size_t(i)], saved, d, grads, top);
+      } else {
+        if (top) d = spread_rows<Backend>(d, *top);
+        return b.backward(w.layers[std::size_t(i)], saved, d, grads);
+      }
+    };
+    for (int i = n - 1; i > last_; --i) {
       typename above_t::grads_t none;
-      d = block<above_t>(first_pos).backward(w.layers[std::size_t(i)], s.above[std::size_t(i - last_ - 1)], d, none);
+      d = back(block<above_t>(first_pos), i, s.above[std::size_t(i - last_ - 1)], none);
     }
     for (int i = last_; i > first_; --i) {
-      d = block<middle_t>(first_pos).backward(w.layers[std::size_t(i)], s.middle[std::size_t(i - first_ - 1)], d,
-                                              g.layers[std::size_t(i - first_)]);
+      d = back(block<middle_t>(first_pos), i, s.middle[std::size_t(i - first_ - 1)], g.layers[std::size_t(i - first_)]);
       gradients_ready<middle_t>(w.layers[std::size_t(i)], g.layers[std::size_t(i - first_)], hook...);
     }
-    if (first_ < config_.n_layers) {
-      d = block<lowest_t>(first_pos).backward(w.layers[std::size_t(first_)], *s.lowest, d, g.layers[0]);
+    if (first_ < n) {
+      d = back(block<lowest_t>(first_pos), first_, *s.lowest, g.layers[0]);
       gradients_ready<lowest_t>(w.layers[std::size_t(first_)], g.layers[0], hook...);
     }
     if constexpr (NeedsInputGrad) {
       for (int i = first_ - 1; i >= 0; --i) {
         typename below_t::grads_t none;
-        d = block<below_t>(first_pos).backward(w.layers[std::size_t(i)], s.below[std::size_t(i)], d, none);
+        d = back(block<below_t>(first_pos), i, s.below[std::size_t(i)], none);
       }
       return d;
     } else {
@@ -215,14 +243,17 @@ class decoder_stack {
   }
 
   // Models of what the code allocates (checked against the ledger by the tests).
-  std::size_t saved_elements(seq_shape sh) const {
+  // output_rows: the rows a forward with output rows keeps (0: a forward of every row).
+  std::size_t saved_elements(seq_shape sh, std::size_t output_rows = 0) const {
     const int n = config_.n_layers;
     const auto& o = mlp_options_;
-    std::size_t e = std::size_t(std::max(0, std::min(first_, n))) * below_t::saved_elements(config_, sh, o);
-    if (first_ < n) {
-      e += lowest_t::saved_elements(config_, sh, o);
-      e += std::size_t(last_ - first_) * middle_t::saved_elements(config_, sh, o);
-      e += std::size_t(n - 1 - last_) * above_t::saved_elements(config_, sh, o);
+    std::size_t e = 0;
+    for (int i = 0; i < n; ++i) {
+      const std::size_t r = i == n - 1 ? output_rows : 0;
+      if (i < first_) e += below_t::saved_elements(config_, sh, o, r);
+      else if (i == first_) e += lowest_t::saved_elements(config_, sh, o, r);
+      else if (i <= last_) e += middle_t::saved_elements(config_, sh, o, r);
+      else e += above_t::saved_elements(config_, sh, o, r);
     }
     return e;
   }

@@ -352,6 +352,9 @@ struct swiglu {
   template <class Tag>
   static constexpr bool accepts =
       !std::is_same_v<Tag, group::router> && (Act::has_range || !std::is_same_v<Tag, group::act_range>);
+  // Each row's output depends on that row alone, so the top block may run it on the rows a
+  // loss reads (nn/output_rows.hpp). A policy without this member runs every row.
+  static constexpr bool rows_independent = true;
 
   // Throws, naming the tensor, unless w is a dense MLP of this activation for config c
   // (prefix: "model.layers.3.mlp.").
