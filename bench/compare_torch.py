@@ -26,7 +26,7 @@ def gbench(path, prefix):
     """{recipe: {"ms": median real time, counters...}} from a Google Benchmark JSON file.
     With repetitions the median aggregate is taken; without, the median of the runs."""
     doc = json.load(open(path))
-    runs, medians = {}, {}
+    runs, medians, fastest = {}, {}, {}
     for b in doc["benchmarks"]:
         name = b.get("run_name", b["name"]).replace("/real_time", "")
         if not name.startswith(prefix):
@@ -37,13 +37,18 @@ def gbench(path, prefix):
         if b.get("run_type") == "aggregate":
             if b.get("aggregate_name") == "median":
                 medians[recipe] = row
+            elif b.get("aggregate_name") == "min":
+                fastest[recipe] = row["ms"]
         else:
             runs.setdefault(recipe, []).append(row)
     out = dict(medians)
     for recipe, rs in runs.items():
+        fastest.setdefault(recipe, min(r["ms"] for r in rs))
         if recipe not in out:
             ms = statistics.median(r["ms"] for r in rs)
             out[recipe] = dict(rs[-1], ms=ms)
+    for recipe, row in out.items():
+        row["ms_min"] = fastest.get(recipe)  # None: an older benchmark with aggregates only
     return out, doc.get("context", {})
 
 
@@ -68,8 +73,9 @@ def main(argv):
         + ", ".join(f"{x:.2f}" for x in pt.get("load_average", [])),
         "",
         "| recipe | trunk ms skillgraft | trunk ms PyTorch | trunk ratio | step ms skillgraft | step ms PyTorch | "
-        "step ratio | trunk saved MiB sg / PT | step peak RSS MiB sg / PT | PT step RSS growth MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "step ratio | ratios of the fastest runs, trunk / step | trunk saved MiB sg / PT | step peak RSS MiB sg / PT | "
+        "PT step RSS growth MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rec in ORDER:
         st, ss, pt_t, pt_s = sg_trunk.get(rec), sg_step.get(rec), py.get(("trunk", rec)), py.get(("step", rec))
@@ -91,8 +97,13 @@ def main(argv):
         saved = f"{st['saved_MiB']:.0f} / {pt_t['saved_mib']:.0f}" if st and pt_t else "-"
         rss = f"{ss['rss_peak_MiB']:.0f} / {pt_s['rss_peak_mib']:.0f}" if ss and pt_s else "-"
         growth = f"{pt_s['rss_peak_mib'] - pt_s['rss_setup_mib']:.0f}" if pt_s else "-"
+        # Medians first; then the fastest iteration of each side, the least disturbed on a shared machine.
+        def fastest(a, b):
+            if not (a and b and a.get("ms_min") and b.get("ms_all")):
+                return "-"
+            return f"{a['ms_min'] / min(b['ms_all']):.2f}"
         lines.append(f"| {rec} | {ms(st)} | {ms(pt_t)} | {ratio(st, pt_t)} | {ms(ss)} | {ms(pt_s)} | {ratio(ss, pt_s)} "
-                     f"| {saved} | {rss} | {growth} |")
+                     f"| {fastest(st, pt_t)} / {fastest(ss, pt_s)} | {saved} | {rss} | {growth} |")
     if pt["results"]:
         base = [r["rss_setup_mib"] for r in pt["results"]]
         lines.append(f"\nPyTorch's resident set after import and model construction: {min(base):.0f}-{max(base):.0f} MiB "
