@@ -85,8 +85,29 @@ TEST_CASE("reproduce cache: a saved base model loads back, and other settings me
     change(changed);
     CHECK_FALSE(rp::load_checkpoint(back, file, rp::fingerprint(changed)));
   }
-  // Settings that only matter after pretraining do not invalidate it.
+  // So is the language model's size (--text-hidden, --text-heads, --text-kv-heads,
+  // --text-intermediate, --text-layers): a base model of another size is never reused.
+  const rp::text_size z = rp::text_size_of(s.model);
+  for (const rp::text_size other_size :
+       {rp::text_size{z.hidden * 2, z.heads, z.kv_heads, z.intermediate, z.layers},
+        rp::text_size{z.hidden, z.heads * 2, z.kv_heads, z.intermediate, z.layers},
+        rp::text_size{z.hidden, z.heads, z.kv_heads * 2, z.intermediate, z.layers},
+        rp::text_size{z.hidden, z.heads, z.kv_heads, z.intermediate / 2, z.layers},
+        rp::text_size{z.hidden, z.heads, z.kv_heads, z.intermediate, z.layers + 1}}) {
+    auto resized = s;
+    rp::resize_text(resized.model, other_size);
+    INFO(rp::fingerprint(resized));
+    CHECK(rp::fingerprint(resized) != rp::fingerprint(s));
+    rp::weights_t w2(resized.model);
+    CHECK_FALSE(rp::load_checkpoint(w2, file, rp::fingerprint(resized)));
+  }
+  auto same_size = s;
+  rp::resize_text(same_size.model, z);
+  CHECK(rp::fingerprint(same_size) == rp::fingerprint(s));
+  // Settings that only matter after pretraining do not invalidate it (the layers the methods
+  // train among them).
   auto later = s;
+  later.train_layers = {2, 3};
   later.seeds = 5, later.test_examples = 16, later.stage_steps = 7;
   CHECK(rp::load_checkpoint(back, file, rp::fingerprint(later)));
 }

@@ -549,6 +549,79 @@ TEST_CASE("the lr grid option: rates in increasing order, '' for none, anything 
   }
 }
 
+TEST_CASE("the text model's size options: each bad value refused naming its option, the projector following") {
+  auto c = rp::default_settings().model;
+  rp::resize_text(c, {.hidden = 128, .heads = 8, .kv_heads = 4, .intermediate = 512, .layers = 6});
+  CHECK(c.text.head_dim == 16);
+  CHECK(c.text.n_heads == 8);
+  CHECK(c.text.n_kv_heads == 4);
+  CHECK(c.text.intermediate == 512);
+  CHECK(c.text.n_layers == 6);
+  CHECK(c.projector.out == 128);
+  rp::resize_text(c, {.hidden = 64, .heads = 4, .kv_heads = 2, .intermediate = 96, .layers = 2});
+  CHECK(c.projector.out == 64);
+  CHECK(c.text.head_dim == 16);
+  const rp::text_size ok{.hidden = 128, .heads = 4, .kv_heads = 2, .intermediate = 256, .layers = 4};
+  auto refused = [&](rp::text_size z, const std::string& message) {
+    auto m = rp::default_settings().model;
+    INFO(message);
+    CHECK_THROWS_WITH(rp::resize_text(m, z), Catch::Contains(message));
+  };
+  auto with = [&](auto change) {
+    auto z = ok;
+    change(z);
+    return z;
+  };
+  refused(with([](auto& z) { z.hidden = 0; }), "option --text-hidden must be positive, got 0");
+  refused(with([](auto& z) { z.heads = -1; }), "option --text-heads must be positive, got -1");
+  refused(with([](auto& z) { z.kv_heads = 0; }), "option --text-kv-heads must be positive, got 0");
+  refused(with([](auto& z) { z.intermediate = 0; }), "option --text-intermediate must be positive, got 0");
+  refused(with([](auto& z) { z.layers = 0; }), "option --text-layers must be positive, got 0");
+  refused(with([](auto& z) { z.heads = 5; }), "option --text-hidden (128) must be a multiple of --text-heads (5)");
+  refused(with([](auto& z) { z.kv_heads = 3; }), "option --text-heads (4) must be a multiple of --text-kv-heads (3)");
+  refused(with([](auto& z) { z.hidden = 120, z.heads = 8; }), "heads of 15 features");
+}
+
+TEST_CASE("the train-layers option: A:B within the language model, anything else refused naming the option") {
+  CHECK(rp::parse_train_layers("2:4", 4) == sg::layer_range{2, 3});
+  CHECK(rp::parse_train_layers("0:1", 4) == sg::layer_range{0, 0});
+  CHECK(rp::parse_train_layers("0:4", 4) == sg::layer_range{0, 3});
+  CHECK(rp::train_layers_text(rp::parse_train_layers("2:4", 4)) == "layers 2:4");
+  CHECK(rp::train_layers_text({}) == "all layers");
+  for (const char* bad : {"2", "2:2", "3:2", "0:5", "-1:2", "a:2", "1:", ":2", "1:2:3", ""}) {
+    INFO(bad);
+    CHECK_THROWS_WITH(rp::parse_train_layers(bad, 4),
+                      Catch::Contains("option --train-layers") && Catch::Contains("'" + std::string(bad) + "'"));
+  }
+}
+
+TEST_CASE("reduced pipeline: a layer range trains only those layers, for every method, in the report") {
+  rp::settings s = sg::test::reduced_settings("layers");
+  s.order = {"count"};
+  s.methods = {"sa_proj", "llm", "lora"};
+  s.jobs = 1;
+  rp::progress quiet(true);
+  const auto all = rp::run_pipeline(s, quiet);
+  s.train_layers = rp::parse_train_layers("1:2", s.model.text.n_layers);
+  const auto top = rp::run_pipeline(s, quiet);
+  REQUIRE(all.methods.size() == 3);
+  REQUIRE(top.methods.size() == 3);
+  const auto& t = s.model.text;
+  const std::size_t attention = std::size_t(t.hidden) * (2 * t.q_dim() + 2 * t.kv_dim());
+  const std::size_t norms = 2 * std::size_t(t.hidden);
+  // sa_proj: the top layer's projections only, half of what it trains on both layers.
+  CHECK(all.methods[0].trainable == 2 * attention);
+  CHECK(top.methods[0].trainable == attention);
+  // llm: the lower layer's projections and norms stop training; embeddings, final norm and head do not.
+  const std::size_t mlp = 3 * std::size_t(t.hidden) * std::size_t(t.intermediate);
+  CHECK(all.methods[1].trainable - top.methods[1].trainable == attention + mlp + norms);
+  // LoRA: adapters on the top layer alone.
+  CHECK(top.methods[2].trainable * 2 == all.methods[2].trainable);
+  CHECK(top.methods[0].final_loss != all.methods[0].final_loss);
+  CHECK_THAT(sg::test::read_text(s.out / "report.md"), Catch::Contains("steps x 4 on the LM's layers 1:2, "));
+  std::filesystem::remove_all(s.out);
+}
+
 TEST_CASE("validation split: a seed stream of its own, no example of a test set") {
   rp::settings s = rp::default_settings();
   s.test_examples = 48, s.validation_examples = 48, s.lr_search_stages = 5;

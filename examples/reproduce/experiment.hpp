@@ -5,6 +5,7 @@
 // sequence with the same budget, evaluating every task after every stage and probing the
 // counting bias (number-token mass on generated captions) along the way.
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -16,6 +17,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -80,6 +82,10 @@ struct settings {
   // Each target stage: the same budget for every method.
   int stage_steps = 100;
   int stage_batch = 16;
+  // The language model's layers every method trains (--train-layers A:B: layers A..B-1; the
+  // recipe's parts outside the layer stack, such as llm's embeddings and head, train as before).
+  // All layers by default.
+  layer_range train_layers{};
   double lr = 5e-4;       // AdamW peak learning rate, every method but LoRA
   double lora_lr = 2e-3;  // LoRA adapters start at zero and usually take a larger rate
   // The one learning-rate rule (lr_search.hpp): with a non-empty grid, every method's peak
@@ -161,6 +167,62 @@ inline void resize_vision(model::multimodal_config& c, int hidden, int layers) {
   v.n_layers = layers;
   c.projector.in = c.vision.out_features();
   c.validate();
+}
+
+// Another language model than the reference (--text-hidden, --text-heads, --text-kv-heads,
+// --text-intermediate, --text-layers): heads of hidden / heads features, the projector's output
+// following the width. Each bad value is refused naming its option.
+struct text_size {
+  int hidden, heads, kv_heads, intermediate, layers;
+};
+inline text_size text_size_of(const model::multimodal_config& c) {
+  return {c.text.hidden, c.text.n_heads, c.text.n_kv_heads, c.text.intermediate, c.text.n_layers};
+}
+inline void resize_text(model::multimodal_config& c, const text_size& z) {
+  auto fail = [](const std::string& m) { throw std::invalid_argument("reproduce: " + m); };
+  for (const auto& [opt, v] : {std::pair{"--text-hidden", z.hidden}, std::pair{"--text-heads", z.heads},
+                               std::pair{"--text-kv-heads", z.kv_heads}, std::pair{"--text-intermediate", z.intermediate},
+                               std::pair{"--text-layers", z.layers}})
+    if (v <= 0) fail("option " + std::string(opt) + " must be positive, got " + std::to_string(v));
+  if (z.hidden % z.heads != 0)
+    fail("option --text-hidden (" + std::to_string(z.hidden) + ") must be a multiple of --text-heads (" +
+         std::to_string(z.heads) + ")");
+  if (z.heads % z.kv_heads != 0)
+    fail("option --text-heads (" + std::to_string(z.heads) + ") must be a multiple of --text-kv-heads (" +
+         std::to_string(z.kv_heads) + ")");
+  if ((z.hidden / z.heads) % 2 != 0)
+    fail("options --text-hidden / --text-heads give heads of " + std::to_string(z.hidden / z.heads) +
+         " features, which rotary embeddings need even");
+  auto& t = c.text;
+  t.hidden = z.hidden, t.n_heads = z.heads, t.n_kv_heads = z.kv_heads, t.head_dim = z.hidden / z.heads;
+  t.intermediate = z.intermediate, t.n_layers = z.layers;
+  c.projector.out = z.hidden;
+  c.validate();
+}
+
+// --train-layers A:B: layers A..B-1 of a language model of `n_layers` layers, or a message
+// naming the option.
+inline layer_range parse_train_layers(const std::string& text, int n_layers) {
+  auto fail = [&](const std::string& why) {
+    throw std::invalid_argument("reproduce: option --train-layers needs A:B with 0 <= A < B <= " +
+                                std::to_string(n_layers) + " (the language model's layers), got '" + text + "': " + why);
+  };
+  const auto colon = text.find(':');
+  if (colon == std::string::npos) fail("no ':'");
+  auto one = [&](const std::string& v) {
+    int x = -1;
+    const auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), x);
+    if (v.empty() || ec != std::errc{} || end != v.data() + v.size()) fail("'" + v + "' is not an integer");
+    return x;
+  };
+  const int a = one(text.substr(0, colon)), b = one(text.substr(colon + 1));
+  if (a < 0) fail("A is negative");
+  if (b <= a) fail("the range is empty");
+  if (b > n_layers) fail("B is past the last layer");
+  return {a, b - 1};
+}
+inline std::string train_layers_text(layer_range r) {
+  return r.all() ? "all layers" : "layers " + std::to_string(r.first) + ":" + std::to_string(r.last + 1);
 }
 
 // The default run (under 15 minutes on 2 cores) and the longer, more faithful one.
@@ -733,6 +795,7 @@ method_result run_recipe(const std::string& name, R recipe, method_kind kind, co
   using clock = std::chrono::steady_clock;
   using model_t = model::multimodal_lm<float, R, backend::cpu, Mlp>;
   using stage_t = Stage<R, Mlp>;
+  if (!s.train_layers.all()) recipe = recipe.on_layers(s.train_layers.first, s.train_layers.last);
   constexpr bool mixture = std::is_same_v<typename Mlp::options, nn::moe_options>;
   method_result res;
   res.name = name;

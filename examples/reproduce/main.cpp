@@ -6,6 +6,8 @@
 //             [--pretrain-steps N] [--pretrain-batch N] [--pretrain-lr X] [--pretrain-threads N]
 //             [--pretrain-mix task=weight,...] [--pretrain-focus-steps N]
 //             [--vision-hidden N] [--vision-layers N]
+//             [--text-hidden N] [--text-heads N] [--text-kv-heads N] [--text-intermediate N] [--text-layers N]
+//             [--train-layers A:B]
 //             [--stage-steps N] [--stage-batch N] [--lr-grid X,Y,... | --lr X] [--test-examples N]
 //             [--lr-search-stages N] [--validation-examples N]
 //             [--jobs N] [--threads N]
@@ -23,6 +25,7 @@
 #include <cstdlib>
 #include <exception>
 #include <iostream>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <system_error>
@@ -87,6 +90,12 @@ void usage() {
                "  --pretrain-threads N   threads of the pretraining process (default 2 on every machine, so that the\n"
                "                         base model does not depend on the core count; 0: one per core)\n"
                "  --vision-hidden N --vision-layers N   a wider/deeper vision encoder (default 64, 2)\n"
+               "  --text-hidden N --text-heads N --text-kv-heads N --text-intermediate N --text-layers N\n"
+               "                         another language model (default 128, 4, 2, 256, 4; heads of hidden / heads\n"
+               "                         features); a new size pretrains a base model of its own\n"
+               "  --train-layers A:B     every method trains only the language model's layers A..B-1 (its parts\n"
+               "                         outside the layers, such as llm's embeddings and head, train as before;\n"
+               "                         default: all layers)\n"
                "  --jobs N               methods run at once, each in its own process (default: one per core)\n"
                "  --threads N            threads inside each process (default 1; more than 1 runs methods in turn;\n"
                "                         --threads, --jobs and --pretrain-threads: at most 4 per core, at least 8)\n"
@@ -112,6 +121,8 @@ int main(int argc, char** argv) {
       if (a == "--full") s = rp::full_settings();
     bool gateskip_sweep = false;
     int vision_hidden = s.model.vision.blocks.hidden, vision_layers = s.model.vision.blocks.n_layers;
+    rp::text_size text = rp::text_size_of(s.model);
+    std::optional<std::string> train_layers;  // --train-layers A:B, checked once the text model's size is known
     bool fixed_rate = false, grid_given = false;  // --lr / --lora-lr, --lr-grid
     for (std::size_t i = 0; i < args.size(); ++i) {
       const std::string& a = args[i];
@@ -213,6 +224,18 @@ int main(int argc, char** argv) {
         vision_hidden = integer();
       } else if (a == "--vision-layers") {
         vision_layers = integer();
+      } else if (a == "--text-hidden") {
+        text.hidden = integer();
+      } else if (a == "--text-heads") {
+        text.heads = integer();
+      } else if (a == "--text-kv-heads") {
+        text.kv_heads = integer();
+      } else if (a == "--text-intermediate") {
+        text.intermediate = integer();
+      } else if (a == "--text-layers") {
+        text.layers = integer();
+      } else if (a == "--train-layers") {
+        train_layers = value();
       } else if (a == "--gateskip-sweep") {
         gateskip_sweep = true;
       } else if (a == "--quiet") {
@@ -272,6 +295,8 @@ int main(int argc, char** argv) {
                                     " (four per core, at least 8; this machine has " + std::to_string(cores) +
                                     " cores), got " + std::to_string(v));
     rp::resize_vision(s.model, vision_hidden, vision_layers);
+    rp::resize_text(s.model, text);
+    if (train_layers) s.train_layers = rp::parse_train_layers(*train_layers, s.model.text.n_layers);
 #ifdef SKILLGRAFT_REPRODUCE_MPI
     if (gateskip_sweep)
       throw std::invalid_argument("reproduce_mpi: --gateskip-sweep runs in one process (use reproduce)");

@@ -428,7 +428,8 @@ pipeline_result run_pipeline(const settings& s, progress& prog) {
                                                          std::to_string(s.vision_pretext.batch) + ", then "
                                                    : std::string("no vision pretext, ")) +
         "joint pretraining " + std::to_string(s.pretrain_steps) + " steps x " + std::to_string(s.pretrain_batch) +
-        pretrain_mix_text(s) + ", stages " + std::to_string(s.stage_steps) + " steps x " + std::to_string(s.stage_batch) + ", " + rates_text(s, res.rates) + ", " +
+        pretrain_mix_text(s) + ", stages " + std::to_string(s.stage_steps) + " steps x " + std::to_string(s.stage_batch) + (s.train_layers.all() ? "" : " on the LM's " + train_layers_text(s.train_layers)) +
+        ", " + rates_text(s, res.rates) + ", " +
         std::to_string(s.test_examples) + " test examples per task, " +
         (s.restricted ? "restricted" : "free") + " decoding, order";
   for (const auto& t : s.order) md += " " + t;
