@@ -54,6 +54,26 @@ struct cross_entropy_options {
 template <class Tensor>
 using loss_result_of = loss_result<typename Tensor::value_type, typename backend_of<Tensor>::type>;
 
+// The positions of [batch, positions] targets that have one, as rows of the flattened batch
+// (b * positions + s), and their targets; a target outside [0, vocab) throws, naming its place.
+struct target_positions {
+  std::vector<std::int64_t> rows, ys;
+};
+inline target_positions positions_with_target(const token_ids& targets, std::size_t vocab) {
+  target_positions p;
+  for (std::size_t b = 0; b < targets.shape(0); ++b)
+    for (std::size_t s = 0; s < targets.shape(1); ++s) {
+      const auto y = targets(b, s);
+      if (y == ignore_index) continue;
+      if (y < 0 || std::size_t(y) >= vocab)
+        throw std::invalid_argument("skillgraft: target [" + std::to_string(b) + ", " + std::to_string(s) + "] is " +
+                                    std::to_string(y) + ", outside the vocabulary [0, " + std::to_string(vocab) + ")");
+      p.rows.push_back(std::int64_t(b * targets.shape(1) + s));
+      p.ys.push_back(y);
+    }
+  return p;
+}
+
 // h: [batch, positions, hidden]; head: [vocab, hidden] (tensors of one backend); targets:
 // [batch, positions] (host). The rows with a target are found on the host; each chunk is
 // gathered (Backend::gather_rows), multiplied by the head, turned into its gradient in place
@@ -71,17 +91,7 @@ loss_result_of<Tensor<T>> masked_cross_entropy(const Tensor<T>& h, const Tensor<
   if (h.dim(2) != d)
     throw std::invalid_argument("skillgraft: hidden states have width " + std::to_string(h.dim(2)) +
                                 ", the LM head expects " + std::to_string(d));
-  std::vector<std::int64_t> rows, ys;
-  for (std::size_t b = 0; b < targets.shape(0); ++b)
-    for (std::size_t s = 0; s < targets.shape(1); ++s) {
-      const auto y = targets(b, s);
-      if (y == ignore_index) continue;
-      if (y < 0 || std::size_t(y) >= V)
-        throw std::invalid_argument("skillgraft: target [" + std::to_string(b) + ", " + std::to_string(s) + "] is " +
-                                    std::to_string(y) + ", outside the vocabulary [0, " + std::to_string(V) + ")");
-      rows.push_back(std::int64_t(b * targets.shape(1) + s));
-      ys.push_back(y);
-    }
+  const auto [rows, ys] = positions_with_target(targets, V);
   loss_result_of<Tensor<T>> r;
   r.count = rows.size();
   if (opt.want_dh) r.dh = Tensor<T>(h.shape(), memory_use::workspace);

@@ -16,6 +16,7 @@
 // one (no_communicator) none of this is compiled. A communicator whose schedule is
 // overlap_with_backward starts each bucket during the last micro-batch's backward, as soon as
 // the bucket's gradients are final; the sums are the same.
+#include <algorithm>
 #include <cmath>
 #include <concepts>
 #include <span>
@@ -160,7 +161,8 @@ concept returns_output_rows = requires(const Model& m, const typename Model::wei
 
 namespace detail {
 // The rows of a micro-batch with a target and those targets as a [1, rows] batch: what a
-// forward of the output rows alone returns h for. The checks and messages are the loss's.
+// forward of the output rows alone returns h for. The checks and messages are the loss's
+// (positions_with_target).
 // Positions are the targets' columns ([prefix ; ids]; the prefix of a multimodal model is an
 // image batch, whose token count only the model knows): the model checks them against its input.
 template <class Model, class Batch>
@@ -171,26 +173,14 @@ std::pair<nn::output_rows, token_ids> target_rows(const Model& model, const Batc
     throw std::invalid_argument("skillgraft: targets have shape [" + std::to_string(t.shape(0)) + ", " +
                                 std::to_string(S) + "], expected [" + std::to_string(B) +
                                 ", prefix + " + std::to_string(mb.ids.shape(1)) + "] (one per position of [prefix ; ids])");
-  const auto V = [&] {
-    if constexpr (requires { model.lm(); }) return std::int64_t(model.lm().config().vocab_size);
-    else return std::int64_t(model.config().vocab_size);
+  const auto vocab = [&] {
+    if constexpr (requires { model.lm(); }) return std::size_t(model.lm().config().vocab_size);
+    else return std::size_t(model.config().vocab_size);
   }();
-  nn::output_rows rows;
-  rows.batch = B, rows.positions = S;
-  std::vector<std::int64_t> ys;
-  for (std::size_t b = 0; b < B; ++b)
-    for (std::size_t s = 0; s < S; ++s) {
-      const std::int64_t y = t(b, s);
-      if (y == ignore_index) continue;
-      if (y < 0 || y >= V)
-        throw std::invalid_argument("skillgraft: target [" + std::to_string(b) + ", " + std::to_string(s) + "] is " +
-                                    std::to_string(y) + ", outside the vocabulary [0, " + std::to_string(V) + ")");
-      rows.index.push_back(std::int64_t(b * S + s));
-      ys.push_back(y);
-    }
+  auto [index, ys] = positions_with_target(t, vocab);
   token_ids compact = token_ids::from_shape({1, ys.size()});
-  for (std::size_t r = 0; r < ys.size(); ++r) compact(0, r) = typename token_ids::value_type(ys[r]);
-  return {std::move(rows), std::move(compact)};
+  std::copy(ys.begin(), ys.end(), compact.begin());
+  return {nn::output_rows{std::move(index), B, S}, std::move(compact)};
 }
 }  // namespace detail
 
