@@ -253,7 +253,8 @@ struct decoder_block {
     else
       Backend::add_into(x2, x);
     if (rows) {
-      if constexpr (!selects_rows) throw std::logic_error("skillgraft: a gated block runs every row; the stack selects");
+      if constexpr (!selects_rows)
+        throw std::logic_error("skillgraft: this block (gated, or a mixture) runs every row; the stack selects after it");
       x2 = select_rows<Backend>(x2, *rows);
     }
     tensor_t h2 = mlp_norm().forward(w.mlp_norm, x2,
