@@ -91,6 +91,55 @@ TEST_CASE("Output rows: the loss and every gradient of the forward of every row,
   same_as_every_row(lm_t<decltype(low)>(c, low), w);
 }
 
+TEST_CASE("Output rows: the top attention forms queries and output for those rows, under Q, O, biases and adapters") {
+  // The top block's q = h[rows] Wq^T (+ bq) and out = a[rows] Wo^T; dq is zero outside the rows,
+  // so dWq, dA_q and dh's Q term read those rows only. Biases (Qwen2) and adapters on all four
+  // projections ride on the same rows.
+  auto c = sg::test::tiny_config(true, 3);
+  c.vocab_size = 13;
+  c.max_seq = 16;
+  c.lora_rank = 2;
+  c.lora_alpha = 4;
+  auto w = sg::test::random_lm<double>(c, 43);
+  std::mt19937 rng(44);
+  for (auto& l : w.trunk.layers)  // non-zero B, so every adapter path carries a gradient
+    sg::nn::attention_projections::for_each([&](auto p) {
+      auto& proj = decltype(p)::weight(l.self_attn);
+      proj.lora.A = tensor({2, proj.in_features()}, memory_use::method_state);
+      proj.lora.B = tensor({proj.out_features(), 2}, memory_use::method_state);
+      sg::test::fill_normal(proj.lora.A, rng, 0.0, 0.3);
+      sg::test::fill_normal(proj.lora.B, rng, 0.0, 0.3);
+      proj.lora_scale = 2.0;
+    });
+  using sg::lora;
+  using namespace sg::proj;
+  constexpr auto q_only = sg::trainable<q>;
+  constexpr auto o_only = sg::trainable<o>;
+  constexpr auto adapters = sg::trainable<lora<q>, lora<k>, lora<v>, lora<o>>;
+  constexpr auto q_and_adapted_o = sg::trainable<q, lora<o>, sg::group::embed>;  // dh wanted below the stack
+  same_as_every_row(lm_t<decltype(q_only)>(c, q_only), w);
+  same_as_every_row(lm_t<decltype(o_only)>(c, o_only), w);
+  same_as_every_row(lm_t<decltype(adapters)>(c, adapters), w);
+  same_as_every_row(lm_t<decltype(q_and_adapted_o)>(c, q_and_adapted_o), w);
+
+  // The plan counts a[rows] and the rows' adapter inputs of Q and O, as the ledger sees them:
+  // four rows fewer of a (qd) and of u_q, u_o (rank 2 each) than the forward of every row, besides
+  // the top MLP half's (its norm's x and 1/rms, the g and u that pass dh) and the final norm's.
+  using LM = lm_t<decltype(adapters)>;
+  LM lm(c, adapters);
+  const sg::seq_shape sh{2, 5};
+  const auto plan_rows = sg::cl::plan_method_memory(lm, sg::cl::method::none, sh, sg::cl::optimizer_kind::adamw, 6);
+  const auto plan_every = sg::cl::plan_method_memory(lm, sg::cl::method::none, sh);
+  const std::size_t d = std::size_t(c.hidden), I = std::size_t(c.intermediate);
+  CHECK(plan_every.saved_activations - plan_rows.saved_activations ==
+        4 * (std::size_t(c.q_dim()) + 2 * 2 + 2 * (d + 1) + 2 * I) * sizeof(double));
+  const auto [rows, compact] = sg::train::detail::target_rows(lm, sg::train::micro_batch<double>{ids, targets});
+  const auto before = sg::ledger().live(memory_use::saved_activations);
+  typename LM::saved_t s;
+  lm.forward(w, ids, s, nullptr, &rows);
+  CHECK(sg::ledger().live(memory_use::saved_activations) - before == std::int64_t(plan_rows.saved_activations));
+}
+
 TEST_CASE("Output rows: gated and mixture blocks run every row and the stack selects after them") {
   const auto c = sg::test::tiny_lm_config(2);
   {
@@ -168,8 +217,11 @@ TEST_CASE("Output rows: train_step gives the same steps with and without them, a
   const auto plan_rows = sg::cl::plan_method_memory(lm, sg::cl::method::none, sh, sg::cl::optimizer_kind::adamw, 6);
   const auto plan_every = sg::cl::plan_method_memory(lm, sg::cl::method::none, sh);
   const std::size_t d = std::size_t(c.hidden), I = std::size_t(c.intermediate);
-  // rmsnorm (x, 1/rms) and the MLP's h, g, u, m (llm trains all three projections): 4 rows fewer.
-  CHECK(plan_every.saved_activations - plan_rows.saved_activations == 4 * ((d + 1) + (d + 1) + d + 3 * I) * sizeof(double));
+  // rmsnorm (x, 1/rms) and the MLP's h, g, u, m (llm trains all three projections), and the
+  // attention output a that dWo reads: 4 rows fewer.
+  const std::size_t qd = std::size_t(c.q_dim());
+  CHECK(plan_every.saved_activations - plan_rows.saved_activations ==
+        4 * ((d + 1) + (d + 1) + d + 3 * I + qd) * sizeof(double));
   const auto [rows, compact] = sg::train::detail::target_rows(lm, mb);
   const auto before = sg::ledger().live(memory_use::saved_activations);
   {

@@ -617,9 +617,16 @@ TEST_CASE("AdamW on packets: the formula's update, and a bad element in a packet
     }
   // The first step against the formula in double: m = (1 - b1) g, v = (1 - b2) g^2,
   // p -= lr (m / (1 - b1) / (sqrt(v / (1 - b2)) + eps) + wd p); float's rounding of the few
-  // operations and of the final subtraction: a few ulp of |p| and of the step.
+  // operations and of the final subtraction: a few ulp of |p| and of the step. A weight near the
+  // top of float's range inside a packet: the packet screen flags it (its bound overflows), the
+  // exact check clears it, and it is updated like the others.
+  const std::size_t big = 30001;
+  p[big] = 1e38f;
   const std::vector<float> before(p.data(), p.data() + n);
   opt.step(model, p, g);
+  CHECK(opt.steps() == 1);
+  CHECK(std::isfinite(p[big]));
+  CHECK(p[big] < 1e38f);  // decayed
   double worst = 0;
   for (std::size_t i = 0; i < n; ++i) {
     const double gi = g[i], m = (1 - b1) * gi, v = (1 - b2) * gi * gi;

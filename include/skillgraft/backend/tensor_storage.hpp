@@ -1,10 +1,10 @@
 #pragma once
 // What every backend's tensor shares: dimensions, the purpose its bytes are counted under, and
-// sole ownership of one zero-initialised allocation. Where the bytes live is the backend's
-// `Memory` policy:
+// sole ownership of one allocation, zeroed unless the caller says it writes every element first.
+// Where the bytes live is the backend's `Memory` policy:
 //
-//   static T* allocate<T>(const shape_t&, std::size_t bytes, memory_use)   zeroed, counted
-//   static void release<T>(T*, std::size_t bytes, memory_use)              uncounted, freed
+//   static T* allocate<T>(const shape_t&, std::size_t bytes, memory_use, bool zeroed)   counted
+//   static void release<T>(T*, std::size_t bytes, memory_use)                          uncounted, freed
 //
 // Tensors are move-only: a copy of an activation or a weight is a decision the memory budget
 // should see (`clone()` of the backend's tensor), never an accident of pass-by-value. A new
@@ -22,6 +22,17 @@
 #include "skillgraft/backend/memory.hpp"
 
 namespace skillgraft {
+
+// Constructor tag: the caller writes every element before any is read (a GEMM output with
+// beta = 0, a copy), so the bytes are not zeroed. A step allocates a few hundred MiB of such
+// outputs, and the GEMM library writes (or, for beta = 0, clears) them again anyway.
+// Test builds define SKILLGRAFT_POISON_UNINITIALIZED: the bytes are then set to all ones
+// (a NaN in every floating-point type), so a kernel that reads an element it did not write
+// turns the result into NaN instead of silently reading a recycled block's old values.
+struct uninitialized_t {
+  explicit uninitialized_t() = default;
+};
+inline constexpr uninitialized_t uninitialized{};
 
 // Dimensions, outermost first. Rank 0 means "no tensor" (an absent optional buffer).
 struct shape_t {
@@ -61,7 +72,10 @@ class tensor_storage {
 
   tensor_storage() = default;
   tensor_storage(shape_t shape, memory_use use) : shape_(shape), use_(use) {
-    if (size()) data_ = Memory::template allocate<T>(shape_, bytes(), use_);
+    if (size()) data_ = Memory::template allocate<T>(shape_, bytes(), use_, true);
+  }
+  tensor_storage(shape_t shape, memory_use use, uninitialized_t) : shape_(shape), use_(use) {
+    if (size()) data_ = Memory::template allocate<T>(shape_, bytes(), use_, false);
   }
   tensor_storage(const tensor_storage&) = delete;
   tensor_storage& operator=(const tensor_storage&) = delete;

@@ -174,7 +174,7 @@ class decoder_lm {
                                     ", expected [" + std::to_string(B) + ", prefix, " + std::to_string(d) + "]");
       P = prefix->dim(1);
     }
-    tensor_t x({B, P + S, d}, memory_use::workspace);
+    tensor_t x({B, P + S, d}, memory_use::workspace, uninitialized);  // every row copied in
     Backend::embed_rows(w.embed_tokens, ids.data(), B, S, P ? prefix : nullptr, x);
     return x;
   }
@@ -200,7 +200,7 @@ class decoder_lm {
   // logits = h W_head^T, [batch, positions, vocab] (evaluation; training uses the chunked loss).
   tensor_t logits(const weights_t& w, const tensor_t& h) const {
     const int V = config_.vocab_size, d = config_.hidden;
-    tensor_t z(nn::with_last(h.shape(), std::size_t(V)), memory_use::workspace);
+    tensor_t z(nn::with_last(h.shape(), std::size_t(V)), memory_use::workspace, uninitialized);
     Backend::gemm("lm_head: z = h W^T", op::n, op::t, int(h.rows()), V, d, T(1), h.data(), d, w.head().data(), d, T(0),
                   z.data(), V);
     return z;

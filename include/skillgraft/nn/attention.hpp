@@ -17,12 +17,19 @@
 // gradient wanted, forward keeps nothing at all. The projections are nn/linear.hpp's
 // (adapters included); the core (P and a, and their backward) is Backend::attention_forward /
 // attention_backward.
+//
+// With output rows (nn/output_rows.hpp: the top block of a step whose loss reads some rows),
+// q and the output are formed for those rows alone: q = h[rows] Wq^T spread into zeros,
+// out = a[rows] Wo^T ([1, rows, hidden]); k, v and the core still see every row. Backward
+// spreads da over the rows, and dWq, dA_q and dh's Q term read dq[rows] only (dq is exactly
+// zero elsewhere).
 #include <cmath>
 #include <string>
 
 #include "skillgraft/nn/config.hpp"
 #include "skillgraft/nn/linear.hpp"
 #include "skillgraft/nn/optional_member.hpp"
+#include "skillgraft/nn/output_rows.hpp"
 #include "skillgraft/nn/projection_schema.hpp"
 #include "skillgraft/nn/rope.hpp"
 #include "skillgraft/policy/trainable.hpp"
@@ -120,27 +127,45 @@ struct self_attention {
     return g;
   }
 
-  tensor_t forward(const weights_t& w, const tensor_t& h, saved_t& s) const {
+  // rows: when given, the output is those rows alone, [1, rows, hidden] (see the top).
+  tensor_t forward(const weights_t& w, const tensor_t& h, saved_t& s, const output_rows* rows = nullptr) const {
     const auto& c = config;
     if (h.rank() != 3 || h.dim(2) != std::size_t(c.hidden))
       throw std::invalid_argument("skillgraft: attention input has shape " + h.shape().str() +
                                   ", expected [batch, seq, " + std::to_string(c.hidden) + "]");
     const int B = int(h.dim(0)), S = int(h.dim(1)), H = c.n_heads, KV = c.n_kv_heads;
     if (c.rotary) table->check_positions(first_pos, S);
+    if (rows) rows->check_against(h, "the attention input");
     auto kept = [](bool keep) { return keep ? memory_use::saved_activations : memory_use::workspace; };
     const auto tokens = [&](int features) { return shape_t{std::size_t(B), std::size_t(S), std::size_t(features)}; };
+    const auto out_rows = [&](int features) {  // the shape of what Q and O form: every row, or the rows
+      return rows ? shape_t{1, rows->count(), std::size_t(features)} : tokens(features);
+    };
 
-    tensor_t q(tokens(c.q_dim()), kept(plan::save_q));
-    tensor_t k(tokens(c.kv_dim()), kept(plan::save_k));
-    tensor_t v(tokens(c.kv_dim()), kept(plan::save_v));
-    auto adapter_input = [&](bool adapt, const linear_weights<T, Backend>& p, const char* name) {
+    // Every output below is written whole by its GEMM (beta = 0) or the attention core before
+    // it is read; dk and dv in backward are sums over query blocks and start at zero, and so
+    // does a q formed for some rows only.
+    tensor_t q = rows ? tensor_t(tokens(c.q_dim()), kept(plan::save_q))
+                      : tensor_t(tokens(c.q_dim()), kept(plan::save_q), uninitialized);
+    tensor_t k(tokens(c.kv_dim()), kept(plan::save_k), uninitialized);
+    tensor_t v(tokens(c.kv_dim()), kept(plan::save_v), uninitialized);
+    auto adapter_input = [&](bool adapt, const linear_weights<T, Backend>& p, const char* name, shape_t shape) {
       if (!adapt) return tensor_t();
       require_lora(p, name);
-      return tensor_t(tokens(int(p.lora.rank())), memory_use::saved_activations);
+      return tensor_t(with_last(shape, p.lora.rank()), memory_use::saved_activations, uninitialized);
     };
-    tensor_t uq = adapter_input(plan::adapt_q, w.q_proj, "q_proj"), uk = adapter_input(plan::adapt_k, w.k_proj, "k_proj"),
-             uv = adapter_input(plan::adapt_v, w.v_proj, "v_proj"), uo = adapter_input(plan::adapt_o, w.o_proj, "o_proj");
-    linear_forward(w.q_proj, h, q, plan::adapt_q ? &uq : nullptr, "q_proj: q = h Wq^T");
+    tensor_t uq = adapter_input(plan::adapt_q, w.q_proj, "q_proj", out_rows(1)),
+             uk = adapter_input(plan::adapt_k, w.k_proj, "k_proj", tokens(1)),
+             uv = adapter_input(plan::adapt_v, w.v_proj, "v_proj", tokens(1)),
+             uo = adapter_input(plan::adapt_o, w.o_proj, "o_proj", out_rows(1));
+    if (rows) {
+      tensor_t qr(out_rows(c.q_dim()), memory_use::workspace, uninitialized);
+      linear_forward(w.q_proj, select_rows<Backend>(h, *rows), qr, plan::adapt_q ? &uq : nullptr,
+                     "q_proj: q[rows] = h[rows] Wq^T");
+      Backend::scatter_rows(qr, std::size_t(c.q_dim()), rows->index, q);
+    } else {
+      linear_forward(w.q_proj, h, q, plan::adapt_q ? &uq : nullptr, "q_proj: q = h Wq^T");
+    }
     linear_forward(w.k_proj, h, k, plan::adapt_k ? &uk : nullptr, "k_proj: k = h Wk^T");
     linear_forward(w.v_proj, h, v, plan::adapt_v ? &uv : nullptr, "v_proj: v = h Wv^T");
     if (c.rotary) {
@@ -148,12 +173,14 @@ struct self_attention {
       rope_apply(*table, k.data(), B, S, KV, first_pos, false);
     }
 
-    tensor_t a(tokens(c.q_dim()), kept(plan::save_a));
+    tensor_t a(tokens(c.q_dim()), kept(plan::save_a), uninitialized);
     tensor_t probs;
     if constexpr (plan::save_probs)
-      probs = tensor_t({std::size_t(B), std::size_t(H), std::size_t(S), std::size_t(S)}, memory_use::saved_activations);
+      probs = tensor_t({std::size_t(B), std::size_t(H), std::size_t(S), std::size_t(S)}, memory_use::saved_activations,
+                       uninitialized);
     Backend::attention_forward(dims(B, S), scale(), q, k, v, a, plan::save_probs ? &probs : nullptr);
-    tensor_t out(tokens(c.hidden), memory_use::workspace);
+    if (rows) a = select_rows<Backend>(a, *rows, kept(plan::save_a));  // what O reads, and dWo with it
+    tensor_t out(out_rows(c.hidden), memory_use::workspace, uninitialized);
     linear_forward(w.o_proj, a, out, plan::adapt_o ? &uo : nullptr, "o_proj: out = a Wo^T");
 
     if constexpr (plan::adapt_q) s.u_q = std::move(uq);
@@ -169,20 +196,27 @@ struct self_attention {
     return out;
   }
 
-  // Returns dh when NeedsInputGrad, else an empty tensor.
-  tensor_t backward(const weights_t& w, const saved_t& s, const tensor_t& dout, grads_t& g) const {
+  // Returns dh when NeedsInputGrad, else an empty tensor. rows: those given to forward (dout is
+  // then [1, rows, hidden]); dh has every row.
+  tensor_t backward(const weights_t& w, const saved_t& s, const tensor_t& dout, grads_t& g,
+                    const output_rows* rows = nullptr) const {
     const auto& c = config;
-    const int B = int(dout.dim(0)), S = int(dout.dim(1)), H = c.n_heads, KV = c.n_kv_heads;
+    const int B = rows ? int(rows->batch) : int(dout.dim(0)), S = rows ? int(rows->positions) : int(dout.dim(1)),
+              H = c.n_heads, KV = c.n_kv_heads;
+    if (rows && (dout.rank() != 3 || dout.dim(0) != 1 || dout.dim(1) != rows->count()))
+      throw std::invalid_argument("skillgraft: attention output gradient has shape " + dout.shape().str() +
+                                  ", expected [1, " + std::to_string(rows->count()) + ", hidden] (the output rows)");
     if constexpr (plan::train_o) linear_backward_weight(s.attn, dout, g.o_proj, "o_proj: dWo += dout^T a");
     if constexpr (plan::adapt_o) lora_backward(w.o_proj, s.attn, s.u_o, dout, g.o_lora);
     if constexpr (!plan::need_da) {
       return {};
     } else {
       const auto tokens = [&](int features) { return shape_t{std::size_t(B), std::size_t(S), std::size_t(features)}; };
-      tensor_t da(tokens(c.q_dim()), memory_use::workspace);
+      tensor_t da(with_last(dout.shape(), std::size_t(c.q_dim())), memory_use::workspace, uninitialized);
       linear_backward_input(w.o_proj, dout, da, false, "o_proj: da = dout Wo");
+      if (rows) da = spread_rows<Backend>(da, *rows);
       tensor_t dq, dk, dv;
-      if constexpr (plan::need_dq) dq = tensor_t(tokens(c.q_dim()), memory_use::workspace);
+      if constexpr (plan::need_dq) dq = tensor_t(tokens(c.q_dim()), memory_use::workspace, uninitialized);
       if constexpr (plan::need_dk) dk = tensor_t(tokens(c.kv_dim()), memory_use::workspace);
       if constexpr (plan::need_dv) dv = tensor_t(tokens(c.kv_dim()), memory_use::workspace);
       const tensor_t* q = nullptr;
@@ -197,15 +231,29 @@ struct self_attention {
         if (c.rotary) rope_apply(*table, dq.data(), B, S, H, first_pos, true);
       if constexpr (plan::need_dk)
         if (c.rotary) rope_apply(*table, dk.data(), B, S, KV, first_pos, true);
-      if constexpr (plan::train_q) linear_backward_weight(s.h, dq, g.q_proj, "q_proj: dWq += dq^T h");
+      // With rows, Q's products read dq[rows] (zero elsewhere) and h[rows].
+      if constexpr (plan::need_dq)
+        if (rows) dq = select_rows<Backend>(dq, *rows);
+      if constexpr (plan::train_q || plan::adapt_q) {
+        const tensor_t hr = rows ? select_rows<Backend>(s.h, *rows) : tensor_t();
+        const tensor_t& hq = rows ? hr : s.h;
+        if constexpr (plan::train_q) linear_backward_weight(hq, dq, g.q_proj, "q_proj: dWq += dq^T h");
+        if constexpr (plan::adapt_q) lora_backward(w.q_proj, hq, s.u_q, dq, g.q_lora);
+      }
       if constexpr (plan::train_k) linear_backward_weight(s.h, dk, g.k_proj, "k_proj: dWk += dk^T h");
       if constexpr (plan::train_v) linear_backward_weight(s.h, dv, g.v_proj, "v_proj: dWv += dv^T h");
-      if constexpr (plan::adapt_q) lora_backward(w.q_proj, s.h, s.u_q, dq, g.q_lora);
       if constexpr (plan::adapt_k) lora_backward(w.k_proj, s.h, s.u_k, dk, g.k_lora);
       if constexpr (plan::adapt_v) lora_backward(w.v_proj, s.h, s.u_v, dv, g.v_lora);
       if constexpr (NeedsInputGrad) {
-        tensor_t dh(tokens(c.hidden), memory_use::workspace);
-        linear_backward_input(w.q_proj, dq, dh, false, "q_proj: dh = dq Wq");
+        tensor_t dh;
+        if (rows) {  // dq[rows] Wq spread over zeros, then the K and V terms added to every row
+          tensor_t dhr(with_last(dq.shape(), std::size_t(c.hidden)), memory_use::workspace, uninitialized);
+          linear_backward_input(w.q_proj, dq, dhr, false, "q_proj: dh[rows] = dq[rows] Wq");
+          dh = spread_rows<Backend>(dhr, *rows);
+        } else {
+          dh = tensor_t(tokens(c.hidden), memory_use::workspace, uninitialized);
+          linear_backward_input(w.q_proj, dq, dh, false, "q_proj: dh = dq Wq");
+        }
         linear_backward_input(w.k_proj, dk, dh, true, "k_proj: dh += dk Wk");
         linear_backward_input(w.v_proj, dv, dh, true, "v_proj: dh += dv Wv");
         return dh;

@@ -245,18 +245,20 @@ struct decoder_block {
                                       part<attn_norm_t::keeps_input, typename attn_norm_t::saved_t>(
                                           s, [](auto& ss) -> auto& { return ss.attn_norm; }),
                                       schema::input_layernorm::tag::name);
-    tensor_t x2 = attention().forward(w.self_attn, h1, part<attention_active, typename attention_t::saved_t>(
-                                                           s, [](auto& ss) -> auto& { return ss.attention; }));
+    if constexpr (!selects_rows)
+      if (rows)
+        throw std::logic_error("skillgraft: this block (gated, or a mixture) runs every row; the stack selects after it");
+    // With rows, attention forms its queries and output for those rows only: x2 is [1, rows, hidden].
+    tensor_t x2 = attention().forward(
+        w.self_attn, h1, part<attention_active, typename attention_t::saved_t>(s, [](auto& ss) -> auto& { return ss.attention; }),
+        rows);
     if constexpr (gated)
       x2 = attn_gate_t::forward(w.attn_gate, h1, std::move(x2), x, s.self_attn_residual_gate,
                                 schema::self_attn_residual_gate::tag::name.data(), train_skip_of(mlp_options));
+    else if (rows)
+      Backend::add_into(x2, select_rows<Backend>(x, *rows));
     else
       Backend::add_into(x2, x);
-    if (rows) {
-      if constexpr (!selects_rows)
-        throw std::logic_error("skillgraft: this block (gated, or a mixture) runs every row; the stack selects after it");
-      x2 = select_rows<Backend>(x2, *rows);
-    }
     tensor_t h2 = mlp_norm().forward(w.mlp_norm, x2,
                                      part<mlp_norm_t::keeps_input, typename mlp_norm_t::saved_t>(
                                          s, [](auto& ss) -> auto& { return ss.mlp_norm; }),
@@ -300,8 +302,7 @@ struct decoder_block {
       if constexpr (!need_dx2) {
         return {};
       } else {
-        Backend::add_into(dx2, dy);
-        if (rows) dx2 = spread_rows<Backend>(dx2, *rows);
+        Backend::add_into(dx2, dy);  // [1, rows, hidden] with rows: attention's backward takes them so
         tensor_t dh1;
         if constexpr (gated) {  // do = dx2 * ga into attention, then the gate's own dz
           auto gb = attn_gate_t::template backward_gate<attention_active>(s.self_attn_residual_gate, dx2);
@@ -311,13 +312,13 @@ struct decoder_block {
           attn_gate_t::backward_params(w.attn_gate, s.self_attn_residual_gate, gb.dz, dgw,
                                        attention_needs_dh ? &dh1 : nullptr);
         } else {
-          dh1 = attention().backward(w.self_attn, s.attention, dx2, g);
+          dh1 = attention().backward(w.self_attn, s.attention, dx2, g, rows);
         }
         if constexpr (attention_needs_dh) {
           tensor_t* dw1 = nullptr;
           if constexpr (train_attn_norm) dw1 = &g.attn_norm;
           tensor_t dx = attn_norm_t::backward_into(w.attn_norm, s.attn_norm, dh1, dw1);
-          if constexpr (NeedsInputGrad) Backend::add_into(dx, dx2);
+          if constexpr (NeedsInputGrad) Backend::add_into(dx, rows ? spread_rows<Backend>(dx2, *rows) : std::move(dx2));
           return dx;
         } else {
           return {};
@@ -373,7 +374,7 @@ struct decoder_block {
     if (ap::save_k) n += N * kvd;
     if (ap::save_v) n += N * kvd;
     if (ap::save_probs) n += probs;
-    if (ap::save_a) n += N * qd;
+    if (ap::save_a) n += M * qd;  // a[rows] when the block selects rows
     if (mlp_norm_t::keeps_input) n += M * d + M;
     if (mlp_active) n += mlp_t::saved_elements(c, mlp_shape, o);
     const std::size_t gw = gate_width(gate_shape_of<Mlp>, d);  // residual gates: h, o, g
@@ -385,7 +386,7 @@ struct decoder_block {
     gate(attn_gate_plan{});
     gate(mlp_gate_plan{});
     const std::size_t r = std::size_t(c.lora_rank);  // adapter inputs u = x A^T
-    n += N * r * std::size_t(ap::adapt_q + ap::adapt_k + ap::adapt_v + ap::adapt_o);
+    n += N * r * std::size_t(ap::adapt_k + ap::adapt_v) + M * r * std::size_t(ap::adapt_q + ap::adapt_o);
     return n;
   }
 

@@ -5,17 +5,22 @@
 // A position's output feeds nothing but its own logits after the top block's attention: the
 // blocks below are needed at every position (attention reads their keys and values), the top
 // block's MLP half (norm, MLP, residual) and the final norm only where a loss reads the result.
-// Given the rows, the top block selects them right after its attention's residual add,
+// Given the rows, the top block's attention reads every row's keys and values but forms
+// queries and outputs for those rows alone, and its MLP half runs on them only:
 //
-//   x2 = x + attention(rmsnorm(x))          every row   [batch, positions, hidden]
-//   x2r = x2[rows]                                        [1, rows, hidden]
+//   h = rmsnorm(x)                          every row   [batch, positions, hidden]
+//   k, v = h Wk^T, h Wv^T                   every row
+//   q = h[rows] Wq^T, spread (zero elsewhere); a = softmax(q k^T) v
+//   x2r = x[rows] + a[rows] Wo^T                          [1, rows, hidden]
 //   y  = x2r + mlp(rmsnorm(x2r))            those rows only
 //
-// and backward spreads dx2r back into a zero gradient of every row before attention's
-// backward. The gradients are those of the whole forward (the rows left out get a zero
-// gradient from the loss anyway); the top MLP's GEMMs shrink by rows / (batch * positions),
-// which for answer-only supervision (half the positions, say) is the largest saving a step
-// has after the recipe's own. llama.cpp does the same for inference (its `inp_out_ids`).
+// Backward spreads d a[rows] into a zero gradient of every row before the attention core's
+// backward; a row left out then gets dq = 0 exactly (its dP row is zero), and adds nothing to
+// dk or dv. The gradients are those of the whole forward (the rows left out get a zero
+// gradient from the loss anyway); the top block's Q, O and MLP GEMMs shrink by
+// rows / (batch * positions), which for answer-only supervision (half the positions, say) is
+// the largest saving a step has after the recipe's own. llama.cpp does the same for
+// inference (its `inp_out_ids`).
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
@@ -23,6 +28,7 @@
 #include <vector>
 
 #include "skillgraft/backend/memory.hpp"
+#include "skillgraft/backend/tensor_storage.hpp"
 
 namespace skillgraft::nn {
 
@@ -47,12 +53,12 @@ struct output_rows {
   }
 };
 
-// x [batch, positions, hidden] -> its rows [1, rows, hidden].
+// x [batch, positions, features] -> its rows [1, rows, features], counted under `use`.
 template <class Backend, class Tensor>
-Tensor select_rows(const Tensor& x, const output_rows& rows) {
+Tensor select_rows(const Tensor& x, const output_rows& rows, memory_use use = memory_use::workspace) {
   rows.check_against(x, "the input of the output-row selection");
   const std::size_t d = x.dim(2);
-  Tensor out({1, rows.count(), d}, memory_use::workspace);
+  Tensor out({1, rows.count(), d}, use, uninitialized);  // every row gathered
   Backend::gather_rows(x, d, rows.index, out);
   return out;
 }

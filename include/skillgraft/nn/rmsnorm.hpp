@@ -43,9 +43,9 @@ struct rmsnorm {
 
   tensor_t forward(const weights_t& w, const tensor_t& x, saved_t& s, std::string_view name = "rmsnorm") const {
     check_norm_input(w, x, name);
-    tensor_t y(x.shape(), memory_use::workspace);
+    tensor_t y(x.shape(), memory_use::workspace, uninitialized);  // every row written, as rstd's
     if constexpr (keeps_input) {
-      s.rstd = tensor_t({std::size_t(x.rows())}, memory_use::saved_activations);
+      s.rstd = tensor_t({std::size_t(x.rows())}, memory_use::saved_activations, uninitialized);
       Backend::rmsnorm_forward(w, x, eps, y, &s.rstd);
       s.x = x.clone(memory_use::saved_activations);
     } else {
@@ -65,7 +65,7 @@ struct rmsnorm {
   static tensor_t backward_into(const weights_t& w, const saved_t& s, const tensor_t& dy, tensor_t* dw) {
     tensor_t dx;
     if constexpr (keeps_input) {
-      if constexpr (NeedsInputGrad) dx = tensor_t(dy.shape(), memory_use::workspace);
+      if constexpr (NeedsInputGrad) dx = tensor_t(dy.shape(), memory_use::workspace, uninitialized);  // written, not added
       Backend::rmsnorm_backward(w, s.x, s.rstd, dy, TrainWeight ? dw : nullptr, NeedsInputGrad ? &dx : nullptr, false);
     }
     return dx;

@@ -225,7 +225,9 @@ struct swiglu_mlp {
     const tensor_t* alpha = detail::range_of<Act>(w);
     const shape_t inner = with_last(h.shape(), w.gate_proj.out_features());
     auto kept = [](bool keep) { return keep ? memory_use::saved_activations : memory_use::workspace; };
-    tensor_t g(inner, kept(plan::save_g)), u(inner, kept(plan::save_u)), m(inner, kept(plan::save_m));
+    // g, u, m and out are written whole (GEMMs with beta = 0, the gated product) before any read.
+    tensor_t g(inner, kept(plan::save_g), uninitialized), u(inner, kept(plan::save_u), uninitialized),
+        m(inner, kept(plan::save_m), uninitialized);
     auto adapter_input = [&](bool adapt, const linear_weights<T, Backend>& p, const char* name) {
       if (!adapt) return tensor_t();
       require_lora(p, name);
@@ -237,7 +239,7 @@ struct swiglu_mlp {
     linear_forward(w.gate_proj, h, g, plan::adapt_gate ? &ug : nullptr, "gate_proj: g = h Wg^T");
     linear_forward(w.up_proj, h, u, plan::adapt_up ? &uu : nullptr, "up_proj: u = h Wu^T");
     Backend::template gated_product<Act>(g.data(), u.data(), alpha, m.data(), m.size());
-    tensor_t out(h.shape(), memory_use::workspace);
+    tensor_t out(h.shape(), memory_use::workspace, uninitialized);
     linear_forward(w.down_proj, m, out, plan::adapt_down ? &ud : nullptr, "down_proj: out = m Wd^T");
     if constexpr (plan::adapt_gate) s.u_gate = std::move(ug);
     if constexpr (plan::adapt_up) s.u_up = std::move(uu);
@@ -256,11 +258,11 @@ struct swiglu_mlp {
       return {};
     } else {
       const shape_t inner = with_last(dout.shape(), w.gate_proj.out_features());
-      tensor_t dm(inner, memory_use::workspace);
+      tensor_t dm(inner, memory_use::workspace, uninitialized);
       linear_backward_input(w.down_proj, dout, dm, false, "down_proj: dm = dout Wd");
       // dg overwrites dm's buffer after du has read it; du gets its own only when needed.
       tensor_t du;
-      if constexpr (plan::need_du) du = tensor_t(inner, memory_use::workspace);
+      if constexpr (plan::need_du) du = tensor_t(inner, memory_use::workspace, uninitialized);
       const tensor_t* u = nullptr;
       if constexpr (plan::save_u) u = &s.u;
       tensor_t* dalpha = nullptr;
@@ -273,7 +275,7 @@ struct swiglu_mlp {
       if constexpr (plan::adapt_gate) lora_backward(w.gate_proj, s.h, s.u_gate, dm, gr.gate_lora);
       if constexpr (plan::adapt_up) lora_backward(w.up_proj, s.h, s.u_up, du, gr.up_lora);
       if constexpr (NeedsInputGrad) {
-        tensor_t dh(dout.shape(), memory_use::workspace);
+        tensor_t dh(dout.shape(), memory_use::workspace, uninitialized);
         linear_backward_input(w.gate_proj, dm, dh, false, "gate_proj: dh = dg Wg");
         linear_backward_input(w.up_proj, du, dh, true, "up_proj: dh += du Wu");
         return dh;

@@ -70,11 +70,22 @@ struct update_fails {
     const auto e = math(p[j], m[j], v[j], g[j]);
     return !scalar::is_finite(g[j]) || !scalar::is_finite(e.m) || !scalar::is_finite(e.v) || !scalar::is_finite(e.p);
   }
-  template <class V>  // CPU packets: NaN in the lanes where the update fails, 0 elsewhere
+  // CPU packets: a screen, NaN in the lanes where the update may fail and 0 where it cannot,
+  // without the update's square root and division (those made the check cost as much as the
+  // update; now it costs the reading of the four arrays). The moments are formed as the update
+  // forms them; the new weight cannot exceed |p| (1 + |lr wd|) + |step m| / eps in magnitude,
+  // the denominator being at least eps. Each is tested times 4, so that rounding near the top of
+  // the range cannot hide an overflow. A flagged lane is no verdict: the search
+  // (find_first_index) then tests its block element by element with the exact operator(), so a
+  // large weight whose update stays finite is still updated.
+  template <class V>
   V lanes_fail(std::int64_t j) const {
-    const V gj = V::load(g + j);
-    const auto e = math(V::load(p + j), V::load(m + j), V::load(v + j), gj);
-    return not_finite_flag(gj) + not_finite_flag(e.m) + not_finite_flag(e.v) + not_finite_flag(e.p);
+    const V gj = V::load(g + j), four(T(4));
+    const V m1 = math.b1 * V::load(m + j) + math.one_minus_b1 * gj;
+    const V v1 = math.b2 * V::load(v + j) + math.one_minus_b2 * gj * gj;
+    const T decay = T(1) + (math.lr_wd < T(0) ? -math.lr_wd : math.lr_wd), inv_eps = T(1) / math.eps;
+    const V bound = abs_(V::load(p + j)) * decay + abs_(math.step * m1) * inv_eps;
+    return not_finite_flag(gj) + not_finite_flag(m1 * four) + not_finite_flag(v1 * four) + not_finite_flag(bound * four);
   }
 };
 template <class T>

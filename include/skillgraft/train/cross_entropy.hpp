@@ -98,8 +98,11 @@ loss_result_of<Tensor<T>> masked_cross_entropy(const Tensor<T>& h, const Tensor<
   if (rows.empty()) return r;
   const double n = double(opt.normaliser ? opt.normaliser : rows.size());
   const std::size_t chunk = std::min(std::max<std::size_t>(1, opt.chunk), rows.size());
-  Tensor<T> hc({chunk, d}, memory_use::workspace), z({chunk, V}, memory_use::workspace), dhc;
-  if (opt.want_dh) dhc = Tensor<T>({chunk, d}, memory_use::workspace);
+  // A chunk's first m rows are written (gathered, or GEMM outputs with beta = 0) before they
+  // are read, and no later row is read; dh starts at zero, its rows without a target stay so.
+  Tensor<T> hc({chunk, d}, memory_use::workspace, uninitialized), z({chunk, V}, memory_use::workspace, uninitialized),
+      dhc;
+  if (opt.want_dh) dhc = Tensor<T>({chunk, d}, memory_use::workspace, uninitialized);
   const int Vi = int(V), di = int(d);
   double total = 0;
   for (std::size_t c0 = 0; c0 < rows.size(); c0 += chunk) {

@@ -7,8 +7,8 @@
 // each training step faults its activations in again page by page. Smaller blocks stay with
 // malloc, whose free lists already reuse them without a system call.
 //
-// A fresh gradient or moment buffer must start at zero; activations that are overwritten pay
-// that zeroing too, which is cheap next to a GEMM and done on every core for large blocks.
+// A fresh gradient or moment buffer must start at zero (on every core for large blocks); an
+// output its producer overwrites is allocated `uninitialized` (tensor_storage.hpp) and skips it.
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
@@ -64,9 +64,14 @@ struct host_memory {
   static constexpr std::size_t pooled_from = std::size_t(64) << 10;
 
   template <class T>
-  static T* allocate(const shape_t&, std::size_t bytes, memory_use use) {
+  static T* allocate(const shape_t&, std::size_t bytes, memory_use use, bool zeroed) {
     void* p = bytes >= pooled_from ? host_pool().allocate(bytes, "host tensor") : host_raw::allocate(bytes, nullptr);
-    zero_bytes(p, bytes);
+    if (zeroed)
+      zero_bytes(p, bytes);
+#if defined(SKILLGRAFT_POISON_UNINITIALIZED)
+    else
+      std::memset(p, 0xff, bytes);
+#endif
     ledger().add(use, static_cast<std::int64_t>(bytes));
     return static_cast<T*>(p);
   }

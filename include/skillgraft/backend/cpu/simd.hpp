@@ -37,6 +37,7 @@ struct vec {
   friend vec operator/(vec a, vec b) { return Eigen::internal::pdiv(a.p, b.p); }
   friend vec operator-(vec a) { return Eigen::internal::pnegate(a.p); }
   friend vec sqrt_(vec a) { return Eigen::internal::psqrt(a.p); }
+  friend vec abs_(vec a) { return Eigen::internal::pabs(a.p); }
   friend vec exp_(vec a) { return Eigen::internal::pexp(a.p); }  // within 1-2 ulp of expf
   // 0 in a lane that is finite, NaN in one that is infinite or NaN (inf * 0 is NaN): failure
   // flags that add up without a branch, tested once per block with any_flag.

@@ -16,6 +16,8 @@ namespace skillgraft::cpu {
 
 using skillgraft::expect_shape;
 using skillgraft::shape_t;
+using skillgraft::uninitialized;
+using skillgraft::uninitialized_t;
 
 template <class T>
 class tensor : public tensor_storage<T, host_memory> {
@@ -31,9 +33,10 @@ class tensor : public tensor_storage<T, host_memory> {
 
   tensor() = default;
   tensor(shape_t shape, memory_use use) : storage(shape, use) {}
+  tensor(shape_t shape, memory_use use, uninitialized_t u) : storage(shape, use, u) {}
 
   tensor clone(memory_use use) const {
-    tensor t(this->shape(), use);
+    tensor t(this->shape(), use, uninitialized);
     if (this->size()) std::memcpy(static_cast<void*>(t.data()), this->data(), this->bytes());
     return t;
   }
@@ -54,7 +57,7 @@ class tensor : public tensor_storage<T, host_memory> {
 
   void fill(T value) { std::fill_n(this->data(), this->size(), value); }
   void set_zero() {
-    if (this->size()) std::memset(static_cast<void*>(this->data()), 0, this->bytes());
+    if (this->size()) zero_bytes(this->data(), this->bytes());
   }
 };
 

@@ -1,6 +1,7 @@
 #pragma once
 // The device tensor: the shared storage (backend/tensor_storage.hpp: shape, purpose, move-only
-// ownership) over device memory (host memory in the host build), zero-initialised and counted
+// ownership) over device memory (host memory in the host build), zero-initialised unless
+// constructed `uninitialized` (backend/tensor_storage.hpp), and counted
 // in device_ledger() under the purpose it is allocated for. Element access from the host is
 // deliberately absent: data crosses between host and device only through upload (`from_host`,
 // `copy_from`) and download (`to_host`, `copy_to`).
@@ -21,12 +22,14 @@
 namespace skillgraft::cuda {
 
 using skillgraft::shape_t;
+using skillgraft::uninitialized;
+using skillgraft::uninitialized_t;
 
 // Device memory from the caching pool (a failed allocation names the tensor's shape and
 // purpose), zeroed on the stream, counted in device_ledger().
 struct device_memory {
   template <class T>
-  static T* allocate(const shape_t& shape, std::size_t bytes, memory_use use) {
+  static T* allocate(const shape_t& shape, std::size_t bytes, memory_use use, bool zeroed) {
     T* p;
     try {
       p = static_cast<T*>(device_pool::instance().allocate(bytes, "tensor"));
@@ -35,15 +38,21 @@ struct device_memory {
                        std::string(memory_use_names[std::size_t(use)]) + ")");
     }
     device_ledger().add(use, std::int64_t(bytes));
-    zero(p, bytes, shape);
+    if (zeroed)
+      zero(p, bytes, shape);
+#if defined(SKILLGRAFT_POISON_UNINITIALIZED)
+    else
+      fill_bytes(p, 0xff, bytes, shape);
+#endif
     return p;
   }
-  static void zero(void* p, std::size_t bytes, const shape_t& shape) {
+  static void zero(void* p, std::size_t bytes, const shape_t& shape) { fill_bytes(p, 0, bytes, shape); }
+  static void fill_bytes(void* p, int byte, std::size_t bytes, const shape_t& shape) {
 #if SKILLGRAFT_CUDA_DEVICE
-    check(cudaMemsetAsync(p, 0, bytes), "cudaMemsetAsync", "tensor " + shape.str());
+    check(cudaMemsetAsync(p, byte, bytes), "cudaMemsetAsync", "tensor " + shape.str());
 #else
     (void)shape;
-    std::memset(p, 0, bytes);
+    std::memset(p, byte, bytes);
 #endif
   }
   template <class T>
@@ -60,9 +69,10 @@ class tensor : public tensor_storage<T, device_memory> {
  public:
   tensor() = default;
   tensor(shape_t shape, memory_use use) : storage(shape, use) {}
+  tensor(shape_t shape, memory_use use, uninitialized_t u) : storage(shape, use, u) {}
 
   tensor clone(memory_use use) const {
-    tensor t(this->shape(), use);
+    tensor t(this->shape(), use, uninitialized);
     copy_device(t.data(), this->data(), this->size());
     return t;
   }
@@ -70,7 +80,7 @@ class tensor : public tensor_storage<T, device_memory> {
 
   // Upload a host tensor (same shape) into new device memory.
   static tensor from_host(const cpu::tensor<T>& h, memory_use use) {
-    tensor t(h.shape(), use);
+    tensor t(h.shape(), use, uninitialized);
     t.copy_from(h);
     return t;
   }
@@ -81,7 +91,7 @@ class tensor : public tensor_storage<T, device_memory> {
     copy_bytes(this->data(), h.data(), this->bytes(), /*to_device=*/true);
   }
   cpu::tensor<T> to_host(memory_use use = memory_use::workspace) const {
-    cpu::tensor<T> h(this->shape(), use);
+    cpu::tensor<T> h(this->shape(), use, uninitialized);
     copy_to(h);
     return h;
   }
