@@ -46,9 +46,15 @@ struct adamw_math {
   template <class V>
   SKILLGRAFT_HD element<V> operator()(V p, V m, V v, V g) const {
     using scalar::sqrt_;
-    element<V> e{b1 * m + one_minus_b1 * g, b2 * v + one_minus_b2 * g * g, p};
+    element<V> e = moments(p, m, v, g);
     e.p = p - (step * e.m / (sqrt_(e.v) * inv_sqrt_bc2 + eps) + lr_wd * p);
     return e;
+  }
+  // The new moments, the weight still the old one: the part of the update the CPU packet check
+  // (update_fails::lanes_fail) forms exactly as the update does.
+  template <class V>
+  SKILLGRAFT_HD element<V> moments(V p, V m, V v, V g) const {
+    return {b1 * m + one_minus_b1 * g, b2 * v + one_minus_b2 * g * g, p};
   }
 };
 template <class T>
@@ -81,11 +87,10 @@ struct update_fails {
   template <class V>
   V lanes_fail(std::int64_t j) const {
     const V gj = V::load(g + j), four(T(4));
-    const V m1 = math.b1 * V::load(m + j) + math.one_minus_b1 * gj;
-    const V v1 = math.b2 * V::load(v + j) + math.one_minus_b2 * gj * gj;
+    const auto e = math.moments(V::load(p + j), V::load(m + j), V::load(v + j), gj);
     const T decay = T(1) + (math.lr_wd < T(0) ? -math.lr_wd : math.lr_wd), inv_eps = T(1) / math.eps;
-    const V bound = abs_(V::load(p + j)) * decay + abs_(math.step * m1) * inv_eps;
-    return not_finite_flag(gj) + not_finite_flag(m1 * four) + not_finite_flag(v1 * four) + not_finite_flag(bound * four);
+    const V bound = abs_(e.p) * decay + abs_(math.step * e.m) * inv_eps;
+    return not_finite_flag(gj) + not_finite_flag(e.m * four) + not_finite_flag(e.v * four) + not_finite_flag(bound * four);
   }
 };
 template <class T>

@@ -40,9 +40,9 @@ inline block_pool<host_raw>& host_pool() {
   return pool;
 }
 
-// Zeroes bytes at p, on every core when there are enough of them and no parallel region
+// Sets bytes at p to `byte`, on every core when there are enough of them and no parallel region
 // already runs.
-inline void zero_bytes(void* p, std::size_t bytes) {
+inline void fill_bytes(void* p, int byte, std::size_t bytes) {
 #if defined(_OPENMP)
   constexpr std::size_t chunk = std::size_t(256) << 10;
   if (bytes >= 4 * chunk && !omp_in_parallel()) {
@@ -51,13 +51,14 @@ inline void zero_bytes(void* p, std::size_t bytes) {
 #pragma omp parallel for schedule(static)
     for (std::int64_t c = 0; c < chunks; ++c) {
       const std::size_t begin = std::size_t(c) * chunk;
-      std::memset(b + begin, 0, std::min(chunk, bytes - begin));
+      std::memset(b + begin, byte, std::min(chunk, bytes - begin));
     }
     return;
   }
 #endif
-  std::memset(p, 0, bytes);
+  std::memset(p, byte, bytes);
 }
+inline void zero_bytes(void* p, std::size_t bytes) { fill_bytes(p, 0, bytes); }
 
 struct host_memory {
   static constexpr std::size_t alignment = host_raw::alignment;
@@ -70,7 +71,7 @@ struct host_memory {
       zero_bytes(p, bytes);
 #if defined(SKILLGRAFT_POISON_UNINITIALIZED)
     else
-      std::memset(p, 0xff, bytes);
+      fill_bytes(p, 0xff, bytes);
 #endif
     ledger().add(use, static_cast<std::int64_t>(bytes));
     return static_cast<T*>(p);
