@@ -299,6 +299,23 @@ TEST_CASE("Output rows: bad rows and gradients of the wrong shape are named") {
   CHECK_THROWS_WITH(lm.backward(w, s, every_row, g),
                     "skillgraft: gradient of the hidden states has shape [2, 5, 16], expected [1, 3, 16] (forward "
                     "returned the output rows only)");
+  // The attention layer on its own: rows chosen for another shape, and a gradient of every row
+  // where forward returned the rows.
+  {
+    sg::nn::rope_table<double> table(c.head_dim, c.max_seq, c.rope_theta);
+    sg::nn::self_attention<double, std::remove_cvref_t<decltype(sg::recipe::sa_proj)>, true> attn{c, &table};
+    tensor x({2, 5, 16}, memory_use::workspace);
+    x.fill(0.25);
+    decltype(attn)::saved_t as;
+    const sg::nn::output_rows other{{0, 1}, 2, 6};
+    CHECK_THROWS_WITH(attn.forward(w.trunk.layers[0].self_attn, x, as, &other),
+                      Catch::Contains("the attention input has shape [2, 5, 16], the output rows were chosen for [2, 6, hidden]"));
+    auto out = attn.forward(w.trunk.layers[0].self_attn, x, as, &rows);
+    CHECK(out.shape() == sg::shape_t{1, 3, 16});
+    auto ag = attn.make_grads(w.trunk.layers[0].self_attn);
+    CHECK_THROWS_WITH(attn.backward(w.trunk.layers[0].self_attn, as, every_row, ag, &rows),
+                      "skillgraft: attention output gradient has shape [2, 5, 16], expected [1, 3, hidden] (the output rows)");
+  }
   // train_step names a target outside the vocabulary by its place in the batch, as the loss does.
   token_ids bad = targets;
   bad(1, 2) = 13;
