@@ -534,9 +534,34 @@ TEST_CASE("learning-rate rule: the highest validation score wins, a tie goes to 
   CHECK(rp::validation_gain(r) == Approx(100 * ((0.50 - 0.10) + (0.60 - 0.20)) / 2));
   r.R = {{0.25}, {0.75}};
   CHECK(rp::validation_gain(r) == Approx(50.0));
-  const auto c = rp::choose("sa_proj", grid, {1.0, 4.0, 3.0, -2.0});
+  const auto c = rp::choose("sa_proj", grid, std::vector<double>{1.0, 4.0, 3.0, -2.0});
   CHECK(rp::chosen_text(c) == "0.0005");
-  CHECK(rp::chosen_text(rp::choose("llm", grid, {1.0, 2.0, 3.0, 4.0})) == "0.002 (largest)");
+  CHECK(c.seeds == 1);
+  CHECK(c.error == std::vector<double>(4, 0.0));
+  CHECK(rp::chosen_text(rp::choose("llm", grid, std::vector<double>{1.0, 2.0, 3.0, 4.0})) == "0.002 (largest)");
+}
+
+TEST_CASE("learning-rate rule with seeds: the smallest rate within one standard error of the best") {
+  const std::vector<double> grid{2e-4, 5e-4, 1e-3, 2e-3};
+  // The best score's standard error sets the floor; other rates' errors do not matter.
+  CHECK(rp::choose_rate(grid, {1.0, 3.5, 4.0, 3.0}, {0.0, 0.0, 1.0, 0.0}) == 5e-4);
+  CHECK(rp::choose_rate(grid, {1.0, 3.5, 4.0, 3.0}, {5.0, 5.0, 0.2, 5.0}) == 1e-3);
+  CHECK(rp::choose_rate(grid, {3.0, 3.5, 4.0, 3.0}, {0.0, 0.0, 1.0, 0.0}) == 2e-4);  // exactly at the floor
+  CHECK(rp::choose_rate(grid, {1.0, 3.5, 4.0, 3.0}, {0.0, 0.0, 0.0, 0.0}) == 1e-3);  // no error: the highest
+  CHECK(rp::choose_rate({2e-3, 5e-4, 1e-3}, {4.0, 3.5, 2.0}, {1.0, 0.0, 0.0}) == 5e-4);  // in any grid order
+  CHECK_THROWS(rp::choose_rate(grid, {1.0, 2.0, 3.0, 4.0}, {1.0}));
+  // Per-seed scores: the mean, and the standard error of the mean (sd / sqrt(seeds)).
+  const auto c = rp::choose("mlp", grid, {{1.0, 3.0}, {4.0, 4.0}, {3.0, 7.0}, {0.0, 2.0}});
+  CHECK(c.seeds == 2);
+  CHECK(c.score == std::vector<double>{2.0, 4.0, 5.0, 1.0});
+  CHECK(c.error[0] == Approx(1.0));  // sd sqrt(2), over sqrt(2)
+  CHECK(c.error[1] == 0.0);
+  CHECK(c.error[2] == Approx(2.0));
+  CHECK(c.rate == 5e-4);  // best 5.0 ± 2.0 at 1e-3; 4.0 at 5e-4 reaches 3.0, 2.0 at 2e-4 does not
+  CHECK_THROWS(rp::choose("mlp", {5e-4, 1e-3}, {{1.0, 2.0}, {1.0}}));
+  const auto md = rp::lr_search_markdown({c}, rp::default_settings(), 2, 1.0);
+  CHECK_THAT(md, Catch::Contains("fine-tuning seeds 1..2") && Catch::Contains("| mlp | +2.0 ± 1.0 | +4.0 ± 0.0 | +5.0 ± 2.0 |") &&
+                     Catch::Contains("within one standard error of the highest"));
 }
 
 TEST_CASE("the lr grid option: rates in increasing order, '' for none, anything else refused naming the option") {
@@ -664,6 +689,7 @@ TEST_CASE("learning-rate search: each method trains at its best validation rate,
   s.methods = {"sa_proj", "lora"};
   s.lr_grid = {1e-4, 3e-2};
   s.lr_search_stages = 2;
+  s.lr_search_seeds = 2;
   s.jobs = 2;
   rp::progress quiet(true);
   const auto res = rp::run_pipeline(s, quiet);
@@ -682,14 +708,21 @@ TEST_CASE("learning-rate search: each method trains at its best validation rate,
     const auto& c = res.rates[m];
     CHECK(c.method == s.methods[m]);
     REQUIRE(c.score.size() == 2);
+    CHECK(c.seeds == 2);
     for (std::size_t i = 0; i < 2; ++i) {
-      auto at = s;
-      at.lr = at.lora_lr = s.lr_grid[i];
-      const auto r = rp::run_method(c.method, at, base, base_row, {}, v, quiet);
-      CHECK(r.R.size() == 3);  // base, after each searched stage
-      CHECK(rp::validation_gain(r) == c.score[i]);
+      double gain[2];
+      for (int k = 0; k < 2; ++k) {
+        auto at = s;
+        at.lr = at.lora_lr = s.lr_grid[i];
+        at.seed = s.seed + std::uint64_t(k);
+        const auto r = rp::run_method(c.method, at, base, base_row, {}, v, quiet);
+        CHECK(r.R.size() == 3);  // base, after each searched stage
+        gain[k] = rp::validation_gain(r);
+      }
+      CHECK(c.score[i] == (gain[0] + gain[1]) / 2);
+      CHECK(c.error[i] == Approx(std::abs(gain[0] - gain[1]) / 2));
     }
-    CHECK(c.rate == rp::choose_rate(s.lr_grid, c.score));
+    CHECK(c.rate == rp::choose_rate(s.lr_grid, c.score, c.error));
   }
   // The reported runs train at the chosen rates (LoRA's too: one rule).
   REQUIRE(res.methods.size() == 2);
@@ -699,7 +732,7 @@ TEST_CASE("learning-rate search: each method trains at its best validation rate,
                          Catch::Contains("| sa_proj | ") && Catch::Contains("| lora | ") &&
                          Catch::Contains("validation examples, held apart from the test sets"));
   const auto csv = sg::test::read_text(s.out / "lr_search.csv");
-  CHECK(csv.rfind("method,lr,validation_gain,chosen\n", 0) == 0);
+  CHECK(csv.rfind("method,lr,validation_gain,standard_error,seeds,chosen\n", 0) == 0);
   CHECK(lines(csv) == 1 + 4);
   std::size_t chosen_rows = 0;
   for (auto at = csv.find(",1\n"); at != std::string::npos; at = csv.find(",1\n", at + 1)) ++chosen_rows;
@@ -713,6 +746,7 @@ TEST_CASE("learning-rate search: each method trains at its best validation rate,
   REQUIRE(in_turn.rates.size() == 2);
   for (std::size_t m = 0; m < 2; ++m) {
     CHECK(in_turn.rates[m].score == res.rates[m].score);
+    CHECK(in_turn.rates[m].error == res.rates[m].error);
     CHECK(in_turn.rates[m].rate == res.rates[m].rate);
   }
   std::filesystem::remove_all(s.out);

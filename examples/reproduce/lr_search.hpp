@@ -1,18 +1,26 @@
 #pragma once
 // One learning-rate rule for every method (settings::lr_grid): each method's peak rate is the
-// grid rate under which its first stages learn their targets best on a validation split.
+// smallest grid rate under which its first stages learn their targets, on a validation split,
+// within one standard error of the best rate.
 //
 // The rule, the same words for every method, LoRA included: train the first
-// `lr_search_stages` stages of the curriculum from the base model once per grid rate (the
-// first fine-tuning seed, the stages' usual budget); score each rate by the mean over those
-// stages of the target's validation accuracy right after its own stage, minus the base
-// model's (points); choose the highest score, a tie going to the smaller rate.
+// `lr_search_stages` stages of the curriculum from the base model once per grid rate and
+// search seed (the first `lr_search_seeds` fine-tuning seeds, the stages' usual budget); score
+// each run by the mean over those stages of the target's validation accuracy right after its
+// own stage, minus the base model's (points), and each rate by the mean over the seeds; find the
+// rate of the highest score and the standard error of that score over the seeds; choose the
+// smallest rate whose score is at least the highest minus that standard error (the
+// "one-standard-error rule" of model selection). With one search seed there is no standard
+// error, and the rule is the highest score, a tie going to the smaller rate.
 //
 // Why learning alone: the paper tunes each method to learn the new skill, and forgetting is
 // what the comparison then measures. A criterion that also rewarded little forgetting would
 // favour small rates (a model that barely moves forgets nothing) and so shrink exactly the
-// difference under study. Ties go to the smaller rate because, of two rates that learn as
-// much, the smaller one moves the model less.
+// difference under study. Why seeds and the smallest rate within the noise: with one seed the
+// scores of neighbouring rates differ by less than the seed-to-seed spread, so the highest
+// one was a draw that a change of rounding flipped from one end of the grid to the other
+// (docs/reproduction.md); of rates that learn as much within that spread, the smallest moves
+// the model least.
 //
 // The validation examples come from a seed stream of their own (validation_seed) and any
 // example whose content is also in the task's test set is skipped, so the rates are never
@@ -28,6 +36,7 @@
 #include <vector>
 
 #include "experiment.hpp"
+#include "intervals.hpp"
 #include "report.hpp"
 
 namespace skillgraft::reproduce {
@@ -98,28 +107,55 @@ inline double validation_gain(const method_result& r) {
 // Scores closer than this are equal: the same accuracies summed in another order.
 inline constexpr double score_tie = 1e-9;
 
-// The rule: the rate of the highest score, a tie going to the smaller rate (any grid order).
-inline double choose_rate(const std::vector<double>& grid, const std::vector<double>& score) {
-  if (grid.empty() || grid.size() != score.size())
-    throw std::invalid_argument("reproduce: choose_rate needs one score per grid rate");
+// The rule: the smallest rate whose score reaches the highest score minus that score's
+// standard error (`error`, one per rate; empty or zero: the highest score, a tie going to the
+// smaller rate), in any grid order.
+inline double choose_rate(const std::vector<double>& grid, const std::vector<double>& score,
+                          const std::vector<double>& error = {}) {
+  if (grid.empty() || grid.size() != score.size() || (!error.empty() && error.size() != grid.size()))
+    throw std::invalid_argument("reproduce: choose_rate needs one score (and one standard error) per grid rate");
   std::size_t best = 0;
   for (std::size_t i = 1; i < grid.size(); ++i) {
     const bool higher = score[i] > score[best] + score_tie;
     const bool tie_smaller = std::abs(score[i] - score[best]) <= score_tie && grid[i] < grid[best];
     if (higher || tie_smaller) best = i;
   }
-  return grid[best];
+  const double floor = score[best] - (error.empty() ? 0.0 : error[best]) - score_tie;
+  std::size_t chosen = best;
+  for (std::size_t i = 0; i < grid.size(); ++i)
+    if (score[i] >= floor && grid[i] < grid[chosen]) chosen = i;
+  return grid[chosen];
 }
 
-// One method's search: its score at every grid rate, and the rate chosen.
+// One method's search: at every grid rate the mean score over the search seeds and its
+// standard error (0 with one seed), and the rate chosen.
 struct rate_choice {
   std::string method;
-  std::vector<double> grid, score;
+  std::vector<double> grid, score, error;
+  int seeds = 1;
   double rate = 0;
 };
 
+// per_seed[i]: the scores of grid rate i, one per search seed.
+inline rate_choice choose(const std::string& method, const std::vector<double>& grid,
+                          const std::vector<std::vector<double>>& per_seed) {
+  rate_choice c{method, grid, {}, {}, 0, 0};
+  for (const auto& v : per_seed) {
+    if (v.empty() || (c.seeds && int(v.size()) != c.seeds))
+      throw std::invalid_argument("reproduce: a search needs the same number of seeds at every rate");
+    c.seeds = int(v.size());
+    const interval t = t_interval(v);
+    c.score.push_back(t.mean);
+    c.error.push_back(t.n > 1 ? t.sd / std::sqrt(double(t.n)) : 0.0);
+  }
+  c.rate = choose_rate(grid, c.score, c.error);
+  return c;
+}
+// One seed: a score per rate.
 inline rate_choice choose(const std::string& method, const std::vector<double>& grid, const std::vector<double>& score) {
-  return {method, grid, score, choose_rate(grid, score)};
+  std::vector<std::vector<double>> per_seed;
+  for (double x : score) per_seed.push_back({x});
+  return choose(method, grid, per_seed);
 }
 
 // The rate a method trains with: the search's choice, or the fixed --lr / --lora-lr.
@@ -180,30 +216,46 @@ inline std::string rates_text(const settings& s, const std::vector<rate_choice>&
 inline std::string lr_search_markdown(const std::vector<rate_choice>& chosen, const settings& s, std::size_t stages,
                                       double seconds) {
   if (chosen.empty()) return "";
+  const int seeds = chosen.front().seeds;
+  const std::string seed_text = seeds == 1 ? "fine-tuning seed " + std::to_string(s.seed)
+                                           : "fine-tuning seeds " + std::to_string(s.seed) + ".." +
+                                                 std::to_string(s.seed + std::uint64_t(seeds) - 1);
   std::string o = "Learning rates, one rule for every method: each method trained the first " +
-                  (stages == 1 ? std::string("stage") : std::to_string(stages) + " stages") + " (fine-tuning seed " + std::to_string(s.seed) +
-                  ") once per rate of the grid; a rate's score is the mean gain (points) of each stage's target on " +
+                  (stages == 1 ? std::string("stage") : std::to_string(stages) + " stages") + " (" + seed_text +
+                  ") once per rate of the grid; a run's score is the mean gain (points) of each stage's target on " +
                   std::to_string(s.validation_examples) +
-                  " validation examples, held apart from the test sets, right after its own stage; the chosen rate "
-                  "has the highest score (a tie: the smaller rate). Search: " + fmt(seconds) + " s.\n\n";
+                  " validation examples, held apart from the test sets, right after its own stage" +
+                  (seeds == 1 ? "; the chosen rate has the highest score (a tie: the smaller rate)."
+                              : ", a rate's score the mean over the seeds (± its standard error); the chosen rate is the "
+                                "smallest whose score is within one standard error of the highest.") +
+                  " Search: " + fmt(seconds) + " s.\n\n";
   o += "| method |";
   std::string rule = "|---|";
   for (double lr : chosen.front().grid) o += " " + rate_text(lr) + " |", rule += "---:|";
   o += " chosen |\n" + rule + "---|\n";
   for (const auto& c : chosen) {
     o += "| " + c.method + " |";
-    for (double g : c.score) o += " " + signed1(g) + " |";
-    o += " " + chosen_text(c) + " |\n";
+    // Appended piece by piece: g++ 12 warns (-Wrestrict, a false positive) on "literal" + string&&.
+    for (std::size_t i = 0; i < c.score.size(); ++i) {
+      o += ' ';
+      o += signed1(c.score[i]);
+      if (c.seeds > 1) o += " ± ", o += fmt(c.error[i], "%.1f");
+      o += " |";
+    }
+    o += ' ';
+    o += chosen_text(c);
+    o += " |\n";
   }
   return o + "\n";
 }
 
 inline std::string lr_search_csv(const std::vector<rate_choice>& chosen) {
-  std::string o = "method,lr,validation_gain,chosen\n";
+  std::string o = "method,lr,validation_gain,standard_error,seeds,chosen\n";
   for (const auto& c : chosen)
     for (std::size_t i = 0; i < c.grid.size(); ++i)
       o += c.method + "," + cl::detail::csv_number(c.grid[i]) + "," + cl::detail::csv_number(c.score[i]) + "," +
-           (c.grid[i] == c.rate ? "1" : "0") + "\n";
+           cl::detail::csv_number(c.error[i]) + "," + std::to_string(c.seeds) + "," + (c.grid[i] == c.rate ? "1" : "0") +
+           "\n";
   return o;
 }
 

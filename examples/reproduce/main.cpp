@@ -9,7 +9,7 @@
 //             [--text-hidden N] [--text-heads N] [--text-kv-heads N] [--text-intermediate N] [--text-layers N]
 //             [--train-layers A:B]
 //             [--stage-steps N] [--stage-batch N] [--lr-grid X,Y,... | --lr X] [--test-examples N]
-//             [--lr-search-stages N] [--validation-examples N]
+//             [--lr-search-stages N] [--lr-search-seeds N] [--validation-examples N]
 //             [--jobs N] [--threads N]
 //   reproduce --gateskip-sweep [--out DIR] [--order TARGET,...] [--stage-steps N] ...
 //
@@ -80,11 +80,13 @@ void usage() {
                "                         exist relation repeat numbers\n"
                "  --pretrain-focus-steps N   the first N joint steps draw only the colour and shape questions\n"
                "  --stage-steps N --stage-batch N --test-examples N\n"
-               "  --lr-grid X,Y,...      every method's peak learning rate, LoRA's too, is the rate of this grid whose\n"
-               "                         first stages learn their targets best on validation examples held apart from\n"
-               "                         the test sets (a tie: the smaller rate); '': no search (default 5e-4,1e-3,2e-3,5e-3)\n"
-               "  --lr-search-stages N --validation-examples N   the search's stages (default 2) and validation\n"
-               "                         examples per target (default 192)\n"
+               "  --lr-grid X,Y,...      every method's peak learning rate, LoRA's too, is the smallest rate of this grid\n"
+               "                         whose first stages learn their targets, on validation examples held apart from\n"
+               "                         the test sets and averaged over the search seeds, within one standard error of\n"
+               "                         the best rate's; '': no search (default 5e-4,1e-3,2e-3,5e-3)\n"
+               "  --lr-search-stages N --lr-search-seeds N --validation-examples N   the search's stages (default 2),\n"
+               "                         fine-tuning seeds (default 3; 1: the highest score, no standard error) and\n"
+               "                         validation examples per target (default 192)\n"
                "  --lr X --lora-lr X     fixed rates instead of the search: X for every method but LoRA, LoRA's\n"
                "                         (defaults 5e-4 and 2e-3 with --lr-grid '')\n"
                "  --pretrain-threads N   threads of the pretraining process (default 2 on every machine, so that the\n"
@@ -212,6 +214,8 @@ int main(int argc, char** argv) {
         grid_given = true;
       } else if (a == "--lr-search-stages") {
         s.lr_search_stages = integer();
+      } else if (a == "--lr-search-seeds") {
+        s.lr_search_seeds = integer();
       } else if (a == "--validation-examples") {
         s.validation_examples = integer();
       } else if (a == "--test-examples") {
@@ -278,6 +282,7 @@ int main(int argc, char** argv) {
       throw std::invalid_argument("options --lr and --lora-lr fix the learning rates, --lr-grid searches them: give one");
     if (fixed_rate) s.lr_grid.clear();  // the rates given, for every method and seed
     positive("--lr-search-stages", s.lr_search_stages);
+    positive("--lr-search-seeds", s.lr_search_seeds);
     positive("--validation-examples", s.validation_examples);
     positive("--test-examples", s.test_examples);
     positive("--seeds", s.seeds);

@@ -268,20 +268,24 @@ void run_each(const std::vector<std::string>& labels, int jobs, const settings& 
 }
 
 // The learning-rate search (lr_search.hpp): every method trains the searched stages once per
-// grid rate, evaluated on the validation split only; returns each method's scores and choice.
+// grid rate and search seed, evaluated on the validation split only; returns each method's
+// scores and choice.
 template <template <class, class> class Stage = cpu_stage>
 std::vector<rate_choice> search_rates(const settings& s, const std::vector<std::string>& methods, const weights_t& base,
                                       const run_data& d, int threads, progress& prog) {
   const run_data v = validation_data(s, d);
   const evaluator ev(d.tok, s.model);
   const auto base_row = evaluate_all(ev, base, v, s.restricted);
-  const std::size_t G = s.lr_grid.size();
+  const std::size_t G = s.lr_grid.size(), S = std::size_t(std::max(1, s.lr_search_seeds));
+  // Run i: method i / (G S), rate (i / S) % G, seed s.seed + i % S.
   std::vector<std::string> labels;
   for (const auto& m : methods)
-    for (double lr : s.lr_grid) labels.push_back("lr_" + m + "_" + rate_text(lr));
+    for (double lr : s.lr_grid)
+      for (std::size_t k = 0; k < S; ++k)
+        labels.push_back("lr_" + m + "_" + rate_text(lr) + (k ? "_seed" + std::to_string(s.seed + k) : ""));
   const int jobs = worker_count<Stage>(s, threads, labels.size());
   prog.note("learning-rate search: " + std::to_string(methods.size()) + " methods x " + std::to_string(G) +
-            " rates, " + std::to_string(v.targets.size()) + " stage(s) each, " +
+            " rates x " + std::to_string(S) + " seed(s), " + std::to_string(v.targets.size()) + " stage(s) each, " +
             std::to_string(s.validation_examples) + " validation examples per target, " + std::to_string(jobs) +
             " at a time");
   std::vector<double> score;
@@ -289,17 +293,25 @@ std::vector<rate_choice> search_rates(const settings& s, const std::vector<std::
       labels, jobs, s, prog,
       [&](std::size_t i, progress& p) {
         settings at_rate = s;
-        at_rate.lr = at_rate.lora_lr = s.lr_grid[i % G];
-        return run_method_on<Stage>(methods[i / G], at_rate, base, base_row, probe_value{}, v, p);
+        at_rate.lr = at_rate.lora_lr = s.lr_grid[(i / S) % G];
+        at_rate.seed = s.seed + i % S;
+        auto r = run_method_on<Stage>(methods[i / (G * S)], at_rate, base, base_row, probe_value{}, v, p);
+        r.seed = at_rate.seed;
+        return r;
       },
       [&](const method_result& r) {
         score.push_back(validation_gain(r));
-        prog.note(r.name + " at lr " + rate_text(r.lr) + ": validation gain " + signed1(score.back()));
+        prog.note(r.name + " at lr " + rate_text(r.lr) + (S > 1 ? ", seed " + std::to_string(r.seed) : "") +
+                  ": validation gain " + signed1(score.back()));
       });
   std::vector<rate_choice> chosen;
   for (std::size_t m = 0; m < methods.size(); ++m) {
-    const std::vector<double> of_m(score.begin() + long(m * G), score.begin() + long((m + 1) * G));
-    chosen.push_back(choose(methods[m], s.lr_grid, of_m));
+    std::vector<std::vector<double>> per_seed;
+    for (std::size_t g = 0; g < G; ++g) {
+      const auto at = score.begin() + long((m * G + g) * S);
+      per_seed.emplace_back(at, at + long(S));
+    }
+    chosen.push_back(choose(methods[m], s.lr_grid, per_seed));
     prog.note(methods[m] + ": learning rate " + chosen_text(chosen.back()));
   }
   return chosen;

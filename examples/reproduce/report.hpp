@@ -169,7 +169,11 @@ inline std::string stages_markdown(const std::vector<seeded_summary>& ms, const 
   o += "\n" + rule + "\n";
   for (const auto& a : ms) {
     o += "| " + a.mean.name + " |";
-    for (const auto& c : a.heldout_curve) o += " " + with_interval(c, "%.1f") + " |";
+    for (const auto& c : a.heldout_curve) {  // piece by piece: g++ 12's false -Wrestrict on "literal" + string&&
+      o += ' ';
+      o += with_interval(c, "%.1f");
+      o += " |";
+    }
     o += "\n";
   }
   return o;

@@ -61,12 +61,14 @@ struct elementwise_ops {
   // merger are such permutations, their index maps computed on the host by the caller.
   template <class T>
   static void gather_rows(const tensor<T>& in, std::size_t row, const std::vector<std::int64_t>& from, tensor<T>& out) {
+#pragma omp parallel for schedule(static) if (from.size() * row > 32768)
     for (std::size_t r = 0; r < from.size(); ++r)
       std::copy_n(in.data() + std::size_t(from[r]) * row, row, out.data() + r * row);
   }
   // Row to[r] of out is row r of in (the inverse of gather_rows for a map without repeats).
   template <class T>
   static void scatter_rows(const tensor<T>& in, std::size_t row, const std::vector<std::int64_t>& to, tensor<T>& out) {
+#pragma omp parallel for schedule(static) if (to.size() * row > 32768)
     for (std::size_t r = 0; r < to.size(); ++r)
       std::copy_n(in.data() + r * row, row, out.data() + std::size_t(to[r]) * row);
   }
