@@ -4,8 +4,8 @@
 # reproduction for this CPU, pretrains the base model (cached as base.safetensors in the
 # output directory, so a rerun skips it), teaches five target skills in sequence with each
 # tuning method, and writes report.md, CSV files and SVG pictures.
-# The default run (four recipes, three seeds each) takes about 9 minutes on 2 idle cores, building
-# included (docs/reproduction.md); --full runs all ten methods with 1000 steps per stage, closer to
+# The default run (four recipes, three seeds each) takes under 6 minutes on 2 idle cores, plus about 2
+# to build (docs/reproduction.md); --full runs all ten methods with 1000 steps per stage, closer to
 # the paper: 49 minutes with a one-seed rate search (--lr-search-seeds 1), about 80 (estimated) with the
 # default three.
 # Extra arguments go to the program (see --help), e.g. --methods sa_proj,mlp_gate_up,llm.
