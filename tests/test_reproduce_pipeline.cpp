@@ -391,6 +391,40 @@ TEST_CASE("vision pretext: every token is labelled with the object covering most
   for (int t : {2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14}) CHECK(labels[std::size_t(t)] == std::array<int, 3>{0, 0, 0});
 }
 
+TEST_CASE("vision pretext loss: cross-entropy per label group, accuracy on all tokens and on the object tokens") {
+  // Three tokens: background, an object whose every group is right, an object whose shape is wrong.
+  const std::vector<std::array<int, 3>> labels{{0, 0, 0}, {2, 3, 1}, {4, 5, 2}};
+  sg::cpu::tensor<float> logits({3, std::size_t(rp::pretext_outputs)}, sg::memory_use::workspace);
+  logits.set_zero();
+  auto set = [&](std::size_t row, std::size_t group, int cls, float v) {
+    std::size_t at = 0;
+    for (std::size_t g = 0; g < group; ++g) at += std::size_t(rp::pretext_classes[g]);
+    logits.data()[row * std::size_t(rp::pretext_outputs) + at + std::size_t(cls)] = v;
+  };
+  for (std::size_t g = 0; g < 3; ++g) set(0, g, 0, 2.0f);
+  for (std::size_t g = 0; g < 3; ++g) set(1, g, labels[1][g], 2.0f);
+  set(2, 0, 1, 2.0f);  // shape: class 1 instead of 4
+  for (std::size_t g = 1; g < 3; ++g) set(2, g, labels[2][g], 2.0f);
+  sg::cpu::tensor<float> grad(logits.shape(), sg::memory_use::workspace);
+  rp::pretext_counts counts;
+  const double loss = rp::pretext_loss(logits, labels, &grad, 0.5, counts);
+  CHECK(counts.correct == std::array<std::size_t, 3>{2, 3, 3});
+  CHECK(counts.object_correct == std::array<std::size_t, 3>{1, 2, 2});
+  CHECK(counts.object_tokens == 2);
+  // Each group: one logit at 2, the rest at 0. Right: log(e^2 + n - 1) - 2; the wrong shape: log(e^2 + n - 1).
+  double expected = 0;
+  for (std::size_t r = 0; r < 3; ++r)
+    for (std::size_t g = 0; g < 3; ++g) {
+      const double n = rp::pretext_classes[g];
+      expected += std::log(std::exp(2.0) + n - 1) - ((r == 2 && g == 0) ? 0.0 : 2.0);
+    }
+  CHECK(loss == Approx(expected).epsilon(1e-12));
+  // The gradient: scale * (softmax - one-hot); row 2's shape group, class 4 (the label, at 0).
+  const double p0 = 1.0 / (std::exp(2.0) + rp::pretext_classes[0] - 1);
+  CHECK(grad.data()[2 * std::size_t(rp::pretext_outputs) + 4] == Approx(0.5 * (p0 - 1.0)).epsilon(1e-6));
+  CHECK(grad.data()[2 * std::size_t(rp::pretext_outputs) + 1] == Approx(0.5 * std::exp(2.0) * p0).epsilon(1e-6));
+}
+
 TEST_CASE("joint pretraining draw: weights repeat a task, focus steps draw only the colour and shape questions") {
   rp::settings s = sg::test::reduced_settings("mix");
   const auto names = rp::pretrain_task_names();

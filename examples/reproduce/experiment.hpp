@@ -79,6 +79,11 @@ struct settings {
   // both questions (docs/reproduction.md, "The task mixture").
   std::vector<std::pair<std::string, int>> pretrain_mix{{"colour", 4}, {"shape", 4}};
   int pretrain_focus_steps = 0;
+  // Every pretrain_watch joint steps (0: never), the colour and shape questions' accuracy on
+  // examples of their own seed, printed as the pretraining goes (whether and when the
+  // language model learns to find the object a question names). Not part of the cache's
+  // fingerprint: it changes nothing the model learns. CPU pretraining only.
+  int pretrain_watch = 0;
   // Each target stage: the same budget for every method.
   int stage_steps = 100;
   int stage_batch = 16;
@@ -647,15 +652,45 @@ inline std::string initial_weights(weights_t& w, const settings& s, progress& pr
   model::init_weights(w, s.seed);
   if (s.vision_pretext.steps <= 0) return "none";
   const auto r = pretrain_vision(w, s.vision_pretext, s.seed, prog);
-  char text[256];
+  char text[384];
   std::snprintf(text, sizeof text,
-                "%d steps x %d, loss %.3f, token accuracy on held-apart images: shape %.1f %%, colour %.1f %%, size %.1f %%",
+                "%d steps x %d, loss %.3f, token accuracy on held-apart images: shape %.1f %%, colour %.1f %%, size %.1f %%"
+                " (on the tokens an object covers: %.1f %%, %.1f %%, %.1f %%)",
                 s.vision_pretext.steps, s.vision_pretext.batch, r.final_loss, 100 * r.token_accuracy[0],
-                100 * r.token_accuracy[1], 100 * r.token_accuracy[2]);
+                100 * r.token_accuracy[1], 100 * r.token_accuracy[2], 100 * r.object_token_accuracy[0],
+                100 * r.object_token_accuracy[1], 100 * r.object_token_accuracy[2]);
   const std::string o = text;
   prog.note("vision pretext: " + o);
   return o;
 }
+
+// settings::pretrain_watch: the binding questions' accuracy during the joint pretraining.
+class pretrain_watcher {
+ public:
+  pretrain_watcher(const settings& s, const run_data& d) : every_(s.pretrain_watch), restricted_(s.restricted) {
+    if (every_ <= 0) return;
+    ev_.emplace(d.tok, s.model);
+    for (const auto& t : d.general)
+      if (std::find(binding_tasks().begin(), binding_tasks().end(), t.name) != binding_tasks().end())
+        sets_.push_back({t.name, false, make_test_set(t, 96, name_hash(t.name) ^ 0x77617463ull)});  // "watc"
+  }
+  void operator()(const weights_t& w, int step, progress& prog) const {
+    if (every_ <= 0 || step % every_ != 0) return;
+    std::string line = "pretrain step " + std::to_string(step) + ":";
+    for (const auto& t : sets_) {
+      char v[64];
+      std::snprintf(v, sizeof v, " %s %.1f %%", t.task.c_str(), 100 * ev_->accuracy(w, t.examples, restricted_));
+      line += v;
+    }
+    prog.note(line);
+  }
+
+ private:
+  int every_;
+  bool restricted_;
+  std::optional<evaluator> ev_;
+  std::vector<test_set> sets_;
+};
 
 inline std::string pretrain(weights_t& w, const settings& s, const run_data& d, progress& prog) {
   const std::string pretext = initial_weights(w, s, prog);
@@ -664,10 +699,14 @@ inline std::string pretrain(weights_t& w, const settings& s, const run_data& d, 
     auto g = mm.make_grads(w);
     train::adamw<float> opt(mm, w, g, {.lr = s.pretrain_lr, .weight_decay = 0.01});
     const auto sched = pretrain_schedule(s);
+    const pretrain_watcher watch(s, d);
+    int step = 0;
     pretrain_loop(s, d, mm.image_tokens(), prog, [&](const std::vector<encoded_batch>& enc) {
       std::vector<train::micro_batch<float>> mbs;
       for (const auto& e : enc) mbs.push_back({e.ids, e.targets, e.images.empty() ? nullptr : &e.images});
-      return train::train_step(mm, w, g, opt, sched, std::span<const train::micro_batch<float>>(mbs));
+      const auto st = train::train_step(mm, w, g, opt, sched, std::span<const train::micro_batch<float>>(mbs));
+      watch(w, ++step, prog);
+      return st;
     });
   });
   return pretext;

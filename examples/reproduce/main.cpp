@@ -4,7 +4,7 @@
 //             [--out DIR] [--checkpoint FILE] [--seed N] [--seeds N] [--no-restrict] [--device cpu|cuda]
 //             [--vision-pretrain-steps N] [--vision-pretrain-batch N] [--vision-pretrain-lr X]
 //             [--pretrain-steps N] [--pretrain-batch N] [--pretrain-lr X] [--pretrain-threads N]
-//             [--pretrain-mix task=weight,...] [--pretrain-focus-steps N]
+//             [--pretrain-mix task=weight,...] [--pretrain-focus-steps N] [--pretrain-watch N]
 //             [--vision-hidden N] [--vision-layers N]
 //             [--text-hidden N] [--text-heads N] [--text-kv-heads N] [--text-intermediate N] [--text-layers N]
 //             [--train-layers A:B]
@@ -79,6 +79,7 @@ void usage() {
                "                         uniform; default colour=4,shape=4); tasks: caption colour shape position size\n"
                "                         exist relation repeat numbers\n"
                "  --pretrain-focus-steps N   the first N joint steps draw only the colour and shape questions\n"
+               "  --pretrain-watch N     every N joint steps, print the colour and shape questions' accuracy\n"
                "  --stage-steps N --stage-batch N --test-examples N\n"
                "  --lr-grid X,Y,...      every method's peak learning rate, LoRA's too, is the smallest rate of this grid\n"
                "                         whose first stages learn their targets, on validation examples held apart from\n"
@@ -197,6 +198,8 @@ int main(int argc, char** argv) {
         }
       } else if (a == "--pretrain-focus-steps") {
         s.pretrain_focus_steps = integer();
+      } else if (a == "--pretrain-watch") {
+        s.pretrain_watch = integer();
       } else if (a == "--pretrain-threads") {
         s.pretrain_threads = integer();
       } else if (a == "--stage-steps") {
@@ -273,6 +276,7 @@ int main(int argc, char** argv) {
     positive("--pretrain-batch", s.pretrain_batch);
     positive("--pretrain-lr", s.pretrain_lr);
     if (s.pretrain_focus_steps < 0) throw std::invalid_argument("option --pretrain-focus-steps must not be negative");
+    if (s.pretrain_watch < 0) throw std::invalid_argument("option --pretrain-watch must not be negative");
     rp::pretrain_slots(s, rp::pretrain_task_names(), false);  // names a pretraining task, leaves one to draw
     positive("--stage-steps", s.stage_steps);
     positive("--stage-batch", s.stage_batch);

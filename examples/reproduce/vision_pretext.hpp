@@ -108,11 +108,18 @@ struct vision_pretext_model {
 
 // Softmax cross-entropy of each label group on logits [rows, pretext_outputs]; writes the
 // gradient (scaled by `scale`) into dlogits and returns the summed loss; counts the tokens
-// whose label each group gets right into `correct`.
+// whose label each group gets right into `correct`, and, of the tokens an object covers (the
+// minority: most are background, which every group calls "none" easily), into
+// `object_correct` and `object_tokens`.
+struct pretext_counts {
+  std::array<std::size_t, 3> correct{}, object_correct{};
+  std::size_t object_tokens = 0;
+};
 inline double pretext_loss(const cpu::tensor<float>& logits, const std::vector<std::array<int, 3>>& labels,
-                           cpu::tensor<float>* dlogits, double scale, std::array<std::size_t, 3>& correct) {
+                           cpu::tensor<float>* dlogits, double scale, pretext_counts& counts) {
   double loss = 0;
   for (std::size_t r = 0; r < labels.size(); ++r) {
+    counts.object_tokens += labels[r][0] != 0;
     const float* z = logits.data() + r * pretext_outputs;
     float* dz = dlogits ? dlogits->data() + r * pretext_outputs : nullptr;
     int at = 0;
@@ -125,7 +132,8 @@ inline double pretext_loss(const cpu::tensor<float>& logits, const std::vector<s
       double sum = 0;
       for (int c = 0; c < n; ++c) sum += std::exp(double(z[at + c] - top));
       loss += std::log(sum) - double(z[at + y] - top);
-      correct[g] += arg == y;
+      counts.correct[g] += arg == y;
+      if (labels[r][0] != 0) counts.object_correct[g] += arg == y;
       if (dz)
         for (int c = 0; c < n; ++c)
           dz[at + c] = float(scale * (std::exp(double(z[at + c] - top)) / sum - (c == y ? 1.0 : 0.0)));
@@ -137,7 +145,8 @@ inline double pretext_loss(const cpu::tensor<float>& logits, const std::vector<s
 
 struct vision_pretext_result {
   double final_loss = 0;
-  std::array<double, 3> token_accuracy{};  // shape, colour, size on a held-apart set
+  std::array<double, 3> token_accuracy{};         // shape, colour, size on a held-apart set
+  std::array<double, 3> object_token_accuracy{};  // the same on the tokens an object covers
 };
 
 // Trains w.vision on the pretext (the projector and language model are untouched).
@@ -162,7 +171,7 @@ inline vision_pretext_result pretrain_vision(model::multimodal_weights<float>& w
   const train::cosine_schedule sched{.peak = o.lr, .floor = 0.1 * o.lr, .warmup = std::max(1, o.steps / 20), .total = o.steps};
 
   // One pass over a batch: forward, loss, and (when training) backward into g.
-  auto pass = [&](const std::vector<pretext_example>& rows, bool train, std::array<std::size_t, 3>& correct) {
+  auto pass = [&](const std::vector<pretext_example>& rows, bool train, pretext_counts& counts) {
     std::vector<const example*> ptrs;
     std::vector<example> wrapped(rows.size());
     std::vector<std::array<int, 3>> labels;
@@ -179,9 +188,9 @@ inline vision_pretext_result pretrain_vision(model::multimodal_weights<float>& w
     cpu::tensor<float> logits({labels.size(), std::size_t(pretext_outputs)}, memory_use::workspace);
     nn::linear_forward(pw.head, y, logits, "pretext_head");
     const double norm = double(labels.size() * pretext_classes.size());
-    if (!train) return pretext_loss(logits, labels, nullptr, 0, correct) / norm;
+    if (!train) return pretext_loss(logits, labels, nullptr, 0, counts) / norm;
     cpu::tensor<float> dlogits(logits.shape(), memory_use::workspace);
-    const double loss = pretext_loss(logits, labels, &dlogits, 1.0 / norm, correct) / norm;
+    const double loss = pretext_loss(logits, labels, &dlogits, 1.0 / norm, counts) / norm;
     cpu::tensor<float> dy(y.shape(), memory_use::workspace);
     nn::linear_backward_input(pw.head, dlogits, dy, false, "pretext_head: dx");
     nn::linear_backward_weight(y, dlogits, g.head, "pretext_head: dW");
@@ -197,8 +206,8 @@ inline vision_pretext_result pretrain_vision(model::multimodal_weights<float>& w
     std::vector<pretext_example> rows;
     for (int b = 0; b < o.batch; ++b) rows.push_back(make_pretext_example(rng, side));
     model.for_each_trainable(pw, g, [](const std::string&, cpu::tensor<float>&, cpu::tensor<float>& dp) { dp.set_zero(); });
-    std::array<std::size_t, 3> correct{};
-    res.final_loss = pass(rows, true, correct);
+    pretext_counts counts;
+    res.final_loss = pass(rows, true, counts);
     opt.set_lr(sched(step));
     opt.step(model, pw, g);
     prog.step(step + 1, res.final_loss);
@@ -208,9 +217,12 @@ inline vision_pretext_result pretrain_vision(model::multimodal_weights<float>& w
   std::mt19937_64 held(test_seed("vision-pretext"));
   std::vector<pretext_example> rows;
   for (int i = 0; i < 256; ++i) rows.push_back(make_pretext_example(held, side));
-  std::array<std::size_t, 3> correct{};
-  pass(rows, false, correct);
-  for (std::size_t k = 0; k < 3; ++k) res.token_accuracy[k] = double(correct[k]) / double(rows.size() * std::size_t(vc.tokens()));
+  pretext_counts counts;
+  pass(rows, false, counts);
+  for (std::size_t k = 0; k < 3; ++k) {
+    res.token_accuracy[k] = double(counts.correct[k]) / double(rows.size() * std::size_t(vc.tokens()));
+    res.object_token_accuracy[k] = double(counts.object_correct[k]) / double(std::max<std::size_t>(1, counts.object_tokens));
+  }
   return res;
 }
 
