@@ -4,7 +4,7 @@
 # reproduction for this CPU, pretrains the base model (cached as base.safetensors in the
 # output directory, so a rerun skips it), teaches five target skills in sequence with each
 # tuning method, and writes report.md, CSV files and SVG pictures.
-# The default run (four recipes, three seeds each) takes under 6 minutes on 2 idle cores, plus about 2
+# The default run (four recipes, three seeds each) takes about 7 minutes on 2 idle cores, plus about 2.5
 # to build (docs/reproduction.md); --full runs all ten methods with 1000 steps per stage, closer to
 # the paper: 49 minutes with a one-seed rate search (--lr-search-seeds 1), about 80 (estimated) with the
 # default three.

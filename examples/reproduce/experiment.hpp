@@ -65,10 +65,14 @@ struct settings {
   // Pretraining of the vision path alone (vision_pretext.hpp; 0 steps: none, and the joint
   // pretraining then trains the vision encoder from scratch with everything else).
   vision_pretext_options vision_pretext;
-  // Joint pretraining (the base model).
-  int pretrain_steps = 3000;
+  // Joint pretraining (the base model). 6000 steps at 1e-3: the language model's lookup of the
+  // object a question names starts at a random step and takes 500-1500 steps to form; under
+  // 3000 steps at 2e-3 a late start did not finish and a formed one could be lost again (2 of
+  // 6 base models bound colour and shape, against every one tried at 6000 x 1e-3;
+  // docs/reproduction.md, "The lookup: when it forms").
+  int pretrain_steps = 6000;
   int pretrain_batch = 32;
-  double pretrain_lr = 2e-3;
+  double pretrain_lr = 1e-3;
   // The joint pretraining's draw (pretrain_loop): each general task and the number sequences
   // with probability proportional to an integer weight (pretrain_mix; 1 for a task not named),
   // and for the first pretrain_focus_steps steps only the attribute-binding questions
@@ -243,7 +247,6 @@ inline settings default_settings() {
 inline settings full_settings() {
   settings s = default_settings();
   s.methods = all_methods();
-  s.pretrain_steps = 6000;
   s.stage_steps = 1000;
   s.test_examples = 256;
   s.probe_examples = 128;

@@ -75,6 +75,7 @@ void usage() {
                "                         the vision encoder's own pretraining (default 4000 x 32, lr 2e-3; steps 0:\n"
                "                         none, and the joint pretraining trains the encoder from scratch)\n"
                "  --pretrain-steps N --pretrain-batch N --pretrain-lr X   the joint pretraining\n"
+               "                         (default 6000 x 32, lr 1e-3)\n"
                "  --pretrain-mix t=w,...  the joint pretraining's task weights (integers; a task not named: 1; '':\n"
                "                         uniform; default colour=4,shape=4); tasks: caption colour shape position size\n"
                "                         exist relation repeat numbers\n"
@@ -277,6 +278,9 @@ int main(int argc, char** argv) {
     positive("--pretrain-lr", s.pretrain_lr);
     if (s.pretrain_focus_steps < 0) throw std::invalid_argument("option --pretrain-focus-steps must not be negative");
     if (s.pretrain_watch < 0) throw std::invalid_argument("option --pretrain-watch must not be negative");
+    if (s.pretrain_watch > 0 && s.device != "cpu")
+      throw std::invalid_argument("option --pretrain-watch watches the CPU pretraining only (not --device " + s.device +
+                                  ")");
     rp::pretrain_slots(s, rp::pretrain_task_names(), false);  // names a pretraining task, leaves one to draw
     positive("--stage-steps", s.stage_steps);
     positive("--stage-batch", s.stage_batch);
