@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <iterator>
 #include <random>
 #include <string>
 #include <vector>
@@ -165,4 +166,48 @@ TEST_CASE("reproduce cache: a file that is not the program's cache is refused, n
     REQUIRE(::mkfifo((tmp / "fifo").c_str(), 0600) == 0);
     CHECK_THAT(load_error(s, tmp / "fifo"), Contains("(it is a named pipe (FIFO))"));
   }
+}
+
+TEST_CASE("reproduce cache: a base model named by --checkpoint and made with other settings is refused, never overwritten") {
+  sg::test::temp_dir tmp;
+  rp::settings made = rp::default_settings();
+  made.pretrain_steps = 3000, made.pretrain_lr = 2e-3;
+  const fs::path file = tmp / "other-run.safetensors";
+  rp::save_checkpoint(random_base(made, 1), file, rp::fingerprint(made));
+  const auto bytes = [&] {
+    std::ifstream in(file, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  const std::string before = bytes();
+
+  rp::settings s = rp::default_settings();
+  s.out = tmp / "out";
+  s.checkpoint = file;
+  CHECK_THROWS_WITH(rp::check_cache(s),
+                    Contains("--checkpoint " + file.string() +
+                             " holds a base model made with other settings, so it is not overwritten") &&
+                        Contains("it has '3000x32 lr 0.002', this run '6000x32 lr 0.001'"));
+  CHECK(bytes() == before);
+  CHECK_FALSE(fs::exists(s.out));
+
+  // The settings it was made with: loaded, nothing refused.
+  s.pretrain_steps = 3000, s.pretrain_lr = 2e-3;
+  CHECK_NOTHROW(rp::check_cache(s));
+  // The run's own cache (no --checkpoint) is pretrained again when a setting changed.
+  rp::settings own = rp::default_settings();
+  own.out = tmp.path;
+  fs::copy_file(file, tmp / "base.safetensors");
+  CHECK_NOTHROW(rp::check_cache(own));
+  // A file that is not there is made by the run.
+  s.checkpoint = tmp / "new.safetensors";
+  CHECK_NOTHROW(rp::check_cache(s));
+}
+
+TEST_CASE("reproduce cache: where two fingerprints differ, in words") {
+  using P = std::pair<std::string, std::string>;
+  CHECK(rp::fingerprint_difference("a pretrain 3000x32 lr 0.002 seed 1", "a pretrain 6000x32 lr 0.001 seed 1") ==
+        P{"3000x32 lr 0.002", "6000x32 lr 0.001"});
+  CHECK(rp::fingerprint_difference("a b c", "a x b c") == P{"(nothing)", "x"});
+  CHECK(rp::fingerprint_difference("a b mix colour=4", "a b") == P{"mix colour=4", "(nothing)"});
+  CHECK(rp::fingerprint_difference("x y", "z") == P{"x y", "z"});
 }

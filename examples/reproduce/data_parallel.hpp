@@ -73,7 +73,7 @@ inline pipeline_result data_parallel_run(settings s, progress& prog, dist::mpi_c
   // others wait for it as long as it takes (the exchange's deadline would stop them otherwise).
   {
     dist::mpi_communicator patient({.timeout = std::chrono::hours(24 * 7)});
-    open_cache(s.checkpoint_path());  // refuses a file that is not this program's cache, on every rank
+    check_cache(s);  // refuses a cache it must not overwrite, on every rank
     dist::on_rank0(patient, "pretraining the base model", [&] {
       run_data d(s);
       weights_t w(s.model);

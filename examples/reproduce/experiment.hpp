@@ -490,6 +490,46 @@ inline std::optional<io::safetensors_file> open_cache(const std::filesystem::pat
   return f;
 }
 
+// The words where two fingerprints differ, with the words they share around them cut off:
+// "3000x32 lr 0.002" against "6000x32 lr 0.001" rather than two 300-character lines.
+inline std::pair<std::string, std::string> fingerprint_difference(const std::string& a, const std::string& b) {
+  const auto words = [](const std::string& t) {
+    std::vector<std::string> w;
+    std::istringstream in(t);
+    for (std::string x; in >> x;) w.push_back(x);
+    return w;
+  };
+  const auto wa = words(a), wb = words(b);
+  std::size_t head = 0, tail = 0;
+  while (head < wa.size() && head < wb.size() && wa[head] == wb[head]) ++head;
+  while (tail < wa.size() - head && tail < wb.size() - head && wa[wa.size() - 1 - tail] == wb[wb.size() - 1 - tail])
+    ++tail;
+  const auto join = [](const std::vector<std::string>& w, std::size_t from, std::size_t to) {
+    std::string t;
+    for (std::size_t i = from; i < to; ++i) t += (t.empty() ? "" : " ") + w[i];
+    return t.empty() ? std::string("(nothing)") : t;
+  };
+  return {join(wa, head, wa.size() - tail), join(wb, head, wb.size() - tail)};
+}
+
+// Refuses, before anything is written, a cache the run would overwrite but must not keep
+// quiet about: a file that is not this program's cache (open_cache), and a base model named
+// by --checkpoint that was made with other settings. Such a file is another run's base model
+// (minutes of pretraining, perhaps the one a report was made on); only the run's own
+// DIR/base.safetensors is pretrained again when a setting changed.
+inline void check_cache(const settings& s) {
+  const auto f = open_cache(s.checkpoint_path());
+  if (!f || s.checkpoint.empty()) return;
+  const std::string& made = f->metadata().at(cache_settings_key);
+  const std::string wanted = fingerprint(s);
+  if (made == wanted) return;
+  const auto [was, now] = fingerprint_difference(made, wanted);
+  throw std::invalid_argument("reproduce: --checkpoint " + s.checkpoint.string() +
+                              " holds a base model made with other settings, so it is not overwritten (give the "
+                              "settings it was made with, another path, or delete it): it has '" + was +
+                              "', this run '" + now + "'");
+}
+
 // Loads the checkpoint when it exists and was made with the same settings; false when
 // there is none or it was made with other settings (it is then pretrained again).
 inline bool load_checkpoint(weights_t& w, const std::filesystem::path& path, const std::string& fp) {

@@ -310,7 +310,7 @@ inline sweep_result run_gateskip_sweep(const settings& s, const sweep_options& o
     throw std::invalid_argument("reproduce: the GateSkip sweep trains and evaluates on the CPU (no --device " + s.device + ")");
   if (o.budgets.empty() || o.budgets.front() != 1.0)
     throw std::invalid_argument("reproduce: the GateSkip sweep's first budget must be 100 % (its reference)");
-  open_cache(s.checkpoint_path());  // refuses a file that is not this program's cache, before anything is written
+  check_cache(s);  // refuses a cache it must not overwrite, before anything is written
   std::filesystem::create_directories(s.out);
 #ifdef _OPENMP
   omp_set_num_threads(std::max(1, s.threads));

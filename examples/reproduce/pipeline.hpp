@@ -325,7 +325,7 @@ pipeline_result run_pipeline(const settings& s, progress& prog) {
   const auto t_start = clock::now();
   pipeline_result res;
   check_device(s);  // before anything is written
-  open_cache(s.checkpoint_path());  // refuses a file that is not this program's cache, before anything is written
+  check_cache(s);  // refuses a cache it must not overwrite, before anything is written
   if (s.write_files) std::filesystem::create_directories(s.out);
   const int threads = std::max(1, s.threads);
 #ifdef _OPENMP
