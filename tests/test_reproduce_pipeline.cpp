@@ -598,6 +598,39 @@ TEST_CASE("learning-rate rule with seeds: the smallest rate within one standard 
                      Catch::Contains("within one standard error of the highest"));
 }
 
+TEST_CASE("learning-rate rule with a tolerance: the smallest rate within a fraction of the best, or one standard error") {
+  const std::vector<double> grid{5e-4, 1e-3, 2e-3, 5e-3};
+  // The seed-3 base model's search for mlp_gate_up (docs/reproduction/default-seed3): 31.4 ± 0.8 at
+  // 5e-3 and 30.5 at 2e-3. One standard error chose 5e-3; a tenth (floor 28.26) chooses 2e-3.
+  const std::vector<double> score{19.5, 26.8, 30.5, 31.4}, error{0.3, 0.3, 0.8, 0.8};
+  CHECK(rp::choose_rate(grid, score, error) == 5e-3);
+  CHECK(rp::choose_rate(grid, score, error, 0.1) == 2e-3);
+  CHECK(rp::choose_rate(grid, score, error, 0.2) == 1e-3);  // 26.8 >= 25.12
+  CHECK(rp::choose_rate(grid, score, error, 0.5) == 5e-4);
+  // The larger margin wins: a standard error wider than the tolerance still sets the floor.
+  CHECK(rp::choose_rate(grid, score, {0.3, 0.3, 0.8, 5.0}, 0.1) == 1e-3);  // floor 26.4
+  // Exactly at the floor counts; without seeds the tolerance alone sets it.
+  CHECK(rp::choose_rate(grid, {1.0, 9.0, 10.0, 2.0}, {}, 0.1) == 1e-3);
+  CHECK(rp::choose_rate(grid, {1.0, 8.9, 10.0, 2.0}, {}, 0.1) == 2e-3);
+  // A negative best (nothing learns): the margin is a tenth of its size, below it.
+  CHECK(rp::choose_rate(grid, {-11.5, -10.0, -12.0, -20.0}, {}, 0.2) == 5e-4);
+  CHECK(rp::choose_rate(grid, {-12.5, -10.0, -12.0, -20.0}, {}, 0.1) == 1e-3);
+  CHECK_THROWS_AS(rp::choose_rate(grid, score, error, 1.0), std::invalid_argument);
+  CHECK_THROWS_AS(rp::choose_rate(grid, score, error, -0.1), std::invalid_argument);
+  // choose() carries the tolerance to the choice and the report.
+  const auto c = rp::choose("mlp_gate_up", grid, {{19.2, 19.8}, {26.5, 27.1}, {29.7, 31.3}, {30.6, 32.2}}, 0.1);
+  CHECK(c.rate == 2e-3);
+  CHECK(rp::choose("mlp_gate_up", grid, {{19.2, 19.8}, {26.5, 27.1}, {29.7, 31.3}, {30.6, 32.2}}).rate == 5e-3);
+  CHECK(rp::default_settings().lr_search_tolerance == 0.1);
+  const auto md = rp::lr_search_markdown({c}, rp::default_settings(), 2, 1.0);
+  CHECK_THAT(md, Catch::Contains("within 10 % of the highest score or one standard error of it, whichever is more") &&
+                     Catch::Contains("| mlp_gate_up | +19.5 ± 0.3 | +26.8 ± 0.3 | +30.5 ± 0.8 | +31.4 ± 0.8 | 0.002 |"));
+  const auto one = rp::choose("sa_proj", grid, std::vector<double>{20.0, 28.0, 29.0, 30.0}, 0.1);
+  CHECK(one.rate == 1e-3);
+  CHECK_THAT(rp::lr_search_markdown({one}, rp::default_settings(), 2, 1.0),
+             Catch::Contains("the chosen rate is the smallest whose score is within 10 % of the highest score."));
+}
+
 TEST_CASE("the lr grid option: rates in increasing order, '' for none, anything else refused naming the option") {
   CHECK(rp::parse_rate_grid("1e-3,2e-4,5e-4") == std::vector<double>{2e-4, 5e-4, 1e-3});
   CHECK(rp::parse_rate_grid("0.002") == std::vector<double>{2e-3});
@@ -756,7 +789,8 @@ TEST_CASE("learning-rate search: each method trains at its best validation rate,
       CHECK(c.score[i] == (gain[0] + gain[1]) / 2);
       CHECK(c.error[i] == Approx(std::abs(gain[0] - gain[1]) / 2));
     }
-    CHECK(c.rate == rp::choose_rate(s.lr_grid, c.score, c.error));
+    CHECK(c.tolerance == s.lr_search_tolerance);
+    CHECK(c.rate == rp::choose_rate(s.lr_grid, c.score, c.error, s.lr_search_tolerance));
   }
   // The reported runs train at the chosen rates (LoRA's too: one rule).
   REQUIRE(res.methods.size() == 2);
@@ -803,4 +837,19 @@ TEST_CASE("fixed learning rates: no search, every seed of a method at --lr, LoRA
   CHECK(report.find("lr 0.0007 (LoRA 0.002)") != std::string::npos);
   CHECK(report.find("| chosen |") == std::string::npos);
   std::filesystem::remove_all(s.out);
+}
+
+TEST_CASE("device check: an unknown device and a watch on the GPU are refused, the CPU passes") {
+  rp::settings s = rp::default_settings();
+  CHECK_NOTHROW(rp::check_device(s));
+  s.pretrain_watch = 5;
+  CHECK_NOTHROW(rp::check_device(s));  // the CPU pretraining has the watcher
+  s.device = "tpu";
+  CHECK_THROWS_WITH(rp::check_device(s), Catch::Contains("unknown device 'tpu'"));
+  // Refused before the build's CUDA check, so the CPU-only build checks it too: pretrain_cuda has
+  // no watcher, and a library caller's settings never pass main.cpp's option checks.
+  s.device = "cuda";
+  CHECK_THROWS_WITH(rp::check_device(s), Catch::Contains("--pretrain-watch watches the CPU pretraining only (not --device cuda)"));
+  s.pretrain_watch = 0;
+  if constexpr (!rp::built_with_cuda) CHECK_THROWS_WITH(rp::check_device(s), Catch::Contains("not built with CUDA"));
 }

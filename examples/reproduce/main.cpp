@@ -9,7 +9,7 @@
 //             [--text-hidden N] [--text-heads N] [--text-kv-heads N] [--text-intermediate N] [--text-layers N]
 //             [--train-layers A:B]
 //             [--stage-steps N] [--stage-batch N] [--lr-grid X,Y,... | --lr X] [--test-examples N]
-//             [--lr-search-stages N] [--lr-search-seeds N] [--validation-examples N]
+//             [--lr-search-stages N] [--lr-search-seeds N] [--lr-tolerance F] [--validation-examples N]
 //             [--jobs N] [--threads N]
 //   reproduce --gateskip-sweep [--out DIR] [--order TARGET,...] [--stage-steps N] ...
 //
@@ -85,8 +85,9 @@ void usage() {
                "  --stage-steps N --stage-batch N --test-examples N\n"
                "  --lr-grid X,Y,...      every method's peak learning rate, LoRA's too, is the smallest rate of this grid\n"
                "                         whose first stages learn their targets, on validation examples held apart from\n"
-               "                         the test sets and averaged over the search seeds, within one standard error of\n"
-               "                         the best rate's; '': no search (default 5e-4,1e-3,2e-3,5e-3)\n"
+               "                         the test sets and averaged over the search seeds, within a tenth of the best\n"
+               "                         rate's (or one standard error, if more); '': no search (default 5e-4,1e-3,2e-3,5e-3)\n"
+               "  --lr-tolerance F       that tenth: a fraction in [0, 1) (0: one standard error only)\n"
                "  --lr-search-stages N --lr-search-seeds N --validation-examples N   the search's stages (default 2),\n"
                "                         fine-tuning seeds (default 3; 1: the highest score, no standard error) and\n"
                "                         validation examples per target (default 192)\n"
@@ -219,6 +220,8 @@ int main(int argc, char** argv) {
         grid_given = true;
       } else if (a == "--lr-search-stages") {
         s.lr_search_stages = integer();
+      } else if (a == "--lr-tolerance") {
+        s.lr_search_tolerance = real();
       } else if (a == "--lr-search-seeds") {
         s.lr_search_seeds = integer();
       } else if (a == "--validation-examples") {
@@ -279,9 +282,6 @@ int main(int argc, char** argv) {
     positive("--pretrain-lr", s.pretrain_lr);
     if (s.pretrain_focus_steps < 0) throw std::invalid_argument("option --pretrain-focus-steps must not be negative");
     if (s.pretrain_watch < 0) throw std::invalid_argument("option --pretrain-watch must not be negative");
-    if (s.pretrain_watch > 0 && s.device != "cpu")
-      throw std::invalid_argument("option --pretrain-watch watches the CPU pretraining only (not --device " + s.device +
-                                  ")");
     rp::pretrain_slots(s, rp::pretrain_task_names(), false);  // names a pretraining task, leaves one to draw
     positive("--stage-steps", s.stage_steps);
     positive("--stage-batch", s.stage_batch);
@@ -292,6 +292,9 @@ int main(int argc, char** argv) {
     if (fixed_rate) s.lr_grid.clear();  // the rates given, for every method and seed
     positive("--lr-search-stages", s.lr_search_stages);
     positive("--lr-search-seeds", s.lr_search_seeds);
+    if (!(s.lr_search_tolerance >= 0 && s.lr_search_tolerance < 1))
+      throw std::invalid_argument("option --lr-tolerance needs a fraction in [0, 1), got " +
+                                  std::to_string(s.lr_search_tolerance));
     positive("--validation-examples", s.validation_examples);
     positive("--test-examples", s.test_examples);
     positive("--seeds", s.seeds);

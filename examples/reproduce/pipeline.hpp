@@ -207,6 +207,11 @@ inline void pretrain_in_child(const settings& s, const run_data& d, const std::s
 inline void check_device(const settings& s) {
   if (s.device == "cpu") return;
   if (s.device != "cuda") throw std::invalid_argument("reproduce: unknown device '" + s.device + "' (cpu or cuda)");
+  // The watcher evaluates inside the CPU pretraining loop; pretrain_cuda has no such hook, and
+  // ignoring the request silently would look like a watch that saw nothing.
+  if (s.pretrain_watch > 0)
+    throw std::invalid_argument("reproduce: --pretrain-watch watches the CPU pretraining only (not --device " + s.device +
+                                ")");
   if constexpr (!built_with_cuda) {
     throw std::invalid_argument(
         "reproduce: not built with CUDA (configure with -DSKILLGRAFT_REPRODUCE_CUDA=ON, or run scripts/reproduce.sh "
@@ -311,7 +316,7 @@ std::vector<rate_choice> search_rates(const settings& s, const std::vector<std::
       const auto at = score.begin() + long((m * G + g) * S);
       per_seed.emplace_back(at, at + long(S));
     }
-    chosen.push_back(choose(methods[m], s.lr_grid, per_seed));
+    chosen.push_back(choose(methods[m], s.lr_grid, per_seed, s.lr_search_tolerance));
     prog.note(methods[m] + ": learning rate " + chosen_text(chosen.back()));
   }
   return chosen;
