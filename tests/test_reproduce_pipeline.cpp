@@ -365,14 +365,22 @@ TEST_CASE("seed statistics: t-interval, test-set standard error and rank correla
     return m;
   };
   const auto agg = rp::aggregate({run("llm", 1, 20, -30, 0.4), run("mlp_gate_up", 1, 16, -5, 0.1), run("llm", 2, 22, -31, 0.5),
-                                  run("mlp_gate_up", 2, 14, -6, 0.1), run("sa_proj", 1, 18, -20, 0.3)});
-  REQUIRE(agg.size() == 3);
+                                  run("mlp_gate_up", 2, 14, -6, 0.1), run("sa_proj", 1, 18, -20, 0.3),
+                                  run("mlp", 1, 10, -60, 0.6), run("mlp", 2, 12, -61, 0.7),
+                                  run("mlp_down", 1, 10, -35, 0.45), run("mlp_down", 2, 12, -37, 0.5)});
+  REQUIRE(agg.size() == 5);
   CHECK(agg[0].seeds == std::vector<std::uint64_t>{1, 2});
   CHECK(agg[0].heldout_mean.mean == Approx(-30.5));
   CHECK(agg[0].heldout_mean.half == Approx(12.7062 * std::sqrt(0.5) / std::sqrt(2.0)));
   const auto text = rp::comparison_markdown(agg);
   CHECK_THAT(text, Catch::Contains("- mlp_gate_up: forgets 0.18 of what llm forgets (0.18 after the last stage), learns "
                                    "0.71 of its learning; its forgetting interval does not overlap llm's.") &&
+                       // -60.5 ± 6.4 lies below llm's -30.5 ± 6.4: apart too, on the other side.
+                       Catch::Contains("- mlp: forgets 1.98 of what llm forgets (1.98 after the last stage), learns 0.52 "
+                                       "of its learning; its forgetting interval does not overlap llm's (it forgets more).") &&
+                       // -36.0 ± 12.7 reaches into llm's interval.
+                       Catch::Contains("- mlp_down: forgets 1.18 of what llm forgets (1.18 after the last stage), learns "
+                                       "0.52 of its learning; its forgetting interval overlaps llm's.") &&
                        Catch::Contains("between the counting bias (max) and the mean held-out forgetting: 1.00."));
 }
 

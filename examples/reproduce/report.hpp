@@ -190,11 +190,14 @@ inline std::string comparison_markdown(const std::vector<seeded_summary>& ms) {
     o += "Against the whole LLM (means over seeds; forgetting is the mean held-out Δ over stages):\n\n";
     for (const auto& a : ms) {
       if (&a == llm) continue;
-      const bool apart = a.heldout_mean.lo() > llm->heldout_mean.hi();
+      // Apart on either side: a recipe can forget significantly more than llm, too.
+      const bool less = a.heldout_mean.lo() > llm->heldout_mean.hi();
+      const bool more = a.heldout_mean.hi() < llm->heldout_mean.lo();
       o += "- " + a.mean.name + ": forgets " + fmt(a.heldout_mean.mean / llm->heldout_mean.mean, "%.2f") +
            " of what llm forgets (" + fmt(a.heldout_final.mean / llm->heldout_final.mean, "%.2f") +
            " after the last stage), learns " + fmt(a.learning.mean / llm->learning.mean, "%.2f") +
-           " of its learning; its forgetting interval " + (apart ? "does not overlap" : "overlaps") + " llm's.\n";
+           " of its learning; its forgetting interval " +
+           (less ? "does not overlap llm's" : more ? "does not overlap llm's (it forgets more)" : "overlaps llm's") + ".\n";
     }
     o += "\n";
   }
