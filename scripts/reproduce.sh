@@ -4,7 +4,7 @@
 # reproduction for this CPU, pretrains the base model (cached as base.safetensors in the
 # output directory, so a rerun skips it), teaches five target skills in sequence with each
 # tuning method, and writes report.md, CSV files and SVG pictures.
-# The default run (four recipes, three seeds each) takes about 7 minutes on 2 idle cores, plus about 2.5
+# The default run (four recipes, three seeds each) takes about 7 to 8 minutes on 2 idle cores, plus about 2.5
 # to build (docs/reproduction.md); --full runs all ten methods with 1000 steps per stage, closer to
 # the paper: about 49 minutes with a one-seed rate search (--lr-search-seeds 1; 45 with the
 # default run's base model cached, which --full shares), about 80 (estimated) with the default three.
