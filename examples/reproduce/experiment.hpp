@@ -110,8 +110,8 @@ struct settings {
   std::vector<double> lr_grid{5e-4, 1e-3, 2e-3, 5e-3};
   int lr_search_stages = 2;
   int lr_search_seeds = 3;
-  // A tenth: wider than the median spread (11 %) of one method's score between base models of
-  // one seed made by two builds, so that the choice does not flip with the machine (lr_search.hpp).
+  // A tenth: about the median spread (11 %) of one method's score between base models of one
+  // seed made by two builds, so that the choice rarely flips with the machine (lr_search.hpp).
   double lr_search_tolerance = 0.1;
   int validation_examples = 192;  // per searched target
   int lora_rank = 8;

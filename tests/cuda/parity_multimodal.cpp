@@ -125,7 +125,7 @@ void step_parity(R recipe, const sg::model::multimodal_config& c) {
   CHECK(grads.device_delta() == host_grads);
   // eps well above the gradients' rounding: AdamW's first step moves each weight by about
   // lr g / (|g| + eps), whose slope at g = 0 is lr / eps. With the default 1e-8 that multiplies
-  // the two backends' rounding of a near-zero gradient (1e-10 apart, within the gradient check's
+  // the two backends' rounding of a near-zero gradient (well within the gradient check's
   // tolerance) by 1e6 into the weights, and the weight check then compares rounding noise, not
   // the update: seen on a CPU whose GEMM sums in another order (2e-4 apart on one weight of the
   // vision MLP, 2 % of its update). At 1e-2 the slope is 1 and every term of the update still runs.
