@@ -12,4 +12,7 @@ cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release \
   -DSKILLGRAFT_CUDA_ARCHITECTURES="${SKILLGRAFT_CUDA_ARCHITECTURES:-90}"  # CI compiles CUDA for one architecture
 cmake --build "$build" -j "$jobs"
 cd "$build"
-OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" ctest --output-on-failure -j "$jobs"
+# ctest -j runs as many programs as there are cores, each on OMP_NUM_THREADS threads: OpenMP's
+# threads wait asleep, or each waits out the others' time slices (tests/CMakeLists.txt).
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}" \
+  ctest --output-on-failure -j "$jobs"

@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <numbers>
 #include <set>
 #include <sstream>
@@ -860,4 +861,20 @@ TEST_CASE("device check: an unknown device and a watch on the GPU are refused, t
   CHECK_THROWS_WITH(rp::check_device(s), Catch::Contains("--pretrain-watch watches the CPU pretraining only (not --device cuda)"));
   s.pretrain_watch = 0;
   if constexpr (!rp::built_with_cuda) CHECK_THROWS_WITH(rp::check_device(s), Catch::Contains("not built with CUDA"));
+}
+
+TEST_CASE("rate rule check: a tolerance below 0 or from 1 up is refused before anything is written") {
+  rp::settings s = sg::test::reduced_settings("rate-rule-check");
+  std::filesystem::remove_all(s.out);
+  rp::progress prog(true);
+  for (double bad : {-0.1, 1.0, std::numeric_limits<double>::quiet_NaN()}) {
+    s.lr_search_tolerance = bad;
+    CHECK_THROWS_WITH(rp::check_rate_rule(s), Catch::Contains("settings::lr_search_tolerance) must be in [0, 1)"));
+    CHECK_THROWS_WITH(rp::run_pipeline(s, prog), Catch::Contains("lr_search_tolerance"));
+    CHECK_FALSE(std::filesystem::exists(s.out));  // no pretraining, no cache
+  }
+  s.lr_search_tolerance = 0;
+  CHECK_NOTHROW(rp::check_rate_rule(s));
+  s.lr_search_tolerance = 0.5;
+  CHECK_NOTHROW(rp::check_rate_rule(s));
 }

@@ -233,6 +233,15 @@ inline void check_device(const settings& s) {
   }
 }
 
+// Refuses a rate rule choose_rate would refuse, before the base model is pretrained and the
+// grid searched: a library caller's settings never pass main.cpp's option checks, and the
+// search would otherwise fail only after both.
+inline void check_rate_rule(const settings& s) {
+  if (!(s.lr_search_tolerance >= 0 && s.lr_search_tolerance < 1))
+    throw std::invalid_argument("reproduce: the rate rule's tolerance (settings::lr_search_tolerance) must be in [0, 1), got " +
+                                std::to_string(s.lr_search_tolerance));
+}
+
 // run_method on the settings' device: with --device cuda every method trains on the GPU.
 template <template <class, class> class Stage = cpu_stage>
 method_result run_method_on(const std::string& m, const settings& s, const weights_t& base,
@@ -330,6 +339,7 @@ pipeline_result run_pipeline(const settings& s, progress& prog) {
   const auto t_start = clock::now();
   pipeline_result res;
   check_device(s);  // before anything is written
+  check_rate_rule(s);
   check_cache(s);  // refuses a cache it must not overwrite, before anything is written
   if (s.write_files) std::filesystem::create_directories(s.out);
   const int threads = std::max(1, s.threads);
