@@ -94,6 +94,29 @@ TEST_CASE("The attention core does not depend on the thread count") {
   for (std::size_t i = 0; i < one.size(); ++i) CHECK(same_bits(one[i], two[i]));
 }
 
+// Above the size at which the heads get threads (a prompt) and below it (one token decoded per
+// sequence), listing every row and every other one.
+TEST_CASE("Cached attention does not depend on the thread count") {
+  for (const int queries : {16, 1}) {
+    sg::cached_attention_dims d;
+    d.batch = 2, d.queries = queries, d.past = 20, d.capacity = 40, d.heads = 4, d.kv_heads = 2, d.head_dim = 16;
+    const auto q = random_tensor({2, std::size_t(queries), 64}, 11);
+    const auto kc = random_tensor({2, 40, 32}, 12), vc = random_tensor({2, 40, 32}, 13);
+    for (const int stride : {1, 2}) {
+      std::vector<std::int64_t> rows;
+      for (std::int64_t t = 0; t < 2 * queries; t += stride) rows.push_back(t);
+      CAPTURE(queries, stride);
+      auto [one, two] = on_1_and_2_threads([&] {
+        tensor a(q.shape(), sg::memory_use::workspace);
+        a.fill(0.f);
+        sg::backend::cpu::cached_attention(d, 0.25f, q, kc, vc, rows, a);
+        return a;
+      });
+      CHECK(same_bits(one, two));
+    }
+  }
+}
+
 TEST_CASE("Row softmax, exp and sums give the same bits wherever the row lies in memory") {
   // The caching allocator hands the same tensor different addresses from run to run: a kernel
   // whose vector code peels to alignment (Eigen's expressions do) would change the last bits.

@@ -12,6 +12,7 @@
 // kept P are still written as zeros, so P's layout is unchanged.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 #include "skillgraft/backend/attention_dims.hpp"
 #include "skillgraft/backend/cpu/gemm.hpp"
@@ -71,6 +72,12 @@ void softmax_rows(M& p, Eigen::Index r0, bool causal) {
     p.row(i).tail(m - seen).setZero();
   }
 }
+// Whether the heads are worth a parallel region: one costs about as much as a few tens of
+// thousands of multiply-adds, and a tiny model's attention (a test's, a draft model's) is called
+// thousands of times. A head is one thread's work either way, so the bits do not change.
+inline bool worth_threads(const attention_dims& d) {
+  return std::int64_t(d.batch) * d.heads * d.seq * d.seq * d.head_dim > 32768;
+}
 }  // namespace attention_detail
 
 struct attention_ops {
@@ -83,7 +90,7 @@ struct attention_ops {
     const int B = d.batch, S = d.seq, H = d.heads, KV = d.kv_heads, hd = d.head_dim, group = d.group();
     const bool keep = probs != nullptr;
     const int block = rows_per_block(S, d.causal);
-#pragma omp parallel
+#pragma omp parallel if (attention_detail::worth_threads(d))
     {
       row_matrix<T> scratch;
       if (!keep) scratch.resize(S, S);
@@ -121,7 +128,7 @@ struct attention_ops {
     const int block = rows_per_block(S, d.causal);
     // One task per (batch, kv head): the query heads sharing a kv head add into the same dk, dv
     // rows, so they run in one task, in order, with no races.
-#pragma omp parallel
+#pragma omp parallel if (attention_detail::worth_threads(d))
     {
       row_matrix<T> dP(need_ds ? block : 0, need_ds ? S : 0);  // one block's dP, then dS
 #pragma omp for collapse(2) schedule(static)

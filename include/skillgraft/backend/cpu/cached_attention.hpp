@@ -22,7 +22,12 @@ struct cached_attention_ops {
     const auto runs = token_runs(d, rows);
     const int H = d.heads, KV = d.kv_heads, hd = d.head_dim, group = d.group(), R = int(runs.size());
     const std::size_t kv_rows = std::size_t(KV) * std::size_t(hd);
-#pragma omp parallel for collapse(2) schedule(dynamic)
+    // One token per sequence at a small model's size is less work than a parallel region costs
+    // (attention.hpp's worth_threads): such calls run on this thread, with the same bits.
+    std::int64_t work = 0;
+    for (const auto& run : runs) work += std::int64_t(run.count) * (d.position_of(run.first) + run.count);
+    work *= std::int64_t(H) * hd;
+#pragma omp parallel for collapse(2) schedule(dynamic) if (work > 32768)
     for (int r = 0; r < R; ++r)
       for (int head = 0; head < H; ++head) {
         const std::int64_t t0 = runs[std::size_t(r)].first;
