@@ -5,6 +5,8 @@
 #include <catch2/catch.hpp>
 #include <omp.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <random>
 #include <string>
@@ -26,17 +28,24 @@ TEST_CASE("The GEMM library CMake chose is the one compiled in") {
   if (sg::cpu::gemm_library::compiled() == "eigen") CHECK_FALSE(sg::cpu::gemm_library::in_use());
 }
 
-// CTest also runs this under OPENBLAS_CORETYPE=Prescott, OpenBLAS's generic x86-64 core, to
-// check the fallback to Eigen that a CPU OpenBLAS does not recognise gets.
+// CTest also runs this under OPENBLAS_CORETYPE=Prescott, OpenBLAS's generic x86-64 core: a core
+// the user chose is kept, and the generic one falls back to Eigen. Without the variable, a
+// generic core that a CPU OpenBLAS does not recognise got is replaced by the CPU's ISA's core.
 TEST_CASE("The GEMM library multiplies unless it runs a generic kernel on this CPU") {
+  const auto active = sg::cpu::gemm_library::active();  // decides first: it may choose the core
   const auto core = sg::cpu::gemm_library::core();
-  INFO("compiled: " << sg::cpu::gemm_library::compiled() << ", core: " << core);
-  if (const char* forced = std::getenv("OPENBLAS_CORETYPE"); forced && sg::cpu::gemm_library::compiled() == "openblas")
-    CHECK(core == std::string_view(forced));
+  const char* forced = std::getenv("OPENBLAS_CORETYPE");
+  INFO("compiled: " << sg::cpu::gemm_library::compiled() << ", core: " << core << ", OPENBLAS_CORETYPE: "
+                    << (forced ? forced : "(unset)") << ", this CPU's core: " << sg::cpu::gemm_library::core_for_this_cpu());
+  if (forced && sg::cpu::gemm_library::compiled() == "openblas") CHECK(core == std::string_view(forced));
   if (sg::cpu::gemm_library::compiled() == "openblas" && core == "Prescott")
-    CHECK(sg::cpu::gemm_library::active() == "eigen");
+    CHECK(active == "eigen");
   else
-    CHECK(sg::cpu::gemm_library::active() == sg::cpu::gemm_library::compiled());
+    CHECK(active == sg::cpu::gemm_library::compiled());
+  // Debian's OpenBLAS can choose its core again: on a CPU with AVX2 or AVX-512 no run without the
+  // variable is left on the generic core.
+  if (!forced && sg::cpu::gemm_library::openblas_core_selectable() && !sg::cpu::gemm_library::core_for_this_cpu().empty())
+    CHECK(core != "Prescott");
 }
 
 namespace {
@@ -49,6 +58,50 @@ std::vector<T> random_vector(std::size_t n, unsigned seed) {
   return v;
 }
 }  // namespace
+
+// The step in_use() takes on a CPU OpenBLAS does not recognise, taken here on any CPU: to the
+// generic core, as at load time on such a CPU, then to the ISA's core, and back to the core the
+// process started with; each core's product agrees with a triple loop in double.
+#if defined(SKILLGRAFT_BLAS_OPENBLAS)
+TEST_CASE("OpenBLAS's core is chosen again: generic, this CPU's, and back") {
+  if (sg::cpu::gemm_library::compiled() != "openblas" || sg::cpu::gemm_library::core_for_this_cpu().empty())
+    return;  // Eigen, BLIS, or a CPU without AVX2: nothing to choose
+  const std::string start(sg::cpu::gemm_library::core());
+  const char* forced = std::getenv("OPENBLAS_CORETYPE");
+  const std::string forced_before = forced ? forced : "";
+  if (!sg::cpu::gemm_library::openblas_core_selectable()) {
+    WARN("this OpenBLAS cannot choose its core again (not a dynamic-arch build)");
+    return;
+  }
+  CHECK(sg::cpu::gemm_library::select_openblas_core("Prescott"));
+  const int m = 67, n = 45, k = 131;
+  const auto A = random_vector<float>(std::size_t(m) * k, 1), B = random_vector<float>(std::size_t(k) * n, 2);
+  const auto agrees = [&] {
+    std::vector<float> C(std::size_t(m) * n, 0.f);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, k, 1.f, A.data(), k, B.data(), n, 0.f, C.data(), n);
+    double worst = 0;
+    for (int i = 0; i < m; ++i)
+      for (int j = 0; j < n; ++j) {
+        double c = 0;
+        for (int p = 0; p < k; ++p) c += double(A[std::size_t(i) * k + p]) * B[std::size_t(p) * n + j];
+        worst = std::max(worst, std::abs(c - C[std::size_t(i) * n + j]) / (1 + std::abs(c)));
+      }
+    return worst < 1e-5;
+  };
+  CHECK(sg::cpu::gemm_library::core() == "Prescott");
+  CHECK(agrees());
+  const auto isa = sg::cpu::gemm_library::core_for_this_cpu();
+  CHECK(sg::cpu::gemm_library::select_openblas_core(isa));
+  CHECK(sg::cpu::gemm_library::core() == isa);
+  CHECK(agrees());
+  CHECK(sg::cpu::gemm_library::select_openblas_core(start));
+  CHECK(sg::cpu::gemm_library::core() == start);
+  // The user's environment is left as it was.
+  const char* after = std::getenv("OPENBLAS_CORETYPE");
+  CHECK((after ? std::string(after) : std::string()) == forced_before);
+  CHECK(bool(after) == bool(forced));
+}
+#endif
 
 TEMPLATE_TEST_CASE("GEMM agrees with a triple loop for every transpose, stride, alpha and beta", "", float, double) {
   using T = TestType;

@@ -638,6 +638,19 @@ TEST_CASE("learning-rate rule with a tolerance: the smallest rate within a fract
   CHECK(one.rate == 1e-3);
   CHECK_THAT(rp::lr_search_markdown({one}, rp::default_settings(), 2, 1.0),
              Catch::Contains("the chosen rate is the smallest whose score is within 10 % of the highest score."));
+  // The grid's ends, named where the rule met them: mlp_gate_up's and sa_proj's highest scores
+  // lie at 5e-3, mlp's inside the grid; only llm chose 5e-4.
+  CHECK_THAT(md, Catch::Contains("The highest score lies at the grid's largest rate for mlp_gate_up:") &&
+                     !Catch::Contains("smallest rate was chosen"));
+  const auto inside = rp::choose("mlp", grid, std::vector<double>{20.0, 30.0, 29.0, 25.0}, 0.1);
+  CHECK(inside.rate == 1e-3);
+  CHECK_THAT(rp::lr_search_markdown({inside}, rp::default_settings(), 2, 1.0),
+             !Catch::Contains("grid's largest rate") && !Catch::Contains("smallest rate was chosen"));
+  const auto llm = rp::choose("llm", grid, std::vector<double>{30.0, 31.0, 29.0, 20.0}, 0.1);
+  CHECK(llm.rate == 5e-4);
+  CHECK_THAT(rp::lr_search_markdown({inside, one, llm}, rp::default_settings(), 2, 1.0),
+             Catch::Contains("The grid's smallest rate was chosen for llm: a smaller rate might also be within the margin") &&
+                 Catch::Contains("largest rate for sa_proj:"));
 }
 
 TEST_CASE("the lr grid option: rates in increasing order, '' for none, anything else refused naming the option") {

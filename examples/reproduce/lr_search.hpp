@@ -265,6 +265,23 @@ inline std::string lr_search_markdown(const std::vector<rate_choice>& chosen, co
     o += chosen_text(c);
     o += " |\n";
   }
+  // Where the grid ends too soon for the rule: a rate below the smallest might also reach the
+  // floor, and one above the largest might score higher and raise it.
+  std::string low, high;
+  for (const auto& c : chosen) {
+    if (c.grid.size() < 2) continue;
+    const auto [lo, hi] = std::minmax_element(c.grid.begin(), c.grid.end());
+    if (c.rate == *lo) low += (low.empty() ? "" : ", ") + c.method;
+    const auto top = std::max_element(c.score.begin(), c.score.end());
+    if (c.grid[std::size_t(top - c.score.begin())] == *hi) high += (high.empty() ? "" : ", ") + c.method;
+  }
+  if (!low.empty())
+    o += "\nThe grid's smallest rate was chosen for " + low +
+         ": a smaller rate might also be within the margin, and the rule would take it on a grid that went lower "
+         "(--lr-grid).\n";
+  if (!high.empty())
+    o += "\nThe highest score lies at the grid's largest rate for " + high +
+         ": a larger rate might score higher and raise the margin's floor (--lr-grid).\n";
   return o + "\n";
 }
 

@@ -12,6 +12,8 @@
 #include <Eigen/Core>
 
 #include <atomic>
+#include <cstdlib>
+#include <string>
 #include <string_view>
 #include <type_traits>
 
@@ -19,6 +21,12 @@
 
 #if defined(SKILLGRAFT_BLAS_OPENBLAS) || defined(SKILLGRAFT_BLAS_BLIS)
 #include <cblas.h>
+#endif
+#if defined(SKILLGRAFT_BLAS_OPENBLAS) && defined(__linux__)
+#include <stdlib.h>  // setenv, unsetenv
+// OpenBLAS's dynamic-arch builds only; weak, so that other builds link and see null.
+extern "C" void gotoblas_dynamic_init(void) __attribute__((weak));
+extern "C" void gotoblas_dynamic_quit(void) __attribute__((weak));
 #endif
 #if defined(SKILLGRAFT_BLAS_BLIS)
 #include <blis.h>
@@ -53,15 +61,64 @@ struct gemm_library {
 #endif
   }
 
-  // False when the compiled-in library would run a generic kernel on this CPU: OpenBLAS
-  // 0.3.21 does not recognise some newer CPUs and then dispatches to its generic x86-64 core,
-  // "Prescott" (SSE3), about a quarter of Eigen's rate on a 2-core AVX-512 Xeon. The backend
-  // then multiplies with Eigen instead (decided once per process, so results stay repeatable).
+  // OpenBLAS's core for the running CPU's vector ISA: "SkylakeX" where AVX-512 (F, BW, DQ, VL)
+  // runs, "Haswell" where AVX2 and FMA do, else "" (nothing better than the generic core).
+  static std::string_view core_for_this_cpu() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+      return "SkylakeX";
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "Haswell";
+#endif
+    return "";
+  }
+
+  // Makes OpenBLAS dispatch to `name` (one of its OPENBLAS_CORETYPE names) from now on, as the
+  // variable would have at load time; true if it then runs that core. Only OpenBLAS's
+  // dynamic-arch builds (Debian's) can: they export gotoblas_dynamic_quit/init, which choose the
+  // core again from OPENBLAS_CORETYPE; in other builds the symbols are null and nothing changes.
+  // Not while another thread multiplies with OpenBLAS.
+  static bool openblas_core_selectable() {
+#if defined(SKILLGRAFT_BLAS_OPENBLAS) && defined(__linux__)
+    return gotoblas_dynamic_quit && gotoblas_dynamic_init;
+#else
+    return false;
+#endif
+  }
+  static bool select_openblas_core(std::string_view name) {
+#if defined(SKILLGRAFT_BLAS_OPENBLAS) && defined(__linux__)
+    if (!openblas_core_selectable() || name.empty()) return false;
+    const std::string want(name);
+    const char* before = std::getenv("OPENBLAS_CORETYPE");
+    const std::string saved = before ? before : "";
+    ::setenv("OPENBLAS_CORETYPE", want.c_str(), 1);
+    gotoblas_dynamic_quit();
+    gotoblas_dynamic_init();
+    if (before) ::setenv("OPENBLAS_CORETYPE", saved.c_str(), 1);
+    else ::unsetenv("OPENBLAS_CORETYPE");
+    return core() == name;
+#else
+    (void)name;
+    return false;
+#endif
+  }
+
+  // False when the compiled-in library would run a generic kernel on this CPU. OpenBLAS 0.3.21
+  // does not recognise some newer CPUs (a 2-core Emerald Rapids Xeon among them) and dispatches
+  // to its generic x86-64 core, "Prescott" (SSE3): 36-65 GFLOP/s there, against 185 for its
+  // SkylakeX core and 52 for Eigen in a build without -march (docs/performance.md). Unless the
+  // user chose a core (OPENBLAS_CORETYPE), the backend then asks OpenBLAS for the core of the
+  // CPU's ISA (select_openblas_core); where that is not possible it multiplies with Eigen.
+  // Decided once per process, before the first product, so results stay repeatable.
   static bool in_use() {
 #if defined(SKILLGRAFT_BLAS_OPENBLAS)
     static const bool knows_cpu = [] {
-      const std::string_view c = core();
-      return !c.empty() && c != "Prescott" && c != "unknown";
+      const auto generic = [] {
+        const std::string_view c = core();
+        return c.empty() || c == "Prescott" || c == "unknown";
+      };
+      if (generic() && !std::getenv("OPENBLAS_CORETYPE")) select_openblas_core(core_for_this_cpu());
+      return !generic();
     }();
     return knows_cpu;
 #elif defined(SKILLGRAFT_BLAS_BLIS)
