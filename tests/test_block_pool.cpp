@@ -1,5 +1,6 @@
 // The caching pool behind both backends' tensors (backend/block_pool.hpp): blocks come back by
-// size, the pool never holds more than its high-water mark of bytes in use, a changing workload
+// size, the pool holds no more than its high-water mark of bytes in use plus a headroom that only
+// sizes coming back after an eviction raise (to an eighth of the mark at most), a changing workload
 // evicts the longest-parked blocks, and running out of memory frees the parked ones and retries.
 #include <catch2/catch.hpp>
 
@@ -82,6 +83,59 @@ TEST_CASE("block pool: reserved bytes never exceed the high-water mark of bytes 
   CHECK(pool.peak_in_use() == peak_in_use);
   CHECK(pool.peak_reserved() <= peak_in_use);
   CHECK(counted_raw::frees > 0);  // the longest-parked lengths went back
+}
+
+TEST_CASE("block pool: a step whose peaks hold different sizes stops going to the system", "[block_pool]") {
+  counted_raw::reset();
+  pool_t pool(1);
+  // Two peaks of 1000 bytes in use with different sizes: the weights' 800 with x and y, then
+  // with y, z and w. At the high-water mark alone, the second peak evicts x's block to make
+  // room for z and w, and the next step's first peak evicts theirs for x again, every step.
+  const auto step = [&] {
+    void* weights = pool.allocate(800, "weights");
+    void* x = pool.allocate(100, "x");
+    void* y = pool.allocate(100, "y");
+    pool.deallocate(x, 100);
+    void* z = pool.allocate(50, "z");
+    void* w = pool.allocate(50, "w");
+    pool.deallocate(y, 100);
+    pool.deallocate(z, 50);
+    pool.deallocate(w, 50);
+    pool.deallocate(weights, 800);
+  };
+  step();
+  step();
+  const auto churn = pool.misses();
+  CHECK(churn > 5);  // the second step went to the system again
+  CHECK(pool.headroom() > 0);
+  for (int i = 0; i < 3; ++i) step();
+  const auto misses = pool.misses(), allocations = counted_raw::allocations;
+  for (int i = 0; i < 10; ++i) step();
+  CHECK(pool.misses() == misses);  // the steady state is served from parked blocks
+  CHECK(counted_raw::allocations == allocations);
+  CHECK(pool.peak_in_use() == 1000);
+  CHECK(pool.headroom() <= pool.peak_in_use() / 8);
+  CHECK(pool.peak_reserved() <= pool.peak_in_use() + pool.headroom());
+  CHECK(counted_raw::live == pool.reserved());
+}
+
+TEST_CASE("block pool: the headroom stays within an eighth of the high-water mark", "[block_pool]") {
+  counted_raw::reset();
+  pool_t pool(1);
+  // Rounds alternate between two sets of sizes that each fill the peak: every size comes back
+  // after its eviction, more than an eighth would be needed to keep both, and the pool still
+  // never holds more than 9/8 of the peak.
+  for (int round = 0; round < 40; ++round) {
+    const std::vector<std::size_t> sizes =
+        round % 2 ? std::vector<std::size_t>{250, 250, 250, 250} : std::vector<std::size_t>{500, 500};
+    std::vector<void*> held;
+    for (std::size_t n : sizes) held.push_back(pool.allocate(n, "block"));
+    CHECK(pool.reserved() <= 1000 + 1000 / 8);
+    for (std::size_t i = 0; i < sizes.size(); ++i) pool.deallocate(held[i], sizes[i]);
+  }
+  CHECK(pool.peak_in_use() == 1000);
+  CHECK(pool.headroom() == 1000 / 8);
+  CHECK(pool.peak_reserved() <= 1000 + 1000 / 8);
 }
 
 TEST_CASE("block pool: a cache limit bounds the parked bytes, oldest first", "[block_pool]") {

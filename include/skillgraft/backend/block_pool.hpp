@@ -13,12 +13,19 @@
 //   static void free(void* p, std::size_t bytes) noexcept
 //   static bool out_of_memory(const std::exception&)              a failure worth a retry
 //
-// The pool never holds more than the most its blocks were ever in use at once: a block that
-// would take `reserved()` above the high-water mark of bytes in use makes the longest-parked
-// blocks go back first. A training step parks what it frees and takes it back next step, with
-// the same peak as without a pool; a workload whose shapes change (generation, evaluation at
-// other lengths) does not pin memory for shapes that never return. `set_cache_limit` bounds
-// the parked bytes further. When an allocation fails for lack of memory, every parked block is
+// The pool holds little more than the most its blocks were ever in use at once: a block that
+// would take `reserved()` above that high-water mark (plus the headroom below) makes the
+// longest-parked blocks go back first. A workload whose shapes change (generation, evaluation
+// at other lengths) does not pin memory for shapes that never return.
+//
+// Headroom: blocks are kept by size, so the high-water mark alone is not always enough for a
+// step to be served from parked blocks. When a step's peak is reached twice with different
+// sizes in use (the forward's activations, then the backward's gradients), the sizes parked at
+// one peak are evicted to make room for the other's, and asked for again next step: a training
+// step of the reference trunk went to the system 8-32 times per step that way, each a fresh
+// zeroed mapping. So a miss for a size the pool evicted earlier (the workload came back to it)
+// raises the headroom by that size, up to an eighth of the high-water mark; sizes that never
+// return never raise it. `set_cache_limit` bounds the parked bytes further. When an allocation fails for lack of memory, every parked block is
 // freed and it is retried once.
 //
 // Parked blocks are not in the byte ledger (memory.hpp counts what tensors hold); `reserved()`
@@ -58,12 +65,17 @@ class block_pool {
       it->second.pop_back();
       cached_ -= n;
       ++hits_;
+      peak_in_use_ = std::max(peak_in_use_, reserved_ - cached_);
       return p;
     }
     ++misses_;
-    // Make room first, so that the process never holds the new block and the old ones at once.
     const std::size_t peak_in_use = std::max(peak_in_use_, reserved_ - cached_ + n);
-    while (reserved_ + n > peak_in_use && cached_ > 0) evict_oldest_locked();
+    if (auto e = evicted_.find(n); e != evicted_.end()) {  // a size evicted earlier came back
+      if (--e->second == 0) evicted_.erase(e);
+      headroom_ = std::min(headroom_ + n, peak_in_use / 8);
+    }
+    // Make room first, so that the process never holds the new block and the old ones at once.
+    while (reserved_ + n > peak_in_use + headroom_ && cached_ > 0) evict_oldest_locked();
     void* p = nullptr;
     try {
       p = Raw::allocate(n, what);
@@ -109,6 +121,8 @@ class block_pool {
   std::size_t cached() const { return cached_; }
   std::size_t peak_reserved() const { return peak_reserved_; }
   std::size_t peak_in_use() const { return peak_in_use_; }
+  // What the pool may hold above peak_in_use() (see the headroom above).
+  std::size_t headroom() const { return headroom_; }
   void reset_peak() { peak_reserved_ = reserved_; }
   // Requests served from a parked block, and requests that went to `Raw`.
   std::uint64_t hits() const { return hits_; }
@@ -131,6 +145,7 @@ class block_pool {
       if (!it->second.empty() && (oldest == parked_.end() || it->second.front().stamp < oldest->second.front().stamp))
         oldest = it;
     if (oldest == parked_.end()) return;
+    if (evicted_.size() < max_evicted_sizes || evicted_.count(oldest->first)) ++evicted_[oldest->first];
     free_locked(oldest->second.front().p, oldest->first);
     oldest->second.erase(oldest->second.begin());
     cached_ -= oldest->first;
@@ -147,7 +162,11 @@ class block_pool {
   std::size_t limit_ = std::numeric_limits<std::size_t>::max();
   std::mutex mutex_;
   std::unordered_map<std::size_t, std::vector<parked>> parked_;
-  std::size_t reserved_ = 0, cached_ = 0, peak_reserved_ = 0, peak_in_use_ = 0;
+  // Sizes evicted and not asked for since, with how many times: a miss on one of them is churn.
+  // Bounded, so that a workload of ever-new sizes does not grow it without end.
+  static constexpr std::size_t max_evicted_sizes = 4096;
+  std::unordered_map<std::size_t, std::size_t> evicted_;
+  std::size_t reserved_ = 0, cached_ = 0, peak_reserved_ = 0, peak_in_use_ = 0, headroom_ = 0;
   std::uint64_t clock_ = 0, hits_ = 0, misses_ = 0;
 };
 
