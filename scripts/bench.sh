@@ -14,6 +14,11 @@
 #                     trunk and training step in PyTorch eager, and bench/compare_torch.py's
 #                     table of skillgraft/PyTorch time ratios and peak memory per recipe
 #                     (docs/performance.md, "PyTorch side by side")
+#   bench/interleaved.py  with SKILLGRAFT_BENCH_ROUNDS=N (and torch found): N alternating rounds,
+#                     each running skillgraft and PyTorch back to back per recipe, the side that
+#                     goes first swapped every round; the median of the per-round ratios is the
+#                     figure to quote on a machine whose speed drifts (docs/performance.md,
+#                     "Alternating rounds"). SKILLGRAFT_BENCH_PARTS: step (default), trunk or both.
 # Extra arguments go to both C++ benchmarks (e.g. --benchmark_repetitions=5);
 # SKILLGRAFT_TORCH_ARGS to torch_reference.py (e.g. "--repetitions 7 --recipes llm,sa_proj").
 # SKILLGRAFT_BENCH_BUILD (default build-release) and SKILLGRAFT_BENCH_JOBS (default nproc)
@@ -54,6 +59,12 @@ if [[ -n "$torch_python" ]]; then
   echo
   "$torch_python" "$root/bench/compare_torch.py" "$results/bench_recipes.json" \
     "$results/bench_train_step.json" "$results/torch_reference.json"
+  if [[ -n "${SKILLGRAFT_BENCH_ROUNDS:-}" ]]; then
+    echo
+    "$torch_python" "$root/bench/interleaved.py" --build "$build" --python "$torch_python" \
+      --rounds "$SKILLGRAFT_BENCH_ROUNDS" --parts "${SKILLGRAFT_BENCH_PARTS:-step}" --threads "$OMP_NUM_THREADS" \
+      --json "$results/interleaved.json"
+  fi
 else
   echo "bench.sh: no python here imports torch and transformers; scripts/torch-venv.sh installs them" \
     "(into .venv-bench) for the PyTorch side-by-side table"
