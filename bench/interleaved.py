@@ -30,9 +30,9 @@ import sys
 import tempfile
 import time
 
+from torch_reference import RECIPES, recipes_and_parts  # names only: it imports torch inside its functions
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-RECIPES = ["llm", "mlp", "mlp_gate_up", "sa_proj", "mlp_down", "frozen"]
-PARTS = ["step", "trunk"]
 BINARY = {"trunk": ("bench_recipes", "BM_step/"), "step": ("bench_train_step", "BM_train_step/")}
 
 
@@ -75,13 +75,7 @@ def main():
     ap.add_argument("--goal", type=float, default=1.5, help="the speed-up asked of skillgraft (default 1.5)")
     ap.add_argument("--json")
     a = ap.parse_args()
-    recipes, parts = a.recipes.split(","), a.parts.split(",")
-    for r in recipes:
-        if r not in RECIPES:
-            ap.error(f"unknown recipe '{r}' (known: {', '.join(RECIPES)})")
-    for p in parts:
-        if p not in PARTS:
-            ap.error(f"unknown part '{p}' (known: {', '.join(PARTS)})")
+    recipes, parts = recipes_and_parts(ap, a.recipes, a.parts)
     if a.rounds < 1 or a.threads < 1 or a.pt_repetitions < 1:
         ap.error("--rounds, --threads and --pt-repetitions must be at least 1")
     for part in parts:

@@ -316,6 +316,18 @@ def table(rows, config, threads):
     return "\n".join(lines)
 
 
+def recipes_and_parts(ap, recipes, parts):
+    """The comma-separated --recipes and --parts as lists; an unknown name is a usage error."""
+    recipes, parts = recipes.split(","), parts.split(",")
+    for r in recipes:
+        if r not in RECIPES:
+            ap.error(f"unknown recipe '{r}' (known: {', '.join(RECIPES)})")
+    for p in parts:
+        if p not in PARTS:
+            ap.error(f"unknown part '{p}' (known: {', '.join(PARTS)})")
+    return recipes, parts
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
@@ -333,15 +345,9 @@ def main():
     ap.add_argument("--worker", nargs=2, metavar=("PART", "RECIPE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     config = TINY if a.tiny else REFERENCE
-    recipes, parts = a.recipes.split(","), a.parts.split(",")
+    recipes, parts = recipes_and_parts(ap, a.recipes, a.parts)
     if a.repetitions < 1 or a.warmup < 0 or a.threads < 1:
         ap.error("--repetitions and --threads must be at least 1, --warmup at least 0")
-    for r in recipes:
-        if r not in RECIPES:
-            ap.error(f"unknown recipe '{r}' (known: {', '.join(RECIPES)})")
-    for p in parts:
-        if p not in PARTS:
-            ap.error(f"unknown part '{p}' (known: {', '.join(PARTS)})")
 
     if a.check:
         try:
