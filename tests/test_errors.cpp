@@ -86,3 +86,33 @@ TEST_CASE("invalid configs, layer ranges and call order") {
 TEST_CASE("unknown recipe names") {
   CHECK_THROWS_WITH(sg::with_recipe("mlp_gate", [](auto) {}), Contains("unknown recipe 'mlp_gate'; valid names: sa_proj"));
 }
+
+TEST_CASE("row maps outside the tensor or with a repeated target") {
+  using B = sg::backend::cpu;
+  auto in = sg::test::random_tensor<float>({4, 3}, 1);
+  sg::cpu::tensor<float> out({2, 3}, sg::memory_use::workspace);
+  CHECK_NOTHROW(B::gather_rows(in, 3, {3, 0}, out));
+  CHECK(out[0] == in[9]);
+  CHECK(out[5] == in[2]);
+  CHECK_THROWS_WITH(B::gather_rows(in, 3, {4, 0}, out),
+                    "skillgraft: gather_rows: row index 4 (entry 0) is outside 0..3");
+  CHECK_THROWS_WITH(B::gather_rows(in, 3, {1, -1}, out), Contains("row index -1 (entry 1) is outside 0..3"));
+  CHECK_THROWS_WITH(B::gather_rows(in, 3, {1, 2, 3}, out),
+                    "skillgraft: gather_rows: the row map has 3 rows of 3 elements, the tensor they come from or "
+                    "go to only 6");
+  sg::cpu::tensor<float> five({1, 5}, sg::memory_use::workspace);
+  CHECK_THROWS_WITH(B::gather_rows(in, 5, {0}, five), Contains("12 elements is not made of rows of 5"));
+
+  sg::cpu::tensor<float> target({4, 3}, sg::memory_use::workspace);
+  target.fill(7.f);
+  CHECK_NOTHROW(B::scatter_rows(out, 3, {2, 0}, target));
+  CHECK(target[6] == in[9]);
+  CHECK(target[3] == 7.f);
+  target.fill(7.f);
+  CHECK_THROWS_WITH(B::scatter_rows(out, 3, {1, 1}, target),
+                    "skillgraft: scatter_rows: row 1 is a target twice (entry 1)");
+  CHECK_THROWS_WITH(B::scatter_rows(out, 3, {0, 4}, target), Contains("row index 4 (entry 1) is outside 0..3"));
+  bool untouched = true;  // checked before any row moves
+  for (std::size_t i = 0; i < target.size(); ++i) untouched = untouched && target[i] == 7.f;
+  CHECK(untouched);
+}

@@ -166,7 +166,7 @@ struct sampling {
   double temperature = 0.0;  // 0: greedy (argmax)
   std::uint64_t seed = 0;
   std::int64_t eos = -1;     // stop a row once it emits this token (then pads with it)
-  std::vector<std::int64_t> allowed;  // restrict decoding to these tokens (empty: all)
+  std::vector<std::int64_t> allowed{};  // restrict decoding to these tokens (empty: all)
 };
 
 // generate and continuation_logprob with the decoding step `dec(cache, x) -> h` given (the

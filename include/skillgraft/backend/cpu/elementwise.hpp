@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "skillgraft/backend/cpu/reduction.hpp"
+#include "skillgraft/backend/row_map.hpp"
 #include "skillgraft/backend/cpu/tensor.hpp"
 
 namespace skillgraft::cpu {
@@ -61,13 +62,15 @@ struct elementwise_ops {
   // merger are such permutations, their index maps computed on the host by the caller.
   template <class T>
   static void gather_rows(const tensor<T>& in, std::size_t row, const std::vector<std::int64_t>& from, tensor<T>& out) {
+    row_map::check("gather_rows", from, row, in.size(), out.size(), false);
 #pragma omp parallel for schedule(static) if (from.size() * row > 32768)
     for (std::size_t r = 0; r < from.size(); ++r)
       std::copy_n(in.data() + std::size_t(from[r]) * row, row, out.data() + r * row);
   }
-  // Row to[r] of out is row r of in (the inverse of gather_rows for a map without repeats).
+  // Row to[r] of out is row r of in (the inverse of gather_rows; no target may repeat).
   template <class T>
   static void scatter_rows(const tensor<T>& in, std::size_t row, const std::vector<std::int64_t>& to, tensor<T>& out) {
+    row_map::check("scatter_rows", to, row, out.size(), in.size(), true);
 #pragma omp parallel for schedule(static) if (to.size() * row > 32768)
     for (std::size_t r = 0; r < to.size(); ++r)
       std::copy_n(in.data() + r * row, row, out.data() + std::size_t(to[r]) * row);

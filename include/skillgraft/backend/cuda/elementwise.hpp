@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "skillgraft/backend/cuda/algorithms.hpp"
+#include "skillgraft/backend/row_map.hpp"
 #include "skillgraft/backend/cuda/tensor.hpp"
 
 namespace skillgraft::cuda {
@@ -86,11 +87,13 @@ struct elementwise_ops {
   // Row r of out is row from[r] of in (the map is uploaded; one thread per element).
   template <class T>
   static void gather_rows(const tensor<T>& in, std::size_t row, const std::vector<std::int64_t>& from, tensor<T>& out) {
+    row_map::check("gather_rows", from, row, in.size(), out.size(), false);
     const auto d_from = upload_indices(from);
     for_each_index(index_t(from.size() * row), kernels::gather_rows<T>{out.data(), in.data(), d_from.data(), index_t(row)});
   }
   template <class T>
   static void scatter_rows(const tensor<T>& in, std::size_t row, const std::vector<std::int64_t>& to, tensor<T>& out) {
+    row_map::check("scatter_rows", to, row, out.size(), in.size(), true);
     const auto d_to = upload_indices(to);
     for_each_index(index_t(to.size() * row), kernels::scatter_rows<T>{out.data(), in.data(), d_to.data(), index_t(row)});
   }
