@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 
+from compare_torch import gbench
 from torch_reference import RECIPES, recipes_and_parts  # names only: it imports torch inside its functions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,14 +44,10 @@ def run_skillgraft(build, part, recipe, min_time, env):
         cmd = [os.path.join(build, "bench", binary), f"--benchmark_filter=^{prefix}{recipe}/",
                f"--benchmark_min_time={min_time}", f"--benchmark_out={path}", "--benchmark_out_format=json"]
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
-        with open(path) as f:
-            doc = json.load(f)
-    runs = [b for b in doc["benchmarks"] if b.get("run_type") != "aggregate"]
-    if len(runs) != 1:
-        raise SystemExit(f"interleaved: {binary} ran {len(runs)} benchmarks for {recipe}, expected 1")
-    b = runs[0]
-    scale = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}[b.get("time_unit", "ns")]
-    return dict(ms=b["real_time"] * scale, trainable_elements=b.get("trainable_elements"))
+        runs, _ = gbench(path, prefix)
+    if list(runs) != [recipe]:
+        raise SystemExit(f"interleaved: {binary} ran {sorted(runs)} for {recipe}")
+    return dict(ms=runs[recipe]["ms"], trainable_elements=runs[recipe].get("trainable_elements"))
 
 
 def run_torch(python, part, recipe, threads, warmup, reps, env):

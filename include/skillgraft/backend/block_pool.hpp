@@ -25,8 +25,8 @@
 // step of the reference trunk went to the system 8-32 times per step that way, each a fresh
 // zeroed mapping. So a miss for a size the pool evicted earlier (the workload came back to it)
 // raises the headroom by that size, up to an eighth of the high-water mark; sizes that never
-// return never raise it. `set_cache_limit` bounds the parked bytes further. When an allocation fails for lack of memory, every parked block is
-// freed and it is retried once.
+// return never raise it. `set_cache_limit` bounds the parked bytes further. When an allocation
+// fails for lack of memory, every parked block is freed and it is retried once.
 //
 // Parked blocks are not in the byte ledger (memory.hpp counts what tensors hold); `reserved()`
 // counts both, and is what the process or device really holds through the pool.

@@ -7,8 +7,8 @@
 #include <vector>
 
 #include "skillgraft/backend/cpu/reduction.hpp"
-#include "skillgraft/backend/row_map.hpp"
 #include "skillgraft/backend/cpu/tensor.hpp"
+#include "skillgraft/backend/row_map.hpp"
 
 namespace skillgraft::cpu {
 

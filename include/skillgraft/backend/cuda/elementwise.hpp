@@ -6,8 +6,8 @@
 #include <vector>
 
 #include "skillgraft/backend/cuda/algorithms.hpp"
-#include "skillgraft/backend/row_map.hpp"
 #include "skillgraft/backend/cuda/tensor.hpp"
+#include "skillgraft/backend/row_map.hpp"
 
 namespace skillgraft::cuda {
 
