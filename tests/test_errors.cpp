@@ -115,4 +115,11 @@ TEST_CASE("row maps outside the tensor or with a repeated target") {
   bool untouched = true;  // checked before any row moves
   for (std::size_t i = 0; i < target.size(); ++i) untouched = untouched && target[i] == 7.f;
   CHECK(untouched);
+  // The repeat check remembers rows only within one call: the rows a refused map or an earlier
+  // scatter marked are free targets again.
+  CHECK_NOTHROW(B::scatter_rows(out, 3, {1, 0}, target));
+  CHECK_NOTHROW(B::scatter_rows(out, 3, {1, 0}, target));
+  sg::cpu::tensor<float> larger({6, 3}, sg::memory_use::workspace);
+  CHECK_NOTHROW(B::scatter_rows(out, 3, {5, 1}, larger));
+  CHECK_THROWS_WITH(B::scatter_rows(out, 3, {5, 5}, larger), Contains("row 5 is a target twice"));
 }

@@ -1,0 +1,31 @@
+# Runs the command given after `--` and passes only if both its exit status and its output are
+# the expected ones: CTest's PASS_REGULAR_EXPRESSION alone ignores the exit status, so a
+# program that printed the right line and then failed would pass.
+#   cmake -DEXPECT_EXIT=zero|nonzero -DEXPECT_OUTPUT=<regex> -P expect_run.cmake -- <command...>
+set(_command)
+set(_after_dashes FALSE)
+math(EXPR _last "${CMAKE_ARGC} - 1")
+foreach(i RANGE 0 ${_last})
+  if(_after_dashes)
+    string(REPLACE ";" "\\;" _arg "${CMAKE_ARGV${i}}")  # one argument, even with a ';' in it
+    list(APPEND _command "${_arg}")
+  elseif("${CMAKE_ARGV${i}}" STREQUAL "--")
+    set(_after_dashes TRUE)
+  endif()
+endforeach()
+if(NOT _command)
+  message(FATAL_ERROR "expect_run.cmake: no command after --")
+endif()
+if(NOT EXPECT_EXIT MATCHES "^(zero|nonzero)$")
+  message(FATAL_ERROR "expect_run.cmake: EXPECT_EXIT must be zero or nonzero, not '${EXPECT_EXIT}'")
+endif()
+execute_process(COMMAND ${_command} RESULT_VARIABLE _rc OUTPUT_VARIABLE _out ERROR_VARIABLE _err)
+message("${_out}${_err}")
+if(EXPECT_EXIT STREQUAL "zero" AND NOT _rc EQUAL 0)
+  message(FATAL_ERROR "exited with '${_rc}', expected 0")
+elseif(EXPECT_EXIT STREQUAL "nonzero" AND _rc EQUAL 0)
+  message(FATAL_ERROR "exited with 0, expected a failure")
+endif()
+if(NOT "${_out}${_err}" MATCHES "${EXPECT_OUTPUT}")
+  message(FATAL_ERROR "the output does not match '${EXPECT_OUTPUT}'")
+endif()
