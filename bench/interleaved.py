@@ -14,7 +14,7 @@ every round, so that a slow minute lands on both sides of the same pair. Each pa
 ratio; the table reports the median of the per-round ratios, their range, and the ratio of
 each side's fastest time over all rounds.
 
-  skillgraft: Google Benchmark's own warm-up step, then --sg-min-time seconds of steps (mean).
+  skillgraft: the benchmark's untimed first step, then --sg-min-time seconds of steps (mean).
   PyTorch:    --pt-warmup untimed iterations, then the median of --pt-repetitions.
 
 Exits non-zero when a step trains a different number of elements on the two sides.
@@ -53,9 +53,16 @@ def run_skillgraft(build, part, recipe, min_time, env):
 def run_torch(python, part, recipe, threads, warmup, reps, env):
     cmd = [python, os.path.join(HERE, "torch_reference.py"), "--worker", part, recipe, "--threads", str(threads),
            "--repetitions", str(reps), "--warmup", str(warmup)]
-    out = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
-    r = json.loads(out.strip().splitlines()[-1])
-    return dict(ms=r["ms"], trainable_elements=r["trainable_elements"], torch=r["torch"])
+    out = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
+    try:
+        r = json.loads(out.splitlines()[-1])
+        ms, n, version = float(r["ms"]), r["trainable_elements"], r["torch"]
+    except (IndexError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"interleaved: the PyTorch worker for {part} {recipe} printed no result line "
+                         f"({type(e).__name__}: {e}); its output: {out[-500:]!r}")
+    if not ms > 0:
+        raise SystemExit(f"interleaved: the PyTorch worker for {part} {recipe} reported {ms} ms")
+    return dict(ms=ms, trainable_elements=n, torch=version)
 
 
 def main():
@@ -94,8 +101,10 @@ def main():
                 torch_version = got["pytorch"]["torch"]
                 sg_n, pt_n = got["skillgraft"]["trainable_elements"], got["pytorch"]["trainable_elements"]
                 if part == "step" and (sg_n is None or round(sg_n) != pt_n):
-                    errors.append(f"{rec}: the step trains {'?' if sg_n is None else round(sg_n)} elements in "
-                                  f"skillgraft, {pt_n} in PyTorch")
+                    msg = (f"{rec}: the step trains {'?' if sg_n is None else round(sg_n)} elements in "
+                           f"skillgraft, {pt_n} in PyTorch")
+                    if msg not in errors:  # the same every round: said once
+                        errors.append(msg)
                 row = dict(round=rnd + 1, part=part, recipe=rec, first=sides[0], sg_ms=got["skillgraft"]["ms"],
                            pt_ms=got["pytorch"]["ms"], load_average=os.getloadavg()[0])
                 rows.append(row)

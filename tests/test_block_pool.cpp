@@ -138,6 +138,75 @@ TEST_CASE("block pool: the headroom stays within an eighth of the high-water mar
   CHECK(pool.peak_reserved() <= 1000 + 1000 / 8);
 }
 
+namespace {
+// The two peaks of "a step whose peaks hold different sizes", scaled by `k`.
+void two_peak_step(pool_t& pool, std::size_t k) {
+  void* weights = pool.allocate(800 * k, "weights");
+  void* x = pool.allocate(100 * k, "x");
+  void* y = pool.allocate(100 * k, "y");
+  pool.deallocate(x, 100 * k);
+  void* z = pool.allocate(50 * k, "z");
+  void* w = pool.allocate(50 * k, "w");
+  pool.deallocate(y, 100 * k);
+  pool.deallocate(z, 50 * k);
+  pool.deallocate(w, 50 * k);
+  pool.deallocate(weights, 800 * k);
+}
+}  // namespace
+
+TEST_CASE("block pool: only evictions under the high-water mark count as churn", "[block_pool]") {
+  counted_raw::reset();
+  pool_t pool(1);
+  // Evictions the user asked for (a cache limit) raise no headroom when the size comes back.
+  void* a = pool.allocate(100, "a");
+  pool.deallocate(a, 100);
+  pool.set_cache_limit(0);
+  pool.set_cache_limit(std::size_t(-1));
+  pool.deallocate(pool.allocate(100, "a again"), 100);
+  CHECK(pool.headroom() == 0);
+  // Real churn raises it; giving the parked blocks back forgets it.
+  for (int i = 0; i < 4; ++i) two_peak_step(pool, 1);
+  CHECK(pool.headroom() > 0);
+  pool.release_cached();
+  CHECK(pool.headroom() == 0);
+  CHECK(counted_raw::live == 0);
+  const auto misses = pool.misses();
+  two_peak_step(pool, 1);  // after the release the pool holds the mark alone: churn again
+  two_peak_step(pool, 1);
+  CHECK(pool.misses() - misses > 5);
+}
+
+TEST_CASE("block pool: a failed allocation leaves the headroom and the mark as they were", "[block_pool]") {
+  counted_raw::reset();
+  pool_t pool(1);
+  pool.deallocate(pool.allocate(1000, "a"), 1000);
+  void* b = pool.allocate(500, "b");  // evicts the parked 1000 to stay under the mark
+  CHECK(counted_raw::live == 500);
+  counted_raw::budget = 1000;
+  CHECK_THROWS_AS(pool.allocate(1000, "a again"), std::bad_alloc);  // 500 + 1000 > 1000
+  CHECK(pool.headroom() == 0);         // not raised for a block that never came
+  CHECK(pool.peak_in_use() == 1000);   // nor the mark
+  counted_raw::budget = std::size_t(-1);
+  void* a = pool.allocate(1000, "a again");  // the evicted size returns: now it counts
+  CHECK(pool.peak_in_use() == 1500);
+  CHECK(pool.headroom() == 1500 / 8);
+  pool.deallocate(a, 1000);
+  pool.deallocate(b, 500);
+}
+
+TEST_CASE("block pool: churn is still seen after many sizes that never returned", "[block_pool]") {
+  counted_raw::reset();
+  pool_t pool(1);
+  // Generation at 5000 growing lengths: every length evicts the previous one's block, more
+  // sizes than the pool remembers. Churn that starts afterwards must still raise the headroom.
+  for (std::size_t len = 1; len <= 5000; ++len) pool.deallocate(pool.allocate(len, "token"), len);
+  for (int i = 0; i < 4; ++i) two_peak_step(pool, 100);  // sizes it has not seen: 5000 and more
+  CHECK(pool.headroom() > 0);
+  const auto misses = pool.misses();
+  for (int i = 0; i < 5; ++i) two_peak_step(pool, 100);
+  CHECK(pool.misses() == misses);
+}
+
 TEST_CASE("block pool: a cache limit bounds the parked bytes, oldest first", "[block_pool]") {
   counted_raw::reset();
   pool_t pool(1);

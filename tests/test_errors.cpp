@@ -122,4 +122,8 @@ TEST_CASE("row maps outside the tensor or with a repeated target") {
   sg::cpu::tensor<float> larger({6, 3}, sg::memory_use::workspace);
   CHECK_NOTHROW(B::scatter_rows(out, 3, {5, 1}, larger));
   CHECK_THROWS_WITH(B::scatter_rows(out, 3, {5, 5}, larger), Contains("row 5 is a target twice"));
+  // Rows of no elements (a batch of empty sequences): nothing moves, so no map is wrong.
+  sg::cpu::tensor<float> none_in({2, 0}, sg::memory_use::workspace), none_out({3, 0}, sg::memory_use::workspace);
+  CHECK_NOTHROW(B::gather_rows(none_in, 0, {1, 0, 1}, none_out));
+  CHECK_NOTHROW(B::scatter_rows(none_out, 0, {1, 1}, none_in));
 }

@@ -25,8 +25,12 @@
 // step of the reference trunk went to the system 8-32 times per step that way, each a fresh
 // zeroed mapping. So a miss for a size the pool evicted earlier (the workload came back to it)
 // raises the headroom by that size, up to an eighth of the high-water mark; sizes that never
-// return never raise it. `set_cache_limit` bounds the parked bytes further. When an allocation
-// fails for lack of memory, every parked block is freed and it is retried once.
+// return never raise it, nor do evictions the cache limit forced. `set_cache_limit` bounds the
+// parked bytes further; `release_cached` frees them and forgets the headroom. When an
+// allocation fails for lack of memory, every parked block is freed (the headroom with them)
+// and it is retried once; a failed allocation changes neither the mark nor the headroom.
+//
+// Threads: every member takes the pool's lock; the statistics are each one consistent value.
 //
 // Parked blocks are not in the byte ledger (memory.hpp counts what tensors hold); `reserved()`
 // counts both, and is what the process or device really holds through the pool.
@@ -69,24 +73,32 @@ class block_pool {
       return p;
     }
     ++misses_;
+    // The mark and the headroom this request would set; kept only if the allocation succeeds.
     const std::size_t peak_in_use = std::max(peak_in_use_, reserved_ - cached_ + n);
-    if (auto e = evicted_.find(n); e != evicted_.end()) {  // a size evicted earlier came back
-      if (--e->second == 0) evicted_.erase(e);
-      headroom_ = std::min(headroom_ + n, peak_in_use / 8);
-    }
+    const bool returning = evicted_.count(n) != 0;  // a size evicted earlier came back
+    const std::size_t headroom = returning ? std::min(headroom_ + n, peak_in_use / 8) : headroom_;
     // Make room first, so that the process never holds the new block and the old ones at once.
-    while (reserved_ + n > peak_in_use + headroom_ && cached_ > 0) evict_oldest_locked();
+    while (reserved_ + n > peak_in_use + headroom && cached_ > 0) evict_oldest_locked(true);
     void* p = nullptr;
+    bool pressure = false;
     try {
       p = Raw::allocate(n, what);
     } catch (const std::exception& e) {
       if (!Raw::out_of_memory(e) || cached_ == 0) throw;
       release_cached_locked();  // out of memory with blocks parked: give them back and retry once
+      pressure = true;          // and keep no headroom
       p = Raw::allocate(n, what);
+    }
+    if (returning && !pressure) {
+      // Looked up again: the evictions above may have rehashed the map, or cleared it when full
+      // (then there is nothing to count down). They cannot have added size n: a parked block of
+      // that size would have been a hit.
+      if (auto e = evicted_.find(n); e != evicted_.end() && --e->second == 0) evicted_.erase(e);
+      headroom_ = headroom;
     }
     reserved_ += n;
     peak_in_use_ = peak_in_use;
-    if (reserved_ > peak_reserved_) peak_reserved_ = reserved_;
+    peak_reserved_ = std::max(peak_reserved_, reserved_);
     return p;
   }
 
@@ -98,12 +110,13 @@ class block_pool {
       free_locked(p, n);
       return;
     }
-    while (cached_ + n > limit_) evict_oldest_locked();
+    while (cached_ + n > limit_) evict_oldest_locked(false);
     parked_[n].push_back({p, ++clock_});
     cached_ += n;
   }
 
-  // Frees every parked block.
+  // Frees every parked block, and forgets the headroom: the pool holds no more than the
+  // high-water mark again until churn returns.
   void release_cached() {
     std::lock_guard<std::mutex> lock(mutex_);
     release_cached_locked();
@@ -112,21 +125,25 @@ class block_pool {
   void set_cache_limit(std::size_t bytes) {
     std::lock_guard<std::mutex> lock(mutex_);
     limit_ = bytes;
-    while (cached_ > limit_) evict_oldest_locked();
+    while (cached_ > limit_) evict_oldest_locked(false);
   }
-  std::size_t cache_limit() const { return limit_; }
+  std::size_t cache_limit() const { return locked(limit_); }
 
-  // Bytes obtained through the pool (in use or parked), and their highest value.
-  std::size_t reserved() const { return reserved_; }
-  std::size_t cached() const { return cached_; }
-  std::size_t peak_reserved() const { return peak_reserved_; }
-  std::size_t peak_in_use() const { return peak_in_use_; }
+  // Bytes obtained through the pool (in use or parked), and their highest value. Each reads one
+  // consistent value; two reads may straddle another thread's allocation.
+  std::size_t reserved() const { return locked(reserved_); }
+  std::size_t cached() const { return locked(cached_); }
+  std::size_t peak_reserved() const { return locked(peak_reserved_); }
+  std::size_t peak_in_use() const { return locked(peak_in_use_); }
   // What the pool may hold above peak_in_use() (see the headroom above).
-  std::size_t headroom() const { return headroom_; }
-  void reset_peak() { peak_reserved_ = reserved_; }
+  std::size_t headroom() const { return locked(headroom_); }
+  void reset_peak() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    peak_reserved_ = reserved_;
+  }
   // Requests served from a parked block, and requests that went to `Raw`.
-  std::uint64_t hits() const { return hits_; }
-  std::uint64_t misses() const { return misses_; }
+  std::uint64_t hits() const { return locked(hits_); }
+  std::uint64_t misses() const { return locked(misses_); }
 
  private:
   struct parked {
@@ -138,14 +155,32 @@ class block_pool {
     Raw::free(p, n);
     reserved_ -= n;
   }
-  // Each size's list is in parking order, so its front is its oldest block.
-  void evict_oldest_locked() {
+  template <class T>
+  T locked(const T& field) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return field;
+  }
+  // Each size's list is in parking order, so its front is its oldest block. `churn`: evicted to
+  // stay under the high-water mark, so a later miss on this size is churn (an eviction to obey
+  // the cache limit is the user's choice, not the workload's). Sizes with nothing parked are
+  // dropped on the way, so a workload of ever-new sizes does not make this scan grow.
+  void evict_oldest_locked(bool churn) {
     auto oldest = parked_.end();
-    for (auto it = parked_.begin(); it != parked_.end(); ++it)
-      if (!it->second.empty() && (oldest == parked_.end() || it->second.front().stamp < oldest->second.front().stamp))
-        oldest = it;
+    for (auto it = parked_.begin(); it != parked_.end();) {
+      if (it->second.empty()) {
+        it = parked_.erase(it);
+        continue;
+      }
+      if (oldest == parked_.end() || it->second.front().stamp < oldest->second.front().stamp) oldest = it;
+      ++it;
+    }
     if (oldest == parked_.end()) return;
-    if (evicted_.size() < max_evicted_sizes || evicted_.count(oldest->first)) ++evicted_[oldest->first];
+    if (churn) {
+      // Full of sizes that did not return (ever-new shapes): start over rather than stop
+      // recording, so that churn beginning later is still seen.
+      if (evicted_.size() >= max_evicted_sizes && !evicted_.count(oldest->first)) evicted_.clear();
+      ++evicted_[oldest->first];
+    }
     free_locked(oldest->second.front().p, oldest->first);
     oldest->second.erase(oldest->second.begin());
     cached_ -= oldest->first;
@@ -156,14 +191,17 @@ class block_pool {
       blocks.clear();
     }
     cached_ = 0;
+    headroom_ = 0;
+    evicted_.clear();
   }
 
   std::size_t granularity_;
   std::size_t limit_ = std::numeric_limits<std::size_t>::max();
-  std::mutex mutex_;
+  mutable std::mutex mutex_;
   std::unordered_map<std::size_t, std::vector<parked>> parked_;
-  // Sizes evicted and not asked for since, with how many times: a miss on one of them is churn.
-  // Bounded, so that a workload of ever-new sizes does not grow it without end.
+  // Sizes evicted to stay under the high-water mark, with how many times; a miss on one of them
+  // means the workload came back to it (churn), and uses up one count. Bounded, so that a
+  // workload of ever-new sizes does not grow it without end.
   static constexpr std::size_t max_evicted_sizes = 4096;
   std::unordered_map<std::size_t, std::size_t> evicted_;
   std::size_t reserved_ = 0, cached_ = 0, peak_reserved_ = 0, peak_in_use_ = 0, headroom_ = 0;

@@ -27,7 +27,8 @@ inline void check(std::string_view what, const std::vector<std::int64_t>& map, s
          "they come from or go to only " + std::to_string(mapped));
   if (row == 0 ? elements != 0 : elements % row != 0)
     fail("a tensor of " + std::to_string(elements) + " elements is not made of rows of " + std::to_string(row));
-  const std::size_t rows = row == 0 ? 0 : elements / row;
+  if (row == 0) return;  // rows of no elements: nothing moves, whatever the map says
+  const std::size_t rows = elements / row;
   // A scatter runs per token and per layer during generation: the repeat check marks rows in a
   // per-thread table stamped with a fresh number per call, so it neither allocates nor clears
   // once the table has grown to the largest target.
