@@ -6,8 +6,8 @@
 # tuning method, and writes report.md, CSV files and SVG pictures.
 # The default run (four recipes, three seeds each) takes about 7 to 8 minutes on 2 idle cores, plus about 2.5
 # to build (docs/reproduction.md); --full runs all ten methods with 1000 steps per stage, closer to
-# the paper: about 49 minutes with a one-seed rate search (--lr-search-seeds 1; 45 with the
-# default run's base model cached, which --full shares), about 80 (estimated) with the default three.
+# the paper: about 72 minutes with the default three-seed rate search (68 with the default run's
+# base model cached, which --full shares; 2-vCPU Intel Xeon), about 49 with --lr-search-seeds 1.
 # Extra arguments go to the program (see --help), e.g. --methods sa_proj,mlp_gate_up,llm.
 # --gateskip-sweep runs the GateSkip demonstration instead (docs/gateskip.md), on the same cached base model.
 # With --device cuda the program is built with its GPU path (SKILLGRAFT_REPRODUCE_CUDA, nvcc
