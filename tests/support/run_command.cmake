@@ -1,5 +1,5 @@
 # A command run from a `cmake -P` test driver, its exit status and output checked: shared by
-# the packaging drivers (tests/packaging/common.cmake) and bench/expect_run.cmake.
+# the packaging drivers (tests/packaging/common.cmake) and tests/support/expect_run.cmake.
 if(NOT DEFINED SG_RUN_TAG)
   set(SG_RUN_TAG run)
 endif()
