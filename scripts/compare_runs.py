@@ -71,6 +71,8 @@ def main():
         if a.baseline not in r:
             sys.exit(f"compare_runs: {d} has no '{a.baseline}' rows")
     methods = [m for m in runs[0] if all(m in r for r in runs)]
+    # The baseline's (learning mean, forgetting mean, forgetting half-width) per run, computed once.
+    base = [(interval(r[a.baseline]["learning"])[0], *interval(r[a.baseline]["forgetting"])) for r in runs]
 
     head = "| method | " + " | ".join(Path(d).name for d in a.runs) + " | forgetting vs " + a.baseline + \
         ", mean over runs ± 95 % (range) | learning vs " + a.baseline + " (range) |"
@@ -78,11 +80,9 @@ def main():
     print("|---" * (len(a.runs) + 1) + "|---:|---:|")
     for m in methods:
         cells, f_ratio, l_ratio = [], [], []
-        for r in runs:
+        for r, (bl, bm, bh) in zip(runs, base):
             lm, lh = interval(r[m]["learning"])
             fm, fh = interval(r[m]["forgetting"])
-            bm, bh = interval(r[a.baseline]["forgetting"])
-            bl, _ = interval(r[a.baseline]["learning"])
             mark = ""
             if m != a.baseline:
                 if fm - fh > bm + bh:
