@@ -891,3 +891,100 @@ TEST_CASE("rate rule check: a tolerance below 0 or from 1 up is refused before a
   s.lr_search_tolerance = 0.5;
   CHECK_NOTHROW(rp::check_rate_rule(s));
 }
+
+TEST_CASE("stage states: only the trained tensors are saved, read back exactly, another run's or a damaged file refused") {
+  rp::settings s = sg::test::reduced_settings("states_file");
+  rp::weights_t base(s.model), w(s.model), back(s.model);
+  float x = 0.25f;
+  sg::model::for_each_multimodal_parameter(base, [&](const std::string&, sg::cpu::tensor<float>& t) {
+    for (std::size_t i = 0; i < t.size(); ++i) t.data()[i] = (x += 0.001f);
+  });
+  rp::copy_weights(base, w);
+  std::string changed;
+  sg::model::for_each_multimodal_parameter(w, [&](const std::string& name, sg::cpu::tensor<float>& t) {
+    if (changed.empty() && name.find("mlp") != std::string::npos) changed = name, t.data()[t.size() - 1] += 1.0f;
+  });
+  REQUIRE_FALSE(changed.empty());
+  const rp::stage_states st{rp::stage_states::mode::record, s.out / "run", "mlp lr 0.001 seed 1 base x", 0};
+  rp::save_stage_state(w, base, st, 2, 10, {1.5, 0.1 + 0.2, 123, 45});
+  const auto file = rp::stage_state_file(st, 2, 10);
+  {
+    const sg::io::safetensors_file f(file);
+    REQUIRE(f.header().tensors.size() == 1);  // the one tensor that moved
+    CHECK(f.header().tensors[0].name == changed);
+  }
+  rp::stage_states in = st;
+  in.use = rp::stage_states::mode::resume;
+  const auto r = rp::load_stage_state(back, base, in, 2, 10);
+  CHECK(rp::content_checksum(back) == rp::content_checksum(w));
+  CHECK(r.train_seconds == 1.5);
+  CHECK(r.final_loss == 0.1 + 0.2);  // exact: the shortest text that reads back to the same double
+  CHECK(r.peak_bytes == 123);
+  CHECK(r.trainable == 45);
+  // Another run's states, another stage's or step's: refused, naming the file and both runs.
+  in.run = "mlp lr 0.002 seed 1 base x";
+  CHECK_THROWS_WITH(rp::load_stage_state(back, base, in, 2, 10),
+                    Catch::Contains(file.string()) && Catch::Contains("is of 'mlp lr 0.001 seed 1 base x stage 2 step 10'") &&
+                        Catch::Contains("not of 'mlp lr 0.002"));
+  in.run = st.run;
+  CHECK_THROWS_WITH(rp::load_stage_state(back, base, in, 2, 0), Catch::Contains(rp::stage_state_file(st, 2).string()));
+  // A value changed inside the file: the checksum names it damaged.
+  {
+    std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(-1, std::ios::end);
+    f.put('\x7f');
+  }
+  CHECK_THROWS_WITH(rp::load_stage_state(back, base, in, 2, 10),
+                    Catch::Contains("is damaged") && Catch::Contains(file.string()));
+  std::filesystem::remove_all(s.out);
+}
+
+TEST_CASE("learning-rate search: the reported runs start where the search's runs ended, the same numbers as training again") {
+  rp::settings s = sg::test::reduced_settings("resume");
+  s.order = {"birds", "count", "tissue"};
+  s.methods = {"sa_proj", "lwf", "lora"};  // lora's state is more than its weights: it trains every stage
+  s.lr_grid = {1e-4, 3e-2};
+  s.lr_search_stages = 2;
+  s.lr_search_seeds = 2;
+  s.seeds = 3;  // the third seed is not a search seed: it trains every stage
+  s.jobs = 2;
+  rp::progress quiet(true);
+  const auto resumed = rp::run_pipeline(s, quiet);
+  CHECK(resumed.resumed == std::vector<std::string>{"sa_proj", "lwf"});
+  CHECK_FALSE(std::filesystem::exists(rp::stage_states_root(s)));  // removed once read
+  CHECK_THAT(sg::test::read_text(s.out / "report.md"),
+             Catch::Contains("The reported runs of sa_proj, lwf with seeds 1..2 took their first 2 stages from the "
+                             "search's runs at the chosen rate and seed"));
+  s.resume_searched_stages = false;
+  s.jobs = 1;  // in this process, one run after another: the same numbers either way
+  const auto again = rp::run_pipeline(s, quiet);
+  CHECK(again.resumed.empty());
+  CHECK(sg::test::read_text(s.out / "report.md").find("took their first") == std::string::npos);
+  REQUIRE(again.rates.size() == resumed.rates.size());
+  for (std::size_t m = 0; m < again.rates.size(); ++m) CHECK(again.rates[m].rate == resumed.rates[m].rate);
+  REQUIRE(again.methods.size() == 9);
+  REQUIRE(resumed.methods.size() == 9);
+  for (std::size_t i = 0; i < again.methods.size(); ++i) {
+    const auto &a = again.methods[i], &b = resumed.methods[i];
+    INFO(a.name << " seed " << a.seed);
+    CHECK(a.name == b.name);
+    CHECK(a.seed == b.seed);
+    CHECK(a.lr == b.lr);
+    CHECK(a.R == b.R);  // exact
+    CHECK(a.final_loss == b.final_loss);
+    CHECK(a.trainable == b.trainable);
+    CHECK(a.peak_bytes == b.peak_bytes);
+    CHECK(b.train_seconds > 0);
+    CHECK(a.resumed_stages == 0);
+    CHECK(b.resumed_stages == (a.name != "lora" && a.seed < 3 ? 2u : 0u));
+    REQUIRE(a.probes.size() == b.probes.size());
+    for (std::size_t p = 0; p < a.probes.size(); ++p) {
+      CHECK(a.probes[p].stage == b.probes[p].stage);
+      CHECK(a.probes[p].step == b.probes[p].step);
+      CHECK(a.probes[p].number_mass == b.probes[p].number_mass);
+      CHECK(a.probes[p].with_number == b.probes[p].with_number);
+      CHECK(a.probes[p].kl == b.probes[p].kl);
+    }
+  }
+  std::filesystem::remove_all(s.out);
+}

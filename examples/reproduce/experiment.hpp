@@ -38,11 +38,11 @@
 
 #include "data.hpp"
 #include "progress.hpp"
+#include "stage_states.hpp"
 #include "vision_pretext.hpp"
 
 namespace skillgraft::reproduce {
 
-using weights_t = model::multimodal_weights<float>;
 using frozen_t = std::remove_cv_t<decltype(recipe::frozen)>;
 
 // Every method the runner knows, in report order. "moe" grows the model by one expert per
@@ -117,6 +117,11 @@ struct settings {
   // A tenth: about the median spread (11 %) of one method's score between base models of one
   // seed made by two builds, so that the choice rarely flips with the machine (lr_search.hpp).
   double lr_search_tolerance = 0.1;
+  // The reported runs of the search's seeds start where the search's runs at the chosen rate
+  // ended the searched stages instead of training them again: the same numbers bit for bit,
+  // 24 of the default run's 156 stages fewer (stage_states.hpp). CPU runs of the methods whose
+  // state after a stage is their weights alone, with the report files written.
+  bool resume_searched_stages = true;
   int validation_examples = 192;  // per searched target
   int lora_rank = 8;
   double lwf_lambda = 1.0;
@@ -452,17 +457,6 @@ inline constexpr const char* cache_checksum_key = "skillgraft.reproduce.checksum
 // What the vision pretext reached, for the report of a run that loads the cache.
 inline constexpr const char* cache_pretext_key = "skillgraft.reproduce.vision_pretext";
 
-inline std::string content_checksum(const weights_t& w) {
-  std::uint64_t h = fnv1a("", 0);
-  model::for_each_multimodal_parameter(const_cast<weights_t&>(w), [&](const std::string& name, cpu::tensor<float>& t) {
-    h = fnv1a(name.data(), name.size() + 1, h);  // with the terminating NUL: names cannot run into data
-    h = fnv1a(t.data(), t.bytes(), h);
-  });
-  char hex[17];
-  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
-  return hex;
-}
-
 inline void save_checkpoint(const weights_t& w, const std::filesystem::path& path, const std::string& fp,
                             const std::string& pretext = "") {
   io::safetensors_writer out;
@@ -552,18 +546,6 @@ inline bool load_checkpoint(weights_t& w, const std::filesystem::path& path, con
                              " is damaged: its content checksum is " + found + ", but the file records " +
                              sum->second + " (delete it to pretrain again)");
   return true;
-}
-
-inline void copy_weights(const weights_t& from, weights_t& to) {
-  std::vector<const cpu::tensor<float>*> src;
-  model::for_each_multimodal_parameter(const_cast<weights_t&>(from),
-                                       [&](const std::string&, cpu::tensor<float>& t) { src.push_back(&t); });
-  std::size_t i = 0;
-  model::for_each_multimodal_parameter(to, [&](const std::string& name, cpu::tensor<float>& t) {
-    if (!(src[i]->shape() == t.shape())) throw std::logic_error("reproduce: copying " + name + " between different models");
-    std::copy_n(src[i]->data(), t.size(), t.data());
-    ++i;
-  });
 }
 
 // --- the data of one run ----------------------------------------------------------------
@@ -785,6 +767,7 @@ struct method_result {
   std::vector<double> final_loss;      // last training loss of each stage
   std::string device = "cpu";          // where it trained (peak_bytes are that device's)
   double lr = 0;                       // the peak learning rate it trained with
+  std::size_t resumed_stages = 0;      // leading stages taken from a search run (stage_states.hpp)
 };
 
 // LwF's objective for the multimodal model: the teacher (the model before this stage) sees
@@ -827,6 +810,13 @@ train::step_stats stage_step(const Model& mm, typename Model::weights_t& w, type
 }
 
 enum class method_kind { plain, lwf, wise_ft, lora };
+
+// Whether a run's state after a stage is its weights alone, so that stage_states can save it
+// and start another run from it: not WiSE-FT's running average, LoRA's adapters (drawn again
+// each stage) or a mixture's expert count.
+inline constexpr bool resumable(method_kind kind, bool mixture) {
+  return !mixture && (kind == method_kind::plain || kind == method_kind::lwf);
+}
 
 // A stage's learning rate over its steps, and its next batch of the target's examples.
 inline train::cosine_schedule stage_schedule(const settings& s, double lr) {
@@ -885,12 +875,14 @@ class cpu_stage {
 template <class R, class Mlp = nn::default_mlp, template <class, class> class Stage = cpu_stage>
 method_result run_recipe(const std::string& name, R recipe, method_kind kind, const settings& s, const weights_t& base,
                          const std::vector<double>& base_row, const probe_value& base_probe, const run_data& d,
-                         progress& prog) {
+                         progress& prog, const stage_states& states = {}) {
   using clock = std::chrono::steady_clock;
   using model_t = model::multimodal_lm<float, R, backend::cpu, Mlp>;
   using stage_t = Stage<R, Mlp>;
   if (!s.train_layers.all()) recipe = recipe.on_layers(s.train_layers.first, s.train_layers.last);
   constexpr bool mixture = std::is_same_v<typename Mlp::options, nn::moe_options>;
+  if (states.use != stage_states::mode::none && !resumable(kind, mixture))
+    throw std::logic_error("reproduce: " + name + "'s state after a stage is more than its weights (stage_states.hpp)");
   method_result res;
   res.name = name;
   res.device = stage_t::device;
@@ -917,7 +909,26 @@ method_result run_recipe(const std::string& name, R recipe, method_kind kind, co
     basic_evaluator<Mlp> ev(d.tok, cfg, mlp_options);
     if (kind == method_kind::wise_ft && k == 0) average.emplace(mm.lm(), w.lm, s.wise_beta);
     if (kind == method_kind::lora) cl::attach_lora(mm.lm(), w.lm, {.rank = s.lora_rank, .alpha = 2.0 * s.lora_rank, .seed = s.seed + k});
-    {
+    if (states.resumes(k)) {
+      // The stage as the search run at this rate and seed trained it: its probes on the
+      // weights it saved at those steps, its measurements, its end state.
+      if (target.name == "count")
+        for (int step : probe_steps(s.stage_steps)) {
+          load_stage_state(w, base, states, k + 1, step == s.stage_steps ? 0 : step);
+          const auto t1 = clock::now();
+          const auto pv = ev.counting_bias(w, d.probe, base);
+          res.probes.push_back({int(k + 1), step, pv.number_mass, pv.with_number, pv.kl});
+          res.eval_seconds += std::chrono::duration<double>(clock::now() - t1).count();
+        }
+      const stage_record rec = load_stage_state(w, base, states, k + 1, 0);
+      res.train_seconds = rec.train_seconds;
+      res.final_loss.push_back(rec.final_loss);
+      peak = std::max(peak, before + rec.peak_bytes);
+      if (k == 0) res.trainable = rec.trainable;
+      res.resumed_stages = k + 1;
+      prog.note(name + " " + std::to_string(k + 1) + "/" + std::to_string(d.targets.size()) + " " + target.name +
+                ": the search's run at this rate and seed (" + states.dir.filename().string() + ")");
+    } else {
       stage_t stage(recipe, mm, w, lr, kind, s);
       if (k == 0) res.trainable = stage.trainable();
       const auto sched = stage_schedule(s, lr);
@@ -941,12 +952,15 @@ method_result run_recipe(const std::string& name, R recipe, method_kind kind, co
           const auto pv = ev.counting_bias(w, d.probe, base);
           res.probes.push_back({int(k + 1), step + 1, pv.number_mass, pv.with_number, pv.kl});
           res.eval_seconds += std::chrono::duration<double>(clock::now() - t1).count();
+          if (states.records() && step + 1 < s.stage_steps)
+            save_stage_state(w, base, states, k + 1, step + 1, {res.train_seconds, loss, peak - before, res.trainable});
           meter.reset_peaks();
         }
       }
       stage.sync(w);
       res.final_loss.push_back(loss);
       prog.end();
+      if (states.records()) save_stage_state(w, base, states, k + 1, 0, {res.train_seconds, loss, peak - before, res.trainable});
     }
     if (kind == method_kind::lora) {
       cl::lora_merge merged(w.lm);
@@ -1000,7 +1014,7 @@ inline bool method_available(const std::string& m) {
 #define SKILLGRAFT_REPRODUCE_RUN_RECIPE_WITH(R, Mlp)                                                         \
   method_result run_recipe<std::remove_cv_t<decltype(R)>, Mlp>(                                              \
       const std::string&, std::remove_cv_t<decltype(R)>, method_kind, const settings&, const weights_t&,    \
-      const std::vector<double>&, const probe_value&, const run_data&, progress&)
+      const std::vector<double>&, const probe_value&, const run_data&, progress&, const stage_states&)
 #define SKILLGRAFT_REPRODUCE_RUN_RECIPE(R) SKILLGRAFT_REPRODUCE_RUN_RECIPE_WITH(R, nn::default_mlp)
 #ifdef SKILLGRAFT_REPRODUCE_SPLIT_RECIPES
 extern template SKILLGRAFT_REPRODUCE_RUN_RECIPE(recipe::llm);
@@ -1015,14 +1029,17 @@ extern template SKILLGRAFT_REPRODUCE_RUN_RECIPE(lora_recipe);
 extern template SKILLGRAFT_REPRODUCE_RUN_RECIPE_WITH(moe_recipe, moe_policy);
 #endif
 
+// Whether run_method can record and resume m's stage states (see resumable).
+inline bool resumable_method(const std::string& m) { return m != "wise_ft" && m != "lora" && m != "moe"; }
+
 // Stage: where each step trains (cpu_stage; data_parallel.hpp's shares it between ranks).
 template <template <class, class> class Stage = cpu_stage>
 method_result run_method(const std::string& m, const settings& s, const weights_t& base,
                          const std::vector<double>& base_row, const probe_value& base_probe, const run_data& d,
-                         progress& prog) {
+                         progress& prog, const stage_states& states = {}) {
   auto run = [&]<class Mlp = nn::default_mlp>(auto recipe, method_kind kind) {
     return run_recipe<std::remove_cv_t<decltype(recipe)>, Mlp, Stage>(m, recipe, kind, s, base, base_row, base_probe,
-                                                                       d, prog);
+                                                                       d, prog, states);
   };
   method_result r;
   if (m == "lwf") r = run(recipe::mlp, method_kind::lwf);

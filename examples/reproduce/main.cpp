@@ -10,6 +10,7 @@
 //             [--train-layers A:B]
 //             [--stage-steps N] [--stage-batch N] [--lr-grid X,Y,... | --lr X] [--test-examples N]
 //             [--lr-search-stages N] [--lr-search-seeds N] [--lr-tolerance F] [--validation-examples N]
+//             [--retrain-searched-stages]
 //             [--jobs N] [--threads N]
 //   reproduce --gateskip-sweep [--out DIR] [--order TARGET,...] [--stage-steps N] ...
 //
@@ -92,6 +93,9 @@ void usage() {
                "  --lr-search-stages N --lr-search-seeds N --validation-examples N   the search's stages (default 2),\n"
                "                         fine-tuning seeds (default 3; 1: the highest score, no standard error) and\n"
                "                         validation examples per target (default 192)\n"
+               "  --retrain-searched-stages   the reported runs of the search seeds train the searched stages again\n"
+               "                         (default: they start where the search's run at the chosen rate ended them,\n"
+               "                         the same numbers bit for bit)\n"
                "  --lr X --lora-lr X     fixed rates instead of the search: X for every method but LoRA, LoRA's\n"
                "                         (defaults 5e-4 and 2e-3 with --lr-grid '')\n"
                "  --pretrain-threads N   threads of the pretraining process (default 2 on every machine, so that the\n"
@@ -253,6 +257,8 @@ int main(int argc, char** argv) {
         gateskip_sweep = true;
       } else if (a == "--quiet") {
         s.quiet = true;
+      } else if (a == "--retrain-searched-stages") {
+        s.resume_searched_stages = false;
       } else if (a == "--device") {
         s.device = value();
         if (s.device != "cpu" && s.device != "cuda")

@@ -40,6 +40,7 @@ struct pipeline_result {
   std::vector<std::string> skipped;  // methods not available in this build
   std::vector<rate_choice> rates;    // the learning-rate search, one per method (empty: fixed rates)
   double lr_search_seconds = 0;
+  std::vector<std::string> resumed;  // methods whose search-seed runs took the searched stages from the search
 };
 
 // A method's results as text, for a worker process to hand them to the parent (exact:
@@ -49,6 +50,7 @@ inline std::string serialize(const method_result& r) {
   auto num = [](double x) { return cl::detail::csv_number(x); };
   o << "name " << r.name << "\nseed " << r.seed << "\ntrain_seconds " << num(r.train_seconds) << "\neval_seconds " << num(r.eval_seconds)
     << "\npeak_bytes " << r.peak_bytes << "\ntrainable " << r.trainable << "\ndevice " << r.device << "\nlr " << num(r.lr)
+    << "\nresumed_stages " << r.resumed_stages
     << "\nfinal_loss " << r.final_loss.size();
   for (double l : r.final_loss) o << ' ' << num(l);
   o << "\nR " << r.R.size() << ' ' << (r.R.empty() ? 0 : r.R[0].size());
@@ -85,6 +87,8 @@ inline method_result deserialize(const std::string& text) {
   in >> r.device;
   expect("lr");
   in >> r.lr;
+  expect("resumed_stages");
+  in >> r.resumed_stages;
   std::size_t n = 0, m = 0;
   expect("final_loss");
   in >> n;
@@ -246,11 +250,35 @@ inline void check_rate_rule(const settings& s) {
 template <template <class, class> class Stage = cpu_stage>
 method_result run_method_on(const std::string& m, const settings& s, const weights_t& base,
                             const std::vector<double>& base_row, const probe_value& base_probe, const run_data& d,
-                            progress& prog) {
+                            progress& prog, const stage_states& states = {}) {
 #ifdef SKILLGRAFT_REPRODUCE_CUDA
-  if (s.device == "cuda") return run_method_cuda(m, s, base, base_row, base_probe, d, prog);
+  if (s.device == "cuda") {
+    if (states.use != stage_states::mode::none) throw std::logic_error("reproduce: no stage states on the GPU");
+    return run_method_cuda(m, s, base, base_row, base_probe, d, prog);
+  }
 #endif
-  return run_method<Stage>(m, s, base, base_row, base_probe, d, prog);
+  return run_method<Stage>(m, s, base, base_row, base_probe, d, prog, states);
+}
+
+// Whether the search's runs save their stage states and the reported runs start from them
+// (settings::resume_searched_stages): on the CPU in forked workers or this process, where the
+// report files go (the states are kept under the output directory while the run lasts).
+template <template <class, class> class Stage>
+bool resumes_searched_stages(const settings& s) {
+  return s.resume_searched_stages && s.write_files && s.device == "cpu" && !s.lr_grid.empty() &&
+         std::is_same_v<Stage<full_t, nn::default_mlp>, cpu_stage<full_t, nn::default_mlp>>;
+}
+inline std::filesystem::path stage_states_root(const settings& s) { return s.out / ".stage_states"; }
+
+// The search's run of method m at grid rate lr with its k-th search seed: its label (worker
+// files, stage-state directory).
+inline std::string search_label(const settings& s, const std::string& m, double lr, std::size_t k) {
+  return "lr_" + m + "_" + rate_text(lr) + (k ? "_seed" + std::to_string(s.seed + k) : "");
+}
+inline stage_states search_run_states(const settings& s, const std::string& m, double lr, std::size_t k,
+                                      const std::string& base_checksum, stage_states::mode use, std::size_t stages) {
+  return {use, stage_states_root(s) / search_label(s, m, lr, k),
+          stage_run_name(m, rate_text(lr), s.seed + k, base_checksum), stages};
 }
 
 // How many runs go at once: --jobs (0: one per core), at most n. One, in this process, when
@@ -295,8 +323,10 @@ std::vector<rate_choice> search_rates(const settings& s, const std::vector<std::
   std::vector<std::string> labels;
   for (const auto& m : methods)
     for (double lr : s.lr_grid)
-      for (std::size_t k = 0; k < S; ++k)
-        labels.push_back("lr_" + m + "_" + rate_text(lr) + (k ? "_seed" + std::to_string(s.seed + k) : ""));
+      for (std::size_t k = 0; k < S; ++k) labels.push_back(search_label(s, m, lr, k));
+  const bool record = resumes_searched_stages<Stage>(s);
+  const std::string base_checksum = record ? content_checksum(base) : "";
+  if (record) std::filesystem::remove_all(stage_states_root(s));  // a failed run's
   const int jobs = worker_count<Stage>(s, threads, labels.size());
   prog.note("learning-rate search: " + std::to_string(methods.size()) + " methods x " + std::to_string(G) +
             " rates x " + std::to_string(S) + " seed(s), " + std::to_string(v.targets.size()) + " stage(s) each, " +
@@ -309,7 +339,12 @@ std::vector<rate_choice> search_rates(const settings& s, const std::vector<std::
         settings at_rate = s;
         at_rate.lr = at_rate.lora_lr = s.lr_grid[(i / S) % G];
         at_rate.seed = s.seed + i % S;
-        auto r = run_method_on<Stage>(methods[i / (G * S)], at_rate, base, base_row, probe_value{}, v, p);
+        const std::string& m = methods[i / (G * S)];
+        const stage_states states =
+            record && resumable_method(m)
+                ? search_run_states(s, m, at_rate.lr, i % S, base_checksum, stage_states::mode::record, 0)
+                : stage_states{};
+        auto r = run_method_on<Stage>(m, at_rate, base, base_row, probe_value{}, v, p, states);
         r.seed = at_rate.seed;
         return r;
       },
@@ -327,6 +362,10 @@ std::vector<rate_choice> search_rates(const settings& s, const std::vector<std::
     }
     chosen.push_back(choose(methods[m], s.lr_grid, per_seed, s.lr_search_tolerance));
     prog.note(methods[m] + ": learning rate " + chosen_text(chosen.back()));
+    if (record)  // only the chosen rate's states are read again
+      for (double lr : s.lr_grid)
+        for (std::size_t k = 0; k < S && lr != chosen.back().rate; ++k)
+          std::filesystem::remove_all(stage_states_root(s) / search_label(s, methods[m], lr, k));
   }
   return chosen;
 }
@@ -396,11 +435,19 @@ pipeline_result run_pipeline(const settings& s, progress& prog) {
     res.rates = search_rates<Stage>(s, todo, base, d, threads, prog);
     res.lr_search_seconds = std::chrono::duration<double>(clock::now() - t0).count();
   }
+  // A run with one of the search's seeds starts where the search's run at its rate ended.
+  const bool resume = !res.rates.empty() && resumes_searched_stages<Stage>(s);
+  const std::string base_checksum = resume ? content_checksum(base) : "";
   auto run_one = [&](const job& j, progress& p) {
     settings si = s;
     si.seed = j.seed;
     si.lr = si.lora_lr = rate_of(j.method, res.rates, s);
-    auto r = run_method_on<Stage>(j.method, si, base, res.base_row, base_probe, d, p);
+    const std::size_t k = std::size_t(j.seed - s.seed);
+    const stage_states states =
+        resume && resumable_method(j.method) && k < std::size_t(std::max(1, s.lr_search_seeds))
+            ? search_run_states(s, j.method, si.lr, k, base_checksum, stage_states::mode::resume, searched_stages(s, d))
+            : stage_states{};
+    auto r = run_method_on<Stage>(j.method, si, base, res.base_row, base_probe, d, p, states);
     r.seed = j.seed;
     return r;
   };
@@ -426,6 +473,10 @@ pipeline_result run_pipeline(const settings& s, progress& prog) {
   run_each(
       labels, jobs, s, prog, [&](std::size_t i, progress& p) { return run_one(runs[i], p); },
       [&](method_result r) { finish(std::move(r)); });
+  if (resume) std::filesystem::remove_all(stage_states_root(s));
+  for (const auto& r : res.methods)
+    if (r.resumed_stages > 0 && std::find(res.resumed.begin(), res.resumed.end(), r.name) == res.resumed.end())
+      res.resumed.push_back(r.name);
   res.seeded = aggregate(res.summaries);
   std::vector<method_summary> means;
   for (const auto& a : res.seeded) means.push_back(a.mean);
@@ -483,6 +534,16 @@ pipeline_result run_pipeline(const settings& s, progress& prog) {
           " for the mean over the targets. The test sets are the same for every seed and method.\n\n";
   }
   md += lr_search_markdown(res.rates, s, searched_stages(s, d), res.lr_search_seconds);
+  if (!res.resumed.empty()) {
+    const std::size_t K = searched_stages(s, d);
+    std::string who;
+    for (const auto& m : res.resumed) who += (who.empty() ? "" : ", ") + m;
+    const int S = std::min(std::max(1, s.seeds), std::max(1, s.lr_search_seeds));
+    md += "The reported runs of " + who + " with seed" + (S > 1 ? "s " + std::to_string(s.seed) + ".." + std::to_string(s.seed + std::uint64_t(S) - 1) : " " + std::to_string(s.seed)) +
+          " took their first " + (K == 1 ? std::string("stage") : std::to_string(K) + " stages") +
+          " from the search's runs at the chosen rate and seed: the same steps on the same data from the same base "
+          "model, so the same numbers bit for bit as training them again (their train s include those stages).\n\n";
+  }
   md += comparison_markdown(res.seeded);
   md += "Mean held-out accuracy (%) after each stage:\n\n" + stages_markdown(res.seeded, s.order) + "\n";
   if (s.device != "cpu") {
