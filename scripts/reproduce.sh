@@ -4,7 +4,7 @@
 # reproduction for this CPU, pretrains the base model (cached as base.safetensors in the
 # output directory, so a rerun skips it), teaches five target skills in sequence with each
 # tuning method, and writes report.md, CSV files and SVG pictures.
-# The default run (four recipes, three seeds each, 300 steps per stage) takes about 11 to 15 minutes on
+# The default run (four recipes, three seeds each, 300 steps per stage) takes about 9 to 15 minutes on
 # 2 cores, plus about 2 to build (docs/reproduction.md, "Machine and time"); --full runs all ten methods with 1000 steps per stage, closer to
 # the paper: about 72 minutes with the default three-seed rate search (68 with the default run's
 # base model cached, which --full shares; 2-vCPU Intel Xeon), about 49 with --lr-search-seeds 1.

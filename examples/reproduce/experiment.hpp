@@ -251,7 +251,7 @@ inline std::string train_layers_text(layer_range r) {
   return r.all() ? "all layers" : "layers " + std::to_string(r.first) + ":" + std::to_string(r.last + 1);
 }
 
-// The default run (11 to 15 minutes on 2 cores, docs/reproduction.md) and the longer, more faithful one.
+// The default run (9 to 15 minutes on 2 cores, docs/reproduction.md) and the longer, more faithful one.
 inline settings default_settings() {
   settings s;
   s.model = reference_model(tokenizer().size());
