@@ -453,7 +453,7 @@ using evaluator = basic_evaluator<>;
 // NaNs) is refused with the file named.
 
 inline constexpr const char* cache_settings_key = "skillgraft.reproduce";
-inline constexpr const char* cache_checksum_key = "skillgraft.reproduce.checksum";
+inline constexpr const char* cache_checksum_key = content_checksum_key;
 // What the vision pretext reached, for the report of a run that loads the cache.
 inline constexpr const char* cache_pretext_key = "skillgraft.reproduce.vision_pretext";
 

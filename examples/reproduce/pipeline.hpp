@@ -314,7 +314,8 @@ void run_each(const std::vector<std::string>& labels, int jobs, const settings& 
 // scores and choice.
 template <template <class, class> class Stage = cpu_stage>
 std::vector<rate_choice> search_rates(const settings& s, const std::vector<std::string>& methods, const weights_t& base,
-                                      const run_data& d, int threads, progress& prog) {
+                                      const run_data& d, int threads, progress& prog,
+                                      const std::string& base_checksum = "") {
   const run_data v = validation_data(s, d);
   const evaluator ev(d.tok, s.model);
   const auto base_row = evaluate_all(ev, base, v, s.restricted);
@@ -325,7 +326,7 @@ std::vector<rate_choice> search_rates(const settings& s, const std::vector<std::
     for (double lr : s.lr_grid)
       for (std::size_t k = 0; k < S; ++k) labels.push_back(search_label(s, m, lr, k));
   const bool record = resumes_searched_stages<Stage>(s);
-  const std::string base_checksum = record ? content_checksum(base) : "";
+  if (record && base_checksum.empty()) throw std::logic_error("reproduce: stage states need the base model's checksum");
   if (record) std::filesystem::remove_all(stage_states_root(s));  // a failed run's
   const int jobs = worker_count<Stage>(s, threads, labels.size());
   prog.note("learning-rate search: " + std::to_string(methods.size()) + " methods x " + std::to_string(G) +
@@ -430,14 +431,15 @@ pipeline_result run_pipeline(const settings& s, progress& prog) {
   std::vector<job> runs;
   for (const auto& m : todo)
     for (int i = 0; i < std::max(1, s.seeds); ++i) runs.push_back({m, s.seed + std::uint64_t(i)});
+  // What the search's stage states and the runs that resume from them are checked against.
+  const std::string base_checksum = resumes_searched_stages<Stage>(s) ? content_checksum(base) : "";
   if (!s.lr_grid.empty() && !todo.empty()) {
     const auto t0 = clock::now();
-    res.rates = search_rates<Stage>(s, todo, base, d, threads, prog);
+    res.rates = search_rates<Stage>(s, todo, base, d, threads, prog, base_checksum);
     res.lr_search_seconds = std::chrono::duration<double>(clock::now() - t0).count();
   }
   // A run with one of the search's seeds starts where the search's run at its rate ended.
   const bool resume = !res.rates.empty() && resumes_searched_stages<Stage>(s);
-  const std::string base_checksum = resume ? content_checksum(base) : "";
   auto run_one = [&](const job& j, progress& p) {
     settings si = s;
     si.seed = j.seed;

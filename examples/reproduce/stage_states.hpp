@@ -55,7 +55,6 @@ struct stage_record {
 };
 
 inline constexpr const char* stage_state_key = "skillgraft.reproduce.stage_state";
-inline constexpr const char* stage_checksum_key = "skillgraft.reproduce.checksum";
 
 // Stage `stage` (1-based) after its last step (step 0), or after `step` steps.
 inline std::filesystem::path stage_state_file(const stage_states& st, std::size_t stage, int step = 0) {
@@ -80,7 +79,7 @@ inline void save_stage_state(const weights_t& w, const weights_t& base, const st
   });
   out.set_metadata("format", "pt");
   out.set_metadata(stage_state_key, stage_state_label(st, stage, step));
-  out.set_metadata(stage_checksum_key, content_checksum(w));
+  out.set_metadata(content_checksum_key, content_checksum(w));
   out.set_metadata("train_seconds", cl::detail::csv_number(r.train_seconds));
   out.set_metadata("final_loss", cl::detail::csv_number(r.final_loss));
   out.set_metadata("peak_bytes", std::to_string(r.peak_bytes));
@@ -113,9 +112,9 @@ inline stage_record load_stage_state(weights_t& w, const weights_t& base, const 
   });
   if (found != f.header().tensors.size())
     throw std::runtime_error("reproduce: the stage state " + path.string() + " holds tensors this model does not have");
-  if (const std::string sum = content_checksum(w); sum != field(stage_checksum_key))
+  if (const std::string sum = content_checksum(w); sum != field(content_checksum_key))
     throw std::runtime_error("reproduce: the stage state " + path.string() + " is damaged: its content checksum is " +
-                             sum + ", but the file records " + field(stage_checksum_key));
+                             sum + ", but the file records " + field(content_checksum_key));
   stage_record r;
   try {
     r.train_seconds = std::stod(field("train_seconds"));

@@ -17,6 +17,9 @@ namespace skillgraft::reproduce {
 
 using weights_t = model::multimodal_weights<float>;
 
+// The metadata key under which a saved model (base-model cache, stage state) records it.
+inline constexpr const char* content_checksum_key = "skillgraft.reproduce.checksum";
+
 // FNV-1a over every tensor's name and float bytes, in model order, as 16 hex digits.
 inline std::string content_checksum(const weights_t& w) {
   std::uint64_t h = fnv1a("", 0);
