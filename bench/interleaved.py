@@ -2,6 +2,7 @@
 """skillgraft against PyTorch in alternating rounds, for a machine whose speed drifts.
 
     interleaved.py --build build-release --python .venv-bench/bin/python [--rounds 5]
+                   [--bench-dir DIR]  (the folder of bench_recipes and bench_train_step; default BUILD/bench)
                    [--recipes llm,sa_proj] [--parts step,trunk] [--threads 2] [--json out.json]
 
 scripts/bench.sh runs all of skillgraft's benchmarks and then all of PyTorch's: on a shared
@@ -37,11 +38,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BINARY = {"trunk": ("bench_recipes", "BM_step/"), "step": ("bench_train_step", "BM_train_step/")}
 
 
-def run_skillgraft(build, part, recipe, min_time, env):
+def run_skillgraft(bench_dir, part, recipe, min_time, env):
     binary, prefix = BINARY[part]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "out.json")
-        cmd = [os.path.join(build, "bench", binary), f"--benchmark_filter=^{prefix}{recipe}/",
+        cmd = [os.path.join(bench_dir, binary), f"--benchmark_filter=^{prefix}{recipe}/",
                f"--benchmark_min_time={min_time}", f"--benchmark_out={path}", "--benchmark_out_format=json"]
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
         runs, _ = gbench(path, prefix)
@@ -68,6 +69,8 @@ def run_torch(python, part, recipe, threads, warmup, reps, env):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--build", default=os.path.join(HERE, "..", "build-release"))
+    ap.add_argument("--bench-dir", help="the folder of the bench programs (default: BUILD/bench); a multi-config "
+                    "build keeps them in a folder per configuration")
     ap.add_argument("--python", default=os.path.join(HERE, "..", ".venv-bench", "bin", "python"))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--recipes", default=",".join(RECIPES))
@@ -82,8 +85,9 @@ def main():
     recipes, parts = recipes_and_parts(ap, a.recipes, a.parts)
     if a.rounds < 1 or a.threads < 1 or a.pt_repetitions < 1:
         ap.error("--rounds, --threads and --pt-repetitions must be at least 1")
+    bench_dir = a.bench_dir or os.path.join(a.build, "bench")
     for part in parts:
-        path = os.path.join(a.build, "bench", BINARY[part][0])
+        path = os.path.join(bench_dir, BINARY[part][0])
         if not os.access(path, os.X_OK):
             ap.error(f"{path} is not built (scripts/bench.sh builds it)")
 
@@ -96,7 +100,7 @@ def main():
                 sides = ["skillgraft", "pytorch"] if rnd % 2 == 0 else ["pytorch", "skillgraft"]
                 got = {}
                 for side in sides:
-                    got[side] = (run_skillgraft(a.build, part, rec, a.sg_min_time, env) if side == "skillgraft" else
+                    got[side] = (run_skillgraft(bench_dir, part, rec, a.sg_min_time, env) if side == "skillgraft" else
                                  run_torch(a.python, part, rec, a.threads, a.pt_warmup, a.pt_repetitions, env))
                 torch_version = got["pytorch"]["torch"]
                 sg_n, pt_n = got["skillgraft"]["trainable_elements"], got["pytorch"]["trainable_elements"]
