@@ -453,7 +453,6 @@ using evaluator = basic_evaluator<>;
 // NaNs) is refused with the file named.
 
 inline constexpr const char* cache_settings_key = "skillgraft.reproduce";
-inline constexpr const char* cache_checksum_key = content_checksum_key;
 // What the vision pretext reached, for the report of a run that loads the cache.
 inline constexpr const char* cache_pretext_key = "skillgraft.reproduce.vision_pretext";
 
@@ -463,7 +462,7 @@ inline void save_checkpoint(const weights_t& w, const std::filesystem::path& pat
   out.set_metadata("format", "pt");
   out.set_metadata(cache_settings_key, fp);
   if (!pretext.empty()) out.set_metadata(cache_pretext_key, pretext);
-  out.set_metadata(cache_checksum_key, content_checksum(w));
+  out.set_metadata(content_checksum_key, content_checksum(w));
   model::for_each_multimodal_parameter(const_cast<weights_t&>(w),
                                        [&](const std::string& name, cpu::tensor<float>& t) { out.add(name, t); });
   std::filesystem::create_directories(path.parent_path().empty() ? "." : path.parent_path());
@@ -538,7 +537,7 @@ inline bool load_checkpoint(weights_t& w, const std::filesystem::path& path, con
   auto f = open_cache(path);
   if (!f) return false;
   if (f->metadata().at(cache_settings_key) != fp) return false;
-  const auto sum = f->metadata().find(cache_checksum_key);
+  const auto sum = f->metadata().find(content_checksum_key);
   if (sum == f->metadata().end()) return false;  // a cache from before checksums: pretrained again
   model::for_each_multimodal_parameter(w, [&](const std::string& name, cpu::tensor<float>& t) { f->load_into(name, t); });
   if (const std::string found = content_checksum(w); found != sum->second)

@@ -311,11 +311,11 @@ void run_each(const std::vector<std::string>& labels, int jobs, const settings& 
 
 // The learning-rate search (lr_search.hpp): every method trains the searched stages once per
 // grid rate and search seed, evaluated on the validation split only; returns each method's
-// scores and choice.
+// scores and choice. base_checksum: content_checksum(base) where the search records stage states.
 template <template <class, class> class Stage = cpu_stage>
 std::vector<rate_choice> search_rates(const settings& s, const std::vector<std::string>& methods, const weights_t& base,
                                       const run_data& d, int threads, progress& prog,
-                                      const std::string& base_checksum = "") {
+                                      const std::string& base_checksum) {
   const run_data v = validation_data(s, d);
   const evaluator ev(d.tok, s.model);
   const auto base_row = evaluate_all(ev, base, v, s.restricted);
