@@ -385,6 +385,34 @@ TEST_CASE("seed statistics: t-interval, test-set standard error and rank correla
                        Catch::Contains("between the counting bias (max) and the mean held-out forgetting: 1.00."));
 }
 
+TEST_CASE("recovery after the counting stage: paired per-seed changes of the held-out mean") {
+  auto run = [](const std::string& name, std::uint64_t seed, std::vector<double> curve) {
+    rp::method_summary m;
+    m.name = name, m.seed = seed, m.heldout_curve = curve, m.target_curve = std::vector<double>(curve.size(), 0.0);
+    return m;
+  };
+  // Order birds, count, tissue, sign: curve rows base, after birds, after count, after tissue, after sign.
+  const auto agg = rp::aggregate({run("llm", 1, {80, 78, 60, 64, 50}), run("llm", 2, {80, 79, 58, 61, 49}),
+                                  run("llm", 3, {80, 77, 62, 66, 52}), run("mlp", 1, {80, 80, 70, 69, 60}),
+                                  run("mlp", 2, {80, 81, 72, 74, 65})});
+  REQUIRE(agg.size() == 2);
+  // llm's tissue stage: +4, +3, +4 per seed, mean 3.667, sd 0.5774, t(0.975, 2) = 4.3027: ± 1.434.
+  CHECK(agg[0].heldout_change(2, 3).mean == Approx(11.0 / 3));
+  CHECK(agg[0].heldout_change(2, 3).half == Approx(4.302653 * std::sqrt(1.0 / 3) / std::sqrt(3.0)).epsilon(1e-4));
+  // Unpaired, after count (60 ± 5.0) and after tissue (63.7 ± 6.2) overlap: only the pairing shows the recovery.
+  CHECK(agg[0].heldout_curve[2].hi() > agg[0].heldout_curve[3].lo());
+  const std::vector<std::string> order{"birds", "count", "tissue", "sign"};
+  const auto text = rp::recovery_markdown(agg, order);
+  // counting -18, -21, -15 (± 7.45); tissue +3.7 ± 1.4 above zero; after count -> after sign -10, -9, -10.
+  CHECK_THAT(text, Catch::Contains("| method | counting | tissue | after counting → after the last stage |") &&
+                       Catch::Contains("| llm | -18.0 ± 7.5 ↓ | +3.7 ± 1.4 ↑ | -9.7 ± 1.4 ↓ |") &&
+                       // mlp, two seeds: counting -10, -9; tissue -1, +2 (no mark); after count -> after sign -10, -7.
+                       Catch::Contains("| mlp | -9.5 ± 6.4 ↓ | +0.5 ± 19.1 | -8.5 ± 19.1 |"));
+  // No counting stage, or counting last: nothing to say.
+  CHECK(rp::recovery_markdown(agg, {"birds", "tissue", "sign", "clock"}).empty());
+  CHECK(rp::recovery_markdown(agg, {"birds", "tissue", "sign", "count"}).empty());
+}
+
 TEST_CASE("vision pretext: every token is labelled with the object covering most of it") {
   rp::object sq;  // a large red square over the top-left token and parts of its neighbours
   sq.shape = rp::shape_kind::square, sq.colour = 0, sq.cx = 5, sq.cy = 5, sq.r = 5;

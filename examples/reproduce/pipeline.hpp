@@ -548,6 +548,7 @@ pipeline_result run_pipeline(const settings& s, progress& prog) {
   }
   md += comparison_markdown(res.seeded);
   md += "Mean held-out accuracy (%) after each stage:\n\n" + stages_markdown(res.seeded, s.order) + "\n";
+  if (const auto rec = recovery_markdown(res.seeded, s.order); !rec.empty()) md += rec + "\n";
   if (s.device != "cpu") {
     md += "Device: pretraining " + std::string(res.pretrained ? "on " + s.device : "loaded from the cache") +
           "; training of each method on:";
