@@ -14,8 +14,8 @@ mean over the runs ± the 95 % t half-width over the runs, and the range.
 With --recovery, the recovery phenomenon instead, from each run's accuracy_<method>[_seedN].csv:
 per run and method, the change of the mean held-out accuracy made by the counting stage and by
 the stage after it, each taken per fine-tuning seed and then averaged (± 95 %), marked ↑ where
-the next stage's interval lies above zero (a recovery) — the table report.md has since it was
-added, for runs made before. Standard library only.
+the next stage's interval lies above zero (a recovery): the first two columns of report.md's
+recovery table, for runs made before it was added. Standard library only.
 """
 import argparse
 import csv
