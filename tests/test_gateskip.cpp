@@ -2,7 +2,8 @@
 // the attention and MLP branches of a decoder block. Finite-difference gradients of the gated
 // block under several recipes (vector and scalar gates), a fully open gate is the ungated
 // block bit for bit, the memory plan equals the ledger, the sparsity objective's gradient by
-// finite differences, and train_step fine-tuning only the gates of a pretrained model.
+// finite differences, train_step fine-tuning only the gates of a pretrained model, and skipped
+// decoding against the masked computation (dense and mixture-of-experts MLPs).
 #include "support/gradcheck.hpp"
 #include "support/plan_ledger.hpp"
 #include "support/random_lm.hpp"
@@ -11,6 +12,7 @@
 #include <cstring>
 #include <map>
 
+#include "skillgraft/cl/moe.hpp"
 #include "skillgraft/model/gate_skip.hpp"
 #include "skillgraft/model/hf_checkpoint.hpp"
 #include "skillgraft/model/parameters.hpp"
@@ -488,6 +490,54 @@ TEST_CASE("GateSkip inference: skipped decoding equals the full computation with
     sg::model::kv_cache<D> cf(c, 2, 12);
     CHECK((sg::model::decode(lm, w, cf, x).vec() - outs[0].first.vec()).cwiseAbs().maxCoeff() > 1e-9);
   }
+}
+
+TEST_CASE("GateSkip inference around a mixture of experts: only the kept tokens run the experts, as the masked computation") {
+  // The skipping MLP branch gathers the kept rows and runs the policy's forward on them alone;
+  // under a mixture of experts each row is routed by itself, so that must equal the masked
+  // computation (every token routed and run, the skipped ones' updates zeroed).
+  using moe_gates = sg::nn::gate_skip<sg::nn::moe<sg::nn::act::silu, 2>>;
+  const auto c = sg::test::tiny_lm_config(3);
+  auto w = gated_lm<D>(c, 27);
+  sg::cl::add_expert(w);
+  sg::cl::add_expert(w);
+  std::mt19937 rng(28);
+  for (auto& l : w.trunk.layers) {
+    sg::test::fill_normal(l.mlp.router, rng, 0.0, 1.0);
+    for (auto& x : l.mlp.experts)
+      for (auto* p : {&x.gate_proj, &x.up_proj, &x.down_proj}) sg::test::fill_linear(*p, rng);
+  }
+  moe_gates::options o{};
+  o.experts = 3;
+  sg::model::decoder_lm<D, frozen_r, sg::backend::cpu, moe_gates> lm(c, sg::recipe::frozen, o);
+  auto x = lm.embed(w, prompt, nullptr);
+  {  // budget 100 %: the full model's decoding, bit for bit
+    sg::model::kv_cache<D> c0(c, 2, 8), c1(c, 2, 8);
+    CHECK(bitwise_equal(sg::model::decode_skipping(lm, w, c1, x, sg::model::keep_all(c.n_layers)),
+                        sg::model::decode(lm, w, c0, x)));
+  }
+  const auto plan = sg::model::calibrate_skipping(lm, w, prompt, 0.5);
+  auto masked = plan;
+  masked.mode = sg::model::skip_mode::masked;
+  sg::model::kv_cache<D> ca(c, 2, 8), cb(c, 2, 8), cf(c, 2, 8);
+  sg::model::skip_stats sa, sb;
+  const auto a = sg::model::decode_skipping(lm, w, ca, x, plan, &sa);
+  const auto b = sg::model::decode_skipping(lm, w, cb, x, masked, &sb);
+  CHECK((a.vec() - b.vec()).cwiseAbs().maxCoeff() < 1e-12);
+  for (int l = 0; l < c.n_layers; ++l) {
+    CHECK((ca.k[std::size_t(l)].vec() - cb.k[std::size_t(l)].vec()).cwiseAbs().maxCoeff() < 1e-12);
+    CHECK((ca.v[std::size_t(l)].vec() - cb.v[std::size_t(l)].vec()).cwiseAbs().maxCoeff() < 1e-12);
+  }
+  CHECK(sa.branch_skipped == sb.branch_skipped);
+  CHECK(sa.branch_skipped > 0);
+  CHECK(sa.flops_run < sa.flops_full);
+  CHECK(sb.flops_run == sb.flops_full);
+  // The experts matter, and so does skipping: neither comparison above is between equal things.
+  CHECK((sg::model::decode(lm, w, cf, x).vec() - a.vec()).cwiseAbs().maxCoeff() > 1e-9);
+  auto w_dense = gated_lm<D>(c, 27);
+  sg::model::decoder_lm<D, frozen_r, sg::backend::cpu, vector_gates> dense(c, sg::recipe::frozen);
+  sg::model::kv_cache<D> cd(c, 2, 8);
+  CHECK((sg::model::decode_skipping(dense, w_dense, cd, x, plan).vec() - a.vec()).cwiseAbs().maxCoeff() > 1e-6);
 }
 
 TEST_CASE("GateSkip inference: calibration keeps the top fraction of a layer's tokens by importance") {
