@@ -402,6 +402,20 @@ sg::model::lm_weights<T> gated_lm(const sg::decoder_config& c, unsigned seed) {
   return w;
 }
 const token_ids prompt = {{1, 5, 7, 2, 11, 4}, {3, 3, 12, 0, 4, 9}};
+// Skipped decoding (cache a, stats sa) against the masked computation (b, sb): the same keys and
+// values in every layer, the same tokens skipped, some skipped, and FLOPs saved only by skipping.
+void check_as_masked(const sg::model::kv_cache<D>& ca, const sg::model::kv_cache<D>& cb, const sg::model::skip_stats& sa,
+                     const sg::model::skip_stats& sb) {
+  for (std::size_t l = 0; l < ca.k.size(); ++l) {
+    CHECK((ca.k[l].vec() - cb.k[l].vec()).cwiseAbs().maxCoeff() < 1e-12);
+    CHECK((ca.v[l].vec() - cb.v[l].vec()).cwiseAbs().maxCoeff() < 1e-12);
+  }
+  CHECK(sa.branch_skipped == sb.branch_skipped);
+  CHECK(sa.branch_skipped > 0);
+  CHECK(sa.flops_run < sa.flops_full);
+  CHECK(sb.flops_run == sb.flops_full);  // the masked reference computes everything
+  CHECK(sa.flops_full == sb.flops_full);
+}
 }  // namespace
 
 TEST_CASE("GateSkip inference: a gated model decodes what its forward computes, and budget 100 % skips nothing, bit for bit") {
@@ -466,15 +480,7 @@ TEST_CASE("GateSkip inference: skipped decoding equals the full computation with
                         sg::model::decode_skipping(lm, w, cb, step, masked, &sb));
     }
     for (auto& [a, b] : outs) CHECK((a.vec() - b.vec()).cwiseAbs().maxCoeff() < 1e-12);
-    for (int l = 0; l < c.n_layers; ++l) {
-      CHECK((ca.k[std::size_t(l)].vec() - cb.k[std::size_t(l)].vec()).cwiseAbs().maxCoeff() < 1e-12);
-      CHECK((ca.v[std::size_t(l)].vec() - cb.v[std::size_t(l)].vec()).cwiseAbs().maxCoeff() < 1e-12);
-    }
-    CHECK(sa.branch_skipped == sb.branch_skipped);
-    CHECK(sa.branch_skipped > 0);
-    CHECK(sa.flops_run < sa.flops_full);
-    CHECK(sb.flops_run == sb.flops_full);  // the masked reference computes everything
-    CHECK(sa.flops_full == sb.flops_full);
+    check_as_masked(ca, cb, sa, sb);
     // A skipped token's keys and values at a layer are the layer below's, exactly: find one.
     std::size_t carried = 0;
     const std::size_t kvd = std::size_t(c.kv_dim());
@@ -524,14 +530,7 @@ TEST_CASE("GateSkip inference around a mixture of experts: only the kept tokens 
   const auto a = sg::model::decode_skipping(lm, w, ca, x, plan, &sa);
   const auto b = sg::model::decode_skipping(lm, w, cb, x, masked, &sb);
   CHECK((a.vec() - b.vec()).cwiseAbs().maxCoeff() < 1e-12);
-  for (int l = 0; l < c.n_layers; ++l) {
-    CHECK((ca.k[std::size_t(l)].vec() - cb.k[std::size_t(l)].vec()).cwiseAbs().maxCoeff() < 1e-12);
-    CHECK((ca.v[std::size_t(l)].vec() - cb.v[std::size_t(l)].vec()).cwiseAbs().maxCoeff() < 1e-12);
-  }
-  CHECK(sa.branch_skipped == sb.branch_skipped);
-  CHECK(sa.branch_skipped > 0);
-  CHECK(sa.flops_run < sa.flops_full);
-  CHECK(sb.flops_run == sb.flops_full);
+  check_as_masked(ca, cb, sa, sb);
   // The experts matter, and so does skipping: neither comparison above is between equal things.
   CHECK((sg::model::decode(lm, w, cf, x).vec() - a.vec()).cwiseAbs().maxCoeff() > 1e-9);
   auto w_dense = gated_lm<D>(c, 27);
