@@ -7,7 +7,7 @@
 # The default run (four recipes, three seeds each, 300 steps per stage) takes about 9 to 15 minutes on
 # 2 cores, plus about 2 to build (docs/reproduction.md, "Machine and time"); --full runs all ten methods with 1000 steps per stage, closer to
 # the paper: about 72 minutes with the default three-seed rate search (68 with the default run's
-# base model cached, which --full shares; 2-vCPU Intel Xeon), about 49 with --lr-search-seeds 1.
+# base model cached, which --full shares; 2-vCPU Intel Xeon; 76 on a 2-vCPU AMD EPYC), about 49 with --lr-search-seeds 1.
 # Extra arguments go to the program (see --help), e.g. --methods sa_proj,mlp_gate_up,llm.
 # --gateskip-sweep runs the GateSkip demonstration instead (docs/gateskip.md), on the same cached base model.
 # With --device cuda the program is built with its GPU path (SKILLGRAFT_REPRODUCE_CUDA, nvcc
