@@ -508,11 +508,7 @@ TEST_CASE("GateSkip inference around a mixture of experts: only the kept tokens 
   sg::cl::add_expert(w);
   sg::cl::add_expert(w);
   std::mt19937 rng(28);
-  for (auto& l : w.trunk.layers) {
-    sg::test::fill_normal(l.mlp.router, rng, 0.0, 1.0);
-    for (auto& x : l.mlp.experts)
-      for (auto* p : {&x.gate_proj, &x.up_proj, &x.down_proj}) sg::test::fill_linear(*p, rng);
-  }
+  sg::test::randomize_experts(w, rng);
   moe_gates::options o{};
   o.experts = 3;
   sg::model::decoder_lm<D, frozen_r, sg::backend::cpu, moe_gates> lm(c, sg::recipe::frozen, o);

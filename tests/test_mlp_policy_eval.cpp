@@ -34,11 +34,7 @@ sg::model::lm_weights<float> random_lm(const sg::decoder_config& c, int kind, un
   if (kind == 2) {
     sg::cl::add_expert(w);
     sg::cl::add_expert(w);
-    for (auto& l : w.trunk.layers) {
-      sg::test::fill_normal(l.mlp.router, rng, 0.0, 1.0);
-      for (auto& x : l.mlp.experts)
-        for (auto* p : {&x.gate_proj, &x.up_proj, &x.down_proj}) sg::test::fill_linear(*p, rng);
-    }
+    sg::test::randomize_experts(w, rng);
   }
   return w;
 }

@@ -97,11 +97,7 @@ TEST_CASE("generation on the device: cached decoding, greedy and sampled tokens,
     auto hw = sg::test::random_lm<float>(generation_config(), 63);
     sg::cl::add_expert(hw);
     std::mt19937 rng(64);
-    for (auto& l : hw.trunk.layers) {
-      sg::test::fill_normal(l.mlp.router, rng, 0.0, 1.0);
-      for (auto& x : l.mlp.experts)
-        for (auto* p : {&x.gate_proj, &x.up_proj, &x.down_proj}) sg::test::fill_linear(*p, rng);
-    }
+    sg::test::randomize_experts(hw, rng);
     generation_parity<sg::nn::moe<sg::nn::act::silu, 2>>(hw, sg::nn::moe_options{2});
   }
 }

@@ -308,11 +308,7 @@ void moe_step_parity(R recipe, int experts) {
   auto hw = sg::test::random_lm<float>(c, 51);
   std::mt19937 rng(52);
   for (int e = 1; e < experts; ++e) sg::cl::add_expert(hw);
-  for (auto& l : hw.trunk.layers) {
-    sg::test::fill_normal(l.mlp.router, rng, 0.0, 1.0);
-    for (auto& x : l.mlp.experts)
-      for (auto* p : {&x.gate_proj, &x.up_proj, &x.down_proj}) sg::test::fill_linear(*p, rng);
-  }
+  sg::test::randomize_experts(hw, rng);
   if constexpr (Mlp::activation::has_range) sg::nn::add_act_range(hw.trunk, 0.4f);
   auto dw = sg::model::to_backend<device_b>(hw);
   const sg::nn::moe_options o{experts};

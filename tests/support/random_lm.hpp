@@ -24,4 +24,16 @@ model::lm_weights<T> random_lm(const decoder_config& c, unsigned seed) {
   return w;
 }
 
+// Experts that route and compute for real: each layer's router N(0, 1), then each of its experts'
+// Gate, Up and Down as fill_linear (expert 0, the original MLP, included), layer by layer from
+// one stream. The experts themselves come from cl::add_expert before.
+template <class T>
+void randomize_experts(model::lm_weights<T>& w, std::mt19937& rng) {
+  for (auto& l : w.trunk.layers) {
+    fill_normal(l.mlp.router, rng, 0.0, 1.0);
+    for (auto& x : l.mlp.experts)
+      for (auto* p : {&x.gate_proj, &x.up_proj, &x.down_proj}) fill_linear(*p, rng);
+  }
+}
+
 }  // namespace skillgraft::test
