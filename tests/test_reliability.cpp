@@ -569,8 +569,8 @@ TEST_CASE("AdamW: a finite gradient that would overflow a moment is refused befo
   CHECK(pw[5] != before[5]);
 }
 
-// A model of one flat tensor: the optimizer's CPU packet paths at a size past the threshold
-// where they run in parallel, with a tail that is not a whole packet.
+// A model of one flat tensor: the optimizer's CPU packet paths below and past the size where they
+// run in parallel, with a tail that is not a whole packet.
 struct one_tensor_model {
   template <class W, class G, class F>
   void for_each_trainable(W& w, G& g, F&& f) const {
@@ -579,7 +579,8 @@ struct one_tensor_model {
 };
 
 TEST_CASE("AdamW on packets: the formula's update, and a bad element in a packet or the tail found before anything changes") {
-  const std::size_t n = 70001;
+  const std::size_t n = GENERATE(std::size_t(3001), std::size_t(70001));
+  INFO("elements " << n);
   sg::cpu::tensor<float> p({n}, sg::memory_use::weights), g({n}, sg::memory_use::gradients);
   for (std::size_t i = 0; i < n; ++i) {
     p[i] = float(std::cos(0.011 * double(i)));
@@ -602,7 +603,7 @@ TEST_CASE("AdamW on packets: the formula's update, and a bad element in a packet
     return b;
   };
   // A non-finite gradient and one whose square overflows, inside a packet and in the tail.
-  for (const std::size_t j : {std::size_t(40000), n - 1})
+  for (const std::size_t j : {n / 16 * 9, n - 1})
     for (const float bad : {std::numeric_limits<float>::quiet_NaN(), 1e30f}) {
       const auto p0 = bytes_of(p), m0 = moments();
       const float ok = g[j];
@@ -620,8 +621,20 @@ TEST_CASE("AdamW on packets: the formula's update, and a bad element in a packet
   // operations and of the final subtraction: a few ulp of |p| and of the step. A weight near the
   // top of float's range inside a packet: the packet screen flags it (its bound overflows), the
   // exact check clears it, and it is updated like the others.
-  const std::size_t big = 30001;
+  const std::size_t big = n / 7 * 3;
   p[big] = 1e38f;
+  // That flagged-but-cleared weight does not end the search: a bad gradient in a later block is
+  // still found, and nothing changes.
+  {
+    const auto p0 = bytes_of(p), m0 = moments();
+    const std::size_t j = n - 2;
+    const float ok = g[j];
+    g[j] = 1e30f;
+    CHECK_THAT(error_of([&] { opt.step(model, p, g); }), Catch::Contains("at element " + std::to_string(j)));
+    CHECK(bytes_of(p) == p0);
+    CHECK(moments() == m0);
+    g[j] = ok;
+  }
   const std::vector<float> before(p.data(), p.data() + n);
   opt.step(model, p, g);
   CHECK(opt.steps() == 1);

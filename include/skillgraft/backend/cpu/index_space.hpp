@@ -27,6 +27,19 @@ bool any_in(std::int64_t b, std::int64_t b1, const F& pred) {
   for (std::int64_t j = i; j < b1; ++j) any |= pred(j);
   return any;
 }
+// The first i in [b, e) with pred(i), or -1: blocks tested without a branch per element
+// (vectorisable), the one that hits searched element by element.
+template <class F>
+std::int64_t first_in(std::int64_t b, std::int64_t e, const F& pred) {
+  constexpr std::int64_t block = 512;
+  for (; b < e; b += block) {
+    const std::int64_t b1 = std::min(e, b + block);
+    if (any_in(b, b1, pred))
+      for (std::int64_t i = b; i < b1; ++i)
+        if (pred(i)) return i;
+  }
+  return -1;
+}
 }  // namespace detail
 
 struct index_ops {
@@ -52,32 +65,17 @@ struct index_ops {
   }
   // The first i in [0, n) with pred(i), or -1. Fixed chunks are searched in parallel (an
   // optimizer's checks read every gradient element each step); the first hit in chunk order wins.
+  // Small tensors are searched the same way on one thread: the exact pred, with its square root and
+  // division, only runs over a block the branch-free screen flagged (it cost three times the update
+  // when a 128-wide model's every projection was below the parallel threshold).
   template <class F>
   static std::int64_t find_first_index(std::int64_t n, F pred) {
+    if (n < 32768) return detail::first_in(0, n, pred);
     constexpr std::int64_t chunks = 64;
-    if (n < 32768) {
-      for (std::int64_t i = 0; i < n; ++i)
-        if (pred(i)) return i;
-      return -1;
-    }
     std::int64_t found[chunks];
     const std::int64_t per = (n + chunks - 1) / chunks;
 #pragma omp parallel for schedule(static)
-    for (std::int64_t c = 0; c < chunks; ++c) {
-      found[c] = -1;
-      const std::int64_t end = std::min(n, (c + 1) * per);
-      // Blocks tested without a branch per element (vectorisable), the one that hits searched.
-      constexpr std::int64_t block = 512;
-      for (std::int64_t b = c * per; b < end && found[c] < 0; b += block) {
-        const std::int64_t b1 = std::min(end, b + block);
-        if (detail::any_in(b, b1, pred))
-          for (std::int64_t i = b; i < b1; ++i)
-            if (pred(i)) {
-              found[c] = i;
-              break;
-            }
-      }
-    }
+    for (std::int64_t c = 0; c < chunks; ++c) found[c] = detail::first_in(c * per, std::min(n, (c + 1) * per), pred);
     for (std::int64_t c = 0; c < chunks; ++c)
       if (found[c] >= 0) return found[c];
     return -1;
