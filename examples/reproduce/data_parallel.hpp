@@ -4,10 +4,13 @@
 // summed over them (train_step with dist::mpi_communicator), so that k ranks take the steps of
 // one process on the whole batch. MPI does not survive fork, so nothing is forked: pretraining
 // (when the base-model cache is missing) runs on rank 0 while the others wait, and the methods
-// run one after another. Rank 0 alone writes files; every rank reads the cached base model and
-// evaluates for itself (the same weights give the same numbers on every rank).
+// run one after another. Rank 0 alone writes files; every rank reads the cached base model. The
+// test sets' decoding is divided: each rank decodes every k-th chunk of a test set and the
+// correct answers are summed (evaluation_share); the counting-bias probe, whose sums over
+// positions would round differently if divided, runs on every rank.
 #include <chrono>
 #include <cstddef>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -82,7 +85,10 @@ inline pipeline_result data_parallel_run(settings s, progress& prog, dist::mpi_c
       pretrain_and_save(s, d, fingerprint(s), prog);
     });
   }
+  // From here every rank evaluates the same test sets in the same order, each decoding its share.
+  shared_evaluation() = {.rank = comm.rank(), .ranks = comm.size(), .sum = [&comm](std::uint64_t n) { return comm.sum(n); }};
   auto res = run_pipeline<mpi_stage>(s, prog);
+  shared_evaluation() = {};
   job_communicator() = nullptr;
   return res;
 }

@@ -8,6 +8,7 @@
 #include <charconv>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <functional>
@@ -297,6 +298,20 @@ struct probe_value {
   double kl = 0;  // KL(reference || model), mean over the probed positions
 };
 
+// Which chunks of a test set this process decodes. One process: all of them. The ranks of
+// reproduce_mpi (data_parallel.hpp) each decode every k-th chunk and sum the correct answers:
+// a chunk holds the rows it holds in one process, so every answer is the one process's, and k
+// ranks share the decoding instead of each repeating it.
+struct evaluation_share {
+  int rank = 0, ranks = 1;
+  std::function<std::uint64_t(std::uint64_t)> sum;  // over the ranks, every rank gets the total
+  std::uint64_t chunks = 0, decoded = 0;            // chunks of the test sets so far, and decoded here
+};
+inline evaluation_share& shared_evaluation() {
+  static evaluation_share share;
+  return share;
+}
+
 // The frozen pieces evaluation runs: soft tokens, then cached decoding, with the MLP policy
 // (and expert count) of the weights evaluated. The counting bias's reference is the base
 // model, dense whatever the policy, so it has a dense frozen model of its own.
@@ -319,14 +334,20 @@ class basic_evaluator {
       prompts[i].push_back(tok_->sep());
       groups[{set[i].has_image, prompts[i].size(), restricted ? int(set[i].restrict) : 0}].push_back(i);
     }
-    std::size_t correct = 0;
+    auto& share = shared_evaluation();
+    std::uint64_t correct = 0;
     for (const auto& [key, rows_all] : groups)
       for (std::size_t c0 = 0; c0 < rows_all.size(); c0 += chunk) {
+        // Counted over every test set so far, the same on every rank: small sets of one chunk
+        // each still alternate between the ranks.
+        if (share.chunks++ % std::uint64_t(share.ranks) != std::uint64_t(share.rank)) continue;
+        ++share.decoded;
         const std::vector<std::size_t> rows(rows_all.begin() + long(c0),
                                             rows_all.begin() + long(std::min(rows_all.size(), c0 + chunk)));
         const auto answers = generate(w, set, prompts, rows, restricted ? restriction(std::get<2>(key)) : restriction::none);
         for (std::size_t r = 0; r < rows.size(); ++r) correct += answers[r] == tok_->encode(set[rows[r]].answer);
       }
+    if (share.ranks > 1) correct = share.sum(correct);
     return set.empty() ? 0.0 : double(correct) / double(set.size());
   }
 

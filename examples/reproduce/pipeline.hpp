@@ -522,6 +522,9 @@ pipeline_result run_pipeline(const settings& s, progress& prog) {
     if (note != f->metadata().end()) md += " Vision pretext: " + note->second + ".";
   }
   md += "\n\n";
+  if (const auto& share = shared_evaluation(); share.ranks > 1)
+    md += "Evaluation divided among " + std::to_string(share.ranks) + " ranks: rank 0 decoded " +
+          std::to_string(share.decoded) + " of the " + std::to_string(share.chunks) + " chunks of the test sets.\n\n";
   md += seeded_markdown(res.seeded) + "\n";
   md += "Each number: the mean over the seeds ± the half-width of its 95 % t-interval. learning: mean over targets of "
         "the gain right after its own stage; held-out Δ: mean change of the held-out tasks (negative = forgetting); "

@@ -21,6 +21,12 @@ tiny="--methods sa_proj,lwf --order count,birds --vision-pretrain-steps 2 --visi
 "$@" "$many" $tiny --out "$dir/two" >"$dir/two.txt"
 cmp "$dir/one/base.safetensors" "$dir/two/base.safetensors" ||
   { echo "the job's rank 0 pretrained another base model than the single process"; exit 1; }
+# The job divided the decoding of the test sets: rank 0 decoded some of the chunks, not all.
+split=$(sed -n 's/^Evaluation divided among 2 ranks: rank 0 decoded \([0-9]*\) of the \([0-9]*\) chunks.*/\1 \2/p' "$dir/two/report.md")
+set -- $split
+[ $# -eq 2 ] && [ "$1" -gt 0 ] && [ "$1" -lt "$2" ] ||
+  { echo "the job's report does not say that 2 ranks divided the evaluation ($split)"; exit 1; }
+echo "evaluation divided: rank 0 decoded $1 of $2 chunks"
 # Every number of the files that hold results (not times or memory): each stage's last
 # training loss, the accuracy matrices, the probes (the number-token mass and the KL to the
 # base model after steps 1 and 4 and after each stage) and the summary's learning, forgetting
