@@ -498,6 +498,37 @@ TEST_CASE("GateSkip inference: skipped decoding equals the full computation with
   }
 }
 
+TEST_CASE("GateSkip inference: a step counts a branch idle only when every one of its tokens skips it") {
+  const auto c = sg::test::tiny_lm_config(4);
+  auto w = gated_lm<D>(c, 23);
+  sg::model::decoder_lm<D, frozen_r, sg::backend::cpu, vector_gates> lm(c, sg::recipe::frozen);
+  const auto plan = sg::model::calibrate_skipping(lm, w, prompt, 0.5);
+  const std::size_t per_step = 2 * std::size_t(c.n_layers);  // (layer, branch) pairs
+  // One token a step: each branch-token skipped is a branch the step does not run at all.
+  sg::model::kv_cache<D> one(c, 1, 12);
+  sg::model::skip_stats s1;
+  for (std::int64_t t : {1, 5, 7, 2, 11, 4, 9, 3})
+    sg::model::decode_skipping(lm, w, one, lm.embed(w, token_ids{{t}}, nullptr), plan, &s1);
+  CHECK(s1.branch_steps == 8 * per_step);
+  CHECK(s1.branch_skipped > 0);
+  CHECK(s1.branch_steps_skipped == s1.branch_skipped);
+  CHECK(s1.idle_fraction() == double(s1.branch_skipped) / double(8 * per_step));
+  // Twelve tokens in one step: a branch is idle only where all twelve skip it, so far fewer
+  // idle branches than branch-tokens skipped.
+  sg::model::kv_cache<D> many(c, 2, 12);
+  sg::model::skip_stats s2;
+  sg::model::decode_skipping(lm, w, many, lm.embed(w, prompt, nullptr), plan, &s2);
+  CHECK(s2.branch_steps == per_step);
+  CHECK(s2.branch_skipped >= 12);
+  CHECK(s2.branch_steps_skipped < s2.branch_skipped);
+  // Nothing skipped, nothing idle.
+  sg::model::kv_cache<D> all(c, 1, 12);
+  sg::model::skip_stats s3;
+  sg::model::decode_skipping(lm, w, all, lm.embed(w, token_ids{{1}}, nullptr), sg::model::keep_all(c.n_layers), &s3);
+  CHECK(s3.branch_steps == per_step);
+  CHECK(s3.branch_steps_skipped == 0);
+}
+
 TEST_CASE("GateSkip inference around a mixture of experts: only the kept tokens run the experts, as the masked computation") {
   // The skipping MLP branch gathers the kept rows and runs the policy's forward on them alone;
   // under a mixture of experts each row is routed by itself, so that must equal the masked

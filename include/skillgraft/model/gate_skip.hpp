@@ -45,9 +45,15 @@ struct skip_stats {
   double flops_run = 0;           // FLOPs that ran
   std::size_t branch_tokens = 0;  // (token, layer, branch) triples
   std::size_t branch_skipped = 0; // ... of them skipped
+  // (step, layer, branch) triples, and those no token of the step ran: only there are the
+  // branch's weights not read, which is what a step of a few tokens saves in time (it reads
+  // the weights, not its few rows' FLOPs, at the speed of memory).
+  std::size_t branch_steps = 0;
+  std::size_t branch_steps_skipped = 0;
   double seconds = 0;             // wall time inside the decoding steps
   double flops_saved() const { return flops_full > 0 ? 1.0 - flops_run / flops_full : 0.0; }
   double skipped_fraction() const { return branch_tokens ? double(branch_skipped) / double(branch_tokens) : 0.0; }
+  double idle_fraction() const { return branch_steps ? double(branch_steps_skipped) / double(branch_steps) : 0.0; }
 };
 
 // A plan that skips nothing (every threshold -infinity).
@@ -153,6 +159,8 @@ typename Bk::template tensor<T> decode_skipping(const decoder_lm<T, R, Bk, M>& m
       for (std::size_t t = 0; t < N; ++t) kept += (run[t] = char(l == 0 || !(imp[t] < threshold)));
       local.branch_tokens += N;
       local.branch_skipped += N - kept;
+      local.branch_steps += 1;
+      local.branch_steps_skipped += kept == 0;
       return kept;
     };
     std::vector<char> run_a(N), run_m(N);
@@ -217,6 +225,8 @@ typename Bk::template tensor<T> decode_skipping(const decoder_lm<T, R, Bk, M>& m
     stats->flops_run += local.flops_run;
     stats->branch_tokens += local.branch_tokens;
     stats->branch_skipped += local.branch_skipped;
+    stats->branch_steps += local.branch_steps;
+    stats->branch_steps_skipped += local.branch_steps_skipped;
     stats->seconds += local.seconds;
   }
   return out;
