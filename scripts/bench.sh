@@ -6,6 +6,9 @@
 #                     rate and the FLOP model, and against `llm`
 #   bench_train_step  the whole LM training step (model, masked loss, AdamW) per recipe,
 #                     with the ledger's peak bytes and the process's peak resident memory
+#   bench_gateskip    GateSkip's token skipping at inference: prefill and generation at skip
+#                     budgets 100/90/75/50 %, time against FLOPs saved, the gated model at
+#                     100 % and the ungated one (docs/gateskip.md, "Time at the reference size")
 #   bench_distributed (where MPI is found; 2 ranks under mpirun) bytes sent per step per recipe
 #                     against the plan's gradient bytes, 2 ranks x 1 thread against 1 x 2
 #                     (docs/distributed.md); it takes --iterations=N, not the other arguments
@@ -19,7 +22,7 @@
 #                     goes first swapped every round; the median of the per-round ratios is the
 #                     figure to quote on a machine whose speed drifts (docs/performance.md,
 #                     "Alternating rounds"). SKILLGRAFT_BENCH_PARTS: step (default), trunk or both.
-# Extra arguments go to both C++ benchmarks (e.g. --benchmark_repetitions=5);
+# Extra arguments go to the three C++ benchmarks (e.g. --benchmark_repetitions=5);
 # SKILLGRAFT_TORCH_ARGS to torch_reference.py (e.g. "--repetitions 7 --recipes llm,sa_proj").
 # SKILLGRAFT_BENCH_BUILD (default build-release) and SKILLGRAFT_BENCH_JOBS (default nproc)
 # choose the build folder and the parallel build jobs. The JSON results are kept in
@@ -32,7 +35,7 @@ jobs="${SKILLGRAFT_BENCH_JOBS:-$(nproc 2>/dev/null || echo 2)}"
 "$root/scripts/install-deps.sh"
 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DSKILLGRAFT_NATIVE=ON \
   -DSKILLGRAFT_BUILD_TESTS=OFF -DSKILLGRAFT_BUILD_BENCHMARKS=ON -DSKILLGRAFT_BUILD_EXAMPLES=OFF >/dev/null
-cmake --build "$build" -j "$jobs" --target bench_recipes bench_train_step
+cmake --build "$build" -j "$jobs" --target bench_recipes bench_train_step bench_gateskip
 if cmake --build "$build" --target help | grep -c bench_distributed >/dev/null; then
   cmake --build "$build" -j "$jobs" --target bench_distributed
 fi
@@ -43,6 +46,7 @@ results="$build/bench-results"
 mkdir -p "$results"
 "$build/bench/bench_recipes" "${args[@]}" --benchmark_out="$results/bench_recipes.json" --benchmark_out_format=json
 "$build/bench/bench_train_step" "${args[@]}" --benchmark_out="$results/bench_train_step.json" --benchmark_out_format=json
+"$build/bench/bench_gateskip" "${args[@]}" --benchmark_out="$results/bench_gateskip.json" --benchmark_out_format=json
 torch_python=""
 for py in "$root/.venv-bench/bin/python" python3; do
   if command -v "$py" >/dev/null && "$py" -c 'import torch, transformers' 2>/dev/null; then

@@ -86,7 +86,7 @@ inline pipeline_result data_parallel_run(settings s, progress& prog, dist::mpi_c
     });
   }
   // From here every rank evaluates the same test sets in the same order, each decoding its share.
-  shared_evaluation() = {.rank = comm.rank(), .ranks = comm.size(), .sum = [&comm](std::uint64_t n) { return comm.sum(n); }};
+  shared_evaluation() = {.rank = comm.rank(), .ranks = comm.size(), .sum = [&comm](std::uint64_t n) { return comm.sum(n, "the sum of the correct answers"); }};
   auto res = run_pipeline<mpi_stage>(s, prog);
   shared_evaluation() = {};
   job_communicator() = nullptr;

@@ -175,6 +175,9 @@ std::vector<method_result> run_in_workers(const std::vector<std::string>& method
 // the checkpoint with fingerprint fp: in a forked child (pretrain_in_child) or, under MPI, on
 // rank 0 (data_parallel.hpp).
 inline void pretrain_and_save(const settings& s, const run_data& d, const std::string& fp, progress& prog) {
+  // One process's pretraining evaluates every test chunk itself (--pretrain-watch), also in a
+  // child forked from a rank of an MPI job, which must not join the job's collectives.
+  shared_evaluation() = {};
   const int threads =
       s.pretrain_threads > 0 ? s.pretrain_threads : int(std::max(1u, std::thread::hardware_concurrency()));
 #ifdef _OPENMP
@@ -524,7 +527,8 @@ pipeline_result run_pipeline(const settings& s, progress& prog) {
   md += "\n\n";
   if (const auto& share = shared_evaluation(); share.ranks > 1)
     md += "Evaluation divided among " + std::to_string(share.ranks) + " ranks: rank 0 decoded " +
-          std::to_string(share.decoded) + " of the " + std::to_string(share.chunks) + " chunks of the test sets.\n\n";
+          std::to_string(share.decoded) + " of the " + std::to_string(share.chunks) +
+          " chunks of the test and validation sets.\n\n";
   md += seeded_markdown(res.seeded) + "\n";
   md += "Each number: the mean over the seeds ± the half-width of its 95 % t-interval. learning: mean over targets of "
         "the gain right after its own stage; held-out Δ: mean change of the held-out tasks (negative = forgetting); "

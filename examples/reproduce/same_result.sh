@@ -22,7 +22,7 @@ tiny="--methods sa_proj,lwf --order count,birds --vision-pretrain-steps 2 --visi
 cmp "$dir/one/base.safetensors" "$dir/two/base.safetensors" ||
   { echo "the job's rank 0 pretrained another base model than the single process"; exit 1; }
 # The job divided the decoding of the test sets: rank 0 decoded some of the chunks, not all.
-split=$(sed -n 's/^Evaluation divided among 2 ranks: rank 0 decoded \([0-9]*\) of the \([0-9]*\) chunks.*/\1 \2/p' "$dir/two/report.md")
+split=$(sed -n 's/^Evaluation divided among 2 ranks: rank 0 decoded \([0-9]*\) of the \([0-9]*\) chunks of the test and validation sets.*/\1 \2/p' "$dir/two/report.md")
 set -- $split
 [ $# -eq 2 ] && [ "$1" -gt 0 ] && [ "$1" -lt "$2" ] ||
   { echo "the job's report does not say that 2 ranks divided the evaluation ($split)"; exit 1; }

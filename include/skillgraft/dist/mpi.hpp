@@ -163,7 +163,9 @@ class basic_mpi_communicator
   MPI_Comm handle() const { return comm_; }
 
   // Scalars summed over the ranks (every rank gets the sum).
-  std::uint64_t sum(std::uint64_t x) { return all_reduce(x, MPI_SUM, "the sum of the target counts"); }
+  std::uint64_t sum(std::uint64_t x, const std::string& what = "the sum of the target counts") {
+    return all_reduce(x, MPI_SUM, what);
+  }
   double sum(double x) { return all_reduce(x, MPI_SUM, "the sum of the losses"); }
   std::uint64_t max(std::uint64_t x, const std::string& what) { return all_reduce(x, MPI_MAX, what); }
 

@@ -45,9 +45,10 @@ struct skip_stats {
   double flops_run = 0;           // FLOPs that ran
   std::size_t branch_tokens = 0;  // (token, layer, branch) triples
   std::size_t branch_skipped = 0; // ... of them skipped
-  // (step, layer, branch) triples, and those no token of the step ran: only there are the
-  // branch's weights not read, which is what a step of a few tokens saves in time (it reads
-  // the weights, not its few rows' FLOPs, at the speed of memory).
+  // (step, layer, branch) triples, and those no token of the step ran (skip_mode::skip; the
+  // masked reference runs every branch): only there are the branch's weights not read, which is
+  // what a step of a few tokens saves in time (it reads the weights at the speed of memory; its
+  // few rows' FLOPs hardly count).
   std::size_t branch_steps = 0;
   std::size_t branch_steps_skipped = 0;
   double seconds = 0;             // wall time inside the decoding steps
@@ -160,7 +161,7 @@ typename Bk::template tensor<T> decode_skipping(const decoder_lm<T, R, Bk, M>& m
       local.branch_tokens += N;
       local.branch_skipped += N - kept;
       local.branch_steps += 1;
-      local.branch_steps_skipped += kept == 0;
+      local.branch_steps_skipped += kept == 0 && plan.mode == skip_mode::skip;  // masked: every token runs
       return kept;
     };
     std::vector<char> run_a(N), run_m(N);
