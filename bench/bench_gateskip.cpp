@@ -80,17 +80,29 @@ void report(benchmark::State& state, const sg::model::skip_stats& st, double ste
   state.counters["idle_pct"] = 100 * st.idle_fraction();
 }
 
+// One decoding step of the model the budget names (0: the ungated one), its skipping counted in
+// `stats` where given; both workloads go through it.
+sg::cpu::tensor<float> decode_step(int budget, sg::model::kv_cache<float>& cache, const sg::cpu::tensor<float>& x,
+                                   sg::model::skip_stats* stats) {
+  auto& s = the_setup();
+  return budget ? sg::model::decode_skipping(s.gated, s.gated_w, cache, x, s.plans.at(budget), stats)
+                : sg::model::decode(s.plain, s.plain_w, cache, x);
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
 void BM_prefill(benchmark::State& state, int budget) {
   auto& s = the_setup();
-  const auto x = budget ? s.gated.embed(s.gated_w, s.prompt, nullptr) : s.plain.embed(s.plain_w, s.prompt, nullptr);
+  const auto x = s.plain.embed(s.plain_w, s.prompt, nullptr);  // both models share the embedding
   sg::model::skip_stats st;
   double seconds = 0;
   for (auto _ : state) {
     sg::model::kv_cache<float> cache(sg::bench::config(), prompts, prompt_len);
     const auto t0 = std::chrono::steady_clock::now();
-    auto h = budget ? sg::model::decode_skipping(s.gated, s.gated_w, cache, x, s.plans.at(budget), &st)
-                    : sg::model::decode(s.plain, s.plain_w, cache, x);
-    seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    auto h = decode_step(budget, cache, x, &st);
+    seconds += seconds_since(t0);
     benchmark::DoNotOptimize(h.data());
   }
   report(state, st, seconds);
@@ -104,9 +116,8 @@ void BM_generate(benchmark::State& state, int budget, bool one) {
   const auto decode = [&](sg::model::kv_cache<float>& cache, const sg::cpu::tensor<float>& x) {
     const bool step = x.dim(1) == 1;
     const auto t0 = std::chrono::steady_clock::now();
-    auto h = budget ? sg::model::decode_skipping(s.gated, s.gated_w, cache, x, s.plans.at(budget), step ? &steps : nullptr)
-                    : sg::model::decode(s.plain, s.plain_w, cache, x);
-    if (step) seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    auto h = decode_step(budget, cache, x, step ? &steps : nullptr);
+    if (step) seconds += seconds_since(t0);
     return h;
   };
   for (auto _ : state) {
@@ -136,17 +147,13 @@ class summary_reporter : public benchmark::ConsoleReporter {
   }
 };
 
-std::string percent(double x) {
+std::string formatted(const char* format, double x) {
   char b[32];
-  std::snprintf(b, sizeof b, "%.1f %%", x);
+  std::snprintf(b, sizeof b, format, x);
   return b;
 }
-
-std::string ratio(double x) {
-  char b[32];
-  std::snprintf(b, sizeof b, "%.3f", x);
-  return b;
-}
+std::string percent(double x) { return formatted("%.1f %%", x); }
+std::string ratio(double x) { return formatted("%.3f", x); }
 
 std::string name(const std::string& part, int budget) {
   return "BM_" + part + (budget ? "/budget_" + std::to_string(budget) : std::string("/no_gates"));
