@@ -89,6 +89,41 @@ void BM_train_step(benchmark::State& state, R recipe, std::string name) {
   state.counters["trainable_elements"] = double(lm.trainable_elements());
 }
 
+// The step's last phase alone, clipping and AdamW over a recipe's trainable tensors, in the two
+// forms the library has: clipping's own pass then step() (norm, scale, check, update: four passes
+// over the gradients, the check and the update also over weights and moments), and the form
+// train_step uses, step() given clipping's decision (norm, a screen of the weights, one update
+// that also scales). The gradients come from one real step; each iteration starts from them again
+// (untimed), so clipping acts every time at the same scale. `clip`: max_norm half the norm
+// (every element scaled), else twice it (nothing to scale).
+std::map<std::string, double> phase_ms;
+template <class R>
+void BM_optimizer_phase(benchmark::State& state, R recipe, bool fused, bool clip) {
+  auto w = make_weights();
+  const auto mb = make_batch();
+  sg::model::decoder_lm<float, R> lm(config(), recipe);
+  auto g = lm.make_grads(w);
+  sg::train::adamw<float> opt(lm, w, g, {.lr = 1e-5});
+  sg::train::train_step(lm, w, g, opt, sg::train::constant_schedule{1e-5}, std::span(&mb, 1), {.max_grad_norm = 0});
+  std::vector<std::vector<float>> saved;
+  lm.for_each_trainable(w, g, [&](const std::string&, auto&, auto& dp) { saved.emplace_back(dp.data(), dp.data() + dp.size()); });
+  const double norm = sg::train::gradient_norm(lm, w, g), max_norm = clip ? norm / 2 : norm * 2;
+  for (auto _ : state) {
+    state.PauseTiming();
+    std::size_t i = 0;
+    lm.for_each_trainable(w, g, [&](const std::string&, auto&, auto& dp) { std::copy(saved[i].begin(), saved[i].end(), dp.data()); ++i; });
+    state.ResumeTiming();
+    if (fused) {
+      const double n = sg::train::gradient_norm(lm, w, g);
+      opt.step(lm, w, g, sg::train::clip_decision{n, sg::train::clip_scale(n, max_norm)});
+    } else {
+      sg::train::clip_grad_norm(lm, w, g, max_norm);
+      opt.step(lm, w, g);
+    }
+  }
+  state.counters["trainable_elements"] = double(lm.trainable_elements());
+}
+
 class summary_reporter : public benchmark::ConsoleReporter {
  public:
   void ReportRuns(const std::vector<Run>& runs) override {
@@ -97,6 +132,8 @@ class summary_reporter : public benchmark::ConsoleReporter {
       const std::string n = run.run_name.function_name;
       const auto at = n.find("BM_train_step/");
       if (at != std::string::npos) results[n.substr(at + 14)].seconds = run.GetAdjustedRealTime() / 1e3;
+      const auto phase = n.find("BM_optimizer_phase/");
+      if (phase != std::string::npos) phase_ms[n.substr(phase + 19)] = run.GetAdjustedRealTime();
     }
     ConsoleReporter::ReportRuns(runs);
   }
@@ -115,11 +152,35 @@ int main(int argc, char** argv) {
         // and go, the least disturbed run (bench/compare_torch.py prints ratios of both).
         ->ComputeStatistics("min", [](const std::vector<double>& v) { return *std::min_element(v.begin(), v.end()); });
   });
+  // The two forms alternate, recipe by recipe, so that a slow stretch of a shared machine falls
+  // on both.
+  sg::hana::for_each(sg::named_recipes, [](const auto& nr) {
+    const std::string name(nr.name);
+    if (name == "frozen") return;
+    for (const bool clip : {true, false})
+      for (const bool fused : {false, true})
+        benchmark::RegisterBenchmark(
+            ("BM_optimizer_phase/" + name + (clip ? "/clip/" : "/no_clip/") + (fused ? "fused" : "passes")).c_str(),
+            [v = nr.value, fused, clip](benchmark::State& s) { BM_optimizer_phase(s, v, fused, clip); })
+            ->Unit(benchmark::kMillisecond)
+            ->UseRealTime();
+  });
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   summary_reporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
   benchmark::Shutdown();
+  if (!phase_ms.empty()) {
+    std::printf("\n| recipe | clipping | passes ms | fused ms | fused / passes |\n|---|---|---|---|---|\n");
+    for (const auto& [key, passes] : phase_ms) {
+      const auto slash = key.rfind('/');
+      if (key.substr(slash + 1) != "passes" || !phase_ms.count(key.substr(0, slash) + "/fused")) continue;
+      const double fused = phase_ms[key.substr(0, slash) + "/fused"];
+      const auto mid = key.find('/');
+      std::printf("| %s | %s | %.2f | %.2f | %.3f |\n", key.substr(0, mid).c_str(),
+                  key.substr(mid + 1, slash - mid - 1) == "clip" ? "acts" : "no", passes, fused, fused / passes);
+    }
+  }
   if (!results.count("llm") || results["llm"].seconds == 0) return 0;
   const double full = results["llm"].seconds;
   std::printf("\n| recipe | step ms | time vs llm | grads MiB | AdamW MiB | ledger peak MiB | peak RSS MiB |\n");

@@ -651,6 +651,154 @@ TEST_CASE("AdamW on packets: the formula's update, and a bad element in a packet
   CHECK(worst <= 1.0);
 }
 
+// AdamW given clipping's decision (the form train_step calls) against clipping's own pass and
+// then step(): both scale the gradients and update, one in one pass over memory and with a
+// screen that reads the weights alone. Same bits of weights, moments and clipped gradients,
+// the same refusal (message and nothing changed) and the same state after a refusal, over
+// random states that reach the top of float's range, options at AdamW's edges, and restored
+// moments (bounds recomputed from the state).
+namespace {
+struct adamw_pair {
+  using tensor = sg::cpu::tensor<float>;
+  tensor p1, g1, p2, g2;
+  one_tensor_model model;
+  sg::train::adamw<float> fused, reference;
+  adamw_pair(const std::vector<float>& p, const sg::train::adamw_options& o)
+      : p1({p.size()}, sg::memory_use::weights),
+        g1({p.size()}, sg::memory_use::gradients),
+        p2({p.size()}, sg::memory_use::weights),
+        g2({p.size()}, sg::memory_use::gradients),
+        fused(model, p1, g1, o),
+        reference(model, p2, g2, o) {
+    std::copy(p.begin(), p.end(), p1.data());
+    std::copy(p.begin(), p.end(), p2.data());
+  }
+  static std::vector<unsigned char> bytes(const tensor& t) {
+    return {(const unsigned char*)t.data(), (const unsigned char*)t.data() + t.bytes()};
+  }
+  static std::vector<unsigned char> state(const sg::train::adamw<float>& a) {
+    std::vector<unsigned char> b;
+    a.for_each_state([&](const std::string&, const auto& m, const auto& v) {
+      for (const auto* t : {&m, &v}) {
+        const auto x = bytes(*t);
+        b.insert(b.end(), x.begin(), x.end());
+      }
+    });
+    return b;
+  }
+  // One step on both from the gradient g with max_norm; returns the refusal's message, if any.
+  std::string step(const std::vector<float>& g, double max_norm) {
+    std::copy(g.begin(), g.end(), g1.data());
+    std::copy(g.begin(), g.end(), g2.data());
+    const auto p0 = bytes(p1), s0 = state(fused);
+    const long t0 = fused.steps();
+    std::string e1, e2;
+    try {
+      const double norm = sg::train::gradient_norm(model, p1, g1);
+      fused.step(model, p1, g1, sg::train::clip_decision{norm, sg::train::clip_scale(norm, max_norm)});
+    } catch (const std::domain_error& e) {
+      e1 = e.what();
+    }
+    try {
+      sg::train::clip_grad_norm(model, p2, g2, max_norm);
+      reference.step(model, p2, g2);
+    } catch (const std::domain_error& e) {
+      e2 = e.what();
+    }
+    CHECK(e1 == e2);
+    if (!e1.empty()) {  // refused: nothing changed
+      CHECK(bytes(p1) == p0);
+      CHECK(state(fused) == s0);
+      CHECK(fused.steps() == t0);
+    } else {
+      CHECK(bytes(g1) == bytes(g2));  // left clipped, as clipping's pass leaves them
+    }
+    CHECK(bytes(p1) == bytes(p2));
+    CHECK(state(fused) == state(reference));
+    CHECK(fused.steps() == reference.steps());
+    return e1;
+  }
+};
+}  // namespace
+
+TEST_CASE("AdamW with clipping's decision: the bits of clipping then step, in fewer passes") {
+  const std::size_t n = GENERATE(std::size_t(3001), std::size_t(70001));
+  INFO("elements " << n);
+  std::vector<float> p(n), g(n);
+  for (std::size_t i = 0; i < n; ++i) p[i] = float(std::cos(0.011 * double(i)));
+  adamw_pair two(p, {.lr = 1e-2, .weight_decay = 0.1});
+  for (int t = 0; t < 6; ++t) {
+    INFO("step " << t);
+    for (std::size_t i = 0; i < n; ++i) g[i] = float(std::sin(0.37 * double(i) + t)) * (i % 7 == 0 ? 1e-6f : 1.f);
+    // clipping at 1 acts (the norm is about sqrt(n / 2)); at 1e9 it does not
+    CHECK(two.step(g, t % 2 == 0 ? 1.0 : 1e9).empty());
+  }
+  // A restored state (the moments' bounds are then read from the moments), with a weight near
+  // the top of float's range that the weight screen flags and the exact test clears, then a
+  // gradient that overflows the second moment without clipping: refused by both, alike.
+  std::vector<std::pair<sg::cpu::tensor<float>, sg::cpu::tensor<float>>> saved;
+  two.reference.for_each_state([&](const std::string&, const auto& m, const auto& v) {
+    saved.emplace_back(m.clone(sg::memory_use::optimizer_state), v.clone(sg::memory_use::optimizer_state));
+  });
+  auto copy = [&] {
+    std::vector<std::pair<sg::cpu::tensor<float>, sg::cpu::tensor<float>>> c;
+    for (const auto& [m, v] : saved)
+      c.emplace_back(m.clone(sg::memory_use::optimizer_state), v.clone(sg::memory_use::optimizer_state));
+    return c;
+  };
+  two.fused.restore(two.reference.steps(), two.reference.options(), copy());
+  two.p1[n / 2] = two.p2[n / 2] = 3e38f;
+  CHECK(two.step(g, 1.0).empty());
+  CHECK(std::isfinite(two.p1[n / 2]));
+  g[n - 2] = 1e30f;
+  CHECK_THAT(two.step(g, 0.0), Catch::Contains("at element " + std::to_string(n - 2) + " (1e+30) makes the AdamW second moment overflow"));
+  // Clipped, the same gradient is harmless.
+  CHECK(two.step(g, 1.0).empty());
+}
+
+TEST_CASE("AdamW with clipping's decision: random states at float's edges, the same verdicts and bits") {
+  std::mt19937 rng(20261207);
+  std::uniform_real_distribution<double> u(-1, 1), e(-40, 38.5);
+  const auto wide = [&] { return float(u(rng) * std::pow(10.0, e(rng))); };  // any magnitude up to ~3e38
+  int refused = 0, updated = 0;
+  for (int trial = 0; trial < 300; ++trial) {
+    INFO("trial " << trial);
+    const std::size_t n = 1 + std::size_t(rng() % 200);
+    const int kind = int(rng() % 4);  // which arrays reach the top of the range
+    const auto pick = [&](bool huge) { return huge && rng() % 16 == 0 ? wide() : float(u(rng)); };
+    std::vector<float> p(n), g(n);
+    for (auto& x : p) x = pick(kind == 1);
+    for (auto& x : g) x = pick(kind == 2) * float(std::pow(10.0, 6 * u(rng)));
+    sg::train::adamw_options o{.lr = std::pow(10.0, -4 + 4 * u(rng)),
+                               .beta1 = rng() % 8 == 0 ? 0.0 : 0.9,
+                               .beta2 = rng() % 8 == 0 ? 1.0 - 1e-7 : 0.999,
+                               .eps = rng() % 8 == 0 ? 1e-30 : 1e-8,
+                               .weight_decay = rng() % 4 == 0 ? 0.0 : std::pow(10.0, -3 + 3 * u(rng))};
+    adamw_pair two(p, o);
+    if (rng() % 2) {  // moments restored from a file, possibly huge
+      std::vector<std::pair<sg::cpu::tensor<float>, sg::cpu::tensor<float>>> a, b;
+      for (auto* mv : {&a, &b}) mv->emplace_back(sg::cpu::tensor<float>({n}, sg::memory_use::optimizer_state),
+                                                 sg::cpu::tensor<float>({n}, sg::memory_use::optimizer_state));
+      for (std::size_t i = 0; i < n; ++i) {
+        const float m = kind == 3 ? pick(true) : float(1e-3 * u(rng)), v = std::abs(kind == 3 ? pick(true) : float(1e-6 * u(rng)));
+        a[0].first[i] = b[0].first[i] = m;
+        a[0].second[i] = b[0].second[i] = v;
+      }
+      const long t = long(rng() % 1000);
+      two.fused.restore(t, o, std::move(a));
+      two.reference.restore(t, o, std::move(b));
+    }
+    for (int s = 0; s < 3; ++s) {
+      const double max_norm = rng() % 3 == 0 ? 0.0 : std::pow(10.0, 3 * u(rng));
+      (two.step(g, max_norm).empty() ? updated : refused) += 1;
+    }
+  }
+  // Both verdicts were reached often enough for the comparison to mean something.
+  INFO("refused " << refused << ", updated " << updated);
+  CHECK(refused > 30);
+  CHECK(updated > 300);
+}
+
 // ---- 7. names in messages, F64 range -----------------------------------------------------------
 
 TEST_CASE("messages: names from files are escaped") {

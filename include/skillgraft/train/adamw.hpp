@@ -12,13 +12,16 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "skillgraft/backend/cpu/backend.hpp"
 #include "skillgraft/backend/host_device.hpp"
+#include "skillgraft/train/clip.hpp"
 
 namespace skillgraft::train {
 
@@ -72,9 +75,11 @@ struct update_fails {
   const T* m;
   const T* v;
   adamw_math<T> math;
+  T scale = T(1);  // clipping's factor, applied to each gradient element as the update applies it
   SKILLGRAFT_HD bool operator()(std::int64_t j) const {
-    const auto e = math(p[j], m[j], v[j], g[j]);
-    return !scalar::is_finite(g[j]) || !scalar::is_finite(e.m) || !scalar::is_finite(e.v) || !scalar::is_finite(e.p);
+    const T gj = g[j] * scale;
+    const auto e = math(p[j], m[j], v[j], gj);
+    return !scalar::is_finite(gj) || !scalar::is_finite(e.m) || !scalar::is_finite(e.v) || !scalar::is_finite(e.p);
   }
   // CPU packets: a screen, NaN in the lanes where the update may fail and 0 where it cannot,
   // without the update's square root and division (those made the check cost as much as the
@@ -86,33 +91,100 @@ struct update_fails {
   // large weight whose update stays finite is still updated.
   template <class V>
   V lanes_fail(std::int64_t j) const {
-    const V gj = V::load(g + j), four(T(4));
+    const V gj = V::load(g + j) * V(scale), four(T(4));
     const auto e = math.moments(V::load(p + j), V::load(m + j), V::load(v + j), gj);
     const T decay = T(1) + (math.lr_wd < T(0) ? -math.lr_wd : math.lr_wd), inv_eps = T(1) / math.eps;
     const V bound = abs_(e.p) * decay + abs_(math.step * e.m) * inv_eps;
     return not_finite_flag(gj) + not_finite_flag(e.m * four) + not_finite_flag(e.v * four) + not_finite_flag(bound * four);
   }
 };
-template <class T>
+// The update. Scaled: a clipped step's, each gradient element first multiplied by clipping's
+// factor and written back (train_step leaves the gradients clipped, as a separate scaling pass
+// did), so one pass does what the scaling pass and the update did, with the same bits.
+template <class T, bool Scaled = false>
 struct adamw_update {
   using value_type = T;
   T* p;
-  const T* g;
+  std::conditional_t<Scaled, T*, const T*> g;
   T* m;
   T* v;
   adamw_math<T> math;
+  T scale = T(1);
   SKILLGRAFT_HD void operator()(std::int64_t j) const {
-    const auto e = math(p[j], m[j], v[j], g[j]);
+    T gj = g[j];
+    if constexpr (Scaled) g[j] = gj = gj * scale;
+    const auto e = math(p[j], m[j], v[j], gj);
     m[j] = e.m;
     v[j] = e.v;
     p[j] = e.p;
   }
   template <class V>  // CPU packets: elements j .. j + V::size - 1
   void lanes(std::int64_t j) const {
-    const auto e = math(V::load(p + j), V::load(m + j), V::load(v + j), V::load(g + j));
+    V gj = V::load(g + j);
+    if constexpr (Scaled) {
+      gj = gj * V(scale);
+      gj.store(g + j);
+    }
+    const auto e = math(V::load(p + j), V::load(m + j), V::load(v + j), gj);
     e.m.store(m + j);
     e.v.store(v + j);
     e.p.store(p + j);
+  }
+};
+// True where |p_j| * k is not finite, i.e. |p_j| is above about max / k (and where p_j is NaN).
+template <class T>
+struct weight_beyond {
+  using value_type = T;
+  const T* p;
+  T k;
+  SKILLGRAFT_HD bool operator()(std::int64_t j) const { return !scalar::is_finite(p[j] * k); }
+  template <class V>
+  V lanes_fail(std::int64_t j) const {
+    return not_finite_flag(V::load(p + j) * V(k));
+  }
+};
+template <class T>
+struct magnitude {  // |x_i| in double; NaN stays NaN
+  const T* x;
+  SKILLGRAFT_HD double operator()(std::int64_t i) const {
+    const double a = double(x[i]);
+    return a < 0 ? -a : a;
+  }
+};
+template <class T>
+struct nonnegative_or_infinite {  // v_i in double where v_i >= 0, else (negative, NaN) infinity
+  const T* v;
+  SKILLGRAFT_HD double operator()(std::int64_t i) const {
+    const double a = double(v[i]);
+    return a >= 0 ? a : std::numeric_limits<double>::infinity();
+  }
+};
+
+// Bounds on one tensor's moments, max |m_i| <= m and 0 <= v_i <= v, carried from step to step so
+// that a clipped step need not read the moments to know that they cannot overflow. With every
+// |g_i| <= G, the moments' recurrences hold for the bounds too:
+//   m' = b1 m + (1 - b1) G,   v' = b2 v + (1 - b2) G^2        (times 1 + 1e-6 for the roundings)
+// and the new weight, |p - (step m / (sqrt(v) c + eps) + lr wd p)| with a denominator of at least
+// eps, is finite while |p| (1 + |lr wd|) + |step| m / eps stays below a sixteenth of the range.
+struct moment_bounds {
+  double m = 0, v = 0;
+  template <class T>
+  moment_bounds next(const adamw_math<T>& a, double g_bound) const {
+    constexpr double rounding = 1 + 1e-6;
+    return {(double(a.b1) * m + double(a.one_minus_b1) * g_bound) * rounding,
+            (double(a.b2) * v + double(a.one_minus_b2) * g_bound * g_bound) * rounding};
+  }
+  // The largest |p| at which no element's update can overflow, with these (new) bounds; 0 when
+  // the bounds, or constants outside AdamW's range, say nothing.
+  template <class T>
+  double weight_limit(const adamw_math<T>& a) const {
+    const double top = double(std::numeric_limits<T>::max()) / 16;
+    const bool in_range = a.b1 >= 0 && a.b2 >= 0 && a.one_minus_b1 >= 0 && a.one_minus_b2 >= 0 && a.eps > 0 &&
+                          scalar::is_finite(a.inv_sqrt_bc2) && a.inv_sqrt_bc2 >= 0 && scalar::is_finite(a.step) &&
+                          scalar::is_finite(a.lr_wd);
+    const double step = std::abs(double(a.step)), step_term = step * m / double(a.eps);
+    if (!in_range || !(m <= top && v <= top && step * m <= top && step_term <= top)) return 0;
+    return (top - step_term) / (1 + std::abs(double(a.lr_wd)));
   }
 };
 }  // namespace kernels
@@ -127,7 +199,7 @@ class adamw {
   adamw(const Model& model, Weights& w, Grads& g, adamw_options opt = {}) : opt_(opt) {
     model.for_each_trainable(w, g, [&](const std::string& name, tensor_t& p, tensor_t&) {
       slots_.push_back({name, tensor_t(p.shape(), memory_use::optimizer_state),
-                        tensor_t(p.shape(), memory_use::optimizer_state)});
+                        tensor_t(p.shape(), memory_use::optimizer_state), kernels::moment_bounds{}, true});
     });
   }
 
@@ -157,6 +229,7 @@ class adamw {
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       slots_[i].m = std::move(moments[i].first);
       slots_[i].v = std::move(moments[i].second);
+      slots_[i].bounds_known = false;
     }
     t_ = steps;
     opt_ = o;
@@ -171,25 +244,8 @@ class adamw {
     std::size_t i = 0;
     const kernels::adamw_math<T> math = next_math();
     model.for_each_trainable(w, g, [&](const std::string& name, tensor_t& p, tensor_t& dp) {
-      if (i >= slots_.size() || slots_[i].name != name || !(slots_[i].m.shape() == p.shape()))
-        throw std::logic_error("skillgraft: adamw state was built for another model or recipe (at " + name + ")");
-      const auto n = std::int64_t(dp.size());
-      const auto& s = slots_[i];
-      const auto j =
-          Backend::find_first_index(n, kernels::update_fails<T>{p.data(), dp.data(), s.m.data(), s.v.data(), math});
-      if (j >= 0) {
-        const auto at = std::size_t(j);
-        const T gj = Backend::value_at(dp, at);
-        // The message names the first element where the update fails, and why.
-        if (!std::isfinite(gj))
-          throw std::domain_error("skillgraft: non-finite gradient in " + name + " at element " + std::to_string(j) +
-                                  "; no weight was changed");
-        const auto e = math(Backend::value_at(p, at), Backend::value_at(s.m, at), Backend::value_at(s.v, at), gj);
-        throw std::domain_error("skillgraft: the gradient of " + name + " at element " + std::to_string(j) + " (" +
-                                number(gj) + ") makes the AdamW " +
-                                (!std::isfinite(e.m) ? "first moment" : !std::isfinite(e.v) ? "second moment" : "update") +
-                                " overflow; no weight was changed (clip the gradients, or lower the loss scale)");
-      }
+      check_slot(i, name, p);
+      refuse_failing_update(name, p, dp, slots_[i], math, T(1));
       ++i;
     });
     if (i != slots_.size()) throw std::logic_error("skillgraft: adamw state was built for another model or recipe");
@@ -199,6 +255,51 @@ class adamw {
       auto& s = slots_[i++];
       Backend::for_each_index(std::int64_t(p.size()),
                               kernels::adamw_update<T>{p.data(), dp.data(), s.m.data(), s.v.data(), math});
+      s.bounds_known = false;  // nothing bounded this step's gradients
+    });
+  }
+
+  // One update with clipping's decision (train/clip.hpp; train_step calls this form): the same
+  // weights, moments and clipped gradients, bit for bit, as scale_grads then step(), and the same
+  // refusal of an update that would overflow, in fewer passes over memory. The gradient norm
+  // bounds every element, so the moments' bounds (kernels::moment_bounds) follow without reading
+  // them, and the check before the update reads the weights alone; only where that screen flags
+  // a weight does the exact test read every array (step()'s check).
+  template <class Model, class Weights, class Grads>
+  void step(const Model& model, Weights& w, Grads& g, const clip_decision& clip) {
+    const kernels::adamw_math<T> math = next_math();
+    const T scale = T(clip.scale);
+    const double g_bound = clip.norm * double(scale) * (1 + 1e-6);  // every |g_i scale|, after its rounding
+    std::vector<kernels::moment_bounds> next(slots_.size());
+    std::size_t i = 0;
+    model.for_each_trainable(w, g, [&](const std::string& name, tensor_t& p, tensor_t& dp) {
+      check_slot(i, name, p);
+      auto& s = slots_[i];
+      if (!s.bounds_known) {
+        const auto n = std::int64_t(s.m.size());
+        s.bounds = {Backend::template sum_index<double>(n, kernels::magnitude<T>{s.m.data()}) * (1 + 1e-6),
+                    Backend::template sum_index<double>(n, kernels::nonnegative_or_infinite<T>{s.v.data()}) * (1 + 1e-6)};
+        s.bounds_known = true;
+      }
+      next[i] = s.bounds.next(math, g_bound);
+      const double limit = next[i].weight_limit(math);
+      const double k = limit > 0 ? double(std::numeric_limits<T>::max()) / limit : 0;
+      if (!(limit > 0) || !(k <= double(std::numeric_limits<T>::max())) ||
+          Backend::find_first_index(std::int64_t(p.size()), kernels::weight_beyond<T>{p.data(), T(k)}) >= 0)
+        refuse_failing_update(name, p, dp, s, math, scale);
+      ++i;
+    });
+    if (i != slots_.size()) throw std::logic_error("skillgraft: adamw state was built for another model or recipe");
+    ++t_;
+    i = 0;
+    model.for_each_trainable(w, g, [&](const std::string&, tensor_t& p, tensor_t& dp) {
+      auto& s = slots_[i];
+      const auto n = std::int64_t(p.size());
+      if (scale == T(1))
+        Backend::for_each_index(n, kernels::adamw_update<T>{p.data(), dp.data(), s.m.data(), s.v.data(), math});
+      else
+        Backend::for_each_index(n, kernels::adamw_update<T, true>{p.data(), dp.data(), s.m.data(), s.v.data(), math, scale});
+      s.bounds = next[i++];
     });
   }
 
@@ -206,7 +307,31 @@ class adamw {
   struct slot {
     std::string name;
     tensor_t m, v;
+    kernels::moment_bounds bounds;  // zero moments at first
+    bool bounds_known = true;       // false after restore() or an unclipped step()
   };
+  void check_slot(std::size_t i, const std::string& name, const tensor_t& p) const {
+    if (i >= slots_.size() || slots_[i].name != name || !(slots_[i].m.shape() == p.shape()))
+      throw std::logic_error("skillgraft: adamw state was built for another model or recipe (at " + name + ")");
+  }
+  // Throws std::domain_error, naming the first element whose update (of the gradient times
+  // scale) is not finite, and why; returns if there is none.
+  void refuse_failing_update(const std::string& name, const tensor_t& p, const tensor_t& dp, const slot& s,
+                             const kernels::adamw_math<T>& math, T scale) const {
+    const auto j = Backend::find_first_index(
+        std::int64_t(dp.size()), kernels::update_fails<T>{p.data(), dp.data(), s.m.data(), s.v.data(), math, scale});
+    if (j < 0) return;
+    const auto at = std::size_t(j);
+    const T gj = Backend::value_at(dp, at) * scale;
+    if (!std::isfinite(gj))
+      throw std::domain_error("skillgraft: non-finite gradient in " + name + " at element " + std::to_string(j) +
+                              "; no weight was changed");
+    const auto e = math(Backend::value_at(p, at), Backend::value_at(s.m, at), Backend::value_at(s.v, at), gj);
+    throw std::domain_error("skillgraft: the gradient of " + name + " at element " + std::to_string(j) + " (" +
+                            number(gj) + ") makes the AdamW " +
+                            (!std::isfinite(e.m) ? "first moment" : !std::isfinite(e.v) ? "second moment" : "update") +
+                            " overflow; no weight was changed (clip the gradients, or lower the loss scale)");
+  }
   static std::string number(T x) {
     char b[32];
     std::snprintf(b, sizeof b, "%g", double(x));

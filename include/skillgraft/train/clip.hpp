@@ -29,9 +29,24 @@ struct scale_by {  // g_i *= a
 };
 }  // namespace kernels
 
-// Returns the norm before clipping. Throws, changing nothing, if it is not finite.
+// What clipping decides: the gradient's global norm before clipping, and the factor every
+// trainable gradient element is multiplied by (1 when the norm is within max_norm or
+// max_norm <= 0). An optimizer that offers step(model, w, g, clip_decision) applies the factor
+// inside its update pass (and leaves the gradients scaled, as scale_grads would), which saves
+// train_step a pass that reads and writes every gradient.
+struct clip_decision {
+  double norm = 0;
+  double scale = 1;
+};
+
+inline double clip_scale(double norm, double max_norm) {
+  return max_norm > 0 && norm > max_norm ? max_norm / (norm + 1e-6) : 1.0;
+}
+
+// The global norm of the trainable gradients. Throws, changing nothing, if it is not finite
+// (the squares are summed in double, so it is finite exactly when every element is).
 template <class Model, class Weights, class Grads>
-double clip_grad_norm(const Model& model, Weights& w, Grads& g, double max_norm) {
+double gradient_norm(const Model& model, Weights& w, Grads& g) {
   double ss = 0;
   model.for_each_trainable(w, g, [&](const std::string&, auto&, auto& dp) {
     using tensor_t = std::remove_cvref_t<decltype(dp)>;
@@ -42,14 +57,25 @@ double clip_grad_norm(const Model& model, Weights& w, Grads& g, double max_norm)
   const double norm = std::sqrt(ss);
   if (!std::isfinite(norm))
     throw std::domain_error("skillgraft: gradient norm is not finite; no weight was changed");
-  if (max_norm > 0 && norm > max_norm) {
-    const double scale = max_norm / (norm + 1e-6);
-    model.for_each_trainable(w, g, [&](const std::string&, auto&, auto& dp) {
-      using tensor_t = std::remove_cvref_t<decltype(dp)>;
-      using T = typename tensor_t::value_type;
-      backend_of<tensor_t>::type::for_each_index(std::int64_t(dp.size()), kernels::scale_by<T>{dp.data(), T(scale)});
-    });
-  }
+  return norm;
+}
+
+// Every trainable gradient element times scale (nothing to do when it is 1).
+template <class Model, class Weights, class Grads>
+void scale_grads(const Model& model, Weights& w, Grads& g, double scale) {
+  if (scale == 1.0) return;
+  model.for_each_trainable(w, g, [&](const std::string&, auto&, auto& dp) {
+    using tensor_t = std::remove_cvref_t<decltype(dp)>;
+    using T = typename tensor_t::value_type;
+    backend_of<tensor_t>::type::for_each_index(std::int64_t(dp.size()), kernels::scale_by<T>{dp.data(), T(scale)});
+  });
+}
+
+// Returns the norm before clipping. Throws, changing nothing, if it is not finite.
+template <class Model, class Weights, class Grads>
+double clip_grad_norm(const Model& model, Weights& w, Grads& g, double max_norm) {
+  const double norm = gradient_norm(model, w, g);
+  scale_grads(model, w, g, clip_scale(norm, max_norm));
   return norm;
 }
 
