@@ -34,6 +34,7 @@
 #include "skillgraft/model/hf_checkpoint.hpp"
 #include "skillgraft/model/hf_config.hpp"
 #include "skillgraft/train/adamw.hpp"
+#include "skillgraft/train/sgd.hpp"
 #include "support/random.hpp"
 #include "support/temp_dir.hpp"
 
@@ -797,6 +798,35 @@ TEST_CASE("AdamW with clipping's decision: random states at float's edges, the s
   INFO("refused " << refused << ", updated " << updated);
   CHECK(refused > 30);
   CHECK(updated > 300);
+}
+
+TEST_CASE("SGD with clipping's decision: the bits of clipping then step, without the check pass") {
+  const double momentum = GENERATE(0.0, 0.9);
+  const std::size_t n = GENERATE(std::size_t(3001), std::size_t(70001));
+  INFO("momentum " << momentum << ", elements " << n);
+  sg::cpu::tensor<float> p1({n}, sg::memory_use::weights), g1({n}, sg::memory_use::gradients);
+  sg::cpu::tensor<float> p2({n}, sg::memory_use::weights), g2({n}, sg::memory_use::gradients);
+  for (std::size_t i = 0; i < n; ++i) p1[i] = p2[i] = float(std::cos(0.011 * double(i)));
+  one_tensor_model model;
+  const sg::train::sgd_options o{.lr = 0.05, .momentum = momentum, .weight_decay = 0.01};
+  sg::train::sgd<float> fused(model, p1, g1, o), reference(model, p2, g2, o);
+  for (int t = 0; t < 5; ++t) {
+    INFO("step " << t);
+    for (std::size_t i = 0; i < n; ++i) g1[i] = g2[i] = float(std::sin(0.37 * double(i) + t));
+    const double max_norm = t % 2 == 0 ? 1.0 : 1e9;  // clipping acts, then not
+    const double norm = sg::train::gradient_norm(model, p1, g1);
+    fused.step(model, p1, g1, sg::train::clip_decision{norm, sg::train::clip_scale(norm, max_norm)});
+    CHECK(sg::train::clip_grad_norm(model, p2, g2, max_norm) == norm);
+    reference.step(model, p2, g2);
+    CHECK(std::memcmp(p1.data(), p2.data(), p1.bytes()) == 0);
+    CHECK(std::memcmp(g1.data(), g2.data(), g1.bytes()) == 0);
+  }
+  CHECK(fused.steps() == 5);
+  const std::vector<float> before(p1.data(), p1.data() + n);
+  CHECK_THROWS_WITH(fused.step(model, p1, g1, sg::train::clip_decision{std::nan(""), 1.0}),
+                    "skillgraft: gradient norm is not finite; no weight was changed");
+  CHECK(std::vector<float>(p1.data(), p1.data() + n) == before);
+  CHECK(fused.steps() == 5);
 }
 
 // ---- 7. names in messages, F64 range -----------------------------------------------------------

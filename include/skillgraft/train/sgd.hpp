@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "skillgraft/backend/cpu/backend.hpp"
@@ -22,15 +23,19 @@ struct sgd_options {
 };
 
 namespace kernels {
-template <class T>
+// Scaled: a clipped step's update, each gradient element first multiplied by clipping's factor
+// and written back (as a separate scaling pass leaves it), with the same bits.
+template <class T, bool Scaled = false>
 struct sgd_update {
   T* p;
-  const T* g;
+  std::conditional_t<Scaled, T*, const T*> g;
   T* b;  // null without momentum
   T lr, mu, wd;
   bool first;
+  T scale = T(1);
   SKILLGRAFT_HD void operator()(std::int64_t j) const {
     T d = g[j];
+    if constexpr (Scaled) g[j] = d = d * scale;
     if (b) d = b[j] = (first ? d : mu * b[j] + d);
     p[j] -= lr * (d + wd * p[j]);
   }
@@ -63,6 +68,24 @@ class sgd {
       if (Backend::find_first_index(std::int64_t(dp.size()), kernels::not_finite<T>{dp.data()}) >= 0)
         throw std::domain_error("skillgraft: non-finite gradient in " + name + "; no weight was changed");
     });
+    update<false>(model, w, g, T(1));
+  }
+  // With clipping's decision (train/clip.hpp; train_step calls this form): a finite norm means
+  // every gradient element is finite, so no check pass; clipping's factor is applied in the
+  // update. The same bits as scale_grads then step().
+  template <class Model, class Weights, class Grads>
+  void step(const Model& model, Weights& w, Grads& g, const clip_decision& clip) {
+    if (!std::isfinite(clip.norm))
+      throw std::domain_error("skillgraft: gradient norm is not finite; no weight was changed");
+    if (T(clip.scale) == T(1))
+      update<false>(model, w, g, T(1));
+    else
+      update<true>(model, w, g, T(clip.scale));
+  }
+
+ private:
+  template <bool Scaled, class Model, class Weights, class Grads>
+  void update(const Model& model, Weights& w, Grads& g, T scale) {
     const T lr = T(opt_.lr), mu = T(opt_.momentum), wd = T(opt_.weight_decay);
     std::size_t i = 0;
     model.for_each_trainable(w, g, [&](const std::string& name, tensor_t& p, tensor_t& dp) {
@@ -72,12 +95,11 @@ class sgd {
           throw std::logic_error("skillgraft: sgd state was built for another model or recipe (at " + name + ")");
         b = slots_[i++].b.data();
       }
-      Backend::for_each_index(std::int64_t(p.size()), kernels::sgd_update<T>{p.data(), dp.data(), b, lr, mu, wd, t_ == 0});
+      Backend::for_each_index(std::int64_t(p.size()),
+                              kernels::sgd_update<T, Scaled>{p.data(), dp.data(), b, lr, mu, wd, t_ == 0, scale});
     });
     ++t_;
   }
-
- private:
   struct slot {
     std::string name;
     tensor_t b;
