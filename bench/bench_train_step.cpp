@@ -114,8 +114,7 @@ void BM_optimizer_phase(benchmark::State& state, R recipe, bool fused, bool clip
     lm.for_each_trainable(w, g, [&](const std::string&, auto&, auto& dp) { std::copy(saved[i].begin(), saved[i].end(), dp.data()); ++i; });
     state.ResumeTiming();
     if (fused) {
-      const double n = sg::train::gradient_norm(lm, w, g);
-      opt.step(lm, w, g, sg::train::clip_decision{n, sg::train::clip_scale(n, max_norm)});
+      opt.step(lm, w, g, sg::train::decide_clipping(lm, w, g, max_norm));
     } else {
       sg::train::clip_grad_norm(lm, w, g, max_norm);
       opt.step(lm, w, g);

@@ -655,16 +655,15 @@ TEST_CASE("AdamW on packets: the formula's update, and a bad element in a packet
 // AdamW given clipping's decision (the form train_step calls) against clipping's own pass and
 // then step(): both scale the gradients and update, one in one pass over memory and with a
 // screen that reads the weights alone. Same bits of weights, moments and clipped gradients,
-// the same refusal (message and nothing changed) and the same state after a refusal, over
-// random states that reach the top of float's range, options at AdamW's edges, and restored
-// moments (bounds recomputed from the state).
+// the same refusal (message and nothing changed) and the same state after a refusal.
 namespace {
+template <class T>
 struct adamw_pair {
-  using tensor = sg::cpu::tensor<float>;
+  using tensor = sg::cpu::tensor<T>;
   tensor p1, g1, p2, g2;
   one_tensor_model model;
-  sg::train::adamw<float> fused, reference;
-  adamw_pair(const std::vector<float>& p, const sg::train::adamw_options& o)
+  sg::train::adamw<T> fused, reference;
+  adamw_pair(const std::vector<T>& p, const sg::train::adamw_options& o)
       : p1({p.size()}, sg::memory_use::weights),
         g1({p.size()}, sg::memory_use::gradients),
         p2({p.size()}, sg::memory_use::weights),
@@ -677,7 +676,7 @@ struct adamw_pair {
   static std::vector<unsigned char> bytes(const tensor& t) {
     return {(const unsigned char*)t.data(), (const unsigned char*)t.data() + t.bytes()};
   }
-  static std::vector<unsigned char> state(const sg::train::adamw<float>& a) {
+  static std::vector<unsigned char> state(const sg::train::adamw<T>& a) {
     std::vector<unsigned char> b;
     a.for_each_state([&](const std::string&, const auto& m, const auto& v) {
       for (const auto* t : {&m, &v}) {
@@ -687,21 +686,39 @@ struct adamw_pair {
     });
     return b;
   }
-  // One step on both from the gradient g with max_norm; returns the refusal's message, if any.
-  std::string step(const std::vector<float>& g, double max_norm) {
+  void set_lr(double lr) {
+    fused.set_lr(lr);
+    reference.set_lr(lr);
+  }
+  // Both restored from the same moments.
+  void restore(long t, const std::vector<T>& m, const std::vector<T>& v) {
+    for (auto* a : {&fused, &reference}) {
+      std::vector<std::pair<tensor, tensor>> mv;
+      mv.emplace_back(tensor({m.size()}, sg::memory_use::optimizer_state), tensor({v.size()}, sg::memory_use::optimizer_state));
+      std::copy(m.begin(), m.end(), mv[0].first.data());
+      std::copy(v.begin(), v.end(), mv[0].second.data());
+      a->restore(t, a->options(), std::move(mv));
+    }
+  }
+  // One step on both from the gradient g: the fused form with max_norm, or (plain) step() alone
+  // on both, after which the fused form's moment bounds must be read again. Returns the
+  // refusal's message, if any.
+  std::string step(const std::vector<T>& g, double max_norm, bool plain = false) {
     std::copy(g.begin(), g.end(), g1.data());
     std::copy(g.begin(), g.end(), g2.data());
     const auto p0 = bytes(p1), s0 = state(fused);
     const long t0 = fused.steps();
     std::string e1, e2;
     try {
-      const double norm = sg::train::gradient_norm(model, p1, g1);
-      fused.step(model, p1, g1, sg::train::clip_decision{norm, sg::train::clip_scale(norm, max_norm)});
+      if (plain)
+        fused.step(model, p1, g1);
+      else
+        fused.step(model, p1, g1, sg::train::decide_clipping(model, p1, g1, max_norm));
     } catch (const std::domain_error& e) {
       e1 = e.what();
     }
     try {
-      sg::train::clip_grad_norm(model, p2, g2, max_norm);
+      if (!plain) sg::train::clip_grad_norm(model, p2, g2, max_norm);
       reference.step(model, p2, g2);
     } catch (const std::domain_error& e) {
       e2 = e.what();
@@ -727,27 +744,23 @@ TEST_CASE("AdamW with clipping's decision: the bits of clipping then step, in fe
   INFO("elements " << n);
   std::vector<float> p(n), g(n);
   for (std::size_t i = 0; i < n; ++i) p[i] = float(std::cos(0.011 * double(i)));
-  adamw_pair two(p, {.lr = 1e-2, .weight_decay = 0.1});
+  adamw_pair<float> two(p, {.lr = 1e-2, .weight_decay = 0.1});
   for (int t = 0; t < 6; ++t) {
     INFO("step " << t);
     for (std::size_t i = 0; i < n; ++i) g[i] = float(std::sin(0.37 * double(i) + t)) * (i % 7 == 0 ? 1e-6f : 1.f);
-    // clipping at 1 acts (the norm is about sqrt(n / 2)); at 1e9 it does not
-    CHECK(two.step(g, t % 2 == 0 ? 1.0 : 1e9).empty());
+    two.set_lr(1e-2 / (1 + t));  // as a schedule does, between steps
+    // clipping at 1 acts (the norm is about sqrt(n / 2)); at 1e9 it does not; a plain step between
+    CHECK(two.step(g, t % 2 == 0 ? 1.0 : 1e9, t == 3).empty());
   }
   // A restored state (the moments' bounds are then read from the moments), with a weight near
   // the top of float's range that the weight screen flags and the exact test clears, then a
   // gradient that overflows the second moment without clipping: refused by both, alike.
-  std::vector<std::pair<sg::cpu::tensor<float>, sg::cpu::tensor<float>>> saved;
-  two.reference.for_each_state([&](const std::string&, const auto& m, const auto& v) {
-    saved.emplace_back(m.clone(sg::memory_use::optimizer_state), v.clone(sg::memory_use::optimizer_state));
-  });
-  auto copy = [&] {
-    std::vector<std::pair<sg::cpu::tensor<float>, sg::cpu::tensor<float>>> c;
-    for (const auto& [m, v] : saved)
-      c.emplace_back(m.clone(sg::memory_use::optimizer_state), v.clone(sg::memory_use::optimizer_state));
-    return c;
-  };
-  two.fused.restore(two.reference.steps(), two.reference.options(), copy());
+  std::vector<float> m(n), v(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    m[i] = float(1e-3 * std::sin(double(i)));
+    v[i] = float(1e-6 * std::cos(double(i)) * std::cos(double(i)));
+  }
+  two.restore(7, m, v);
   two.p1[n / 2] = two.p2[n / 2] = 3e38f;
   CHECK(two.step(g, 1.0).empty());
   CHECK(std::isfinite(two.p1[n / 2]));
@@ -755,49 +768,92 @@ TEST_CASE("AdamW with clipping's decision: the bits of clipping then step, in fe
   CHECK_THAT(two.step(g, 0.0), Catch::Contains("at element " + std::to_string(n - 2) + " (1e+30) makes the AdamW second moment overflow"));
   // Clipped, the same gradient is harmless.
   CHECK(two.step(g, 1.0).empty());
+  // Restored moments that make the update overflow by themselves: a first moment near the top
+  // of the range over a small second one, whatever the (clipped) gradient.
+  m[5] = 3e38f;
+  v[5] = 0;
+  two.restore(8, m, v);
+  CHECK_THAT(two.step(g, 1e-3), Catch::Contains("at element 5 (") && Catch::Contains("makes the AdamW update overflow"));
 }
 
-TEST_CASE("AdamW with clipping's decision: random states at float's edges, the same verdicts and bits") {
-  std::mt19937 rng(20261207);
-  std::uniform_real_distribution<double> u(-1, 1), e(-40, 38.5);
-  const auto wide = [&] { return float(u(rng) * std::pow(10.0, e(rng))); };  // any magnitude up to ~3e38
+// Numbers too small for relative rounding bounds: a subnormal first moment that 0.9 m rounds
+// back to, and a double gradient whose square underflows in the norm (a norm of 0 below a
+// nonzero element). With a subnormal eps and a huge learning rate their updates overflow, and
+// the fused form must refuse them as the plain one does.
+TEST_CASE("AdamW with clipping's decision: subnormal moments and squares that underflow are refused alike") {
+  {
+    const float d = std::numeric_limits<float>::denorm_min();
+    adamw_pair<float> two({1.0f}, {.lr = 1e-30, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-45});
+    CHECK(two.step({40 * d}, 0.0).empty());  // m = 4 d, v = 0
+    for (int t = 0; t < 60; ++t) CHECK(two.step({0.0f}, 0.0).empty());
+    two.set_lr(1e38);
+    CHECK_THAT(two.step({0.0f}, 0.0), Catch::Contains("makes the AdamW update overflow"));
+  }
+  {
+    adamw_pair<double> two({1.0}, {.lr = 1e160, .beta1 = 0.9, .beta2 = 0.999, .eps = 5e-324});
+    CHECK_THAT(two.step({1e-170}, 1.0), Catch::Contains("makes the AdamW update overflow"));
+  }
+}
+
+// A plain step between clipped ones moves the moments without a norm to bound them: the next
+// clipped step reads them again. Here it leaves a large first moment that the second moment
+// (beta2 = 0) forgets at once, so the next update divides it by eps alone.
+TEST_CASE("AdamW with clipping's decision: after a plain step the moments are read again") {
+  adamw_pair<float> two({1.0f}, {.lr = 1e-3, .beta1 = 0.999999, .beta2 = 0.0});
+  CHECK(two.step({1.0f}, 1.0).empty());
+  CHECK(two.step({1e18f}, 0.0, true).empty());  // plain: m about 1e12, v = 1e36
+  two.set_lr(1e14);
+  CHECK_THAT(two.step({0.0f}, 1.0), Catch::Contains("makes the AdamW update overflow"));
+}
+
+// Random states that reach both ends of the range (subnormal to the largest finite), options at
+// and beyond AdamW's edges, learning rates changed between steps, plain steps and restores of
+// arbitrary moments between fused ones: the same verdicts, messages and bits.
+TEMPLATE_TEST_CASE("AdamW with clipping's decision: random states at the range's edges", "", float, double) {
+  using T = TestType;
+  std::mt19937_64 rng(20261207);
+  std::uniform_real_distribution<double> u(-1, 1);
+  const double top = std::log10(double(std::numeric_limits<T>::max())),
+               bottom = std::log10(double(std::numeric_limits<T>::denorm_min()));
+  const auto wide = [&] { return T(u(rng) * std::pow(10.0, bottom + (top - bottom) * (u(rng) + 1) / 2)); };
+  const auto pick = [&](bool huge) { return huge && rng() % 8 == 0 ? wide() : T(u(rng)); };
+  const auto one_of = [&](std::initializer_list<double> l) { return *(l.begin() + rng() % l.size()); };
   int refused = 0, updated = 0;
-  for (int trial = 0; trial < 300; ++trial) {
+  for (int trial = 0; trial < 1500; ++trial) {
     INFO("trial " << trial);
-    const std::size_t n = 1 + std::size_t(rng() % 200);
-    const int kind = int(rng() % 4);  // which arrays reach the top of the range
-    const auto pick = [&](bool huge) { return huge && rng() % 16 == 0 ? wide() : float(u(rng)); };
-    std::vector<float> p(n), g(n);
-    for (auto& x : p) x = pick(kind == 1);
-    for (auto& x : g) x = pick(kind == 2) * float(std::pow(10.0, 6 * u(rng)));
-    sg::train::adamw_options o{.lr = std::pow(10.0, -4 + 4 * u(rng)),
-                               .beta1 = rng() % 8 == 0 ? 0.0 : 0.9,
-                               .beta2 = rng() % 8 == 0 ? 1.0 - 1e-7 : 0.999,
-                               .eps = rng() % 8 == 0 ? 1e-30 : 1e-8,
-                               .weight_decay = rng() % 4 == 0 ? 0.0 : std::pow(10.0, -3 + 3 * u(rng))};
-    adamw_pair two(p, o);
-    if (rng() % 2) {  // moments restored from a file, possibly huge
-      std::vector<std::pair<sg::cpu::tensor<float>, sg::cpu::tensor<float>>> a, b;
-      for (auto* mv : {&a, &b}) mv->emplace_back(sg::cpu::tensor<float>({n}, sg::memory_use::optimizer_state),
-                                                 sg::cpu::tensor<float>({n}, sg::memory_use::optimizer_state));
-      for (std::size_t i = 0; i < n; ++i) {
-        const float m = kind == 3 ? pick(true) : float(1e-3 * u(rng)), v = std::abs(kind == 3 ? pick(true) : float(1e-6 * u(rng)));
-        a[0].first[i] = b[0].first[i] = m;
-        a[0].second[i] = b[0].second[i] = v;
+    const std::size_t n = 1 + std::size_t(rng() % 40);
+    const int kind = int(rng() % 5);  // which arrays reach the ends of the range
+    std::vector<T> p(n), g(n), m(n), v(n);
+    for (auto& x : p) x = pick(kind == 1 || kind == 4);
+    const sg::train::adamw_options o{
+        .lr = one_of({1e-3, -1e-3, 1e30, 1e300, std::pow(10.0, 40 * u(rng)), 0.0}),
+        .beta1 = one_of({0.9, 0.0, 1.0, -0.5, 1.5, 0.999999}),
+        .beta2 = one_of({0.999, 0.0, 1.0, 1 - 1e-7, 1.01}),
+        .eps = one_of({1e-8, 1e-30, 1.0, 1e30, 0.0, -1e-8, 1e-45, 5e-324, 1e-300}),
+        .weight_decay = one_of({0.0, 0.1, -0.1, 1e30, 1e300})};
+    adamw_pair<T> two(p, o);
+    for (int s = 0; s < 6; ++s) {
+      const int what = int(rng() % 10);
+      if (what == 0) {  // moments restored from a file, possibly at the ends of the range or negative
+        for (std::size_t i = 0; i < n; ++i) {
+          m[i] = kind == 3 ? pick(true) : T(1e-3 * u(rng));
+          v[i] = kind == 3 ? pick(true) : T(1e-6 * u(rng));
+          if (rng() % 3) v[i] = std::abs(v[i]);
+        }
+        two.restore(rng() % 2 ? long(rng() % 1000) : long(rng() % 100000000), m, v);
+        continue;
       }
-      const long t = long(rng() % 1000);
-      two.fused.restore(t, o, std::move(a));
-      two.reference.restore(t, o, std::move(b));
-    }
-    for (int s = 0; s < 3; ++s) {
-      const double max_norm = rng() % 3 == 0 ? 0.0 : std::pow(10.0, 3 * u(rng));
-      (two.step(g, max_norm).empty() ? updated : refused) += 1;
+      if (what == 1) two.set_lr(one_of({1e-3, 1e38, -1e20, 1e300, 1e-30}));
+      for (auto& x : g)
+        x = pick(kind == 2 || kind == 4) * T(std::pow(10.0, 6 * u(rng))) * (rng() % 5 == 0 ? T(1e-38) : T(1));
+      const double max_norm = rng() % 3 == 0 ? 0.0 : std::pow(10.0, 6 * u(rng));
+      (two.step(g, max_norm, what == 2).empty() ? updated : refused) += 1;
     }
   }
   // Both verdicts were reached often enough for the comparison to mean something.
   INFO("refused " << refused << ", updated " << updated);
-  CHECK(refused > 30);
-  CHECK(updated > 300);
+  CHECK(refused > 2000);
+  CHECK(updated > 500);
 }
 
 TEST_CASE("SGD with clipping's decision: the bits of clipping then step, without the check pass") {
@@ -814,16 +870,19 @@ TEST_CASE("SGD with clipping's decision: the bits of clipping then step, without
     INFO("step " << t);
     for (std::size_t i = 0; i < n; ++i) g1[i] = g2[i] = float(std::sin(0.37 * double(i) + t));
     const double max_norm = t % 2 == 0 ? 1.0 : 1e9;  // clipping acts, then not
-    const double norm = sg::train::gradient_norm(model, p1, g1);
-    fused.step(model, p1, g1, sg::train::clip_decision{norm, sg::train::clip_scale(norm, max_norm)});
-    CHECK(sg::train::clip_grad_norm(model, p2, g2, max_norm) == norm);
+    const auto clip = sg::train::decide_clipping(model, p1, g1, max_norm);
+    CHECK(clip.scale() == sg::train::clip_scale(clip.norm(), max_norm));
+    fused.step(model, p1, g1, clip);
+    CHECK(sg::train::clip_grad_norm(model, p2, g2, max_norm) == clip.norm());
     reference.step(model, p2, g2);
     CHECK(std::memcmp(p1.data(), p2.data(), p1.bytes()) == 0);
     CHECK(std::memcmp(g1.data(), g2.data(), g1.bytes()) == 0);
   }
   CHECK(fused.steps() == 5);
+  // A decision is made from the gradients only, and refuses a non-finite one.
   const std::vector<float> before(p1.data(), p1.data() + n);
-  CHECK_THROWS_WITH(fused.step(model, p1, g1, sg::train::clip_decision{std::nan(""), 1.0}),
+  g1[n - 1] = std::numeric_limits<float>::infinity();
+  CHECK_THROWS_WITH(fused.step(model, p1, g1, sg::train::decide_clipping(model, p1, g1, 1.0)),
                     "skillgraft: gradient norm is not finite; no weight was changed");
   CHECK(std::vector<float>(p1.data(), p1.data() + n) == before);
   CHECK(fused.steps() == 5);

@@ -160,7 +160,7 @@ struct nonnegative_or_infinite {  // v_i in double where v_i >= 0, else (negativ
   }
 };
 
-// Bounds on one tensor's moments, max |m_i| <= m and 0 <= v_i <= v, carried from step to step so
+// Bounds on one tensor's moments, |m_i| <= m and 0 <= v_i <= v for every i, carried from step to step so
 // that a clipped step need not read the moments to know that they cannot overflow. With every
 // |g_i| <= G, the moments' recurrences hold for the bounds too:
 //   m' = b1 m + (1 - b1) G,   v' = b2 v + (1 - b2) G^2        (times 1 + 1e-6 for the roundings)
@@ -170,9 +170,13 @@ struct moment_bounds {
   double m = 0, v = 0;
   template <class T>
   moment_bounds next(const adamw_math<T>& a, double g_bound) const {
+    // Relative 1e-6 covers the roundings of normal numbers; a subnormal result is off by up to
+    // half of T's smallest subnormal instead (0.9 m can round back to m there), which T's
+    // smallest normal, added each step, covers.
     constexpr double rounding = 1 + 1e-6;
-    return {(double(a.b1) * m + double(a.one_minus_b1) * g_bound) * rounding,
-            (double(a.b2) * v + double(a.one_minus_b2) * g_bound * g_bound) * rounding};
+    const double tiny = double(std::numeric_limits<T>::min());
+    return {(double(a.b1) * m + double(a.one_minus_b1) * g_bound) * rounding + tiny,
+            (double(a.b2) * v + double(a.one_minus_b2) * g_bound * g_bound) * rounding + tiny};
   }
   // The largest |p| at which no element's update can overflow, with these (new) bounds; 0 when
   // the bounds, or constants outside AdamW's range, say nothing.
@@ -182,7 +186,10 @@ struct moment_bounds {
     const bool in_range = a.b1 >= 0 && a.b2 >= 0 && a.one_minus_b1 >= 0 && a.one_minus_b2 >= 0 && a.eps > 0 &&
                           scalar::is_finite(a.inv_sqrt_bc2) && a.inv_sqrt_bc2 >= 0 && scalar::is_finite(a.step) &&
                           scalar::is_finite(a.lr_wd);
-    const double step = std::abs(double(a.step)), step_term = step * m / double(a.eps);
+    // step m rounded to a subnormal is off by up to T's smallest subnormal, which the division
+    // by a small eps magnifies
+    const double step = std::abs(double(a.step)),
+                 step_term = (step * m + double(std::numeric_limits<T>::denorm_min())) / double(a.eps);
     if (!in_range || !(m <= top && v <= top && step * m <= top && step_term <= top)) return 0;
     return (top - step_term) / (1 + std::abs(double(a.lr_wd)));
   }
@@ -259,7 +266,7 @@ class adamw {
     });
   }
 
-  // One update with clipping's decision (train/clip.hpp; train_step calls this form): the same
+  // One update with clipping's decision (decide_clipping in train/clip.hpp; train_step calls this form): the same
   // weights, moments and clipped gradients, bit for bit, as scale_grads then step(), and the same
   // refusal of an update that would overflow, in fewer passes over memory. The gradient norm
   // bounds every element, so the moments' bounds (kernels::moment_bounds) follow without reading
@@ -268,8 +275,11 @@ class adamw {
   template <class Model, class Weights, class Grads>
   void step(const Model& model, Weights& w, Grads& g, const clip_decision& clip) {
     const kernels::adamw_math<T> math = next_math();
-    const T scale = T(clip.scale);
-    const double g_bound = clip.norm * double(scale) * (1 + 1e-6);  // every |g_i scale|, after its rounding
+    const T scale = T(clip.scale());
+    // Every |g_i scale| after its rounding: relative 1e-6 for the roundings of normal numbers; the
+    // absolute terms for subnormal ones (T's smallest normal) and for squares that underflow in
+    // the norm's double sum (a double gradient below 1e-162 adds nothing to it).
+    const double g_bound = clip.norm() * double(scale) * (1 + 1e-6) + 1e-150 + double(std::numeric_limits<T>::min());
     std::vector<kernels::moment_bounds> next(slots_.size());
     std::size_t i = 0;
     model.for_each_trainable(w, g, [&](const std::string& name, tensor_t& p, tensor_t& dp) {

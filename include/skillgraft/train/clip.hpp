@@ -29,20 +29,6 @@ struct scale_by {  // g_i *= a
 };
 }  // namespace kernels
 
-// What clipping decides: the gradient's global norm before clipping, and the factor every
-// trainable gradient element is multiplied by (1 when the norm is within max_norm or
-// max_norm <= 0). An optimizer that offers step(model, w, g, clip_decision) applies the factor
-// inside its update pass (and leaves the gradients scaled, as scale_grads would), which saves
-// train_step a pass that reads and writes every gradient.
-struct clip_decision {
-  double norm = 0;
-  double scale = 1;
-};
-
-inline double clip_scale(double norm, double max_norm) {
-  return max_norm > 0 && norm > max_norm ? max_norm / (norm + 1e-6) : 1.0;
-}
-
 // The global norm of the trainable gradients. Throws, changing nothing, if it is not finite
 // (the squares are summed in double, so it is finite exactly when every element is).
 template <class Model, class Weights, class Grads>
@@ -58,6 +44,37 @@ double gradient_norm(const Model& model, Weights& w, Grads& g) {
   if (!std::isfinite(norm))
     throw std::domain_error("skillgraft: gradient norm is not finite; no weight was changed");
   return norm;
+}
+
+inline double clip_scale(double norm, double max_norm) {
+  return max_norm > 0 && norm > max_norm ? max_norm / (norm + 1e-6) : 1.0;
+}
+
+// What clipping decides for a set of gradients: their global norm before clipping, and the
+// factor every element is to be multiplied by (1 when the norm is within max_norm or
+// max_norm <= 0). An optimizer that offers step(model, w, g, clip_decision) applies the factor
+// inside its update pass (and leaves the gradients scaled, as scale_grads would), which saves
+// train_step a pass that reads and writes every gradient; AdamW also takes the norm as a bound
+// on every element, so only decide_clipping makes one, from the gradients themselves, and it
+// holds for them as they were then.
+class clip_decision {
+ public:
+  double norm() const { return norm_; }
+  double scale() const { return scale_; }
+
+ private:
+  clip_decision(double norm, double scale) : norm_(norm), scale_(scale) {}
+  template <class Model, class Weights, class Grads>
+  friend clip_decision decide_clipping(const Model&, Weights&, Grads&, double);
+  double norm_, scale_;
+};
+
+// The norm of the trainable gradients (gradient_norm: throws if not finite) and the factor that
+// clips it to max_norm.
+template <class Model, class Weights, class Grads>
+clip_decision decide_clipping(const Model& model, Weights& w, Grads& g, double max_norm) {
+  const double norm = gradient_norm(model, w, g);
+  return {norm, clip_scale(norm, max_norm)};
 }
 
 // Every trainable gradient element times scale (nothing to do when it is 1).

@@ -70,17 +70,15 @@ class sgd {
     });
     update<false>(model, w, g, T(1));
   }
-  // With clipping's decision (train/clip.hpp; train_step calls this form): a finite norm means
+  // With clipping's decision (decide_clipping, train/clip.hpp; train_step calls this form): its finite norm means
   // every gradient element is finite, so no check pass; clipping's factor is applied in the
   // update. The same bits as scale_grads then step().
   template <class Model, class Weights, class Grads>
   void step(const Model& model, Weights& w, Grads& g, const clip_decision& clip) {
-    if (!std::isfinite(clip.norm))
-      throw std::domain_error("skillgraft: gradient norm is not finite; no weight was changed");
-    if (T(clip.scale) == T(1))
+    if (T(clip.scale()) == T(1))
       update<false>(model, w, g, T(1));
     else
-      update<true>(model, w, g, T(clip.scale));
+      update<true>(model, w, g, T(clip.scale()));
   }
 
  private:

@@ -258,16 +258,15 @@ step_stats train_step(const Model& model, typename Model::weights_t& w, typename
   if constexpr (requires { objective.finish(model, w, g); }) st.loss += objective.finish(model, w, g);
   if (!std::isfinite(st.loss))
     throw std::domain_error("skillgraft: the loss is not finite (" + std::to_string(st.loss) + "); no weight was changed");
-  const double norm = gradient_norm(model, w, g);
-  const clip_decision clip{norm, clip_scale(norm, o.max_grad_norm)};
-  st.grad_norm = norm;
+  const clip_decision clip = decide_clipping(model, w, g, o.max_grad_norm);
+  st.grad_norm = clip.norm();
   st.lr = schedule(opt.steps());
   opt.set_lr(st.lr);
   // An optimizer that takes clipping's decision scales the gradients in its own pass (AdamW).
   if constexpr (requires { opt.step(model, w, g, clip); }) {
     opt.step(model, w, g, clip);
   } else {
-    scale_grads(model, w, g, clip.scale);
+    scale_grads(model, w, g, clip.scale());
     opt.step(model, w, g);
   }
   return st;
