@@ -106,12 +106,17 @@ void BM_optimizer_phase(benchmark::State& state, R recipe, bool fused, bool clip
   sg::train::adamw<float> opt(lm, w, g, {.lr = 1e-5});
   sg::train::train_step(lm, w, g, opt, sg::train::constant_schedule{1e-5}, std::span(&mb, 1), {.max_grad_norm = 0});
   std::vector<std::vector<float>> saved;
-  lm.for_each_trainable(w, g, [&](const std::string&, auto&, auto& dp) { saved.emplace_back(dp.data(), dp.data() + dp.size()); });
+  lm.for_each_trainable(w, g, [&](const std::string&, auto&, auto& dp) {
+    saved.emplace_back(dp.data(), dp.data() + dp.size());
+  });
   const double norm = sg::train::gradient_norm(lm, w, g), max_norm = clip ? norm / 2 : norm * 2;
   for (auto _ : state) {
     state.PauseTiming();
     std::size_t i = 0;
-    lm.for_each_trainable(w, g, [&](const std::string&, auto&, auto& dp) { std::copy(saved[i].begin(), saved[i].end(), dp.data()); ++i; });
+    lm.for_each_trainable(w, g, [&](const std::string&, auto&, auto& dp) {
+      std::copy(saved[i].begin(), saved[i].end(), dp.data());
+      ++i;
+    });
     state.ResumeTiming();
     if (fused) {
       opt.step(lm, w, g, sg::train::decide_clipping(lm, w, g, max_norm));

@@ -694,7 +694,8 @@ struct adamw_pair {
   void restore(long t, const std::vector<T>& m, const std::vector<T>& v) {
     for (auto* a : {&fused, &reference}) {
       std::vector<std::pair<tensor, tensor>> mv;
-      mv.emplace_back(tensor({m.size()}, sg::memory_use::optimizer_state), tensor({v.size()}, sg::memory_use::optimizer_state));
+      mv.emplace_back(tensor({m.size()}, sg::memory_use::optimizer_state),
+                      tensor({v.size()}, sg::memory_use::optimizer_state));
       std::copy(m.begin(), m.end(), mv[0].first.data());
       std::copy(v.begin(), v.end(), mv[0].second.data());
       a->restore(t, a->options(), std::move(mv));
@@ -765,7 +766,8 @@ TEST_CASE("AdamW with clipping's decision: the bits of clipping then step, in fe
   CHECK(two.step(g, 1.0).empty());
   CHECK(std::isfinite(two.p1[n / 2]));
   g[n - 2] = 1e30f;
-  CHECK_THAT(two.step(g, 0.0), Catch::Contains("at element " + std::to_string(n - 2) + " (1e+30) makes the AdamW second moment overflow"));
+  CHECK_THAT(two.step(g, 0.0), Catch::Contains("at element " + std::to_string(n - 2) +
+                                               " (1e+30) makes the AdamW second moment overflow"));
   // Clipped, the same gradient is harmless.
   CHECK(two.step(g, 1.0).empty());
   // Restored moments that make the update overflow by themselves: a first moment near the top
@@ -773,7 +775,8 @@ TEST_CASE("AdamW with clipping's decision: the bits of clipping then step, in fe
   m[5] = 3e38f;
   v[5] = 0;
   two.restore(8, m, v);
-  CHECK_THAT(two.step(g, 1e-3), Catch::Contains("at element 5 (") && Catch::Contains("makes the AdamW update overflow"));
+  CHECK_THAT(two.step(g, 1e-3),
+             Catch::Contains("at element 5 (") && Catch::Contains("makes the AdamW update overflow"));
 }
 
 // Numbers too small for relative rounding bounds: a subnormal first moment that 0.9 m rounds

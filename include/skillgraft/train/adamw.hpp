@@ -160,9 +160,9 @@ struct nonnegative_or_infinite {  // v_i in double where v_i >= 0, else (negativ
   }
 };
 
-// Bounds on one tensor's moments, |m_i| <= m and 0 <= v_i <= v for every i, carried from step to step so
-// that a clipped step need not read the moments to know that they cannot overflow. With every
-// |g_i| <= G, the moments' recurrences hold for the bounds too:
+// Bounds on one tensor's moments, |m_i| <= m and 0 <= v_i <= v for every i, carried from step
+// to step so that a clipped step need not read the moments to know that they cannot overflow.
+// With every |g_i| <= G, the moments' recurrences hold for the bounds too:
 //   m' = b1 m + (1 - b1) G,   v' = b2 v + (1 - b2) G^2        (times 1 + 1e-6 for the roundings)
 // and the new weight, |p - (step m / (sqrt(v) c + eps) + lr wd p)| with a denominator of at least
 // eps, is finite while |p| (1 + |lr wd|) + |step| m / eps stays below a sixteenth of the range.
@@ -266,12 +266,13 @@ class adamw {
     });
   }
 
-  // One update with clipping's decision (decide_clipping in train/clip.hpp; train_step calls this form): the same
-  // weights, moments and clipped gradients, bit for bit, as scale_grads then step(), and the same
-  // refusal of an update that would overflow, in fewer passes over memory. The gradient norm
-  // bounds every element, so the moments' bounds (kernels::moment_bounds) follow without reading
-  // them, and the check before the update reads the weights alone; only where that screen flags
-  // a weight does the exact test read every array (step()'s check).
+  // One update with clipping's decision (decide_clipping in train/clip.hpp; train_step calls
+  // this form): the same weights, moments and clipped gradients, bit for bit, as scale_grads
+  // then step(), and the same refusal of an update that would overflow, in fewer passes over
+  // memory. The gradient norm bounds every element, so the moments' bounds
+  // (kernels::moment_bounds) follow without reading them, and the check before the update reads
+  // the weights alone; only where that screen flags a weight does the exact test read every
+  // array (step()'s check).
   template <class Model, class Weights, class Grads>
   void step(const Model& model, Weights& w, Grads& g, const clip_decision& clip) {
     const kernels::adamw_math<T> math = next_math();
@@ -287,8 +288,9 @@ class adamw {
       auto& s = slots_[i];
       if (!s.bounds_known) {
         const auto n = std::int64_t(s.m.size());
-        s.bounds = {Backend::template sum_index<double>(n, kernels::magnitude<T>{s.m.data()}) * (1 + 1e-6),
-                    Backend::template sum_index<double>(n, kernels::nonnegative_or_infinite<T>{s.v.data()}) * (1 + 1e-6)};
+        const double m_sum = Backend::template sum_index<double>(n, kernels::magnitude<T>{s.m.data()}),
+                     v_sum = Backend::template sum_index<double>(n, kernels::nonnegative_or_infinite<T>{s.v.data()});
+        s.bounds = {m_sum * (1 + 1e-6), v_sum * (1 + 1e-6)};
         s.bounds_known = true;
       }
       next[i] = s.bounds.next(math, g_bound);
@@ -308,8 +310,12 @@ class adamw {
       if (scale == T(1))
         Backend::for_each_index(n, kernels::adamw_update<T>{p.data(), dp.data(), s.m.data(), s.v.data(), math});
       else
-        Backend::for_each_index(n, kernels::adamw_update<T, true>{p.data(), dp.data(), s.m.data(), s.v.data(), math, scale});
+        Backend::for_each_index(
+            n, kernels::adamw_update<T, true>{p.data(), dp.data(), s.m.data(), s.v.data(), math, scale});
       s.bounds = next[i++];
+      // Bounds that say nothing (moments restored infinite or negative, then updated past the exact
+      // test) are read from the moments again next time rather than carried.
+      s.bounds_known = std::isfinite(s.bounds.m) && std::isfinite(s.bounds.v);
     });
   }
 
