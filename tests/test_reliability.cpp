@@ -579,6 +579,25 @@ struct one_tensor_model {
   }
 };
 
+namespace {
+template <class T>
+std::vector<unsigned char> bytes_of(const sg::cpu::tensor<T>& t) {
+  return {(const unsigned char*)t.data(), (const unsigned char*)t.data() + t.bytes()};
+}
+// Every moment of an AdamW optimizer, byte for byte, in its slots' order.
+template <class T>
+std::vector<unsigned char> state_bytes(const sg::train::adamw<T>& a) {
+  std::vector<unsigned char> b;
+  a.for_each_state([&](const std::string&, const auto& m, const auto& v) {
+    for (const auto* t : {&m, &v}) {
+      const auto x = bytes_of(*t);
+      b.insert(b.end(), x.begin(), x.end());
+    }
+  });
+  return b;
+}
+}  // namespace
+
 TEST_CASE("AdamW on packets: the formula's update, and a bad element in a packet or the tail found before anything changes") {
   const std::size_t n = GENERATE(std::size_t(3001), std::size_t(70001));
   INFO("elements " << n);
@@ -590,19 +609,7 @@ TEST_CASE("AdamW on packets: the formula's update, and a bad element in a packet
   one_tensor_model model;
   const double lr = 1e-2, wd = 0.1, b1 = 0.9, b2 = 0.999, eps = 1e-8;
   sg::train::adamw<float> opt(model, p, g, {.lr = lr, .beta1 = b1, .beta2 = b2, .eps = eps, .weight_decay = wd});
-  const auto bytes_of = [](const sg::cpu::tensor<float>& t) {
-    return std::vector<unsigned char>((const unsigned char*)t.data(), (const unsigned char*)t.data() + t.bytes());
-  };
-  const auto moments = [&] {
-    std::vector<unsigned char> b;
-    opt.for_each_state([&](const std::string&, const auto& m, const auto& v) {
-      for (const auto* t : {&m, &v}) {
-        const auto x = bytes_of(*t);
-        b.insert(b.end(), x.begin(), x.end());
-      }
-    });
-    return b;
-  };
+  const auto moments = [&] { return state_bytes(opt); };
   // A non-finite gradient and one whose square overflows, inside a packet and in the tail.
   for (const std::size_t j : {n / 16 * 9, n - 1})
     for (const float bad : {std::numeric_limits<float>::quiet_NaN(), 1e30f}) {
@@ -673,19 +680,6 @@ struct adamw_pair {
     std::copy(p.begin(), p.end(), p1.data());
     std::copy(p.begin(), p.end(), p2.data());
   }
-  static std::vector<unsigned char> bytes(const tensor& t) {
-    return {(const unsigned char*)t.data(), (const unsigned char*)t.data() + t.bytes()};
-  }
-  static std::vector<unsigned char> state(const sg::train::adamw<T>& a) {
-    std::vector<unsigned char> b;
-    a.for_each_state([&](const std::string&, const auto& m, const auto& v) {
-      for (const auto* t : {&m, &v}) {
-        const auto x = bytes(*t);
-        b.insert(b.end(), x.begin(), x.end());
-      }
-    });
-    return b;
-  }
   void set_lr(double lr) {
     fused.set_lr(lr);
     reference.set_lr(lr);
@@ -707,7 +701,7 @@ struct adamw_pair {
   std::string step(const std::vector<T>& g, double max_norm, bool plain = false) {
     std::copy(g.begin(), g.end(), g1.data());
     std::copy(g.begin(), g.end(), g2.data());
-    const auto p0 = bytes(p1), s0 = state(fused);
+    const auto p0 = bytes_of(p1), s0 = state_bytes(fused);
     const long t0 = fused.steps();
     std::string e1, e2;
     try {
@@ -726,14 +720,14 @@ struct adamw_pair {
     }
     CHECK(e1 == e2);
     if (!e1.empty()) {  // refused: nothing changed
-      CHECK(bytes(p1) == p0);
-      CHECK(state(fused) == s0);
+      CHECK(bytes_of(p1) == p0);
+      CHECK(state_bytes(fused) == s0);
       CHECK(fused.steps() == t0);
     } else {
-      CHECK(bytes(g1) == bytes(g2));  // left clipped, as clipping's pass leaves them
+      CHECK(bytes_of(g1) == bytes_of(g2));  // left clipped, as clipping's pass leaves them
     }
-    CHECK(bytes(p1) == bytes(p2));
-    CHECK(state(fused) == state(reference));
+    CHECK(bytes_of(p1) == bytes_of(p2));
+    CHECK(state_bytes(fused) == state_bytes(reference));
     CHECK(fused.steps() == reference.steps());
     return e1;
   }

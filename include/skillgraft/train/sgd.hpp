@@ -70,9 +70,9 @@ class sgd {
     });
     update<false>(model, w, g, T(1));
   }
-  // With clipping's decision (decide_clipping, train/clip.hpp; train_step calls this form): its finite norm means
-  // every gradient element is finite, so no check pass; clipping's factor is applied in the
-  // update. The same bits as scale_grads then step().
+  // With clipping's decision (decide_clipping, train/clip.hpp; train_step calls this form): its
+  // finite norm means every gradient element is finite, so no check pass; clipping's factor is
+  // applied in the update. The same bits as scale_grads then step().
   template <class Model, class Weights, class Grads>
   void step(const Model& model, Weights& w, Grads& g, const clip_decision& clip) {
     if (T(clip.scale()) == T(1))
